@@ -1,0 +1,139 @@
+/* The executor: run queue, tasks, wakers, the driver seam, and what it owns (stack pool,
+ * fibers). Internal to moor; fiber.c and reactor/ build on it. */
+#ifndef MOOR_FIBER_EXECUTOR_H
+#define MOOR_FIBER_EXECUTOR_H
+
+#include <pthread.h>
+#include <stdint.h>
+
+#include "context.h"
+#include "moor.h"
+#include "stack.h"
+
+enum moor__task_state {
+    MOOR__TASK_FREE = 0,   /* slot unused (gen is 0) */
+    MOOR__TASK_IDLE,       /* pending, waiting for a wake */
+    MOOR__TASK_SCHEDULED,  /* on the run queue */
+    MOOR__TASK_RUNNING,    /* being polled now */
+    MOOR__TASK_NOTIFIED,   /* woken while being polled: goes back on the queue after */
+};
+
+enum moor__task_kind {
+    MOOR__TASK_PLAIN = 0,  /* a future spawned as a task; its slot is the executor's */
+    MOOR__TASK_FIBER,      /* a fiber; the task lives in its control block, fut is unused */
+};
+
+struct moor_task {
+    moor_task *next;   /* run queue, or the free list */
+    moor_future *fut;  /* what polling the task polls */
+    uint64_t gen;      /* generation this task was started with; 0 while free */
+    uint8_t state;     /* enum moor__task_state */
+    uint8_t kind;      /* enum moor__task_kind */
+};
+
+/* How the executor waits when its run queue is empty (Tokio's park/unpark split). fiber/
+ * ships a plain driver on a condition variable; reactor/ installs one on libev. */
+typedef struct moor__driver {
+    /* Block until unpark() is called or `deadline` (moor_now() ms; -1 = none) passes. */
+    void (*park)(void *self, int64_t deadline);
+    /* End a park early, or make the next one return at once. Any thread. */
+    void (*unpark)(void *self);
+} moor__driver;
+
+typedef struct moor__remote_wake {
+    moor_task *task;
+    uint64_t gen;
+} moor__remote_wake;
+
+typedef struct moor__fiber_list {
+    moor_fiber *head;
+} moor__fiber_list;
+
+struct moor_executor {
+    moor_task *run_head, *run_tail;  /* FIFO run queue */
+    moor_fiber *current;             /* the fiber running now, or NULL */
+    moor_fiber *zombie;              /* a detached fiber that finished on its own stack; the
+                                        next context to run releases it */
+    unsigned handoffs_left;          /* fiber-to-fiber switches before the run loop gets a turn */
+    moor__ctx ctx;                   /* the executor's own context: the thread's stack */
+    int *errno_ptr;                  /* this thread's errno: fibers never migrate */
+    uint64_t next_gen;               /* generations are never reused, so stale wakers miss */
+    uint64_t next_fiber_id;
+    size_t ntasks;                   /* tasks started and not finished */
+    int running;                     /* inside run/block_on */
+
+    moor_task *free_tasks;           /* free slots for plain tasks */
+    void **task_chunks;              /* slabs of task slots, freed with the executor */
+    size_t ntask_chunks;
+
+    moor__stack_pool pool;
+    size_t stack_size;               /* default usable size of a fiber stack */
+    size_t stack_map_size;           /* its mapping: guard, stack, control block */
+    moor_fiber *fibers;              /* every fiber not yet released (doubly linked) */
+
+    const moor__driver *driver;
+    void *driver_self;
+
+    /* Wakes from other threads: queued under remote_lock, drained by the executor. */
+    pthread_mutex_t remote_lock;
+    pthread_cond_t remote_cond;      /* the plain driver parks on it */
+    moor__remote_wake *remote;
+    size_t nremote, cap_remote;
+    int remote_pending;              /* atomic: remote queue non-empty */
+    int unparked;                    /* plain driver: an unpark is outstanding */
+
+    void *altstack;                  /* this thread's sigaltstack, if moor made it */
+};
+
+/* The calling thread's executor (NULL if none). Initial-exec: one %fs-relative load, no
+ * __tls_get_addr call, on every yield and await. */
+extern __thread moor_executor *moor__tls_executor __attribute__((tls_model("initial-exec")));
+
+static inline void moor__runq_push(moor_executor *ex, moor_task *t)
+{
+    t->next = NULL;
+    if (ex->run_tail)
+        ex->run_tail->next = t;
+    else
+        ex->run_head = t;
+    ex->run_tail = t;
+}
+
+static inline moor_task *moor__runq_pop(moor_executor *ex)
+{
+    moor_task *t = ex->run_head;
+    if (t) {
+        ex->run_head = t->next;
+        if (!ex->run_head)
+            ex->run_tail = NULL;
+    }
+    return t;
+}
+
+/* Start a task that polls `fut`: PLAIN takes a slot from the executor, FIBER uses `task`. */
+int moor__task_start(moor_executor *ex, moor_future *fut, moor_task *task);
+void moor__driver_set(moor_executor *ex, const moor__driver *driver, void *self);
+
+/* The bookkeeping of a task whose poll returned PENDING: back on the queue if it was woken
+ * meanwhile, else idle until a wake. */
+static inline void moor__task_pending(moor_executor *ex, moor_task *t)
+{
+    if (t->state == MOOR__TASK_NOTIFIED) {
+        t->state = MOOR__TASK_SCHEDULED;
+        moor__runq_push(ex, t);
+    } else {
+        t->state = MOOR__TASK_IDLE;
+    }
+}
+
+/* A task has finished: its generation dies, so stale wakers miss. */
+void moor__task_finish(moor_executor *ex, moor_task *t);
+/* Defined in fiber.c: release every fiber still held (executor teardown). */
+void moor__fibers_release_all(moor_executor *ex);
+
+/* Defined in overflow.c: install the SIGSEGV handler (once per process) and this thread's
+ * sigaltstack; and undo the latter. */
+int moor__overflow_thread_init(moor_executor *ex);
+void moor__overflow_thread_fini(moor_executor *ex);
+
+#endif

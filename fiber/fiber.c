@@ -1,0 +1,239 @@
+#include "fiber.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <string.h>
+
+#include "assert.h"
+
+static const char *label_of(const moor_future *fut)
+{
+    return fut->ops && fut->ops->label ? fut->ops->label : "?";
+}
+
+/* ---- running and stopping ------------------------------------------------------------ */
+
+static void fiber_release(moor_executor *ex, moor_fiber *f);
+
+void moor__fiber_reap(moor_executor *ex)
+{
+    moor_fiber *f = ex->zombie;
+    ex->zombie = NULL;
+    fiber_release(ex, f);
+}
+
+static void fiber_entry(transfer_t t)
+{
+    moor_executor *ex = moor__tls_executor;
+    moor_fiber *f = ex->current;
+    moor__switch_arrived(t, &f->ctx);
+    if (ex->zombie)
+        moor__fiber_reap(ex);
+    f->result = f->fn(f->arg);
+
+    /* The poll adapter's READY: finish the task, hand the result to the joiner. */
+    f->state = MOOR__FIBER_DONE;
+    moor__task_finish(ex, &f->task);
+    if (f->detached) {
+        ex->zombie = f; /* not released here: we are still running on its stack */
+    } else {
+        moor_waker joiner = f->joiner;
+        moor_waker_wake(&joiner);
+    }
+    moor__switch_final(&f->ctx, moor__fiber_next(ex));
+}
+
+/* The poll adapter's PENDING: stop until the task is woken and picked again. */
+static inline void suspend(moor_fiber *f)
+{
+    moor_executor *ex = f->ex;
+    int saved_errno = *ex->errno_ptr;
+    moor__task_pending(ex, &f->task);
+    moor__ctx *to = moor__fiber_next(ex);
+    if (to != &f->ctx) /* a lone yielding fiber may pick itself */
+        moor__switch(&f->ctx, to);
+    if (ex->zombie)
+        moor__fiber_reap(ex);
+    *ex->errno_ptr = saved_errno;
+}
+
+/* ---- join future ----------------------------------------------------------------------- */
+
+static moor_poll join_poll(moor_future *fut, moor_cx *cx)
+{
+    moor_fiber *f = moor_container_of(fut, moor_fiber, join_fut);
+    if (f->state == MOOR__FIBER_DONE) {
+        fut->result = f->result;
+        f->joiner = (moor_waker){0};
+        return MOOR_READY;
+    }
+    f->joiner = cx->waker;
+    return MOOR_PENDING;
+}
+
+static void join_cancel(moor_future *fut)
+{
+    moor_fiber *f = moor_container_of(fut, moor_fiber, join_fut);
+    f->joiner = (moor_waker){0};
+}
+
+static const moor_future_ops join_ops = {"join", join_poll, join_cancel};
+
+/* ---- lifecycle ------------------------------------------------------------------------- */
+
+static void list_unlink(moor_executor *ex, moor_fiber *f)
+{
+    if (f->prev)
+        f->prev->next = f->next;
+    else
+        ex->fibers = f->next;
+    if (f->next)
+        f->next->prev = f->prev;
+}
+
+static void fiber_release(moor_executor *ex, moor_fiber *f)
+{
+    list_unlink(ex, f);
+#ifdef MOOR_TSAN_FIBERS
+    __tsan_destroy_fiber(f->ctx.tsan_fiber);
+#endif
+    f->state = MOOR__FIBER_FREE;
+    moor__stack_put(&ex->pool, f->stack_base, f->map_size);
+}
+
+int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
+{
+    moor_executor *ex = moor__tls_executor;
+    moor__assert(ex, "moor_spawn: no executor on this thread (call moor_executor_new first)");
+    moor__assert(fn, "moor_spawn: fn is NULL");
+
+    size_t size = ex->stack_size;
+    size_t map_size = ex->stack_map_size;
+    if (attr && attr->stack_size) {
+        size_t page = moor__page_size();
+        size = (attr->stack_size + page - 1) & ~(page - 1);
+        map_size = moor__fiber_map_size(ex, size);
+    }
+    char *base;
+    int rc = moor__stack_get(&ex->pool, map_size, &base);
+    if (rc < 0)
+        return rc;
+
+    /* The control block at the very top; the stack grows down from just below it. Every
+     * field is set here (a pooled stack holds the previous fiber's values). */
+    moor_fiber *f = (moor_fiber *)(base + map_size - MOOR__FIBER_CTL_SIZE);
+    f->ex = ex;
+    f->fn = fn;
+    f->arg = arg;
+    f->result = 0;
+    f->joiner = (moor_waker){0};
+    f->stack_base = base;
+    f->map_size = map_size;
+    f->stack_size = size;
+    f->id = ex->next_fiber_id++;
+    f->state = MOOR__FIBER_LIVE;
+    f->detached = out == NULL;
+    f->join_claimed = 0;
+    const char *name = attr && attr->name ? attr->name : "fiber";
+    size_t len = strnlen(name, sizeof f->name - 1);
+    memcpy(f->name, name, len);
+    f->name[len] = '\0';
+
+    char *lo = base + ex->pool.guard;
+    moor__ctx_make(&f->ctx, lo, (size_t)((char *)f - lo), fiber_entry);
+#ifdef MOOR_TSAN_FIBERS
+    f->ctx.tsan_fiber = __tsan_create_fiber(0);
+#endif
+    moor_future_init(&f->join_fut, &join_ops, 0);
+
+    f->prev = NULL;
+    f->next = ex->fibers;
+    if (ex->fibers)
+        ex->fibers->prev = f;
+    ex->fibers = f;
+
+    moor__task_start(ex, NULL, &f->task); /* a fiber's task needs no allocation */
+    if (out)
+        *out = f;
+    return 0;
+}
+
+void moor__fibers_release_all(moor_executor *ex)
+{
+    while (ex->fibers)
+        fiber_release(ex, ex->fibers);
+}
+
+static void check_handle(const moor_fiber *f, const char *what)
+{
+    moor__assert(f && f->state != MOOR__FIBER_FREE,
+                 "%s: fiber %p was already joined (or is not a fiber)", what, (const void *)f);
+    moor__assert(f->ex == moor__tls_executor, "%s: fiber %" PRIu64 " belongs to another thread",
+                 what, f->id);
+}
+
+int moor_join(moor_fiber *f, intptr_t *result)
+{
+    check_handle(f, "moor_join");
+    moor__assert(!f->detached, "moor_join: fiber %" PRIu64 " \"%s\" is detached", f->id, f->name);
+    moor__assert(!f->join_claimed, "moor_join: fiber %" PRIu64 " \"%s\" joined twice", f->id,
+                 f->name);
+    moor__assert(f != f->ex->current, "moor_join: fiber %" PRIu64 " \"%s\" joins itself", f->id,
+                 f->name);
+    f->join_claimed = 1;
+    moor_fiber *self = f->ex->current;
+    if (f->state != MOOR__FIBER_DONE && self) {
+        /* What awaiting join_fut would do, without the generic poll around it. */
+        while (f->state != MOOR__FIBER_DONE) {
+            f->joiner = (moor_waker){f->ex, &self->task, self->task.gen};
+            suspend(self);
+        }
+        f->joiner = (moor_waker){0};
+    } else if (f->state != MOOR__FIBER_DONE) {
+        moor_block_on(&f->join_fut);
+    }
+    if (result)
+        *result = f->result;
+    fiber_release(f->ex, f);
+    return 0;
+}
+
+moor_future *moor_fiber_future(moor_fiber *f)
+{
+    check_handle(f, "moor_fiber_future");
+    moor__assert(!f->detached, "moor_fiber_future: fiber %" PRIu64 " \"%s\" is detached", f->id,
+                 f->name);
+    return &f->join_fut;
+}
+
+intptr_t moor_await(moor_future *fut)
+{
+    moor_executor *ex = moor__tls_executor;
+    moor_fiber *f = ex ? ex->current : NULL;
+    moor__assert(f, "moor_await(\"%s\") called outside a fiber; plain code uses moor_block_on",
+                 label_of(fut));
+    moor_cx cx = {{ex, &f->task, f->task.gen}};
+    while (moor_future_poll(fut, &cx) == MOOR_PENDING)
+        suspend(f);
+    return fut->result;
+}
+
+void moor_yield(void)
+{
+    moor_executor *ex = moor__tls_executor;
+    moor_fiber *f = ex ? ex->current : NULL;
+    moor__assert(f, "moor_yield called outside a fiber");
+    /* Woken while running: the executor puts it at the back of the run queue. */
+    f->task.state = MOOR__TASK_NOTIFIED;
+    suspend(f);
+}
+
+moor_fiber *moor_self(void)
+{
+    moor_executor *ex = moor__tls_executor;
+    return ex ? ex->current : NULL;
+}
+
+uint64_t moor_fiber_id(const moor_fiber *f) { return f->id; }
+
+const char *moor_fiber_name(const moor_fiber *f) { return f->name; }

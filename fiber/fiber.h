@@ -1,0 +1,95 @@
+/* A fiber's control block, and how fibers run. The control block lives at the top of the
+ * fiber's own stack mapping (see the layout in moor.h), so it is pinned with the stack and
+ * costs no allocation of its own. */
+#ifndef MOOR_FIBER_FIBER_H
+#define MOOR_FIBER_FIBER_H
+
+#include "context.h"
+#include "executor.h"
+
+#define MOOR__FIBER_NAME_MAX 32
+
+/* Fiber-to-fiber hand-offs allowed before the run loop gets a turn (to drain remote wakes
+ * and, with a reactor, to look at events). */
+#define MOOR__HANDOFF_BUDGET 64u
+
+enum moor__fiber_state {
+    MOOR__FIBER_FREE = 0, /* released to the pool (a zeroed, trimmed stack reads as this) */
+    MOOR__FIBER_LIVE,     /* spawned, its function has not returned */
+    MOOR__FIBER_DONE,     /* its function returned; waiting for moor_join unless detached */
+};
+
+struct moor_fiber {
+    moor_task task;        /* the executor's handle on this fiber */
+    moor_future join_fut;  /* completes with the fiber's result (moor_fiber_future) */
+    moor__ctx ctx;         /* where the fiber resumes */
+    moor_executor *ex;
+    moor_fiber_fn fn;
+    void *arg;
+    intptr_t result;       /* fn's return value, once DONE */
+    moor_waker joiner;     /* who waits in join_fut; zeroed when nobody */
+    moor_fiber *prev, *next; /* the executor's list of fibers not yet released */
+    char *stack_base;      /* the mapping: guard at stack_base, this block at its top */
+    size_t map_size;
+    size_t stack_size;     /* usable bytes asked for (what an overflow message reports) */
+    uint64_t id;
+    uint8_t state;         /* enum moor__fiber_state */
+    uint8_t detached;      /* released as soon as it finishes */
+    uint8_t join_claimed;  /* moor_join was called */
+    char name[MOOR__FIBER_NAME_MAX];
+};
+
+/* Bytes at the top of a stack mapping taken by the control block. */
+#define MOOR__FIBER_CTL_SIZE \
+    ((sizeof(struct moor_fiber) + MOOR__STACK_RESERVED + 63) & ~(size_t)63)
+
+/* The mapping of a fiber stack with `size` usable bytes: guard, stack, control block. */
+static inline size_t moor__fiber_map_size(const moor_executor *ex, size_t size)
+{
+    size_t page = moor__page_size();
+    return ex->pool.guard + size + ((MOOR__FIBER_CTL_SIZE + page - 1) & ~(page - 1));
+}
+
+/* Release a detached fiber that finished (on the stack of whoever runs after it). */
+void moor__fiber_reap(moor_executor *ex);
+
+/* The poll adapter. To the executor a fiber is one more future: polling it is resuming the
+ * fiber (moor__fiber_resume), its PENDING is the fiber suspending in an await, its READY is
+ * the fiber's function returning (the output goes to join_fut). The adapter is inlined rather
+ * than called through an ops table because it sits next to the context switch: after a jump
+ * returns, every frame that is unwound costs a mispredicted return (the jump's call left the
+ * return-stack predictor out of step), so the run loop must not sit frames above the switch.
+ *
+ * A fiber that stops does its task's bookkeeping itself and hands off directly to the next
+ * fiber on the run queue, without passing through the run loop: a yield round trip between
+ * two fibers is then two jumps, not four. */
+static inline void moor__fiber_resume(moor_executor *ex, moor_fiber *f)
+{
+    int saved_errno = *ex->errno_ptr;
+    ex->current = f;
+    moor__switch(&ex->ctx, &f->ctx);
+    *ex->errno_ptr = saved_errno;
+    if (ex->zombie)
+        moor__fiber_reap(ex);
+}
+
+/* Called by a fiber that stops running: where to switch to. The next fiber on the run queue
+ * (made running and current), or the executor's own context when the queue is empty, starts
+ * with a plain future, has remote wakes waiting or the hand-off budget is spent. */
+static inline moor__ctx *moor__fiber_next(moor_executor *ex)
+{
+    moor_task *t = ex->run_head;
+    if (t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left &&
+        !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED)) {
+        ex->handoffs_left--;
+        moor__runq_pop(ex);
+        t->state = MOOR__TASK_RUNNING;
+        moor_fiber *next = (moor_fiber *)(void *)t; /* task is the first member */
+        ex->current = next;
+        return &next->ctx;
+    }
+    ex->current = NULL;
+    return &ex->ctx;
+}
+
+#endif

@@ -1,0 +1,63 @@
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "assert.h"
+#include "future.h"
+#include "moor.h"
+
+
+void moor_future_init(moor_future *fut, const moor_future_ops *ops, uint32_t flags)
+{
+    fut->ops = ops;
+    fut->data = NULL;
+    fut->result = 0;
+    fut->flags = flags;
+    fut->state = MOOR__FUTURE_INIT;
+    fut->pinned_at = NULL;
+}
+
+#ifdef MOOR_PIN_CHECK
+/* The C form of Pin: a future that has returned PENDING may have handed its own address to
+ * a waker source (a watcher embedded in it, a list of waiters); moving it would leave them
+ * pointing at the old copy. */
+__attribute__((noinline, noreturn)) static void pin_violation(const moor_future *fut)
+{
+    fprintf(stderr,
+            "moor: future \"%s\" moved after it was polled: first polled at %p, now at %p "
+            "(a pending future must not move; set MOOR_UNPIN if this type allows it)\n",
+            fut->ops && fut->ops->label ? fut->ops->label : "?", (const void *)fut->pinned_at,
+            (const void *)fut);
+    abort();
+}
+#endif
+
+moor_poll moor_future_poll(moor_future *fut, moor_cx *cx)
+{
+    moor__assert(fut->state != MOOR__FUTURE_DONE,
+                 "future \"%s\" at %p polled again after it returned READY",
+                 fut->ops && fut->ops->label ? fut->ops->label : "?", (void *)fut);
+#ifdef MOOR_PIN_CHECK
+    if (fut->state == MOOR__FUTURE_PENDING && fut->pinned_at != fut && !(fut->flags & MOOR_UNPIN))
+        pin_violation(fut);
+#endif
+    moor_poll r = fut->ops->poll(fut, cx);
+    if (r == MOOR_READY) {
+        fut->state = MOOR__FUTURE_DONE;
+    } else if (fut->state == MOOR__FUTURE_INIT) {
+        fut->state = MOOR__FUTURE_PENDING;
+        fut->pinned_at = fut;
+    }
+    return r;
+}
+
+void moor_future_cancel(moor_future *fut)
+{
+    if (fut->state != MOOR__FUTURE_PENDING)
+        return;
+    if (fut->ops->cancel)
+        fut->ops->cancel(fut);
+    fut->state = MOOR__FUTURE_INIT;
+    fut->pinned_at = NULL;
+}
+
+int moor_future_done(const moor_future *fut) { return moor__future_done(fut); }
