@@ -18,17 +18,25 @@ __thread moor_executor *moor__tls_executor __attribute__((tls_model("initial-exe
 
 /* ---- the plain driver: a condition variable, for executors without an event loop ------- */
 
-static void plain_park(void *self, int64_t deadline)
+static void plain_park(void *self, int64_t timeout_ms)
 {
     moor_executor *ex = self;
-    pthread_mutex_lock(&ex->remote_lock);
-    while (!ex->unparked && !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED)) {
-        if (deadline < 0) {
-            pthread_cond_wait(&ex->remote_cond, &ex->remote_lock);
-            continue;
+    struct timespec until;
+    if (timeout_ms > 0) {
+        clock_gettime(CLOCK_MONOTONIC, &until);
+        until.tv_sec += timeout_ms / 1000;
+        until.tv_nsec += (timeout_ms % 1000) * 1000000;
+        if (until.tv_nsec >= 1000000000) {
+            until.tv_sec++;
+            until.tv_nsec -= 1000000000;
         }
-        struct timespec ts = {.tv_sec = deadline / 1000, .tv_nsec = (deadline % 1000) * 1000000};
-        if (pthread_cond_timedwait(&ex->remote_cond, &ex->remote_lock, &ts) == ETIMEDOUT)
+    }
+    pthread_mutex_lock(&ex->remote_lock);
+    while (timeout_ms != 0 && !ex->unparked &&
+           !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED)) {
+        if (timeout_ms < 0)
+            pthread_cond_wait(&ex->remote_cond, &ex->remote_lock);
+        else if (pthread_cond_timedwait(&ex->remote_cond, &ex->remote_lock, &until) == ETIMEDOUT)
             break;
     }
     ex->unparked = 0;
@@ -48,8 +56,10 @@ static const moor__driver plain_driver = {plain_park, plain_unpark};
 
 void moor__driver_set(moor_executor *ex, const moor__driver *driver, void *self)
 {
+    pthread_mutex_lock(&ex->remote_lock);
     ex->driver = driver ? driver : &plain_driver;
     ex->driver_self = driver ? self : ex;
+    pthread_mutex_unlock(&ex->remote_lock);
 }
 
 static void fp_check_once(void) { (void)moor__fp_frame_check(); }
@@ -78,6 +88,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
         return rc;
     }
     ex->stack_map_size = moor__fiber_map_size(ex, ex->stack_size);
+    ex->blocking_threads = attr->blocking_threads ? attr->blocking_threads : 4;
     /* The default size's bucket first: the inline fast path of the pool looks only there. */
     char *warm;
     rc = moor__stack_get(&ex->pool, ex->stack_map_size, &warm);
@@ -99,7 +110,8 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     pthread_cond_init(&ex->remote_cond, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&ex->remote_lock, NULL);
-    moor__driver_set(ex, NULL, NULL);
+    ex->driver = &plain_driver;
+    ex->driver_self = ex;
 
     rc = moor__overflow_thread_init(ex);
     if (rc < 0) {
@@ -126,8 +138,11 @@ void moor_executor_free(moor_executor *ex)
     moor__assert(ex->ntasks == 0,
                  "moor_executor_free: %zu task(s) still pending; join or finish them first",
                  ex->ntasks);
+    if (ex->reactor_free)
+        ex->reactor_free(ex);
     moor__fibers_release_all(ex);
     moor__stack_pool_destroy(&ex->pool);
+    moor__timer_heap_free(&ex->timers);
     for (size_t i = 0; i < ex->ntask_chunks; i++)
         moor__free(ex->task_chunks[i]);
     moor__free(ex->task_chunks);
@@ -220,20 +235,39 @@ static inline void wake_local(moor_executor *ex, moor_task *t, uint64_t gen)
     }
 }
 
-static void wake_remote(moor_executor *ex, moor_task *t, uint64_t gen)
+/* Queue a request for the executor's thread and unpark it. */
+static int remote_push(moor_executor *ex, moor__remote_req req)
 {
     pthread_mutex_lock(&ex->remote_lock);
     if (ex->nremote == ex->cap_remote) {
         size_t ncap = ex->cap_remote ? ex->cap_remote * 2 : 64;
-        moor__remote_wake *nv = moor__realloc(ex->remote, ncap * sizeof *nv);
-        moor__assert(nv, "out of memory queueing a wake from another thread");
+        moor__remote_req *nv = moor__realloc(ex->remote, ncap * sizeof *nv);
+        if (!nv) {
+            pthread_mutex_unlock(&ex->remote_lock);
+            return -ENOMEM;
+        }
         ex->remote = nv;
         ex->cap_remote = ncap;
     }
-    ex->remote[ex->nremote++] = (moor__remote_wake){t, gen};
+    ex->remote[ex->nremote++] = req;
     __atomic_store_n(&ex->remote_pending, 1, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&ex->remote_lock);
+    /* Under the lock: the driver may be swapped (reactor install) only under it too. */
     ex->driver->unpark(ex->driver_self);
+    pthread_mutex_unlock(&ex->remote_lock);
+    return 0;
+}
+
+static void wake_remote(moor_executor *ex, moor_task *t, uint64_t gen)
+{
+    /* A wake cannot be refused: losing it could hang its task forever. */
+    int rc = remote_push(ex, (moor__remote_req){t, gen, NULL, NULL});
+    moor__assert(rc == 0, "out of memory queueing a wake from another thread");
+}
+
+int moor_executor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg)
+{
+    moor__assert(fn, "moor_executor_spawn_remote: fn is NULL");
+    return remote_push(ex, (moor__remote_req){NULL, 0, fn, arg});
 }
 
 void moor_waker_wake(const moor_waker *w)
@@ -249,11 +283,24 @@ void moor_waker_wake(const moor_waker *w)
 static void drain_remote(moor_executor *ex)
 {
     pthread_mutex_lock(&ex->remote_lock);
-    for (size_t i = 0; i < ex->nremote; i++)
-        wake_local(ex, ex->remote[i].task, ex->remote[i].gen);
-    ex->nremote = 0;
+    moor__remote_req *reqs = ex->remote;
+    size_t n = ex->nremote;
+    ex->remote = NULL;
+    ex->nremote = ex->cap_remote = 0;
     __atomic_store_n(&ex->remote_pending, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&ex->remote_lock);
+
+    for (size_t i = 0; i < n; i++) {
+        if (reqs[i].task) {
+            wake_local(ex, reqs[i].task, reqs[i].gen);
+            continue;
+        }
+        int rc = moor_spawn(NULL, reqs[i].fn, reqs[i].arg, NULL);
+        if (rc < 0) /* the caller has gone on; say so rather than drop it silently */
+            fprintf(stderr, "moor: a fiber spawned from another thread could not start: %s\n",
+                    moor_strerror(rc));
+    }
+    moor__free(reqs);
 }
 
 /* ---- running -------------------------------------------------------------------------- */
@@ -275,13 +322,35 @@ static inline void task_run(moor_executor *ex, moor_task *t)
         moor__task_pending(ex, t);
 }
 
-/* Run tasks until `until` is done, or, with until == NULL, until no task is left. */
+/* Fire due timers and let the driver look for events, blocking only if may_block and no
+ * timer fired: until the next timer's deadline, an event or an unpark. */
+static void events(moor_executor *ex, int may_block)
+{
+    int64_t now = moor_now();
+    if (moor__timer_fire(&ex->timers, now))
+        may_block = 0;
+    int64_t timeout = 0;
+    if (may_block) {
+        int64_t next = moor__timer_next(&ex->timers);
+        timeout = next < 0 ? -1 : next - now;
+    }
+    ex->driver->park(ex->driver_self, timeout);
+    if (timeout != 0)
+        moor__timer_fire(&ex->timers, moor_now());
+}
+
+/* Run tasks until `until` is done, or, with until == NULL, until no task is left. While
+ * tasks are runnable it never blocks, but it still looks at timers and events every
+ * EVENTS_EVERY runs so that a busy queue cannot starve them. */
+#define EVENTS_EVERY 16u
+
 static void run(moor_executor *ex, moor_future *until)
 {
     moor__assert(ex == moor__tls_executor, "the executor belongs to another thread");
     moor__assert(!ex->current, "the executor cannot be run from inside a fiber; use moor_await");
     moor__assert(!ex->running, "the executor is already running (called from inside a poll)");
     ex->running = 1;
+    unsigned runs = 0;
     for (;;) {
         if (__atomic_load_n(&ex->remote_pending, __ATOMIC_ACQUIRE))
             drain_remote(ex);
@@ -290,19 +359,52 @@ static void run(moor_executor *ex, moor_future *until)
             task_run(ex, t);
             if (until && moor__future_done(until))
                 break;
+            if (++runs % EVENTS_EVERY == 0)
+                events(ex, 0);
             continue;
         }
         if (until ? moor__future_done(until) : ex->ntasks == 0)
             break;
-        ex->driver->park(ex->driver_self, -1);
+        events(ex, 1);
     }
     ex->running = 0;
+}
+
+int moor__executor_tick(moor_executor *ex, unsigned budget, int64_t *next_deadline)
+{
+    moor__assert(!ex->running, "the executor is already running (called from inside a poll)");
+    ex->running = 1;
+    moor__timer_fire(&ex->timers, moor_now());
+    if (__atomic_load_n(&ex->remote_pending, __ATOMIC_ACQUIRE))
+        drain_remote(ex);
+    moor_task *t;
+    while (budget-- && (t = moor__runq_pop(ex)))
+        task_run(ex, t);
+    ex->running = 0;
+    *next_deadline = moor__timer_next(&ex->timers);
+    return ex->run_head != NULL || __atomic_load_n(&ex->remote_pending, __ATOMIC_ACQUIRE);
+}
+
+void moor__executor_after_fork(moor_executor *ex)
+{
+    pthread_mutex_init(&ex->remote_lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&ex->remote_cond, &ca);
+    pthread_condattr_destroy(&ca);
 }
 
 int moor_executor_run(moor_executor *ex)
 {
     run(ex, NULL);
     return 0;
+}
+
+intptr_t moor__wait(moor_future *fut)
+{
+    moor_executor *ex = moor__tls_executor;
+    return ex && ex->current ? moor_await(fut) : moor_block_on(fut);
 }
 
 intptr_t moor_block_on(moor_future *fut)

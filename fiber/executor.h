@@ -9,6 +9,7 @@
 #include "context.h"
 #include "moor.h"
 #include "stack.h"
+#include "timer.h"
 
 enum moor__task_state {
     MOOR__TASK_FREE = 0,   /* slot unused (gen is 0) */
@@ -34,16 +35,20 @@ struct moor_task {
 /* How the executor waits when its run queue is empty (Tokio's park/unpark split). fiber/
  * ships a plain driver on a condition variable; reactor/ installs one on libev. */
 typedef struct moor__driver {
-    /* Block until unpark() is called or `deadline` (moor_now() ms; -1 = none) passes. */
-    void (*park)(void *self, int64_t deadline);
+    /* Wait for events for up to timeout_ms (-1: until unpark; 0: only look, never block),
+     * waking the tasks they concern. */
+    void (*park)(void *self, int64_t timeout_ms);
     /* End a park early, or make the next one return at once. Any thread. */
     void (*unpark)(void *self);
 } moor__driver;
 
-typedef struct moor__remote_wake {
-    moor_task *task;
+/* A request from another thread: wake (task, gen), or spawn a detached fiber fn(arg). */
+typedef struct moor__remote_req {
+    moor_task *task;   /* NULL for a spawn */
     uint64_t gen;
-} moor__remote_wake;
+    moor_fiber_fn fn;
+    void *arg;
+} moor__remote_req;
 
 typedef struct moor__fiber_list {
     moor_fiber *head;
@@ -67,17 +72,21 @@ struct moor_executor {
     size_t ntask_chunks;
 
     moor__stack_pool pool;
+    moor__timer_heap timers;
     size_t stack_size;               /* default usable size of a fiber stack */
     size_t stack_map_size;           /* its mapping: guard, stack, control block */
+    size_t blocking_threads;         /* worker threads of reactor/'s blocking pool */
     moor_fiber *fibers;              /* every fiber not yet released (doubly linked) */
 
-    const moor__driver *driver;
+    const moor__driver *driver;      /* read by other threads under remote_lock */
     void *driver_self;
+    void *reactor;                   /* reactor/'s state once it has installed its driver */
+    void (*reactor_free)(moor_executor *ex);
 
     /* Wakes from other threads: queued under remote_lock, drained by the executor. */
     pthread_mutex_t remote_lock;
     pthread_cond_t remote_cond;      /* the plain driver parks on it */
-    moor__remote_wake *remote;
+    moor__remote_req *remote;
     size_t nremote, cap_remote;
     int remote_pending;              /* atomic: remote queue non-empty */
     int unparked;                    /* plain driver: an unpark is outstanding */
@@ -109,6 +118,17 @@ static inline moor_task *moor__runq_pop(moor_executor *ex)
     }
     return t;
 }
+
+/* For an executor embedded in a foreign event loop: fire due timers, take remote requests
+ * and run what is runnable, at most `budget` tasks, without blocking. Returns non-zero if
+ * tasks are still runnable; *next_deadline is the earliest timer deadline or -1. */
+int moor__executor_tick(moor_executor *ex, unsigned budget, int64_t *next_deadline);
+
+/* In a forked child: the locks other threads of the parent may have held are new. */
+void moor__executor_after_fork(moor_executor *ex);
+
+/* Await in a fiber, block_on in plain code: how every call that can wait waits. */
+intptr_t moor__wait(moor_future *fut);
 
 /* Start a task that polls `fut`: PLAIN takes a slot from the executor, FIBER uses `task`. */
 int moor__task_start(moor_executor *ex, moor_future *fut, moor_task *task);

@@ -134,6 +134,7 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
     f->state = MOOR__FIBER_LIVE;
     f->detached = out == NULL;
     f->join_claimed = 0;
+    f->cancelled = 0;
     const char *name = attr && attr->name ? attr->name : "fiber";
     size_t len = strnlen(name, sizeof f->name - 1);
     memcpy(f->name, name, len);
@@ -183,7 +184,8 @@ int moor_join(moor_fiber *f, intptr_t *result)
     f->join_claimed = 1;
     moor_fiber *self = f->ex->current;
     if (f->state != MOOR__FIBER_DONE && self) {
-        /* What awaiting join_fut would do, without the generic poll around it. */
+        /* What awaiting join_fut would do, without the generic poll around it. Not cut
+         * short by cancellation: a cancelled fiber must still be able to reap its children. */
         while (f->state != MOOR__FIBER_DONE) {
             f->joiner = (moor_waker){f->ex, &self->task, self->task.gen};
             suspend(self);
@@ -194,8 +196,9 @@ int moor_join(moor_fiber *f, intptr_t *result)
     }
     if (result)
         *result = f->result;
+    int rc = f->cancelled ? -ECANCELED : 0;
     fiber_release(f->ex, f);
-    return 0;
+    return rc;
 }
 
 moor_future *moor_fiber_future(moor_fiber *f)
@@ -213,9 +216,32 @@ intptr_t moor_await(moor_future *fut)
     moor__assert(f, "moor_await(\"%s\") called outside a fiber; plain code uses moor_block_on",
                  label_of(fut));
     moor_cx cx = {{ex, &f->task, f->task.gen}};
-    while (moor_future_poll(fut, &cx) == MOOR_PENDING)
+    for (;;) {
+        if (__builtin_expect(f->cancelled, 0)) {
+            moor_future_cancel(fut);
+            return -ECANCELED;
+        }
+        if (moor_future_poll(fut, &cx) == MOOR_READY)
+            return fut->result;
         suspend(f);
-    return fut->result;
+    }
+}
+
+void moor_cancel(moor_fiber *f)
+{
+    check_handle(f, "moor_cancel");
+    if (f->state != MOOR__FIBER_LIVE || f->cancelled)
+        return;
+    f->cancelled = 1;
+    /* Wake it so that the wait it is in sees the flag. */
+    moor_waker w = {f->ex, &f->task, f->task.gen};
+    moor_waker_wake(&w);
+}
+
+int moor_cancelled(void)
+{
+    moor_fiber *f = moor_self();
+    return f && f->cancelled;
 }
 
 void moor_yield(void)

@@ -36,6 +36,7 @@ struct moor_fiber {
     uint8_t state;         /* enum moor__fiber_state */
     uint8_t detached;      /* released as soon as it finishes */
     uint8_t join_claimed;  /* moor_join was called */
+    uint8_t cancelled;     /* moor_cancel was called: waits return -ECANCELED */
     char name[MOOR__FIBER_NAME_MAX];
 };
 
