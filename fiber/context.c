@@ -1,6 +1,68 @@
 #include "context.h"
 
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Why switches resume through ontop_fcontext, and why moor__switch is not inline.
+ *
+ * jump_fcontext is entered with a call (which pushes a return address on the CPU's
+ * return-stack predictor) but leaves with an indirect jmp into the other context: the pushed
+ * entry is never popped by its own ret. The resumed context's next ret then pops it and is
+ * mispredicted, and so is every later ret of that context, each one off by one entry:
+ * ~5 ns apiece, two or more per yield round trip, more than the switch itself.
+ *
+ * ontop_fcontext switches the same way but then jumps to a function with the resumed
+ * context's return address on top of its stack; that function's ret pops the entry the
+ * suspending side pushed, and its target is the resumed side's resume address. If every
+ * context waits at the same call instruction (the one in moor__switch, hence out of line),
+ * that target is exactly the address the entry holds: predicted. The predictor then stays
+ * in step, and the rets that unwind moor__switch, moor_yield and so on are predicted too
+ * whenever the resumed fiber was suspended from the same call sites. */
+transfer_t moor__resume_ret(transfer_t t) { return t; }
+
+moor__ctx_template moor__ctx_tmpl;
+
+/* Build a fresh frame on two stacks at different addresses; if the bytes are the same (no
+ * pointer into the stack among them), keep them as the template. Run once, with the
+ * thread's default floating-point control settings in force: fibers start with those. */
+void moor__ctx_template_init(void)
+{
+    enum { SPAN = 2 * MOOR__FRAME_MAX };
+    /* Zeroed: make_fcontext leaves some slots (registers restored at entry) unwritten. */
+    _Alignas(16) unsigned char a[SPAN] = {0}, b[SPAN + 64] = {0};
+    unsigned char *top_a = a + SPAN, *top_b = b + SPAN + 64;
+    fcontext_t fa = make_fcontext(top_a, SPAN, moor__ctx_no_trampoline);
+    fcontext_t fb = make_fcontext(top_b, SPAN + 64, moor__ctx_no_trampoline);
+    size_t na = (size_t)(top_a - (unsigned char *)fa), nb = (size_t)(top_b - (unsigned char *)fb);
+    if (na != nb || na > MOOR__FRAME_MAX || memcmp(fa, fb, na) != 0)
+        return; /* position-dependent: make_fcontext every time */
+    memcpy(moor__ctx_tmpl.bytes, fa, na);
+    moor__ctx_tmpl.size = na;
+}
+
+/* make_fcontext's own start path (a jump into a fresh context) is never taken: a fresh
+ * context starts with its entry run on top of it (moor__jump). */
+void moor__ctx_no_trampoline(transfer_t t)
+{
+    (void)t;
+    abort();
+}
+
+__attribute__((noinline)) void moor__switch(moor__ctx *from, moor__ctx *to)
+{
+    moor__fp_clear_flags(to);
+#ifdef MOOR_ASAN_FIBERS
+    /* NULL tells ASan the leaving stack is gone for good. */
+    __sanitizer_start_switch_fiber(from->finished ? NULL : &from->asan_fake, to->stack_lo,
+                                   to->stack_size);
+#endif
+#ifdef MOOR_TSAN_FIBERS
+    __tsan_switch_to_fiber(to->tsan_fiber, 0);
+#endif
+    transfer_t t = moor__jump(from, to);
+    moor__switch_arrived(t, from);
+}
 
 #if defined(__x86_64__) || defined(__i386__)
 int moor__fp_frame_ok;

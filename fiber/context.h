@@ -1,11 +1,12 @@
 /* The one place where moor switches stacks. Every switch between the executor and a fiber
- * goes through moor__switch (or moor__switch_final when a fiber leaves for good), so this is
+ * goes through moor__switch (moor__switch_final too, when a fiber leaves for good), so this is
  * where the tools hook in: ASan's fiber annotations, TSan's fiber API, and the clearing of
  * the floating-point sticky flags that keeps jump_fcontext's MXCSR reload cheap. */
 #ifndef MOOR_FIBER_CONTEXT_H
 #define MOOR_FIBER_CONTEXT_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "fcontext.h"
 
@@ -42,6 +43,9 @@ typedef struct moor__ctx {
     size_t stack_size;    /* usable bytes from stack_lo (ASan) */
     void *asan_fake;      /* ASan's fake stack of this context while it is switched away */
     void *tsan_fiber;     /* TSan's fiber for this context */
+    transfer_t (*entry)(transfer_t); /* run on top of it at its first switch (never returns) */
+    int started;          /* it has run: it waits inside moor__switch, not at its entry */
+    int finished;         /* it switches away for the last time (ASan forgets its stack) */
 } moor__ctx;
 
 /* Floating-point state across switches. jump_fcontext stores the leaving side's MXCSR in
@@ -58,7 +62,7 @@ typedef struct moor__ctx {
  * it once at startup (moor__fp_frame_check) and falls back to stmxcsr if it ever differs. */
 #if defined(__x86_64__) || defined(__i386__)
 #define MOOR__MXCSR_FLAGS 0x3fu
-extern int moor__fp_frame_ok;
+extern int moor__fp_frame_ok __attribute__((visibility("hidden")));
 
 /* Returns whether the saved-frame layout is as expected; sets moor__fp_frame_ok. */
 int moor__fp_frame_check(void);
@@ -96,41 +100,61 @@ static inline void moor__switch_arrived(transfer_t t, moor__ctx *self)
 #endif
 }
 
-/* Leave `from` for `to`; returns when something switches back to `from`. */
-static inline void moor__switch(moor__ctx *from, moor__ctx *to)
+/* Leave `from` for `to`; returns when something switches back to `from`. Out of line on
+ * purpose, see context.c: every context that waits, waits at the one call in here. */
+void moor__switch(moor__ctx *from, moor__ctx *to);
+
+/* Resume a context that waits in moor__switch, or start a fresh one by running its entry on
+ * top of its stack; either way through the same ontop_fcontext call (see context.c). */
+static inline transfer_t moor__jump(moor__ctx *from, moor__ctx *to)
 {
-    moor__fp_clear_flags(to);
-#ifdef MOOR_ASAN_FIBERS
-    __sanitizer_start_switch_fiber(&from->asan_fake, to->stack_lo, to->stack_size);
-#endif
-#ifdef MOOR_TSAN_FIBERS
-    __tsan_switch_to_fiber(to->tsan_fiber, 0);
-#endif
-    transfer_t t = jump_fcontext(to->fctx, from);
-    moor__switch_arrived(t, from);
+    extern transfer_t moor__resume_ret(transfer_t t) __attribute__((visibility("hidden")));
+    transfer_t (*fn)(transfer_t) = to->started ? moor__resume_ret : to->entry;
+    to->started = 1;
+    return ontop_fcontext(to->fctx, from, fn);
 }
 
-/* Leave `from` for the last time: its stack may be reused as soon as `to` runs. */
+/* Leave `from` for the last time: its stack may be reused as soon as `to` runs. Through
+ * moor__switch like every switch, so that the return-stack predictor stays in step. */
 __attribute__((noreturn)) static inline void moor__switch_final(moor__ctx *from, moor__ctx *to)
 {
-    moor__fp_clear_flags(to);
-#ifdef MOOR_ASAN_FIBERS
-    __sanitizer_start_switch_fiber(NULL, to->stack_lo, to->stack_size);
-#endif
-#ifdef MOOR_TSAN_FIBERS
-    __tsan_switch_to_fiber(to->tsan_fiber, 0);
-#endif
-    jump_fcontext(to->fctx, from);
+    from->finished = 1;
+    moor__switch(from, to);
     __builtin_unreachable();
 }
 
-/* Prepare a fresh context on [lo, lo + size) that starts in fn. */
-static inline void moor__ctx_make(moor__ctx *ctx, void *lo, size_t size, void (*fn)(transfer_t))
+/* A fresh context's initial frame, as make_fcontext builds it (registers to restore, the
+ * floating-point control words, Boost's trampoline), when it is the same bytes whatever the
+ * stack: then spawning copies it instead of calling make_fcontext, whose stmxcsr alone costs
+ * several ns on some CPUs. Set up once by moor__ctx_template_init. */
+#define MOOR__FRAME_MAX 128
+typedef struct moor__ctx_template {
+    size_t size; /* bytes below the 16-aligned top; 0: call make_fcontext each time */
+    _Alignas(16) unsigned char bytes[MOOR__FRAME_MAX];
+} moor__ctx_template;
+
+extern moor__ctx_template moor__ctx_tmpl __attribute__((visibility("hidden")));
+void moor__ctx_template_init(void) __attribute__((visibility("hidden")));
+void moor__ctx_no_trampoline(transfer_t t) __attribute__((visibility("hidden")));
+
+/* Prepare a fresh context on [lo, lo + size) that starts in `entry`, which receives the
+ * transfer from whoever switched to it first and must never return. */
+static inline void moor__ctx_make(moor__ctx *ctx, void *lo, size_t size,
+                                  transfer_t (*entry)(transfer_t))
 {
-    ctx->fctx = make_fcontext((char *)lo + size, size, fn);
+    char *top = (char *)(((uintptr_t)lo + size) & ~(uintptr_t)15);
+    if (__builtin_expect(moor__ctx_tmpl.size != 0, 1)) {
+        __builtin_memcpy(top - moor__ctx_tmpl.size, moor__ctx_tmpl.bytes, moor__ctx_tmpl.size);
+        ctx->fctx = top - moor__ctx_tmpl.size;
+    } else {
+        ctx->fctx = make_fcontext((char *)lo + size, size, moor__ctx_no_trampoline);
+    }
+    ctx->entry = entry;
     ctx->stack_lo = lo;
     ctx->stack_size = size;
     ctx->asan_fake = NULL;
+    ctx->started = 0;
+    ctx->finished = 0;
 }
 
 #endif

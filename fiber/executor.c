@@ -62,7 +62,11 @@ void moor__driver_set(moor_executor *ex, const moor__driver *driver, void *self)
     pthread_mutex_unlock(&ex->remote_lock);
 }
 
-static void fp_check_once(void) { (void)moor__fp_frame_check(); }
+static void context_setup_once(void)
+{
+    (void)moor__fp_frame_check();
+    moor__ctx_template_init();
+}
 
 /* ---- executor lifecycle --------------------------------------------------------------- */
 
@@ -101,8 +105,9 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     ex->next_gen = 1;
     ex->next_fiber_id = 1;
     ex->errno_ptr = &errno;
+    ex->ctx.started = 1; /* the thread's own stack: it will wait inside moor__switch */
     static pthread_once_t fp_once = PTHREAD_ONCE_INIT;
-    pthread_once(&fp_once, fp_check_once);
+    pthread_once(&fp_once, context_setup_once);
 
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -182,24 +187,6 @@ static moor_task *task_slot_get(moor_executor *ex)
     return t;
 }
 
-int moor__task_start(moor_executor *ex, moor_future *fut, moor_task *task)
-{
-    if (!task) {
-        task = task_slot_get(ex);
-        if (!task)
-            return -ENOMEM;
-        task->kind = MOOR__TASK_PLAIN;
-    } else {
-        task->kind = MOOR__TASK_FIBER;
-    }
-    task->fut = fut;
-    task->gen = ex->next_gen++;
-    task->state = MOOR__TASK_SCHEDULED;
-    ex->ntasks++;
-    moor__runq_push(ex, task);
-    return 0;
-}
-
 void moor__task_finish(moor_executor *ex, moor_task *t)
 {
     ex->ntasks--;
@@ -218,7 +205,12 @@ int moor_executor_spawn(moor_executor *ex, moor_future *fut)
                  "moor_executor_spawn: the executor belongs to another thread");
     moor__assert(!moor_future_done(fut), "moor_executor_spawn: future %p is already done",
                  (void *)fut);
-    return moor__task_start(ex, fut, NULL);
+    moor_task *t = task_slot_get(ex);
+    if (!t)
+        return -ENOMEM;
+    t->kind = MOOR__TASK_PLAIN;
+    moor__task_start(ex, t, fut);
+    return 0;
 }
 
 /* ---- wakers --------------------------------------------------------------------------- */

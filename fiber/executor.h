@@ -96,7 +96,8 @@ struct moor_executor {
 
 /* The calling thread's executor (NULL if none). Initial-exec: one %fs-relative load, no
  * __tls_get_addr call, on every yield and await. */
-extern __thread moor_executor *moor__tls_executor __attribute__((tls_model("initial-exec")));
+extern __thread moor_executor *moor__tls_executor
+    __attribute__((tls_model("initial-exec"), visibility("hidden")));
 
 static inline void moor__runq_push(moor_executor *ex, moor_task *t)
 {
@@ -130,8 +131,15 @@ void moor__executor_after_fork(moor_executor *ex);
 /* Await in a fiber, block_on in plain code: how every call that can wait waits. */
 intptr_t moor__wait(moor_future *fut);
 
-/* Start a task that polls `fut`: PLAIN takes a slot from the executor, FIBER uses `task`. */
-int moor__task_start(moor_executor *ex, moor_future *fut, moor_task *task);
+/* Start `task` (its kind set) under a new generation, at the back of the run queue. */
+static inline void moor__task_start(moor_executor *ex, moor_task *task, moor_future *fut)
+{
+    task->fut = fut;
+    task->gen = ex->next_gen++;
+    task->state = MOOR__TASK_SCHEDULED;
+    ex->ntasks++;
+    moor__runq_push(ex, task);
+}
 void moor__driver_set(moor_executor *ex, const moor__driver *driver, void *self);
 
 /* The bookkeeping of a task whose poll returned PENDING: back on the queue if it was woken

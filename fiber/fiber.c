@@ -22,7 +22,7 @@ void moor__fiber_reap(moor_executor *ex)
     fiber_release(ex, f);
 }
 
-static void fiber_entry(transfer_t t)
+static transfer_t fiber_entry(transfer_t t)
 {
     moor_executor *ex = moor__tls_executor;
     moor_fiber *f = ex->current;
@@ -136,8 +136,11 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
     f->join_claimed = 0;
     f->cancelled = 0;
     const char *name = attr && attr->name ? attr->name : "fiber";
-    size_t len = strnlen(name, sizeof f->name - 1);
-    memcpy(f->name, name, len);
+    size_t len = 0;
+    while (len < sizeof f->name - 1 && name[len]) {
+        f->name[len] = name[len];
+        len++;
+    }
     f->name[len] = '\0';
 
     char *lo = base + ex->pool.guard;
@@ -145,7 +148,7 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
 #ifdef MOOR_TSAN_FIBERS
     f->ctx.tsan_fiber = __tsan_create_fiber(0);
 #endif
-    moor_future_init(&f->join_fut, &join_ops, 0);
+    f->join_fut = (moor_future){.ops = &join_ops}; /* moor_future_init, inline */
 
     f->prev = NULL;
     f->next = ex->fibers;
@@ -153,7 +156,8 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
         ex->fibers->prev = f;
     ex->fibers = f;
 
-    moor__task_start(ex, NULL, &f->task); /* a fiber's task needs no allocation */
+    f->task.kind = MOOR__TASK_FIBER; /* its task is in the control block: no allocation */
+    moor__task_start(ex, &f->task, NULL);
     if (out)
         *out = f;
     return 0;
