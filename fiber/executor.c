@@ -334,7 +334,7 @@ static void events(moor_executor *ex, int may_block)
 /* Run tasks until `until` is done, or, with until == NULL, until no task is left. While
  * tasks are runnable it never blocks, but it still looks at timers and events every
  * EVENTS_EVERY runs so that a busy queue cannot starve them. */
-#define EVENTS_EVERY 16u
+#define EVENTS_EVERY 64u
 
 static void run(moor_executor *ex, moor_future *until)
 {

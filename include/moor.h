@@ -346,6 +346,13 @@ MOOR_API ssize_t moor_sendto(int fd, const void *buf, size_t len, int flags,
 MOOR_API ssize_t moor_write_all(int fd, const void *buf, size_t len, size_t *written,
                                 int64_t deadline);
 
+/* Close an fd and forget moor's state for it. The fds that moor makes (moor_accept,
+ * moor_tcp_*, moor_unix_*) must be closed with moor_close: moor keeps them registered with
+ * the event loop between waits (no system call per wait, as libev's own watchers), and must
+ * hear of their close before the number is reused. Plain close() is fine for fds moor did
+ * not make. No fiber may be waiting on the fd (cancel it first). Returns 0 or -errno. */
+MOOR_API int moor_close(int fd);
+
 /* Accept a connection: the new fd is non-blocking and close-on-exec. Under EMFILE/ENFILE it
  * returns that error at once and the next accept on this executor first waits 100 ms, so a
  * server loop neither spins nor stops. */
@@ -357,7 +364,7 @@ MOOR_API int moor_connect(int fd, const struct sockaddr *addr, socklen_t addrlen
 
 /* Sockets on numeric addresses ("127.0.0.1", "::1"; NULL or "" is any IPv4 address), made
  * non-blocking and close-on-exec. Listeners set SO_REUSEADDR. Return an fd or -errno
- * (-EINVAL for an address that is not numeric). */
+ * (-EINVAL for an address that is not numeric). Close them with moor_close. */
 MOOR_API int moor_tcp_listen(const char *host, int port, int backlog);
 MOOR_API int moor_tcp_connect(const char *host, int port, int64_t deadline);
 MOOR_API int moor_unix_listen(const char *path, int backlog);

@@ -103,6 +103,7 @@ static void reactor_free(moor_executor *ex)
     }
     ex->reactor = NULL;
     ex->reactor_free = NULL;
+    moor__free(r->fd_hints);
     moor__free(r);
 }
 

@@ -19,8 +19,26 @@ typedef struct moor__reactor {
     ev_prepare prepare;   /* attached: run tasks before the loop blocks */
     ev_idle idle;         /* attached: keeps the loop from blocking while tasks are runnable */
     int64_t accept_backoff_until; /* after EMFILE/ENFILE, accepts wait until then (ms) */
+    uint8_t *fd_hints;    /* per fd: MOOR__FD_* readiness hints (io.c) */
+    size_t nfd_hints;
     moor__blocking_pool *blocking;
 } moor__reactor;
+
+/* Readiness hints: a short read on a stream means the receive buffer was emptied, so the
+ * next read would fail with EAGAIN; a short write, that the send buffer is full. The next
+ * call then waits for readiness first instead of paying a system call to learn it. */
+#define MOOR__FD_DRAINED 0x1u
+#define MOOR__FD_FULL 0x2u
+/* moor made this fd (accept, connect, listen) and is told of its close (moor_close). */
+#define MOOR__FD_OWNED 0x4u
+/* ...and it is registered with the loop's backend since moor made it: a wait can start its
+ * watcher without making libev register the fd again (an epoll_ctl per wait otherwise). */
+#define MOOR__FD_LIVE 0x8u
+
+/* The flags byte of fd (NULL if the table cannot grow). */
+uint8_t *moor__reactor_fd(moor__reactor *r, int fd);
+/* moor made fd: its state starts afresh, owned. */
+void moor__reactor_fd_new(int fd);
 
 /* The executor's reactor, made with a loop of its own if it has none. NULL on ENOMEM. */
 moor__reactor *moor__reactor_get(moor_executor *ex);

@@ -32,8 +32,10 @@ int moor_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int64_t deadl
     }
     for (;;) {
         int c = accept4(fd, addr, addrlen, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (c >= 0)
+        if (c >= 0) {
+            moor__reactor_fd_new(c);
             return c;
+        }
         int err = errno;
         if (err == EINTR || err == ECONNABORTED)
             continue;
@@ -120,6 +122,7 @@ static int listen_on(const struct sockaddr *addr, socklen_t len, int backlog)
         close(fd);
         return -err;
     }
+    moor__reactor_fd_new(fd);
     return fd;
 }
 
@@ -128,9 +131,10 @@ static int connect_to(const struct sockaddr *addr, socklen_t len, int64_t deadli
     int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
+    moor__reactor_fd_new(fd);
     int rc = moor_connect(fd, addr, len, deadline);
     if (rc < 0) {
-        close(fd);
+        moor_close(fd);
         return rc;
     }
     if (addr->sa_family != AF_UNIX) {

@@ -58,7 +58,7 @@ static intptr_t moor_conn(void *arg)
         if (n <= 0 || moor_write_all(fd, buf, (size_t)n, NULL, -1) < 0)
             break;
     }
-    close(fd);
+    moor_close(fd);
     return 0;
 }
 
@@ -74,7 +74,7 @@ static void moor_server(int lfd)
         int one = 1;
         setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
         if (moor_spawn(NULL, moor_conn, (void *)(intptr_t)c, &(moor_fiber_attr){.stack_size = 32 * 1024}) < 0)
-            close(c);
+            moor_close(c);
     }
 }
 
