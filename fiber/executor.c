@@ -307,7 +307,7 @@ static inline void task_run(moor_executor *ex, moor_task *t)
         moor__fiber_resume(ex, moor_container_of(t, moor_fiber, task));
         return;
     }
-    moor_cx cx = {{ex, t, t->gen}};
+    moor_cx cx = {{ex, t, t->gen}, NULL};
     if (moor_future_poll(t->fut, &cx) == MOOR_READY)
         moor__task_finish(ex, t);
     else

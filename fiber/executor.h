@@ -130,6 +130,9 @@ void moor__executor_after_fork(moor_executor *ex);
 
 /* Await in a fiber, block_on in plain code: how every call that can wait waits. */
 intptr_t moor__wait(moor_future *fut);
+/* The same, but not cut short if the calling fiber is cancelled (relocking a mutex after a
+ * condition wait, closing a scope). */
+intptr_t moor__wait_uncancellable(moor_future *fut);
 
 /* Start `task` (its kind set) under a new generation, at the back of the run queue. */
 static inline void moor__task_start(moor_executor *ex, moor_task *task, moor_future *fut)
@@ -141,6 +144,24 @@ static inline void moor__task_start(moor_executor *ex, moor_task *task, moor_fut
     moor__runq_push(ex, task);
 }
 void moor__driver_set(moor_executor *ex, const moor__driver *driver, void *self);
+
+/* moor_waker_wake, with the common case (a task of this thread) inline. */
+static inline void moor__wake(const moor_waker *w)
+{
+    moor_task *t = w->task;
+    if (t && w->ex == moor__tls_executor) {
+        if (t->gen != w->gen)
+            return;
+        if (t->state == MOOR__TASK_IDLE) {
+            t->state = MOOR__TASK_SCHEDULED;
+            moor__runq_push(w->ex, t);
+        } else if (t->state == MOOR__TASK_RUNNING) {
+            t->state = MOOR__TASK_NOTIFIED;
+        }
+        return;
+    }
+    moor_waker_wake(w);
+}
 
 /* The bookkeeping of a task whose poll returned PENDING: back on the queue if it was woken
  * meanwhile, else idle until a wake. */

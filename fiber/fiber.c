@@ -30,6 +30,12 @@ static transfer_t fiber_entry(transfer_t t)
     if (ex->zombie)
         moor__fiber_reap(ex);
     f->result = f->fn(f->arg);
+    moor__assert(f->open_scopes == 0,
+                 "fiber %" PRIu64 " \"%s\" returned with %zu scope(s) still open: close them "
+                 "(moor_scope_close) so that no child is forgotten",
+                 f->id, f->name, f->open_scopes);
+    if (f->scope)
+        moor__scope_child_done(f);
 
     /* The poll adapter's READY: finish the task, hand the result to the joiner. */
     f->state = MOOR__FIBER_DONE;
@@ -41,20 +47,6 @@ static transfer_t fiber_entry(transfer_t t)
         moor_waker_wake(&joiner);
     }
     moor__switch_final(&f->ctx, moor__fiber_next(ex));
-}
-
-/* The poll adapter's PENDING: stop until the task is woken and picked again. */
-static inline void suspend(moor_fiber *f)
-{
-    moor_executor *ex = f->ex;
-    int saved_errno = *ex->errno_ptr;
-    moor__task_pending(ex, &f->task);
-    moor__ctx *to = moor__fiber_next(ex);
-    if (to != &f->ctx) /* a lone yielding fiber may pick itself */
-        moor__switch(&f->ctx, to);
-    if (ex->zombie)
-        moor__fiber_reap(ex);
-    *ex->errno_ptr = saved_errno;
 }
 
 /* ---- join future ----------------------------------------------------------------------- */
@@ -71,10 +63,11 @@ static moor_poll join_poll(moor_future *fut, moor_cx *cx)
     return MOOR_PENDING;
 }
 
-static void join_cancel(moor_future *fut)
+static moor_poll join_cancel(moor_future *fut)
 {
     moor_fiber *f = moor_container_of(fut, moor_fiber, join_fut);
     f->joiner = (moor_waker){0};
+    return MOOR_PENDING; /* the fiber stays joinable: nothing is lost */
 }
 
 static const moor_future_ops join_ops = {"join", join_poll, join_cancel};
@@ -135,6 +128,8 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
     f->detached = out == NULL;
     f->join_claimed = 0;
     f->cancelled = 0;
+    f->scope = NULL;
+    f->open_scopes = 0;
     const char *name = attr && attr->name ? attr->name : "fiber";
     size_t len = 0;
     while (len < sizeof f->name - 1 && name[len]) {
@@ -192,7 +187,7 @@ int moor_join(moor_fiber *f, intptr_t *result)
          * short by cancellation: a cancelled fiber must still be able to reap its children. */
         while (f->state != MOOR__FIBER_DONE) {
             f->joiner = (moor_waker){f->ex, &self->task, self->task.gen};
-            suspend(self);
+            moor__fiber_suspend(self);
         }
         f->joiner = (moor_waker){0};
     } else if (f->state != MOOR__FIBER_DONE) {
@@ -219,16 +214,62 @@ intptr_t moor_await(moor_future *fut)
     moor_fiber *f = ex ? ex->current : NULL;
     moor__assert(f, "moor_await(\"%s\") called outside a fiber; plain code uses moor_block_on",
                  label_of(fut));
-    moor_cx cx = {{ex, &f->task, f->task.gen}};
+    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL};
     for (;;) {
         if (__builtin_expect(f->cancelled, 0)) {
-            moor_future_cancel(fut);
+            /* A wait that completed before the cancel arrived keeps its result. */
+            if (moor_future_cancel(fut) == MOOR_READY)
+                return fut->result;
             return -ECANCELED;
         }
         if (moor_future_poll(fut, &cx) == MOOR_READY)
             return fut->result;
-        suspend(f);
+        moor__fiber_suspend(f);
     }
+}
+
+int moor__fiber_wait_completion(moor_fiber *f, const int *completed, const intptr_t *result,
+                                int64_t deadline, moor_timer_node *node,
+                                void (*unlink)(void *arg), void *arg, int cancellable)
+{
+    moor_executor *ex = f->ex;
+    if (deadline >= 0) {
+        moor_waker self = {ex, &f->task, f->task.gen};
+        if (moor__timer_add(&ex->timers, node, deadline, &self) < 0) {
+            unlink(arg);
+            return -ENOMEM;
+        }
+    }
+    for (;;) {
+        if (cancellable && f->cancelled) {
+            unlink(arg);
+            break;
+        }
+        moor__fiber_suspend(f);
+        if (*completed)
+            break;
+        if (deadline >= 0 && moor_now() >= deadline) {
+            unlink(arg);
+            break;
+        }
+    }
+    if (moor__timer_node_queued(node))
+        moor__timer_remove(&ex->timers, node);
+    if (*completed)
+        return (int)*result; /* even when cancelled or late: it happened, do not lose it */
+    return cancellable && f->cancelled ? -ECANCELED : -ETIMEDOUT;
+}
+
+intptr_t moor__wait_uncancellable(moor_future *fut)
+{
+    moor_executor *ex = moor__tls_executor;
+    moor_fiber *f = ex ? ex->current : NULL;
+    if (!f)
+        return moor_block_on(fut);
+    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL};
+    while (moor_future_poll(fut, &cx) == MOOR_PENDING)
+        moor__fiber_suspend(f);
+    return fut->result;
 }
 
 void moor_cancel(moor_fiber *f)
@@ -255,7 +296,7 @@ void moor_yield(void)
     moor__assert(f, "moor_yield called outside a fiber");
     /* Woken while running: the executor puts it at the back of the run queue. */
     f->task.state = MOOR__TASK_NOTIFIED;
-    suspend(f);
+    moor__fiber_suspend(f);
 }
 
 moor_fiber *moor_self(void)

@@ -37,6 +37,9 @@ struct moor_fiber {
     uint8_t detached;      /* released as soon as it finishes */
     uint8_t join_claimed;  /* moor_join was called */
     uint8_t cancelled;     /* moor_cancel was called: waits return -ECANCELED */
+    moor_scope *scope;     /* the scope it was spawned into, or NULL */
+    moor_fiber *scope_prev, *scope_next; /* its scope's list of running children */
+    size_t open_scopes;    /* scopes it opened and has not closed */
     char name[MOOR__FIBER_NAME_MAX];
 };
 
@@ -50,6 +53,9 @@ static inline size_t moor__fiber_map_size(const moor_executor *ex, size_t size)
     size_t page = moor__page_size();
     return ex->pool.guard + size + ((MOOR__FIBER_CTL_SIZE + page - 1) & ~(page - 1));
 }
+
+/* Defined in scope.c: a child of a scope has returned. */
+void moor__scope_child_done(moor_fiber *f);
 
 /* Release a detached fiber that finished (on the stack of whoever runs after it). */
 void moor__fiber_reap(moor_executor *ex);
@@ -92,5 +98,30 @@ static inline moor__ctx *moor__fiber_next(moor_executor *ex)
     ex->current = NULL;
     return &ex->ctx;
 }
+
+/* The poll adapter's PENDING: the running fiber stops until its task is woken and picked
+ * again, handing off to the next fiber if there is one. */
+static inline void moor__fiber_suspend(moor_fiber *f)
+{
+    moor_executor *ex = f->ex;
+    int saved_errno = *ex->errno_ptr;
+    moor__task_pending(ex, &f->task);
+    moor__ctx *to = moor__fiber_next(ex);
+    if (to != &f->ctx) /* a lone yielding fiber may pick itself */
+        moor__switch(&f->ctx, to);
+    if (ex->zombie)
+        moor__fiber_reap(ex);
+    *ex->errno_ptr = saved_errno;
+}
+
+/* What a blocking call does in a fiber once it has queued a waiter that a counterpart will
+ * complete: suspend until *completed is set (then return *result), the deadline passes
+ * (-ETIMEDOUT) or the fiber is cancelled (-ECANCELED, unless it completed meanwhile);
+ * unlink(arg) takes the waiter out when giving up. The same as awaiting the operation's
+ * future, without the generic poll around it: this is the path every channel and lock wait
+ * in a fiber takes. Errors: -ENOMEM (no room for the deadline's timer). */
+int moor__fiber_wait_completion(moor_fiber *f, const int *completed, const intptr_t *result,
+                                int64_t deadline, moor_timer_node *node,
+                                void (*unlink)(void *arg), void *arg, int cancellable);
 
 #endif

@@ -50,14 +50,19 @@ moor_poll moor_future_poll(moor_future *fut, moor_cx *cx)
     return r;
 }
 
-void moor_future_cancel(moor_future *fut)
+moor_poll moor_future_cancel(moor_future *fut)
 {
+    if (fut->state == MOOR__FUTURE_DONE)
+        return MOOR_READY;
     if (fut->state != MOOR__FUTURE_PENDING)
-        return;
-    if (fut->ops->cancel)
-        fut->ops->cancel(fut);
+        return MOOR_PENDING;
+    if (fut->ops->cancel && fut->ops->cancel(fut) == MOOR_READY) {
+        fut->state = MOOR__FUTURE_DONE; /* it had completed: its output stands */
+        return MOOR_READY;
+    }
     fut->state = MOOR__FUTURE_INIT;
     fut->pinned_at = NULL;
+    return MOOR_PENDING;
 }
 
 int moor_future_done(const moor_future *fut) { return moor__future_done(fut); }

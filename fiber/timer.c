@@ -130,11 +130,12 @@ static moor_poll sleep_poll(moor_future *fut, moor_cx *cx)
     return MOOR_PENDING;
 }
 
-static void sleep_cancel(moor_future *fut)
+static moor_poll sleep_cancel(moor_future *fut)
 {
     moor_sleep_future *sf = moor_container_of(fut, moor_sleep_future, base);
     moor_executor *ex = moor__tls_executor;
     moor__timer_remove(&ex->timers, &sf->node);
+    return MOOR_PENDING;
 }
 
 static const moor_future_ops sleep_ops = {"sleep", sleep_poll, sleep_cancel};

@@ -77,10 +77,33 @@ typedef struct moor_waker {
     uint64_t gen;      /* private: 0 means no task */
 } moor_waker;
 
-/* What a poll receives: the waker of the task being polled. */
+/* A select's one-winner token. Futures that take something when they complete (a channel
+ * value, a lock, a permit) claim it first, so that at most one of a select's futures takes
+ * anything; the others see it claimed and neither take nor complete. */
+typedef struct moor_claim {
+    int claimed;               /* private */
+    const moor_future *winner; /* private */
+} moor_claim;
+
+/* What a poll receives: the waker of the task being polled, and the claim of the select the
+ * future is polled in (NULL outside a select). */
 typedef struct moor_cx {
-    moor_waker waker; /* read-only */
+    moor_waker waker;   /* read-only */
+    moor_claim *claim;  /* read-only */
 } moor_cx;
+
+/* A place in a FIFO wait queue, embedded in futures that wait for a counterpart (channels,
+ * mutexes, semaphores, events). Private throughout. */
+typedef struct moor_waiter {
+    struct moor_waiter *prev, *next;
+    moor_waker waker;
+    moor_claim *claim;
+    int queued;
+} moor_waiter;
+
+typedef struct moor_waitq {
+    moor_waiter *head, *tail; /* private */
+} moor_waitq;
 
 typedef struct moor_future_ops {
     /* Short description for diagnostics ("sleep", "read", "countdown"). */
@@ -89,8 +112,11 @@ typedef struct moor_future_ops {
      * cx->waker where the event source will find it and return MOOR_PENDING. */
     moor_poll (*poll)(moor_future *self, moor_cx *cx);
     /* Called once if the future is dropped while pending: unregister wakers and watchers and
-     * release what the future holds. May be NULL if there is nothing to undo. */
-    void (*cancel)(moor_future *self);
+     * release what the future holds, and return MOOR_PENDING. If it turns out to have
+     * completed already (a counterpart handed it a value it must not lose), set self->result
+     * and return MOOR_READY instead: the future then counts as done. May be NULL if there is
+     * nothing to undo. */
+    moor_poll (*cancel)(moor_future *self);
 } moor_future_ops;
 
 /* moor_future.flags */
@@ -112,9 +138,11 @@ MOOR_API void moor_future_init(moor_future *fut, const moor_future_ops *ops, uin
  * Polling a finished or cancelled future is misuse and fails an assertion. */
 MOOR_API moor_poll moor_future_poll(moor_future *fut, moor_cx *cx);
 
-/* Drop a pending future: calls its cancel op once. No-op on a future that is done, cancelled
- * or was never polled. */
-MOOR_API void moor_future_cancel(moor_future *fut);
+/* Drop a pending future: calls its cancel op once. Returns MOOR_READY if the future had in
+ * fact completed (its output is in fut->result and it is done), else MOOR_PENDING; then it is
+ * as if freshly initialised. No-op (MOOR_PENDING) on a future that was never polled, and
+ * MOOR_READY on one that is done. */
+MOOR_API moor_poll moor_future_cancel(moor_future *fut);
 
 /* Non-zero once the future has returned MOOR_READY. */
 MOOR_API int moor_future_done(const moor_future *fut);
@@ -266,8 +294,10 @@ MOOR_API const char *moor_fiber_name(const moor_fiber *fiber);
 
 /* Cancel a fiber: the call it is waiting in, and every call that could wait that it makes
  * afterwards, return -ECANCELED (the future it waited on is cancelled cleanly), so it runs
- * its own cleanup and returns. moor_join then reports -ECANCELED. Idempotent; a no-op on a
- * fiber that has returned. Any fiber or plain code of the same thread. */
+ * its own cleanup and returns. A wait that had already completed when the cancel arrived
+ * (a value received, a lock handed over) still returns its result: nothing is lost.
+ * moor_join then reports -ECANCELED. Idempotent; a no-op on a fiber that has returned. Any
+ * fiber or plain code of the same thread. */
 MOOR_API void moor_cancel(moor_fiber *fiber);
 
 /* Non-zero if the calling fiber has been cancelled. */
@@ -277,6 +307,188 @@ MOOR_API int moor_cancelled(void);
  * control word) across switches. The sticky exception flags (FE_INEXACT, FE_DIVBYZERO, ...)
  * are cleared whenever a fiber or the executor switches away, so test them with
  * fetestexcept() before the next suspension point, not after it. */
+
+/* ------------------------------------------------------------------------------------------
+ * Channels
+ *
+ * A channel carries values of a fixed size between fibers of one executor, in order. With
+ * capacity 0 a send waits for a receiver (rendezvous); with capacity N it waits only when N
+ * values are buffered. Waiters are served first-come first-served. After moor_chan_close,
+ * receivers still drain what is buffered, then get -EPIPE; senders get -EPIPE; fibers waiting
+ * at the close are woken. Values are copied (elem_size bytes).
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct moor_chan moor_chan;
+
+/* Errors: -ENOMEM, -EINVAL (elem_size 0). */
+MOOR_API int moor_chan_new(moor_chan **out, size_t elem_size, size_t capacity);
+/* Free a channel. Misuse: a fiber still waits on it. */
+MOOR_API void moor_chan_free(moor_chan *ch);
+/* Misuse: closing twice. */
+MOOR_API void moor_chan_close(moor_chan *ch);
+
+/* May suspend. Return 0, -EPIPE (closed; for recv: closed and drained), -ETIMEDOUT,
+ * -ECANCELED. */
+MOOR_API int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline);
+MOOR_API int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline);
+/* Never suspend: 0, -EAGAIN (would wait), -EPIPE. */
+MOOR_API int moor_chan_try_send(moor_chan *ch, const void *elem);
+MOOR_API int moor_chan_try_recv(moor_chan *ch, void *elem);
+/* Buffered values now. */
+MOOR_API size_t moor_chan_len(const moor_chan *ch);
+
+/* A send or receive as a future (for moor_select and the combinators): output 0, -EPIPE,
+ * -ETIMEDOUT. `elem` must stay valid until it is done or cancelled. Caller owned; must not
+ * move once polled. */
+typedef struct moor_chan_op {
+    moor_future base;     /* public: poll, await, select this */
+    moor_chan *chan;      /* read-only */
+    void *elem;           /* private */
+    int64_t deadline;     /* private */
+    int send;             /* private */
+    int completed;        /* private: a counterpart finished it; output in base.result */
+    moor_waiter waiter;   /* private */
+    moor_timer_node node; /* private */
+} moor_chan_op;
+
+MOOR_API void moor_chan_send_init(moor_chan_op *op, moor_chan *ch, const void *elem, int64_t deadline);
+MOOR_API void moor_chan_recv_init(moor_chan_op *op, moor_chan *ch, void *elem, int64_t deadline);
+
+/* ------------------------------------------------------------------------------------------
+ * Select and combinators. Each is a call that may suspend (from plain code it runs the
+ * executor); the futures passed in are caller owned and left done or cancelled.
+ * ---------------------------------------------------------------------------------------- */
+
+/* Wait until one of the futures is ready; return its index (its output is in its result)
+ * and cancel the others cleanly. At most one of several channel operations, locks or
+ * permits completes. Returns -ETIMEDOUT (all cancelled) or -ECANCELED. */
+MOOR_API int moor_select(moor_future **futs, size_t n, int64_t deadline);
+
+/* The output of whichever future is ready first (its index in *winner if not NULL); the
+ * others are cancelled. -ETIMEDOUT, -ECANCELED as moor_select. */
+MOOR_API intptr_t moor_race(moor_future **futs, size_t n, size_t *winner, int64_t deadline);
+
+/* Wait for all of them: 0 when all are done (outputs in their results). On -ETIMEDOUT or
+ * -ECANCELED the unfinished ones are cancelled (moor_future_done tells which finished). */
+MOOR_API int moor_join_all(moor_future **futs, size_t n, int64_t deadline);
+
+/* Await fut with a deadline: its output, or -ETIMEDOUT with fut cancelled. */
+MOOR_API intptr_t moor_timeout(moor_future *fut, int64_t deadline);
+
+/* The classic retryable future: make(arg, attempt) returns a fresh future for attempt 1,
+ * 2, ... (it may reuse one slot: the previous attempt is done by then). An attempt whose
+ * output is >= 0 ends it; a negative output is retried after a backoff (backoff_ms, doubled
+ * each time) up to `attempts` attempts. The output is the last attempt's, -ETIMEDOUT when
+ * the deadline passes first (the attempt in flight cancelled), -ENOMEM if make returned NULL.
+ * A future itself: await it, select on it or spawn it. Caller owned; must not move once polled. */
+typedef moor_future *(*moor_retry_make)(void *arg, unsigned attempt);
+
+typedef struct moor_retry_future {
+    moor_future base;       /* public */
+    moor_retry_make make;   /* private */
+    void *arg;              /* private */
+    unsigned attempts;      /* private */
+    unsigned attempt;       /* read-only: attempts started so far */
+    int64_t backoff_ms;     /* private */
+    int64_t deadline;       /* private */
+    moor_future *current;   /* private: the attempt in flight, NULL while backing off */
+    int pausing;            /* private */
+    moor_sleep_future pause;/* private: the backoff */
+    moor_timer_node node;   /* private: the deadline */
+} moor_retry_future;
+
+MOOR_API void moor_retry_init(moor_retry_future *rf, moor_retry_make make, void *arg,
+                              unsigned attempts, int64_t backoff_ms, int64_t deadline);
+/* moor_retry_init and wait for it. */
+MOOR_API intptr_t moor_retry(moor_retry_make make, void *arg, unsigned attempts,
+                             int64_t backoff_ms, int64_t deadline);
+
+/* ------------------------------------------------------------------------------------------
+ * Scopes (nurseries): fibers spawned into a scope cannot be forgotten. Children that return
+ * are released at once; moor_scope_close cancels the ones still running and waits for them.
+ * A fiber that returns with a scope of its own still open fails an assertion.
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct moor_scope {
+    moor_fiber *children;  /* private: running children */
+    size_t count;          /* read-only: children running */
+    moor_waker closer;     /* private */
+    moor_fiber *owner;     /* private: the fiber that opened it, or NULL */
+    int closed;            /* private */
+} moor_scope;
+
+/* Open a scope (caller-owned memory, usually on the opening fiber's stack). */
+MOOR_API void moor_scope_init(moor_scope *scope);
+/* Spawn a child into the scope (detached from the caller, owned by the scope). Errors as
+ * moor_spawn. Misuse: the scope is closed. */
+MOOR_API int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg,
+                              const moor_fiber_attr *attr);
+/* Wait until every child has returned, without cancelling them. Returns 0, -ETIMEDOUT,
+ * -ECANCELED (the children keep running). */
+MOOR_API int moor_scope_wait(moor_scope *scope, int64_t deadline);
+/* Cancel every child still running and wait for them to return; the scope is closed after.
+ * Returns 0, or -ETIMEDOUT if some child has not returned by the deadline (it has been
+ * cancelled; it is released when it returns). Not cut short by cancellation of the caller. */
+MOOR_API int moor_scope_close(moor_scope *scope, int64_t deadline);
+
+/* ------------------------------------------------------------------------------------------
+ * Synchronisation between fibers of one executor. Caller-owned structs, initialised with
+ * their _INIT macro or init function; all waits are FIFO and take a deadline; they return
+ * 0, -ETIMEDOUT or -ECANCELED.
+ * ---------------------------------------------------------------------------------------- */
+
+/* A mutex with FIFO hand-off: unlock gives the lock to the first waiter, so nobody barges
+ * in ahead of a fiber that has waited. */
+typedef struct moor_mutex {
+    moor_fiber *owner;  /* read-only: holder, or NULL (or the plain code marker) */
+    int locked;         /* read-only */
+    moor_waitq waiters; /* private */
+} moor_mutex;
+#define MOOR_MUTEX_INIT {NULL, 0, {NULL, NULL}}
+MOOR_API int moor_mutex_lock(moor_mutex *m, int64_t deadline);
+MOOR_API int moor_mutex_trylock(moor_mutex *m); /* 0 or -EBUSY */
+/* Misuse: unlocking a mutex that is not locked, or from another fiber than its owner. */
+MOOR_API void moor_mutex_unlock(moor_mutex *m);
+
+/* A condition variable. wait unlocks m, waits for a signal and locks m again before it
+ * returns, whatever it returns. */
+typedef struct moor_cond {
+    moor_waitq waiters; /* private */
+} moor_cond;
+#define MOOR_COND_INIT {{NULL, NULL}}
+MOOR_API int moor_cond_wait(moor_cond *c, moor_mutex *m, int64_t deadline);
+MOOR_API void moor_cond_signal(moor_cond *c);
+MOOR_API void moor_cond_broadcast(moor_cond *c);
+
+/* A counting semaphore; release hands a permit to the first waiter. */
+typedef struct moor_sem {
+    size_t permits;     /* read-only */
+    moor_waitq waiters; /* private */
+} moor_sem;
+#define MOOR_SEM_INIT(n) {(n), {NULL, NULL}}
+MOOR_API int moor_sem_acquire(moor_sem *s, int64_t deadline);
+MOOR_API int moor_sem_try_acquire(moor_sem *s); /* 0 or -EAGAIN */
+MOOR_API void moor_sem_release(moor_sem *s);
+
+/* A wait group: wait returns once the count is back at zero. */
+typedef struct moor_waitgroup {
+    size_t count;       /* read-only */
+    moor_waitq waiters; /* private */
+} moor_waitgroup;
+#define MOOR_WAITGROUP_INIT {0, {NULL, NULL}}
+MOOR_API void moor_waitgroup_add(moor_waitgroup *wg, size_t n);
+/* Misuse: more done than add. */
+MOOR_API void moor_waitgroup_done(moor_waitgroup *wg);
+MOOR_API int moor_waitgroup_wait(moor_waitgroup *wg, int64_t deadline);
+
+/* A one-shot event: once set, every wait returns at once. */
+typedef struct moor_event {
+    int set;            /* read-only */
+    moor_waitq waiters; /* private */
+} moor_event;
+#define MOOR_EVENT_INIT {0, {NULL, NULL}}
+MOOR_API void moor_event_set(moor_event *e);
+MOOR_API int moor_event_wait(moor_event *e, int64_t deadline);
 
 /* ------------------------------------------------------------------------------------------
  * Reactor: libev turns OS events into wakeups

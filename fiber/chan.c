@@ -1,0 +1,289 @@
+/* Channels: a ring buffer of fixed-size values and two FIFO queues of waiting operations.
+ * A value goes straight from a waiting sender to a waiting receiver (or through the ring),
+ * completing the waiter's future and waking it; nothing is copied twice. */
+#include <errno.h>
+#include <string.h>
+
+#include "alloc.h"
+#include "assert.h"
+#include "fiber.h"
+#include "waitq.h"
+
+struct moor_chan {
+    size_t elem_size;
+    size_t cap;        /* ring slots; 0 = rendezvous */
+    size_t head;       /* next slot to receive from */
+    size_t count;      /* values in the ring */
+    int closed;
+    moor_waitq senders, receivers;
+    unsigned char *ring;
+};
+
+static const moor_future *fut_of_waiter(moor_waiter *w)
+{
+    return &moor_container_of(w, moor_chan_op, waiter)->base;
+}
+
+int moor_chan_new(moor_chan **out, size_t elem_size, size_t capacity)
+{
+    if (elem_size == 0 || (capacity && elem_size > SIZE_MAX / capacity))
+        return -EINVAL;
+    moor_chan *ch = moor__alloc(sizeof *ch);
+    if (!ch)
+        return -ENOMEM;
+    memset(ch, 0, sizeof *ch);
+    ch->elem_size = elem_size;
+    ch->cap = capacity;
+    if (capacity) {
+        ch->ring = moor__alloc(elem_size * capacity);
+        if (!ch->ring) {
+            moor__free(ch);
+            return -ENOMEM;
+        }
+    }
+    *out = ch;
+    return 0;
+}
+
+void moor_chan_free(moor_chan *ch)
+{
+    if (!ch)
+        return;
+    moor__assert(!ch->senders.head && !ch->receivers.head,
+                 "moor_chan_free: a fiber still waits on the channel");
+    moor__free(ch->ring);
+    moor__free(ch);
+}
+
+size_t moor_chan_len(const moor_chan *ch) { return ch->count; }
+
+static inline unsigned char *slot(moor_chan *ch, size_t i)
+{
+    return ch->ring + ((ch->head + i) % ch->cap) * ch->elem_size;
+}
+
+/* Values of the common sizes are copied inline, not through a libc call. */
+static inline void copy_elem(void *dst, const void *src, size_t size)
+{
+    switch (size) {
+    case 4:
+        memcpy(dst, src, 4);
+        break;
+    case 8:
+        memcpy(dst, src, 8);
+        break;
+    case 16:
+        memcpy(dst, src, 16);
+        break;
+    default:
+        memcpy(dst, src, size);
+    }
+}
+
+/* A counterpart finished `w`'s operation with `result`: record it and wake its fiber. */
+static inline void complete(moor_waiter *w, intptr_t result)
+{
+    moor_chan_op *op = moor_container_of(w, moor_chan_op, waiter);
+    op->completed = 1;
+    op->base.result = result;
+    moor__wake(&w->waker);
+}
+
+/* In a select (cx set), may `self` take something, i.e. has its select not been won by
+ * another of its futures? It claims the select only once it has secured what it takes. */
+static inline int may_take(const moor_cx *cx, const moor_future *self)
+{
+    return !cx || !cx->claim || !cx->claim->claimed || cx->claim->winner == self;
+}
+
+static inline void took(const moor_cx *cx, const moor_future *self)
+{
+    if (cx)
+        (void)moor__claim(cx, self);
+}
+
+/* Send now if it needs no waiting: to a waiting receiver, or into the ring. 0, -EAGAIN,
+ * -EPIPE. `cx`/`self`: the op trying, for select's claim (NULL for plain calls). */
+static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const void *elem, const moor_cx *cx, const moor_future *self)
+{
+    if (ch->closed)
+        return -EPIPE;
+    if (!may_take(cx, self))
+        return -EAGAIN;
+    moor_waiter *w = moor__waitq_take(&ch->receivers, fut_of_waiter);
+    if (w) {
+        took(cx, self);
+        copy_elem(moor_container_of(w, moor_chan_op, waiter)->elem, elem, ch->elem_size);
+        complete(w, 0);
+        return 0;
+    }
+    if (ch->count < ch->cap) {
+        took(cx, self);
+        copy_elem(slot(ch, ch->count), elem, ch->elem_size);
+        ch->count++;
+        return 0;
+    }
+    return -EAGAIN;
+}
+
+static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *elem, const moor_cx *cx, const moor_future *self)
+{
+    if (!may_take(cx, self))
+        return -EAGAIN;
+    if (ch->count) {
+        took(cx, self);
+        copy_elem(elem, slot(ch, 0), ch->elem_size);
+        ch->head = (ch->head + 1) % ch->cap;
+        ch->count--;
+        /* A slot is free: the first waiting sender moves its value in. */
+        moor_waiter *w = moor__waitq_take(&ch->senders, fut_of_waiter);
+        if (w) {
+            copy_elem(slot(ch, ch->count), moor_container_of(w, moor_chan_op, waiter)->elem,
+                      ch->elem_size);
+            ch->count++;
+            complete(w, 0);
+        }
+        return 0;
+    }
+    moor_waiter *w = moor__waitq_take(&ch->senders, fut_of_waiter);
+    if (w) {
+        took(cx, self);
+        copy_elem(elem, moor_container_of(w, moor_chan_op, waiter)->elem, ch->elem_size);
+        complete(w, 0);
+        return 0;
+    }
+    return ch->closed ? -EPIPE : -EAGAIN;
+}
+
+int moor_chan_try_send(moor_chan *ch, const void *elem) { return try_send(ch, elem, NULL, NULL); }
+
+int moor_chan_try_recv(moor_chan *ch, void *elem) { return try_recv(ch, elem, NULL, NULL); }
+
+void moor_chan_close(moor_chan *ch)
+{
+    moor__assert(!ch->closed, "moor_chan_close: the channel is already closed");
+    ch->closed = 1;
+    moor_waiter *w;
+    while ((w = moor__waitq_take(&ch->senders, fut_of_waiter)))
+        complete(w, -EPIPE);
+    /* Receivers wait only while the ring is empty: none of them will get a value now. */
+    while ((w = moor__waitq_take(&ch->receivers, fut_of_waiter)))
+        complete(w, -EPIPE);
+}
+
+/* ---- the operation future -------------------------------------------------------------- */
+
+static void op_unlink(moor_chan_op *op, moor_executor *ex)
+{
+    moor_chan *ch = op->chan;
+    moor__waitq_remove(op->send ? &ch->senders : &ch->receivers, &op->waiter);
+    moor__timer_remove(&ex->timers, &op->node);
+}
+
+static moor_poll op_poll(moor_future *fut, moor_cx *cx)
+{
+    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    moor_executor *ex = cx->waker.ex;
+    if (op->completed) {
+        moor__timer_remove(&ex->timers, &op->node);
+        return MOOR_READY; /* result set by the counterpart */
+    }
+    if (!op->waiter.queued) {
+        int rc = op->send ? try_send(op->chan, op->elem, cx, fut)
+                          : try_recv(op->chan, op->elem, cx, fut);
+        if (rc != -EAGAIN) {
+            moor__timer_remove(&ex->timers, &op->node);
+            fut->result = rc;
+            return MOOR_READY;
+        }
+    }
+    if (op->deadline >= 0 && moor_now() >= op->deadline) {
+        op_unlink(op, ex);
+        fut->result = -ETIMEDOUT;
+        return MOOR_READY;
+    }
+    if (!op->waiter.queued) {
+        moor__waitq_push(op->send ? &op->chan->senders : &op->chan->receivers, &op->waiter, cx);
+    } else {
+        op->waiter.waker = cx->waker;
+        op->waiter.claim = cx->claim;
+    }
+    if (op->deadline >= 0) {
+        if (moor__timer_node_queued(&op->node)) {
+            op->node.waker = cx->waker;
+        } else if (moor__timer_add(&ex->timers, &op->node, op->deadline, &cx->waker) < 0) {
+            op_unlink(op, ex);
+            fut->result = -ENOMEM;
+            return MOOR_READY;
+        }
+    }
+    return MOOR_PENDING;
+}
+
+static moor_poll op_cancel(moor_future *fut)
+{
+    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    op_unlink(op, moor__tls_executor);
+    /* Completed by a counterpart already: the value moved; the result must not be lost. */
+    return op->completed ? MOOR_READY : MOOR_PENDING;
+}
+
+static const moor_future_ops send_ops = {"chan send", op_poll, op_cancel};
+static const moor_future_ops recv_ops = {"chan recv", op_poll, op_cancel};
+
+static void op_init(moor_chan_op *op, moor_chan *ch, void *elem, int64_t deadline, int send)
+{
+    op->base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
+    op->chan = ch;
+    op->elem = elem;
+    op->deadline = deadline;
+    op->send = send;
+    op->completed = 0;
+    op->waiter.queued = 0;
+    moor__timer_node_init(&op->node);
+}
+
+void moor_chan_send_init(moor_chan_op *op, moor_chan *ch, const void *elem, int64_t deadline)
+{
+    op_init(op, ch, (void *)elem, deadline, 1);
+}
+
+void moor_chan_recv_init(moor_chan_op *op, moor_chan *ch, void *elem, int64_t deadline)
+{
+    op_init(op, ch, elem, deadline, 0);
+}
+
+static void waiter_unlink(void *arg)
+{
+    moor_chan_op *op = arg;
+    moor__waitq_remove(op->send ? &op->chan->senders : &op->chan->receivers, &op->waiter);
+}
+
+/* A send or receive that has to wait. In a fiber it queues its op and waits for the
+ * counterpart to complete it, without a future poll in between; plain code runs the
+ * executor on the op as a future. */
+static int wait_op(moor_chan *ch, void *elem, int64_t deadline, int send)
+{
+    moor_chan_op op;
+    op_init(&op, ch, elem, deadline, send);
+    moor_executor *ex = moor__tls_executor;
+    moor_fiber *f = ex ? ex->current : NULL;
+    if (!f)
+        return (int)moor_block_on(&op.base);
+    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL};
+    moor__waitq_push(send ? &ch->senders : &ch->receivers, &op.waiter, &cx);
+    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, deadline, &op.node,
+                                       waiter_unlink, &op, 1);
+}
+
+int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
+{
+    int rc = try_send(ch, elem, NULL, NULL);
+    return rc != -EAGAIN ? rc : wait_op(ch, (void *)elem, deadline, 1);
+}
+
+int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
+{
+    int rc = try_recv(ch, elem, NULL, NULL);
+    return rc != -EAGAIN ? rc : wait_op(ch, elem, deadline, 0);
+}

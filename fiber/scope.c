@@ -1,0 +1,125 @@
+/* Scopes: a list of running children, released as they return; closing cancels what is
+ * left and waits for the list to empty. */
+#include <errno.h>
+#include <inttypes.h>
+
+#include "assert.h"
+#include "fiber.h"
+#include "timer.h"
+
+void moor_scope_init(moor_scope *scope)
+{
+    scope->children = NULL;
+    scope->count = 0;
+    scope->closer = (moor_waker){0};
+    scope->owner = moor_self();
+    scope->closed = 0;
+    if (scope->owner)
+        scope->owner->open_scopes++;
+}
+
+int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
+{
+    moor__assert(!scope->closed, "moor_scope_spawn: the scope is closed");
+    moor_fiber *f;
+    int rc = moor_spawn(&f, fn, arg, attr);
+    if (rc < 0)
+        return rc;
+    f->detached = 1; /* the scope, not a join, is what keeps track of it */
+    f->scope = scope;
+    f->scope_prev = NULL;
+    f->scope_next = scope->children;
+    if (scope->children)
+        scope->children->scope_prev = f;
+    scope->children = f;
+    scope->count++;
+    return 0;
+}
+
+void moor__scope_child_done(moor_fiber *f)
+{
+    moor_scope *scope = f->scope;
+    if (f->scope_prev)
+        f->scope_prev->scope_next = f->scope_next;
+    else
+        scope->children = f->scope_next;
+    if (f->scope_next)
+        f->scope_next->scope_prev = f->scope_prev;
+    f->scope = NULL;
+    if (--scope->count == 0)
+        moor_waker_wake(&scope->closer);
+}
+
+/* A future that is ready once the scope has no running child. */
+typedef struct empty_future {
+    moor_future base;
+    moor_scope *scope;
+    int64_t deadline;
+    moor_timer_node node;
+} empty_future;
+
+static moor_poll empty_poll(moor_future *fut, moor_cx *cx)
+{
+    empty_future *ef = moor_container_of(fut, empty_future, base);
+    moor_executor *ex = cx->waker.ex;
+    if (ef->scope->count == 0 || (ef->deadline >= 0 && moor_now() >= ef->deadline)) {
+        moor__timer_remove(&ex->timers, &ef->node);
+        ef->scope->closer = (moor_waker){0};
+        fut->result = ef->scope->count == 0 ? 0 : -ETIMEDOUT;
+        return MOOR_READY;
+    }
+    ef->scope->closer = cx->waker;
+    if (ef->deadline >= 0) {
+        if (moor__timer_node_queued(&ef->node))
+            ef->node.waker = cx->waker;
+        else if (moor__timer_add(&ex->timers, &ef->node, ef->deadline, &cx->waker) < 0)
+            ef->deadline = moor_now(); /* cannot time the wait: give up at the next poll */
+    }
+    return MOOR_PENDING;
+}
+
+static moor_poll empty_cancel(moor_future *fut)
+{
+    empty_future *ef = moor_container_of(fut, empty_future, base);
+    moor__timer_remove(&moor__tls_executor->timers, &ef->node);
+    ef->scope->closer = (moor_waker){0};
+    return MOOR_PENDING;
+}
+
+static const moor_future_ops empty_ops = {"scope", empty_poll, empty_cancel};
+
+static int wait_empty(moor_scope *scope, int64_t deadline, int cancellable)
+{
+    if (scope->count == 0)
+        return 0;
+    empty_future ef;
+    moor_future_init(&ef.base, &empty_ops, 0);
+    ef.scope = scope;
+    ef.deadline = deadline;
+    moor__timer_node_init(&ef.node);
+    return (int)(cancellable ? moor__wait(&ef.base) : moor__wait_uncancellable(&ef.base));
+}
+
+int moor_scope_wait(moor_scope *scope, int64_t deadline) { return wait_empty(scope, deadline, 1); }
+
+int moor_scope_close(moor_scope *scope, int64_t deadline)
+{
+    moor__assert(!scope->closed, "moor_scope_close: the scope is already closed");
+    for (moor_fiber *f = scope->children; f; f = f->scope_next)
+        moor_cancel(f);
+    int rc = wait_empty(scope, deadline, 0);
+    if (rc < 0) {
+        /* Still running at the deadline: they are cancelled, detached and released when
+         * they return; the scope lets go of them. */
+        for (moor_fiber *f = scope->children; f; f = f->scope_next)
+            f->scope = NULL;
+        scope->children = NULL;
+        scope->count = 0;
+    }
+    scope->closed = 1;
+    if (scope->owner) {
+        moor__assert(scope->owner->open_scopes > 0, "moor_scope_close: scope bookkeeping broken");
+        scope->owner->open_scopes--;
+    }
+    return rc;
+}

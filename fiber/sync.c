@@ -1,0 +1,285 @@
+/* Mutex, condition variable, semaphore, wait group, one-shot event. They share one future:
+ * a waiter in the primitive's FIFO queue that a counterpart completes (hands it the lock or
+ * a permit, signals it) and wakes. */
+#include <errno.h>
+#include <inttypes.h>
+
+#include "assert.h"
+#include "fiber.h"
+#include "waitq.h"
+
+typedef struct wait_op wait_op;
+
+struct wait_op {
+    moor_future base;
+    moor_waitq *q;
+    void *obj;
+    /* Take what is waited for now, if it can be had without waiting; non-zero if taken. */
+    int (*take_now)(wait_op *op);
+    moor_fiber *self;     /* the waiting fiber (becomes the mutex owner on hand-off) */
+    int64_t deadline;
+    int completed;        /* a counterpart completed it (a lock or permit is now ours) */
+    moor_waiter waiter;
+    moor_timer_node node;
+};
+
+static const moor_future *fut_of_waiter(moor_waiter *w)
+{
+    return &moor_container_of(w, wait_op, waiter)->base;
+}
+
+static void op_unlink(wait_op *op, moor_executor *ex)
+{
+    moor__waitq_remove(op->q, &op->waiter);
+    moor__timer_remove(&ex->timers, &op->node);
+}
+
+static moor_poll wait_poll(moor_future *fut, moor_cx *cx)
+{
+    wait_op *op = moor_container_of(fut, wait_op, base);
+    moor_executor *ex = cx->waker.ex;
+    if (op->completed) {
+        op_unlink(op, ex);
+        fut->result = 0;
+        return MOOR_READY;
+    }
+    moor_claim *c = cx->claim;
+    int may_take = !c || !c->claimed || c->winner == fut; /* its select not won elsewhere */
+    if (!op->waiter.queued && may_take && op->take_now(op)) {
+        (void)moor__claim(cx, fut);
+        op_unlink(op, ex);
+        fut->result = 0;
+        return MOOR_READY;
+    }
+    if (op->deadline >= 0 && moor_now() >= op->deadline) {
+        op_unlink(op, ex);
+        fut->result = -ETIMEDOUT;
+        return MOOR_READY;
+    }
+    if (!op->waiter.queued) {
+        moor__waitq_push(op->q, &op->waiter, cx);
+    } else {
+        op->waiter.waker = cx->waker;
+        op->waiter.claim = cx->claim;
+    }
+    if (op->deadline >= 0) {
+        if (moor__timer_node_queued(&op->node)) {
+            op->node.waker = cx->waker;
+        } else if (moor__timer_add(&ex->timers, &op->node, op->deadline, &cx->waker) < 0) {
+            op_unlink(op, ex);
+            fut->result = -ENOMEM;
+            return MOOR_READY;
+        }
+    }
+    return MOOR_PENDING;
+}
+
+static moor_poll wait_cancel(moor_future *fut)
+{
+    wait_op *op = moor_container_of(fut, wait_op, base);
+    op_unlink(op, moor__tls_executor);
+    if (!op->completed)
+        return MOOR_PENDING;
+    fut->result = 0; /* handed over already: the caller has it and must release it */
+    return MOOR_READY;
+}
+
+static const moor_future_ops wait_ops = {"sync wait", wait_poll, wait_cancel};
+
+/* The counterpart's side: complete the first waiter that may be completed. */
+static wait_op *complete_first(moor_waitq *q)
+{
+    moor_waiter *w = moor__waitq_take(q, fut_of_waiter);
+    if (!w)
+        return NULL;
+    wait_op *op = moor_container_of(w, wait_op, waiter);
+    op->completed = 1;
+    moor__wake(&w->waker);
+    return op;
+}
+
+static void complete_all(moor_waitq *q)
+{
+    while (complete_first(q))
+        ;
+}
+
+static void waiter_unlink(void *arg)
+{
+    wait_op *op = arg;
+    moor__waitq_remove(op->q, &op->waiter);
+}
+
+/* Wait for a counterpart. The caller has found that it cannot take what it waits for now:
+ * a fiber queues and waits for completion directly; plain code runs the executor on the
+ * op as a future (whose first poll tries again). */
+static int wait_on(moor_waitq *q, void *obj, int (*take_now)(wait_op *), int64_t deadline,
+                   int cancellable)
+{
+    wait_op op;
+    op.base = (moor_future){.ops = &wait_ops}; /* moor_future_init */
+    op.q = q;
+    op.obj = obj;
+    op.take_now = take_now;
+    op.self = moor_self();
+    op.deadline = deadline;
+    op.completed = 0;
+    op.waiter.queued = 0;
+    moor__timer_node_init(&op.node);
+    moor_fiber *f = op.self;
+    if (!f)
+        return (int)moor__wait_uncancellable(&op.base);
+    moor_executor *ex = f->ex;
+    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL};
+    moor__waitq_push(q, &op.waiter, &cx);
+    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, deadline, &op.node,
+                                       waiter_unlink, &op, cancellable);
+}
+
+/* ---- mutex ------------------------------------------------------------------------------ */
+
+static int mutex_take(wait_op *op)
+{
+    moor_mutex *m = op->obj;
+    if (m->locked)
+        return 0;
+    m->locked = 1;
+    m->owner = op->self;
+    return 1;
+}
+
+static int mutex_lock(moor_mutex *m, int64_t deadline, int cancellable)
+{
+    moor_fiber *self = moor_self();
+    if (!m->locked && !m->waiters.head) {
+        m->locked = 1;
+        m->owner = self;
+        return 0;
+    }
+    moor__assert(!self || m->owner != self, "moor_mutex_lock: fiber %" PRIu64 " \"%s\" already holds this mutex",
+                 moor_fiber_id(self), moor_fiber_name(self));
+    int rc = wait_on(&m->waiters, m, mutex_take, deadline, cancellable);
+    if (rc == 0)
+        m->owner = self; /* a hand-off sets it too; this covers lock taken on a poll */
+    return rc;
+}
+
+int moor_mutex_lock(moor_mutex *m, int64_t deadline) { return mutex_lock(m, deadline, 1); }
+
+int moor_mutex_trylock(moor_mutex *m)
+{
+    if (m->locked)
+        return -EBUSY;
+    m->locked = 1;
+    m->owner = moor_self();
+    return 0;
+}
+
+void moor_mutex_unlock(moor_mutex *m)
+{
+    moor__assert(m->locked, "moor_mutex_unlock: the mutex is not locked");
+    moor__assert(m->owner == moor_self(), "moor_mutex_unlock: called by a fiber that does not hold it");
+    /* FIFO hand-off: the lock stays locked and passes to the first waiter. */
+    wait_op *next = complete_first(&m->waiters);
+    if (next) {
+        m->owner = next->self;
+        return;
+    }
+    m->locked = 0;
+    m->owner = NULL;
+}
+
+/* ---- condition variable ---------------------------------------------------------------- */
+
+static int never_now(wait_op *op)
+{
+    (void)op;
+    return 0;
+}
+
+int moor_cond_wait(moor_cond *c, moor_mutex *m, int64_t deadline)
+{
+    moor_mutex_unlock(m);
+    int rc = wait_on(&c->waiters, c, never_now, deadline, 1);
+    /* Locked again whatever happened, as the caller expects, even when cancelled. */
+    int lrc = mutex_lock(m, -1, 0);
+    moor__assert(lrc == 0, "moor_cond_wait: relocking failed: %s", moor_strerror(lrc));
+    return rc;
+}
+
+void moor_cond_signal(moor_cond *c) { complete_first(&c->waiters); }
+
+void moor_cond_broadcast(moor_cond *c) { complete_all(&c->waiters); }
+
+/* ---- semaphore ------------------------------------------------------------------------- */
+
+static int sem_take(wait_op *op)
+{
+    moor_sem *s = op->obj;
+    if (!s->permits)
+        return 0;
+    s->permits--;
+    return 1;
+}
+
+int moor_sem_acquire(moor_sem *s, int64_t deadline)
+{
+    if (s->permits && !s->waiters.head) {
+        s->permits--;
+        return 0;
+    }
+    return wait_on(&s->waiters, s, sem_take, deadline, 1);
+}
+
+int moor_sem_try_acquire(moor_sem *s)
+{
+    if (!s->permits || s->waiters.head)
+        return -EAGAIN;
+    s->permits--;
+    return 0;
+}
+
+void moor_sem_release(moor_sem *s)
+{
+    if (!complete_first(&s->waiters)) /* a waiter gets the permit directly */
+        s->permits++;
+}
+
+/* ---- wait group ------------------------------------------------------------------------ */
+
+static int wg_zero(wait_op *op) { return ((moor_waitgroup *)op->obj)->count == 0; }
+
+void moor_waitgroup_add(moor_waitgroup *wg, size_t n) { wg->count += n; }
+
+void moor_waitgroup_done(moor_waitgroup *wg)
+{
+    moor__assert(wg->count > 0, "moor_waitgroup_done: called more often than added");
+    if (--wg->count == 0)
+        complete_all(&wg->waiters);
+}
+
+int moor_waitgroup_wait(moor_waitgroup *wg, int64_t deadline)
+{
+    if (wg->count == 0)
+        return 0;
+    return wait_on(&wg->waiters, wg, wg_zero, deadline, 1);
+}
+
+/* ---- one-shot event -------------------------------------------------------------------- */
+
+static int event_is_set(wait_op *op) { return ((moor_event *)op->obj)->set; }
+
+void moor_event_set(moor_event *e)
+{
+    if (e->set)
+        return;
+    e->set = 1;
+    complete_all(&e->waiters);
+}
+
+int moor_event_wait(moor_event *e, int64_t deadline)
+{
+    if (e->set)
+        return 0;
+    return wait_on(&e->waiters, e, event_is_set, deadline, 1);
+}

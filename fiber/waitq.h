@@ -1,0 +1,69 @@
+/* FIFO wait queues of moor_waiter, and the claim protocol of select (see moor_claim). */
+#ifndef MOOR_FIBER_WAITQ_H
+#define MOOR_FIBER_WAITQ_H
+
+#include "moor.h"
+
+static inline void moor__waitq_push(moor_waitq *q, moor_waiter *w, const moor_cx *cx)
+{
+    w->waker = cx->waker;
+    w->claim = cx->claim;
+    w->next = NULL;
+    w->prev = q->tail;
+    if (q->tail)
+        q->tail->next = w;
+    else
+        q->head = w;
+    q->tail = w;
+    w->queued = 1;
+}
+
+static inline void moor__waitq_remove(moor_waitq *q, moor_waiter *w)
+{
+    if (!w->queued)
+        return;
+    if (w->prev)
+        w->prev->next = w->next;
+    else
+        q->head = w->next;
+    if (w->next)
+        w->next->prev = w->prev;
+    else
+        q->tail = w->prev;
+    w->queued = 0;
+}
+
+/* May a future polled with cx take something now? Not if its select was won by another;
+ * if it may, it claims the select for `self`. */
+static inline int moor__claim(const moor_cx *cx, const moor_future *self)
+{
+    moor_claim *c = cx->claim;
+    if (!c)
+        return 1;
+    if (c->claimed)
+        return c->winner == self;
+    c->claimed = 1;
+    c->winner = self;
+    return 1;
+}
+
+/* The first waiter that may still be completed, taken off the queue and claimed for
+ * `fut_of(waiter)`; waiters whose select was won elsewhere are dropped from the queue (their
+ * select cancels them). NULL if none. */
+static inline moor_waiter *moor__waitq_take(moor_waitq *q, const moor_future *(*fut_of)(moor_waiter *))
+{
+    while (q->head) {
+        moor_waiter *w = q->head;
+        moor__waitq_remove(q, w);
+        if (w->claim) {
+            if (w->claim->claimed && w->claim->winner != fut_of(w))
+                continue;
+            w->claim->claimed = 1;
+            w->claim->winner = fut_of(w);
+        }
+        return w;
+    }
+    return NULL;
+}
+
+#endif
