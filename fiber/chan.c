@@ -202,20 +202,11 @@ static moor_poll op_poll(moor_future *fut, moor_cx *cx)
         fut->result = -ETIMEDOUT;
         return MOOR_READY;
     }
-    if (!op->waiter.queued) {
-        moor__waitq_push(op->send ? &op->chan->senders : &op->chan->receivers, &op->waiter, cx);
-    } else {
-        op->waiter.waker = cx->waker;
-        op->waiter.claim = cx->claim;
-    }
-    if (op->deadline >= 0) {
-        if (moor__timer_node_queued(&op->node)) {
-            op->node.waker = cx->waker;
-        } else if (moor__timer_add(&ex->timers, &op->node, op->deadline, &cx->waker) < 0) {
-            op_unlink(op, ex);
-            fut->result = -ENOMEM;
-            return MOOR_READY;
-        }
+    moor__waitq_park(op->send ? &op->chan->senders : &op->chan->receivers, &op->waiter, cx);
+    if (moor__timer_arm(&ex->timers, &op->node, op->deadline, &cx->waker) < 0) {
+        op_unlink(op, ex);
+        fut->result = -ENOMEM;
+        return MOOR_READY;
     }
     return MOOR_PENDING;
 }

@@ -69,12 +69,8 @@ static moor_poll empty_poll(moor_future *fut, moor_cx *cx)
         return MOOR_READY;
     }
     ef->scope->closer = cx->waker;
-    if (ef->deadline >= 0) {
-        if (moor__timer_node_queued(&ef->node))
-            ef->node.waker = cx->waker;
-        else if (moor__timer_add(&ex->timers, &ef->node, ef->deadline, &cx->waker) < 0)
-            ef->deadline = moor_now(); /* cannot time the wait: give up at the next poll */
-    }
+    if (moor__timer_arm(&ex->timers, &ef->node, ef->deadline, &cx->waker) < 0)
+        ef->deadline = moor_now(); /* cannot time the wait: give up at the next poll */
     return MOOR_PENDING;
 }
 

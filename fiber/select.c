@@ -8,17 +8,9 @@
 #include "future.h"
 #include "timer.h"
 
-/* Arm or refresh the deadline timer of a combinator; -ENOMEM if the heap cannot grow. */
 static int arm(moor_timer_node *node, int64_t deadline, const moor_cx *cx)
 {
-    moor_executor *ex = cx->waker.ex;
-    if (deadline < 0)
-        return 0;
-    if (moor__timer_node_queued(node)) {
-        node->waker = cx->waker;
-        return 0;
-    }
-    return moor__timer_add(&ex->timers, node, deadline, &cx->waker);
+    return moor__timer_arm(&cx->waker.ex->timers, node, deadline, &cx->waker);
 }
 
 static void disarm(moor_timer_node *node)

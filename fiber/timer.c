@@ -79,6 +79,18 @@ int moor__timer_add(moor__timer_heap *h, moor_timer_node *node, int64_t deadline
     return 0;
 }
 
+int moor__timer_arm(moor__timer_heap *h, moor_timer_node *node, int64_t deadline,
+                    const moor_waker *waker)
+{
+    if (deadline < 0)
+        return 0;
+    if (moor__timer_node_queued(node)) {
+        node->waker = *waker;
+        return 0;
+    }
+    return moor__timer_add(h, node, deadline, waker);
+}
+
 void moor__timer_remove(moor__timer_heap *h, moor_timer_node *node)
 {
     if (!moor__timer_node_queued(node))
@@ -118,11 +130,7 @@ static moor_poll sleep_poll(moor_future *fut, moor_cx *cx)
         fut->result = 0;
         return MOOR_READY;
     }
-    if (moor__timer_node_queued(&sf->node)) {
-        sf->node.waker = cx->waker;
-        return MOOR_PENDING;
-    }
-    int rc = moor__timer_add(&ex->timers, &sf->node, sf->node.deadline, &cx->waker);
+    int rc = moor__timer_arm(&ex->timers, &sf->node, sf->node.deadline, &cx->waker);
     if (rc < 0) {
         fut->result = rc;
         return MOOR_READY;

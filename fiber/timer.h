@@ -26,6 +26,10 @@ static inline int moor__timer_node_queued(const moor_timer_node *node)
 /* Queue `node` to wake `waker` at `deadline`. Errors: -ENOMEM. */
 int moor__timer_add(moor__timer_heap *h, moor_timer_node *node, int64_t deadline,
                     const moor_waker *waker);
+/* What a waiting future does with its deadline at each pending poll: queue the node the
+ * first time, point it at the current waker after. No-op for deadline -1. Errors: -ENOMEM. */
+int moor__timer_arm(moor__timer_heap *h, moor_timer_node *node, int64_t deadline,
+                    const moor_waker *waker);
 /* Take a queued node out (no-op if it is not queued). */
 void moor__timer_remove(moor__timer_heap *h, moor_timer_node *node);
 /* Wake and unqueue every node whose deadline is <= now; returns how many. */

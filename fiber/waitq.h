@@ -18,6 +18,18 @@ static inline void moor__waitq_push(moor_waitq *q, moor_waiter *w, const moor_cx
     w->queued = 1;
 }
 
+/* A pending poll of a waiting future: queue its waiter the first time, refresh its waker
+ * and claim after. */
+static inline void moor__waitq_park(moor_waitq *q, moor_waiter *w, const moor_cx *cx)
+{
+    if (!w->queued) {
+        moor__waitq_push(q, w, cx);
+    } else {
+        w->waker = cx->waker;
+        w->claim = cx->claim;
+    }
+}
+
 static inline void moor__waitq_remove(moor_waitq *q, moor_waiter *w)
 {
     if (!w->queued)

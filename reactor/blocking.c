@@ -225,23 +225,29 @@ static moor_poll blocking_poll(moor_future *fut, moor_cx *cx)
             return MOOR_READY;
         }
     }
-    if (bf->deadline >= 0) {
-        if (moor__timer_node_queued(&bf->node)) {
-            bf->node.waker = cx->waker;
-        } else if (moor__timer_add(&ex->timers, &bf->node, bf->deadline, &cx->waker) < 0) {
-            let_go(bf, ex);
-            fut->result = -ENOMEM;
-            return MOOR_READY;
-        }
+    if (moor__timer_arm(&ex->timers, &bf->node, bf->deadline, &cx->waker) < 0) {
+        let_go(bf, ex);
+        fut->result = -ENOMEM;
+        return MOOR_READY;
     }
     return MOOR_PENDING;
 }
 
-static void blocking_cancel(moor_future *fut)
+static moor_poll blocking_cancel(moor_future *fut)
 {
     blocking_future *bf = moor_container_of(fut, blocking_future, base);
-    if (bf->job)
-        let_go(bf, moor__tls_executor);
+    if (!bf->job)
+        return MOOR_PENDING;
+    moor__blocking_pool *p = bf->pool;
+    pthread_mutex_lock(&p->lock);
+    int state = bf->job->state;
+    bf->value = bf->job->result;
+    pthread_mutex_unlock(&p->lock);
+    let_go(bf, moor__tls_executor);
+    if (state != JOB_DONE)
+        return MOOR_PENDING;
+    fut->result = 0; /* it finished: its result (bf->value) stands */
+    return MOOR_READY;
 }
 
 static const moor_future_ops blocking_ops = {"blocking call", blocking_poll, blocking_cancel};

@@ -71,22 +71,19 @@ static moor_poll io_poll(moor_future *fut, moor_cx *cx)
         w->data = io;
         ev_io_start(r->loop, w);
     }
-    if (io->deadline >= 0) {
-        if (moor__timer_node_queued(&io->node)) {
-            io->node.waker = cx->waker;
-        } else if (moor__timer_add(&ex->timers, &io->node, io->deadline, &cx->waker) < 0) {
-            io_stop(io, ex);
-            fut->result = -ENOMEM;
-            return MOOR_READY;
-        }
+    if (moor__timer_arm(&ex->timers, &io->node, io->deadline, &cx->waker) < 0) {
+        io_stop(io, ex);
+        fut->result = -ENOMEM;
+        return MOOR_READY;
     }
     return MOOR_PENDING;
 }
 
-static void io_cancel(moor_future *fut)
+static moor_poll io_cancel(moor_future *fut)
 {
     moor_io_future *io = moor_container_of(fut, moor_io_future, base);
     io_stop(io, moor__tls_executor);
+    return MOOR_PENDING; /* readiness is level-triggered: the next wait sees it again */
 }
 
 static const moor_future_ops io_ops = {"fd wait", io_poll, io_cancel};

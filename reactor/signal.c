@@ -50,21 +50,22 @@ static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
         }
         ev_signal_start(r->loop, &sf->watcher);
     }
-    if (sf->deadline >= 0) {
-        if (moor__timer_node_queued(&sf->node)) {
-            sf->node.waker = cx->waker;
-        } else if (moor__timer_add(&ex->timers, &sf->node, sf->deadline, &cx->waker) < 0) {
-            signal_stop(sf, ex);
-            fut->result = -ENOMEM;
-            return MOOR_READY;
-        }
+    if (moor__timer_arm(&ex->timers, &sf->node, sf->deadline, &cx->waker) < 0) {
+        signal_stop(sf, ex);
+        fut->result = -ENOMEM;
+        return MOOR_READY;
     }
     return MOOR_PENDING;
 }
 
-static void signal_cancel(moor_future *fut)
+static moor_poll signal_cancel(moor_future *fut)
 {
-    signal_stop(moor_container_of(fut, signal_future, base), moor__tls_executor);
+    signal_future *sf = moor_container_of(fut, signal_future, base);
+    signal_stop(sf, moor__tls_executor);
+    if (!sf->fired)
+        return MOOR_PENDING;
+    fut->result = sf->watcher.signum; /* it arrived: do not lose it */
+    return MOOR_READY;
 }
 
 static const moor_future_ops signal_ops = {"signal", signal_poll, signal_cancel};
