@@ -1,6 +1,7 @@
 #include "executor.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <string.h>
 #include <time.h>
 
@@ -43,13 +44,12 @@ static void plain_park(void *self, int64_t timeout_ms)
     pthread_mutex_unlock(&ex->remote_lock);
 }
 
+/* Called with remote_lock held (remote_push), the mutex the park waits with. */
 static void plain_unpark(void *self)
 {
     moor_executor *ex = self;
-    pthread_mutex_lock(&ex->remote_lock);
     ex->unparked = 1;
     pthread_cond_signal(&ex->remote_cond);
-    pthread_mutex_unlock(&ex->remote_lock);
 }
 
 static const moor__driver plain_driver = {plain_park, plain_unpark};
@@ -105,6 +105,11 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     ex->next_gen = 1;
     ex->next_fiber_id = 1;
     ex->errno_ptr = &errno;
+    /* A write to a socket or pipe whose reader has gone must fail with -EPIPE, not raise a
+     * signal that kills the process; leave SIGPIPE alone if the application chose for it. */
+    struct sigaction sa;
+    if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
+        signal(SIGPIPE, SIG_IGN);
     ex->ctx.started = 1; /* the thread's own stack: it will wait inside moor__switch */
     static pthread_once_t fp_once = PTHREAD_ONCE_INIT;
     pthread_once(&fp_once, context_setup_once);
@@ -272,27 +277,32 @@ void moor_waker_wake(const moor_waker *w)
         wake_remote(w->ex, w->task, w->gen);
 }
 
+/* Remote spawns started per turn: a burst of them must not map a stack for every request
+ * before the first one has run (and given its stack back). */
+#define REMOTE_SPAWNS_PER_TURN 256u
+
 static void drain_remote(moor_executor *ex)
 {
     pthread_mutex_lock(&ex->remote_lock);
-    moor__remote_req *reqs = ex->remote;
-    size_t n = ex->nremote;
-    ex->remote = NULL;
-    ex->nremote = ex->cap_remote = 0;
-    __atomic_store_n(&ex->remote_pending, 0, __ATOMIC_RELAXED);
-    pthread_mutex_unlock(&ex->remote_lock);
-
-    for (size_t i = 0; i < n; i++) {
-        if (reqs[i].task) {
-            wake_local(ex, reqs[i].task, reqs[i].gen);
-            continue;
+    size_t spawns = 0, kept = 0;
+    for (size_t i = 0; i < ex->nremote; i++) {
+        moor__remote_req req = ex->remote[i];
+        if (req.task) {
+            wake_local(ex, req.task, req.gen);
+        } else if (spawns < REMOTE_SPAWNS_PER_TURN) {
+            spawns++;
+            /* Spawning touches only this executor's state, never remote_lock's. */
+            int rc = moor_spawn(NULL, req.fn, req.arg, NULL);
+            if (rc < 0) /* the caller has gone on; say so rather than drop it silently */
+                fprintf(stderr, "moor: a fiber spawned from another thread could not start: %s\n",
+                        moor_strerror(rc));
+        } else {
+            ex->remote[kept++] = req; /* next turn, in order */
         }
-        int rc = moor_spawn(NULL, reqs[i].fn, reqs[i].arg, NULL);
-        if (rc < 0) /* the caller has gone on; say so rather than drop it silently */
-            fprintf(stderr, "moor: a fiber spawned from another thread could not start: %s\n",
-                    moor_strerror(rc));
     }
-    moor__free(reqs);
+    ex->nremote = kept;
+    __atomic_store_n(&ex->remote_pending, kept != 0, __ATOMIC_RELAXED);
+    pthread_mutex_unlock(&ex->remote_lock);
 }
 
 /* ---- running -------------------------------------------------------------------------- */

@@ -38,7 +38,8 @@ typedef struct moor__driver {
     /* Wait for events for up to timeout_ms (-1: until unpark; 0: only look, never block),
      * waking the tasks they concern. */
     void (*park)(void *self, int64_t timeout_ms);
-    /* End a park early, or make the next one return at once. Any thread. */
+    /* End a park early, or make the next one return at once. Any thread; always called
+     * with the executor's remote_lock held. */
     void (*unpark)(void *self);
 } moor__driver;
 

@@ -139,6 +139,11 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
     f->name[len] = '\0';
 
     char *lo = base + ex->pool.guard;
+#ifdef MOOR_ASAN_FIBERS
+    /* A previous fiber's frames that never returned (its last switch) left their redzones
+     * poisoned; this fiber's locals would look like overflows. */
+    __asan_unpoison_memory_region(lo, (size_t)((char *)f - lo));
+#endif
     moor__ctx_make(&f->ctx, lo, (size_t)((char *)f - lo), fiber_entry);
 #ifdef MOOR_TSAN_FIBERS
     f->ctx.tsan_fiber = __tsan_create_fiber(0);

@@ -172,7 +172,8 @@ typedef struct moor_executor_attr {
 } moor_executor_attr;
 
 /* Create the executor of the calling thread (at most one per thread) and make it current.
- * attr may be NULL. Errors: -ENOMEM, -EINVAL (guard mode not available), -EEXIST (this
+ * attr may be NULL. Sets SIGPIPE to SIG_IGN if it was SIG_DFL, so that a write to a peer that
+ * has gone fails with -EPIPE instead of killing the process. Errors: -ENOMEM, -EINVAL (guard mode not available), -EEXIST (this
  * thread has one). */
 MOOR_API int moor_executor_new(moor_executor **out, const moor_executor_attr *attr);
 
@@ -494,8 +495,7 @@ MOOR_API int moor_event_wait(moor_event *e, int64_t deadline);
  * Reactor: libev turns OS events into wakeups
  *
  * An executor gets its event loop when something first needs one (an fd wait, a signal), or
- * is attached to a loop the application already runs. Making it sets SIGPIPE to SIG_IGN if
- * it was SIG_DFL, so that a write to a peer that has gone fails with -EPIPE. File descriptors given to moor's I/O
+ * is attached to a loop the application already runs. File descriptors given to moor's I/O
  * calls must be non-blocking (the socket helpers make them so). Each call tries the system
  * call first and waits only on EAGAIN; the libev watcher it waits with lives inside a future
  * on the calling fiber's pinned stack. All of them may suspend; from plain code they run the
@@ -586,8 +586,9 @@ MOOR_API int moor_unix_connect(const char *path, int64_t deadline);
 MOOR_API int moor_socket_port(int fd);
 
 /* Wait for a signal (SIGTERM for a graceful shutdown, ...). While a fiber waits, the signal
- * is caught; once no fiber waits, its previous disposition is back. Returns signum,
- * -ETIMEDOUT, -ECANCELED, -EINVAL (bad signal number). */
+ * is caught; once no fiber waits, its previous disposition is back. One executor at a time
+ * may wait for a given signal. Returns signum, -ETIMEDOUT, -ECANCELED, -EINVAL (bad signal
+ * number), -EBUSY (another executor waits for it). */
 MOOR_API int moor_signal_wait(int signum, int64_t deadline);
 
 /* Run fn(arg) on a worker thread while the calling fiber waits and the executor serves all

@@ -14,7 +14,7 @@
 enum job_state { JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED };
 
 typedef struct job {
-    struct job *next;
+    struct job *next;  /* the queue, or the list of running jobs */
     moor_blocking_fn fn;
     void *arg;
     intptr_t result;
@@ -26,7 +26,8 @@ typedef struct job {
 struct moor__blocking_pool {
     pthread_mutex_t lock;
     pthread_cond_t work;
-    job *head, *tail;
+    job *head, *tail;  /* queued */
+    job *running;      /* being run by a worker */
     pthread_t *threads;
     size_t nthreads, max_threads, idle;
     int stopping;
@@ -49,9 +50,17 @@ static void *worker(void *arg)
         if (!p->head)
             p->tail = NULL;
         j->state = JOB_RUNNING;
+        j->next = p->running;
+        p->running = j;
         pthread_mutex_unlock(&p->lock);
         intptr_t result = j->fn(j->arg);
         pthread_mutex_lock(&p->lock);
+        for (job **link = &p->running; *link; link = &(*link)->next) {
+            if (*link == j) {
+                *link = j->next;
+                break;
+            }
+        }
         if (j->abandoned) {
             moor__free(j);
             continue;
@@ -120,16 +129,25 @@ void moor__blocking_pool_free(moor__blocking_pool *p)
 
 void moor__blocking_pool_after_fork(moor__blocking_pool *p)
 {
-    /* The workers did not cross the fork. Queued and running jobs fail in the child; their
-     * fibers see -ECANCELED. The memory of jobs that were running stays with the child's
-     * copy of the parent's workers: gone, so it is leaked on purpose rather than raced. */
+    /* The workers did not cross the fork: in the child, queued and running jobs fail and
+     * their fibers see -ECANCELED. No worker is left to race with, so abandoned ones are
+     * freed here. */
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->work, NULL);
-    for (job *j = p->head; j; j = j->next) {
-        j->state = JOB_FAILED;
-        moor_waker_wake(&j->waker);
+    for (int list = 0; list < 2; list++) {
+        job *j = list ? p->running : p->head;
+        while (j) {
+            job *next = j->next;
+            if (j->abandoned) {
+                moor__free(j);
+            } else {
+                j->state = JOB_FAILED;
+                moor_waker_wake(&j->waker);
+            }
+            j = next;
+        }
     }
-    p->head = p->tail = NULL;
+    p->head = p->tail = p->running = NULL;
     p->nthreads = 0;
     p->idle = 0;
 }

@@ -138,6 +138,8 @@ static inline int wait_if_hinted(int fd, int events, unsigned hint, int64_t dead
     if (!r || fd < 0 || (size_t)fd >= r->nfd_hints || !(r->fd_hints[fd] & hint))
         return 0;
     r->fd_hints[fd] &= (uint8_t)~hint;
+    if (deadline >= 0 && moor_now() >= deadline)
+        return 0; /* no time to wait: the system call itself says whether it can go */
     return moor_wait_fd(fd, events, deadline);
 }
 

@@ -54,6 +54,14 @@ static void attached_run(moor__reactor *r)
 {
     int64_t next;
     int more = moor__executor_tick(r->ex, ATTACHED_BUDGET, &next);
+    /* While a task is pending the application's ev_run must not return, whatever it waits
+     * on (a timer, a worker, another thread): hold a reference on the loop for them. */
+    int pending = r->ex->ntasks > 0;
+    if (pending && !r->holds_ref)
+        ev_ref(r->loop);
+    else if (!pending && r->holds_ref)
+        ev_unref(r->loop);
+    r->holds_ref = pending;
     if (more)
         ev_idle_start(r->loop, &r->idle);
     else
@@ -100,6 +108,8 @@ static void reactor_free(moor_executor *ex)
         ev_prepare_stop(r->loop, &r->prepare);
         ev_timer_stop(r->loop, &r->park_timer);
         ev_idle_stop(r->loop, &r->idle);
+        if (r->holds_ref)
+            ev_unref(r->loop);
     }
     ex->reactor = NULL;
     ex->reactor_free = NULL;
@@ -120,11 +130,6 @@ static moor__reactor *reactor_new(moor_executor *ex, struct ev_loop *loop)
         return NULL;
     }
     r->ex = ex;
-    /* A write to a socket whose peer has gone must be -EPIPE, not a signal that kills the
-     * process; leave SIGPIPE alone if the application has decided about it. */
-    struct sigaction sa;
-    if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
-        signal(SIGPIPE, SIG_IGN);
     ev_async_init(&r->unpark, on_nothing_async);
     ev_async_start(r->loop, &r->unpark);
     ev_timer_init(&r->park_timer, on_nothing_timer, 0., 0.);

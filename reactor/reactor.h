@@ -18,6 +18,7 @@ typedef struct moor__reactor {
     ev_timer park_timer;  /* bounds a park by the next timer deadline */
     ev_prepare prepare;   /* attached: run tasks before the loop blocks */
     ev_idle idle;         /* attached: keeps the loop from blocking while tasks are runnable */
+    int holds_ref;        /* attached: one loop reference held while any task is pending */
     int64_t accept_backoff_until; /* after EMFILE/ENFILE, accepts wait until then (ms) */
     uint8_t *fd_hints;    /* per fd: MOOR__FD_* readiness hints (io.c) */
     size_t nfd_hints;

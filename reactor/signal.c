@@ -1,10 +1,20 @@
-/* Signals as futures, on libev's signal watchers. */
+/* Signals as futures, on libev's signal watchers. A signal can be caught in one loop at a
+ * time (libev), so a process-wide table says which executor has it, counts its waiters and
+ * keeps the disposition it had before the first of them: the last one to stop puts it back
+ * (libev would leave SIG_DFL). */
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 
-#include "fiber/assert.h"
 #include "fiber/fiber.h"
 #include "reactor.h"
+
+static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    moor_executor *owner;
+    size_t waiters;
+    struct sigaction saved;
+} table[NSIG];
 
 typedef struct signal_future {
     moor_future base;
@@ -13,23 +23,55 @@ typedef struct signal_future {
     moor_waker waker;
     int64_t deadline;
     int fired;
+    int counted; /* holds a place in table[signum].waiters */
 } signal_future;
 
 static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
 {
-    (void)revents;
+    (void)loop, (void)revents;
     signal_future *sf = w->data;
-    ev_signal_stop(loop, w);
+    /* Left active until the future completes: a second signal meanwhile is caught, not
+     * delivered to a default disposition. */
     sf->fired = 1;
     moor_waker_wake(&sf->waker);
 }
 
+/* Take a place among the signal's waiters on `ex`. -EBUSY if another executor has it. */
+static int table_join(int signum, moor_executor *ex)
+{
+    int rc = 0;
+    pthread_mutex_lock(&table_lock);
+    if (table[signum].owner && table[signum].owner != ex) {
+        rc = -EBUSY;
+    } else {
+        if (table[signum].waiters++ == 0) {
+            sigaction(signum, NULL, &table[signum].saved);
+            table[signum].owner = ex;
+        }
+    }
+    pthread_mutex_unlock(&table_lock);
+    return rc;
+}
+
 static void signal_stop(signal_future *sf, moor_executor *ex)
 {
-    moor__reactor *r = ex->reactor;
-    if (r && ev_is_active(&sf->watcher))
-        ev_signal_stop(r->loop, &sf->watcher);
     moor__timer_remove(&ex->timers, &sf->node);
+    if (!sf->counted)
+        return;
+    int signum = sf->watcher.signum;
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, signum);
+    pthread_sigmask(SIG_BLOCK, &block, &old); /* none may arrive between libev's reset and ours */
+    ev_signal_stop(((moor__reactor *)ex->reactor)->loop, &sf->watcher);
+    pthread_mutex_lock(&table_lock);
+    if (--table[signum].waiters == 0) {
+        sigaction(signum, &table[signum].saved, NULL);
+        table[signum].owner = NULL;
+    }
+    pthread_mutex_unlock(&table_lock);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    sf->counted = 0;
 }
 
 static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
@@ -42,12 +84,14 @@ static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
         return MOOR_READY;
     }
     sf->waker = cx->waker;
-    if (!ev_is_active(&sf->watcher)) {
+    if (!sf->counted) {
         moor__reactor *r = moor__reactor_get(ex);
-        if (!r) {
-            fut->result = -ENOMEM;
+        int rc = r ? table_join(sf->watcher.signum, ex) : -ENOMEM;
+        if (rc < 0) {
+            fut->result = rc;
             return MOOR_READY;
         }
+        sf->counted = 1;
         ev_signal_start(r->loop, &sf->watcher);
     }
     if (moor__timer_arm(&ex->timers, &sf->node, sf->deadline, &cx->waker) < 0) {
@@ -82,5 +126,6 @@ int moor_signal_wait(int signum, int64_t deadline)
     sf.waker = (moor_waker){0};
     sf.deadline = deadline;
     sf.fired = 0;
+    sf.counted = 0;
     return (int)moor__wait(&sf.base);
 }

@@ -1,0 +1,543 @@
+/* bench_switch — what a switch costs in moor, beside a raw Boost.Context jump measured in
+ * the same run.
+ *
+ *   raw_switch_round_trip_ns     jump_fcontext main -> context -> main, on a stack of our own
+ *   yield_round_trip_ns          two fibers moor_yield() in turn; one yield by each
+ *   spawn_join_warm_ns           moor_spawn + run + moor_join of an empty fiber, pooled stack
+ *   spawn_join_cold_ns           the same with every stack freshly mapped (fresh executor)
+ *   yield_round_trip_fp_ns       yield_round_trip_ns after both fibers and the executor's
+ *                                thread have raised floating-point exception flags
+ *   yield_round_trip_fp_each_ns  (information) a flag raised by each fiber before every yield
+ *
+ * Each figure is the median of REPS repetitions, after one warm-up round that is thrown away.
+ * A round runs every measurement once, so that a noisy stretch of the machine hits all of
+ * them alike and the ratios stay meaningful.
+ *
+ * Floating point is kept out of everything but the deliberate flag raising: times are
+ * integer nanoseconds from CLOCK_MONOTONIC, per-operation figures integer picoseconds, and
+ * medians, ratios and printing integer arithmetic. A sticky flag left set by the benchmark's
+ * own arithmetic would make the MXCSR values the two sides of a raw jump load differ, which is
+ * the very cost yield_round_trip_fp_ns looks for (DESIGN.md, "The MXCSR cliff").
+ *
+ * Usage: bench_switch [scale]    scale multiplies every iteration count (0.1: a quick run).
+ */
+#include <fenv.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define HAVE_MXCSR 1
+#define MXCSR_FLAGS 0x3fu
+#endif
+
+#include "fiber/fcontext.h"
+#include "moor.h"
+
+#define REPS 11
+
+/* Iteration counts at scale 1: each repetition of each measurement takes ~10-60 ms. */
+#define RAW_N 2000000u
+#define YIELD_N 1000000u
+#define SPAWN_N 500000u
+#define COLD_K 10000u
+#define FP_EACH_N 500000u
+
+typedef unsigned long long ull;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Picoseconds per operation: keeps a decimal or two of a nanosecond without floating point. */
+static uint64_t ps_per_op(uint64_t t0, uint64_t t1, uint64_t n)
+{
+    return (t1 - t0) * 1000u / n;
+}
+
+static void check(int rc, const char *what)
+{
+    if (rc < 0) {
+        fprintf(stderr, "bench_switch: %s: %s\n", what, moor_strerror(rc));
+        exit(1);
+    }
+}
+
+static void die(const char *msg)
+{
+    fprintf(stderr, "bench_switch: %s\n", msg);
+    exit(1);
+}
+
+/* The floating-point state a switch reloads: MXCSR where there is one, else the flags. */
+static unsigned fp_state(void)
+{
+#ifdef HAVE_MXCSR
+    return _mm_getcsr();
+#else
+    return (unsigned)fetestexcept(FE_ALL_EXCEPT);
+#endif
+}
+
+static int fp_state_clean(unsigned state)
+{
+#ifdef HAVE_MXCSR
+    return (state & MXCSR_FLAGS) == 0;
+#else
+    return state == 0;
+#endif
+}
+
+/* ---- raising floating-point exception flags ------------------------------------------ */
+
+/* Volatile operands: the division happens at run time, so the flag is really raised. */
+static volatile double fp_one = 1.0, fp_three = 3.0, fp_zero = 0.0, fp_big = 1e308;
+static volatile double fp_sink;
+
+enum fp_who { FP_FIBER_A, FP_FIBER_B, FP_EXECUTOR };
+
+/* A different flag for each party, so that no two sides agree by accident. */
+static void fp_raise(enum fp_who who)
+{
+    switch (who) {
+    case FP_FIBER_A:
+        fp_sink = fp_one / fp_three; /* FE_INEXACT */
+        break;
+    case FP_FIBER_B:
+        fp_sink = fp_one / fp_zero; /* FE_DIVBYZERO */
+        break;
+    case FP_EXECUTOR:
+        fp_sink = fp_big * fp_big; /* FE_OVERFLOW (and FE_INEXACT) */
+        break;
+    }
+}
+
+/* fp_raise, then make sure the flag is really up (outside timed loops only). */
+static void fp_raise_checked(enum fp_who who)
+{
+    static const int expect[] = {FE_INEXACT, FE_DIVBYZERO, FE_OVERFLOW};
+    fp_raise(who);
+    if (!fetestexcept(expect[who]))
+        die("floating-point work did not raise its exception flag");
+}
+
+/* ---- (a) the raw reference: jump_fcontext on a stack of our own ----------------------- */
+
+#define RAW_STACK_SIZE (64u * 1024u)
+
+enum raw_cmd { RAW_BOUNCE = 0, RAW_CLEAR_FLAGS, RAW_GET_FP_STATE };
+
+struct raw {
+    fcontext_t ctx; /* where the context waits for the next jump */
+    void *stack;
+};
+
+/* The other side of the round trip: jump straight back, or run a command first. Never
+ * returns (returning from a context's function would end the thread). */
+static void raw_entry(transfer_t t)
+{
+    for (;;) {
+        void *reply = NULL;
+        if (__builtin_expect(t.data != (void *)RAW_BOUNCE, 0)) {
+            if (t.data == (void *)RAW_CLEAR_FLAGS)
+                feclearexcept(FE_ALL_EXCEPT);
+            else
+                reply = (void *)(uintptr_t)fp_state();
+        }
+        t = jump_fcontext(t.fctx, reply);
+    }
+}
+
+static void raw_init(struct raw *r)
+{
+    r->stack = mmap(NULL, RAW_STACK_SIZE, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (r->stack == MAP_FAILED)
+        die("mmap of the raw context's stack failed");
+    r->ctx = make_fcontext((char *)r->stack + RAW_STACK_SIZE, RAW_STACK_SIZE, raw_entry);
+}
+
+static void *raw_send(struct raw *r, enum raw_cmd cmd)
+{
+    transfer_t t = jump_fcontext(r->ctx, (void *)(uintptr_t)cmd);
+    r->ctx = t.fctx;
+    return t.data;
+}
+
+static uint64_t bench_raw(struct raw *r, uint64_t n)
+{
+    /* Both sides clean before timing: each jump then loads the value already in force. */
+    feclearexcept(FE_ALL_EXCEPT);
+    raw_send(r, RAW_CLEAR_FLAGS);
+    for (uint64_t i = 0; i < n / 16; i++)
+        r->ctx = jump_fcontext(r->ctx, NULL).fctx;
+
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < n; i++)
+        r->ctx = jump_fcontext(r->ctx, NULL).fctx;
+    uint64_t t1 = now_ns();
+
+    unsigned here = fp_state();
+    unsigned there = (unsigned)(uintptr_t)raw_send(r, RAW_GET_FP_STATE);
+    if (here != there || !fp_state_clean(here))
+        fprintf(stderr, "bench_switch: warning: raw reference ran with fp state %#x here, %#x "
+                        "in the context\n", here, there);
+    return ps_per_op(t0, t1, n);
+}
+
+/* ---- executors ------------------------------------------------------------------------ */
+
+/* Every moor measurement gets an executor of its own, so that none inherits another's
+ * stacks, queue or floating-point state. */
+static moor_executor *executor_begin(void)
+{
+    moor_executor *ex;
+    check(moor_executor_new(&ex, NULL), "moor_executor_new");
+    return ex;
+}
+
+static void spawn_checked(moor_fiber **out, moor_fiber_fn fn, void *arg)
+{
+    check(moor_spawn(out, fn, arg, NULL), "moor_spawn");
+}
+
+static void join_checked(moor_fiber *f)
+{
+    check(moor_join(f, NULL), "moor_join");
+}
+
+/* ---- (b), (e), fp_each: two fibers yielding in turn ---------------------------------- */
+
+enum fp_mode {
+    FP_NONE,   /* clean: nobody does floating point */
+    FP_BEFORE, /* each party raises a flag once, before the timed loop */
+    FP_EACH,   /* each fiber raises a flag before every yield */
+};
+
+struct yield_pair {
+    uint64_t warm, n;
+    enum fp_mode fp;
+    uint64_t t0, t1; /* taken by fiber A, around its n yields (B's n fall in between) */
+};
+
+struct yielder {
+    struct yield_pair *pair;
+    enum fp_who who; /* FP_FIBER_A times the loop */
+};
+
+static intptr_t yielder_fn(void *arg)
+{
+    const struct yielder *y = arg;
+    struct yield_pair *p = y->pair;
+    for (uint64_t i = 0; i < p->warm; i++)
+        moor_yield();
+    if (p->fp != FP_NONE)
+        fp_raise_checked(y->who);
+    if (y->who == FP_FIBER_A)
+        p->t0 = now_ns();
+    if (p->fp == FP_EACH) {
+        for (uint64_t i = 0; i < p->n; i++) {
+            fp_raise(y->who);
+            moor_yield();
+        }
+    } else {
+        for (uint64_t i = 0; i < p->n; i++)
+            moor_yield();
+    }
+    if (y->who == FP_FIBER_A)
+        p->t1 = now_ns();
+    return 0;
+}
+
+/* A yields, B runs and yields, A runs again: between A's timestamps lie n yields of each,
+ * that is n round trips. */
+static uint64_t bench_yield(uint64_t n, enum fp_mode fp)
+{
+    feclearexcept(FE_ALL_EXCEPT);
+    moor_executor *ex = executor_begin();
+    struct yield_pair pair = {.warm = n / 16, .n = n, .fp = fp};
+    struct yielder a = {&pair, FP_FIBER_A}, b = {&pair, FP_FIBER_B};
+    moor_fiber *fa, *fb;
+    spawn_checked(&fa, yielder_fn, &a);
+    spawn_checked(&fb, yielder_fn, &b);
+    if (fp != FP_NONE)
+        fp_raise_checked(FP_EXECUTOR); /* the thread that runs the executor, as it starts */
+    join_checked(fa);
+    join_checked(fb);
+    moor_executor_free(ex);
+    return ps_per_op(pair.t0, pair.t1, n);
+}
+
+/* ---- (c) spawn + join with a warm stack pool ------------------------------------------ */
+
+static intptr_t empty_fn(void *arg)
+{
+    (void)arg;
+    return 0;
+}
+
+struct spawn_loop {
+    uint64_t warm, n;
+    uint64_t t0, t1;
+};
+
+static intptr_t spawn_loop_fn(void *arg)
+{
+    struct spawn_loop *s = arg;
+    for (uint64_t i = 0; i < s->warm; i++) {
+        moor_fiber *f;
+        spawn_checked(&f, empty_fn, NULL);
+        join_checked(f);
+    }
+    s->t0 = now_ns();
+    for (uint64_t i = 0; i < s->n; i++) {
+        moor_fiber *f;
+        spawn_checked(&f, empty_fn, NULL);
+        join_checked(f);
+    }
+    s->t1 = now_ns();
+    return 0;
+}
+
+static uint64_t bench_spawn_warm(uint64_t n)
+{
+    feclearexcept(FE_ALL_EXCEPT);
+    moor_executor *ex = executor_begin();
+    struct spawn_loop s = {.warm = n / 16, .n = n};
+    moor_fiber *f;
+    spawn_checked(&f, spawn_loop_fn, &s);
+    join_checked(f);
+    moor_executor_free(ex);
+    return ps_per_op(s.t0, s.t1, n);
+}
+
+/* ---- (d) spawn + join with every stack freshly mapped ---------------------------------- */
+
+struct spawn_cold {
+    uint64_t k;
+    moor_fiber **fibers;
+    uint64_t t0, t1;
+};
+
+/* None is joined before all are spawned, so the pool never has a stack to hand back: each
+ * spawn maps one. (The executor's pre-mapped stack went to this driver fiber.) */
+static intptr_t spawn_cold_fn(void *arg)
+{
+    struct spawn_cold *s = arg;
+    s->t0 = now_ns();
+    for (uint64_t i = 0; i < s->k; i++)
+        spawn_checked(&s->fibers[i], empty_fn, NULL);
+    for (uint64_t i = 0; i < s->k; i++)
+        join_checked(s->fibers[i]);
+    s->t1 = now_ns();
+    return 0;
+}
+
+static uint64_t bench_spawn_cold(uint64_t k, moor_fiber **fibers)
+{
+    feclearexcept(FE_ALL_EXCEPT);
+    moor_executor *ex = executor_begin();
+    struct spawn_cold s = {.k = k, .fibers = fibers};
+    moor_fiber *f;
+    spawn_checked(&f, spawn_cold_fn, &s);
+    join_checked(f);
+    moor_executor_free(ex);
+    return ps_per_op(s.t0, s.t1, k);
+}
+
+/* ---- results -------------------------------------------------------------------------- */
+
+enum figure { RAW, YIELD, SPAWN_WARM, SPAWN_COLD, YIELD_FP, YIELD_FP_EACH, NFIGURES };
+
+static const char *const figure_key[NFIGURES] = {
+    "raw_switch_round_trip_ns", "yield_round_trip_ns",    "spawn_join_warm_ns",
+    "spawn_join_cold_ns",       "yield_round_trip_fp_ns", "yield_round_trip_fp_each_ns",
+};
+
+struct stats {
+    uint64_t median, min, max; /* picoseconds per operation */
+};
+
+static struct stats stats_of(const uint64_t *v, size_t n)
+{
+    uint64_t s[REPS];
+    memcpy(s, v, n * sizeof *s);
+    for (size_t i = 1; i < n; i++) /* insertion sort: n is tiny */
+        for (size_t j = i; j > 0 && s[j - 1] > s[j]; j--) {
+            uint64_t tmp = s[j];
+            s[j] = s[j - 1];
+            s[j - 1] = tmp;
+        }
+    return (struct stats){.median = s[n / 2], .min = s[0], .max = s[n - 1]};
+}
+
+/* Picoseconds as nanoseconds with one decimal, rounded. */
+static const char *fmt_ns(char *buf, size_t len, uint64_t ps)
+{
+    ull tenths = (ps + 50) / 100;
+    snprintf(buf, len, "%llu.%llu", tenths / 10, tenths % 10);
+    return buf;
+}
+
+/* num/den with two decimals, rounded. */
+static const char *fmt_ratio(char *buf, size_t len, uint64_t num, uint64_t den)
+{
+    if (den == 0) {
+        snprintf(buf, len, "inf");
+        return buf;
+    }
+    ull hundredths = (num * 100 + den / 2) / den;
+    snprintf(buf, len, "%llu.%02llu", hundredths / 100, hundredths % 100);
+    return buf;
+}
+
+static void cpu_model(char *buf, size_t len)
+{
+    snprintf(buf, len, "unknown");
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f)
+        return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "model name", 10) != 0)
+            continue;
+        const char *v = strchr(line, ':');
+        if (!v)
+            continue;
+        v++;
+        while (*v == ' ' || *v == '\t')
+            v++;
+        snprintf(buf, len, "%s", v);
+        buf[strcspn(buf, "\n")] = '\0';
+        break;
+    }
+    fclose(f);
+}
+
+static const char *guard_name(moor_guard_mode mode)
+{
+    switch (mode) {
+    case MOOR_GUARD_MADVISE:
+        return "madvise";
+    case MOOR_GUARD_MPROTECT:
+        return "mprotect";
+    case MOOR_GUARD_AUTO:
+        break;
+    }
+    return "auto";
+}
+
+static uint64_t scaled(unsigned base, double scale)
+{
+    uint64_t n = (uint64_t)((double)base * scale);
+    return n ? n : 1;
+}
+
+struct ratio {
+    const char *key;
+    enum figure num, den;
+    unsigned limit_hundredths; /* the target: num/den at most this */
+    const char *limit_text;
+};
+
+static const struct ratio ratios[] = {
+    {"yield_vs_raw_ratio", YIELD, RAW, 300, "3"},
+    {"spawn_vs_raw_ratio", SPAWN_WARM, RAW, 500, "5"},
+    {"fp_vs_clean_ratio", YIELD_FP, YIELD, 120, "1.2"},
+};
+#define NRATIOS (sizeof ratios / sizeof ratios[0])
+
+int main(int argc, char **argv)
+{
+    const char *scale_arg = "1";
+    double scale = 1.0;
+    if (argc > 2) {
+        fprintf(stderr, "usage: %s [scale]   (scale multiplies iteration counts; default 1)\n",
+                argv[0]);
+        return 2;
+    }
+    if (argc == 2) {
+        char *end;
+        scale_arg = argv[1];
+        scale = strtod(scale_arg, &end);
+        if (end == scale_arg || *end != '\0' || !(scale > 0.0) || scale > 1000.0) {
+            fprintf(stderr, "%s: scale must be a number in (0, 1000], not \"%s\"\n", argv[0],
+                    scale_arg);
+            return 2;
+        }
+    }
+    const uint64_t n_raw = scaled(RAW_N, scale), n_yield = scaled(YIELD_N, scale),
+                   n_spawn = scaled(SPAWN_N, scale), k_cold = scaled(COLD_K, scale),
+                   n_fp_each = scaled(FP_EACH_N, scale);
+    feclearexcept(FE_ALL_EXCEPT); /* the last floating point until the deliberate kind */
+
+    moor_executor *ex = executor_begin();
+    moor_guard_mode guard = moor_executor_guard(ex);
+    moor_executor_free(ex);
+
+    moor_fiber **cold_fibers = malloc(k_cold * sizeof *cold_fibers);
+    if (!cold_fibers)
+        die("out of memory");
+    struct raw raw;
+    raw_init(&raw);
+
+    uint64_t results[NFIGURES][REPS];
+    for (int round = -1; round < REPS; round++) { /* round -1 warms up and is discarded */
+        uint64_t r[NFIGURES];
+        r[RAW] = bench_raw(&raw, n_raw);
+        r[YIELD] = bench_yield(n_yield, FP_NONE);
+        r[SPAWN_WARM] = bench_spawn_warm(n_spawn);
+        r[SPAWN_COLD] = bench_spawn_cold(k_cold, cold_fibers);
+        r[YIELD_FP] = bench_yield(n_yield, FP_BEFORE);
+        r[YIELD_FP_EACH] = bench_yield(n_fp_each, FP_EACH);
+        if (round >= 0)
+            for (int i = 0; i < NFIGURES; i++)
+                results[i][round] = r[i];
+    }
+    feclearexcept(FE_ALL_EXCEPT);
+
+    struct stats st[NFIGURES];
+    for (int i = 0; i < NFIGURES; i++)
+        st[i] = stats_of(results[i], REPS);
+
+    char b1[32], b2[32], b3[32];
+    for (int i = 0; i < NFIGURES; i++)
+        printf("%s: %s ns\n", figure_key[i], fmt_ns(b1, sizeof b1, st[i].median));
+    for (size_t i = 0; i < NRATIOS; i++)
+        printf("%s: %s x\n", ratios[i].key,
+               fmt_ratio(b1, sizeof b1, st[ratios[i].num].median, st[ratios[i].den].median));
+    char cpu[256];
+    cpu_model(cpu, sizeof cpu);
+    printf("guard_mode: %s\n", guard_name(guard));
+    printf("cpu_model: %s\n", cpu);
+
+    printf("\n%d repetitions, median shown, after one warm-up round; scale %s\n", REPS,
+           scale_arg);
+    printf("%-28s %10s %10s %10s %8s %10s\n", "figure (ns)", "median", "min", "max", "spread",
+           "iterations");
+    const uint64_t iters[NFIGURES] = {n_raw, n_yield, n_spawn, k_cold, n_yield, n_fp_each};
+    for (int i = 0; i < NFIGURES; i++) {
+        ull spread = st[i].median ? (st[i].max - st[i].min) * 100 / st[i].median : 0;
+        printf("%-28s %10s %10s %10s %7llu%% %10llu\n", figure_key[i],
+               fmt_ns(b1, sizeof b1, st[i].median), fmt_ns(b2, sizeof b2, st[i].min),
+               fmt_ns(b3, sizeof b3, st[i].max), spread, (ull)iters[i]);
+    }
+    printf("\n%-28s %10s %10s %8s\n", "target", "measured", "limit", "result");
+    for (size_t i = 0; i < NRATIOS; i++) {
+        uint64_t num = st[ratios[i].num].median, den = st[ratios[i].den].median;
+        int pass = num * 100 <= (uint64_t)ratios[i].limit_hundredths * den;
+        printf("%-28s %8s x %8s x %8s\n", ratios[i].key, fmt_ratio(b1, sizeof b1, num, den),
+               ratios[i].limit_text, pass ? "PASS" : "MISS");
+    }
+
+    munmap(raw.stack, RAW_STACK_SIZE); /* its context is never resumed again */
+    free(cold_fibers);
+    return 0;
+}

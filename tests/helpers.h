@@ -1,0 +1,158 @@
+/* Crash paths (stack overflow, pin violation, assertions on misuse) are run in a forked child
+ * whose exit status and stderr the parent checks:
+ *
+ *     child_report r;
+ *     child_run(fn, arg, &r);                    // fn(arg) runs in the child, stderr captured
+ *     expect_child_signal(&r, SIGABRT, "joined twice");
+ *
+ * The child exits 0 if fn returns. Inside the child, cmocka's assertions must not be used (a
+ * failed one would longjmp into the parent's copy of the test runner): check with
+ * CHILD_REQUIRE, which prints the failed condition and exits with CHILD_CHECK_FAILED.
+ *
+ * cmocka installs its own SIGSEGV/SIGBUS/SIGILL/SIGFPE/SIGSYS handlers around each test and
+ * restores the previous ones afterwards. A child must not run cmocka's handler (it would
+ * longjmp into the runner and carry on running tests in the child), so each test program
+ * calls child_signals_save() at the start of main, before cmocka runs, and every child puts
+ * those dispositions back before it runs its code. */
+#ifndef MOOR_TESTS_HELPERS_H
+#define MOOR_TESTS_HELPERS_H
+
+#include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#define CHILD_CHECK_FAILED 99
+/* A child that hangs (a deadlock, a lost wakeup) is killed by SIGALRM after this many seconds
+ * so that the rest of the suite still runs. Not a timing assertion: MOOR_TEST_WATCHDOG (in
+ * seconds) widens it on a slow machine. */
+#define CHILD_WATCHDOG_S 60
+
+#define CHILD_REQUIRE(cond)                                                                   \
+    do {                                                                                      \
+        if (!(cond)) {                                                                        \
+            fprintf(stderr, "child check failed: %s (%s:%d)\n", #cond, __FILE__, __LINE__);  \
+            fflush(stderr);                                                                   \
+            _exit(CHILD_CHECK_FAILED);                                                        \
+        }                                                                                     \
+    } while (0)
+
+typedef struct child_report {
+    int status;        /* as waitpid() gives it */
+    char err[16384];   /* the child's stderr, NUL-terminated (cut if longer) */
+} child_report;
+
+static const int child_signals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS};
+static struct sigaction child_saved_actions[sizeof child_signals / sizeof child_signals[0]];
+
+/* Record the signal dispositions that children get back (call before cmocka runs). */
+__attribute__((unused)) static void child_signals_save(void)
+{
+    for (size_t i = 0; i < sizeof child_signals / sizeof child_signals[0]; i++)
+        sigaction(child_signals[i], NULL, &child_saved_actions[i]);
+}
+
+static unsigned child_watchdog_s(void)
+{
+    const char *env = getenv("MOOR_TEST_WATCHDOG");
+    long s = env ? strtol(env, NULL, 10) : 0;
+    return s > 0 ? (unsigned)s : CHILD_WATCHDOG_S;
+}
+
+__attribute__((unused)) static void child_run(void (*fn)(void *), void *arg, child_report *out)
+{
+    int fds[2];
+    memset(out, 0, sizeof *out);
+    assert_int_equal(pipe(fds), 0);
+    fflush(NULL); /* nothing buffered in the parent may be written twice */
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        close(fds[0]);
+        dup2(fds[1], STDERR_FILENO);
+        close(fds[1]);
+        for (size_t i = 0; i < sizeof child_signals / sizeof child_signals[0]; i++)
+            sigaction(child_signals[i], &child_saved_actions[i], NULL);
+        struct rlimit no_core = {0, 0};
+        setrlimit(RLIMIT_CORE, &no_core);
+        alarm(child_watchdog_s());
+        fn(arg);
+        _exit(0);
+    }
+    close(fds[1]);
+    size_t len = 0;
+    for (;;) {
+        char chunk[4096];
+        ssize_t n = read(fds[0], chunk, sizeof chunk);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        size_t take = (size_t)n;
+        if (take > sizeof out->err - 1 - len)
+            take = sizeof out->err - 1 - len;
+        memcpy(out->err + len, chunk, take);
+        len += take;
+    }
+    out->err[len] = '\0';
+    close(fds[0]);
+    while (waitpid(pid, &out->status, 0) < 0)
+        assert_int_equal(errno, EINTR);
+}
+
+__attribute__((unused)) static void child_describe(const child_report *r)
+{
+    if (WIFEXITED(r->status))
+        print_message("child exited with status %d\n", WEXITSTATUS(r->status));
+    else if (WIFSIGNALED(r->status) && WTERMSIG(r->status) == SIGALRM)
+        print_message("child hung: killed by the watchdog after %u s (MOOR_TEST_WATCHDOG)\n",
+                      child_watchdog_s());
+    else if (WIFSIGNALED(r->status))
+        print_message("child killed by signal %d (%s)\n", WTERMSIG(r->status),
+                      strsignal(WTERMSIG(r->status)));
+    print_message("child stderr:\n%s\n", r->err);
+}
+
+/* The child died of `sig` and its stderr contains `needle` (if not NULL). */
+#define expect_child_signal(r, sig, needle) expect_child_signal_at(r, sig, needle, __FILE__, __LINE__)
+
+__attribute__((unused)) static void expect_child_signal_at(const child_report *r, int sig,
+                                                           const char *needle, const char *file,
+                                                           int line)
+{
+    if (!WIFSIGNALED(r->status) || WTERMSIG(r->status) != sig) {
+        print_message("expected the child to die of signal %d (%s)\n", sig, strsignal(sig));
+        child_describe(r);
+        _fail(file, line);
+    }
+    if (needle && !strstr(r->err, needle)) {
+        print_message("expected the child's stderr to contain: %s\n", needle);
+        child_describe(r);
+        _fail(file, line);
+    }
+}
+
+/* The child returned from its function (or called _exit(0)). */
+#define expect_child_ok(r) expect_child_ok_at(r, __FILE__, __LINE__)
+
+__attribute__((unused)) static void expect_child_ok_at(const child_report *r, const char *file,
+                                                       int line)
+{
+    if (!WIFEXITED(r->status) || WEXITSTATUS(r->status) != 0) {
+        child_describe(r);
+        _fail(file, line);
+    }
+}
+
+#endif

@@ -1,0 +1,455 @@
+/* Fiber stacks: guard pages and overflow diagnosis, stack sizes, the stack pool.
+ *
+ * ctest runs this program with ASAN_OPTIONS=handle_segv=0, so that under ASan the guard-page
+ * fault reaches moor's SIGSEGV handler instead of ASan's. */
+#include <errno.h>
+#include <limits.h>
+#include <string.h>
+#include <sys/mman.h>
+
+#include "helpers.h"
+#include "moor.h"
+
+#include "fiber/executor.h"
+#include "fiber/fiber.h"
+#include "fiber/stack.h"
+
+#ifndef MADV_GUARD_INSTALL
+#define MADV_GUARD_INSTALL 102
+#endif
+
+#define KiB 1024u
+
+static intptr_t return_arg(void *arg) { return (intptr_t)arg; }
+
+#ifdef MOOR_TEST_ASAN
+/* The guard-page fault must reach moor's handler, not ASan's: what ctest sets in
+ * ASAN_OPTIONS, also when the program is run by hand. */
+const char *__asan_default_options(void);
+const char *__asan_default_options(void) { return "handle_segv=0"; }
+#endif
+
+/* Does this kernel have MADV_GUARD_INSTALL (Linux 6.13+)? Asked independently of moor. */
+static int kernel_has_guard_install(void)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    void *p = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(p != MAP_FAILED);
+    int ok = madvise(p, page, MADV_GUARD_INSTALL) == 0;
+    munmap(p, 2 * page);
+    return ok;
+}
+
+/* Skip (visibly) a test that needs an executor with `mode` when the kernel cannot give it. */
+static void require_guard_mode(moor_guard_mode mode)
+{
+    moor_executor_attr attr = {.guard = mode};
+    moor_executor *ex;
+    int rc = moor_executor_new(&ex, &attr);
+    if (rc == -EINVAL) {
+        print_message("guard mode %d not available on this kernel\n", (int)mode);
+        skip();
+    }
+    assert_int_equal(rc, 0);
+    moor_executor_free(ex);
+}
+
+/* Resident pages in [lo, lo + len) (both page-aligned). */
+static size_t resident_pages(const char *lo, size_t len)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t n = len / page, resident = 0;
+    unsigned char *vec = malloc(n);
+    assert_non_null(vec);
+    assert_int_equal(mincore((void *)lo, len, vec), 0);
+    for (size_t i = 0; i < n; i++)
+        resident += vec[i] & 1;
+    free(vec);
+    return resident;
+}
+
+static moor__stack_bucket *default_bucket(moor_executor *ex)
+{
+    for (size_t i = 0; i < ex->pool.nbuckets; i++)
+        if (ex->pool.buckets[i].map_size == ex->stack_map_size)
+            return &ex->pool.buckets[i];
+    return NULL;
+}
+
+/* ---- overflow ------------------------------------------------------------------------------ */
+
+static volatile int recurse_limit = INT_MAX;
+
+/* A frame of at least 512 bytes, touched at both ends, and a call that is not a tail call:
+ * the compiler can neither make this a loop nor skip over the guard. */
+__attribute__((noinline)) static int recurse(int depth)
+{
+    volatile char pad[512];
+    pad[0] = (char)depth;
+    pad[sizeof pad - 1] = (char)depth;
+    if (depth >= recurse_limit)
+        return pad[0];
+    return recurse(depth + 1) + pad[sizeof pad - 1];
+}
+
+static intptr_t deep_fn(void *arg)
+{
+    (void)arg;
+    return recurse(0);
+}
+
+static void overflow_child(void *arg)
+{
+    moor_executor_attr attr = {.guard = *(const moor_guard_mode *)arg};
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, &attr) == 0);
+    CHILD_REQUIRE(moor_executor_guard(ex) == attr.guard);
+    moor_fiber_attr fattr = {.name = "deep", .stack_size = 64 * KiB};
+    moor_fiber *f;
+    CHILD_REQUIRE(moor_spawn(&f, deep_fn, NULL, &fattr) == 0);
+    moor_join(f, NULL);
+    fprintf(stderr, "the fiber returned from endless recursion\n");
+}
+
+static void check_overflow_diagnosed(moor_guard_mode mode)
+{
+    require_guard_mode(mode);
+    child_report r;
+    child_run(overflow_child, &mode, &r);
+    expect_child_signal(&r, SIGABRT, "moor: fiber 1 \"deep\" overflowed its 64 KiB stack\n");
+}
+
+static void test_stack_overflow_diagnosed_madvise(void **state)
+{
+    (void)state;
+    check_overflow_diagnosed(MOOR_GUARD_MADVISE);
+}
+
+static void test_stack_overflow_diagnosed_mprotect(void **state)
+{
+    (void)state;
+    check_overflow_diagnosed(MOOR_GUARD_MPROTECT);
+}
+
+/* ---- guard modes --------------------------------------------------------------------------- */
+
+static void test_stack_guard_mode(void **state)
+{
+    (void)state;
+    int have = kernel_has_guard_install();
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0); /* AUTO */
+    assert_int_equal(moor_executor_guard(ex), have ? MOOR_GUARD_MADVISE : MOOR_GUARD_MPROTECT);
+    moor_executor_free(ex);
+
+    moor_executor_attr attr = {.guard = MOOR_GUARD_MPROTECT};
+    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    assert_int_equal(moor_executor_guard(ex), MOOR_GUARD_MPROTECT);
+    moor_executor_free(ex);
+
+    attr.guard = MOOR_GUARD_MADVISE;
+    int rc = moor_executor_new(&ex, &attr);
+    if (have) {
+        assert_int_equal(rc, 0);
+        assert_int_equal(moor_executor_guard(ex), MOOR_GUARD_MADVISE);
+        moor_executor_free(ex);
+    } else {
+        assert_int_equal(rc, -EINVAL);
+        assert_null(moor_executor_current());
+    }
+}
+
+/* ---- a fault that is not an overflow ------------------------------------------------------- */
+
+/* Not instrumented: UBSan would report the null store itself instead of letting it fault. */
+__attribute__((noinline, no_sanitize("address", "undefined"))) static void write_null(void)
+{
+    volatile int *p = NULL;
+    __asm__ volatile("" : "+r"(p)); /* the compiler may not assume anything about p now */
+    *p = 1;
+}
+
+static intptr_t write_null_fn(void *arg)
+{
+    (void)arg;
+    write_null();
+    return 0;
+}
+
+static void segv_child(void *arg)
+{
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    if (arg) {
+        moor_fiber_attr fattr = {.name = "faulty"};
+        moor_fiber *f;
+        CHILD_REQUIRE(moor_spawn(&f, write_null_fn, NULL, &fattr) == 0);
+        moor_join(f, NULL);
+    } else {
+        write_null();
+    }
+    fprintf(stderr, "survived a null write\n");
+}
+
+static void test_stack_other_segfault_not_overflow(void **state)
+{
+    (void)state;
+    child_report r;
+    child_run(segv_child, (void *)1, &r); /* in a fiber */
+    expect_child_signal(&r, SIGSEGV, NULL);
+    assert_null(strstr(r.err, "overflowed"));
+    child_run(segv_child, NULL, &r); /* in plain code */
+    expect_child_signal(&r, SIGSEGV, NULL);
+    assert_null(strstr(r.err, "overflowed"));
+}
+
+/* ---- stack sizes --------------------------------------------------------------------------- */
+
+struct stack_use {
+    size_t touch;              /* bytes of stack to use */
+    char *used_lo, *used_hi;   /* what the fiber used */
+    char *stack_lo, *stack_hi; /* its usable stack (white-box) */
+    size_t stack_size;         /* as recorded in its control block */
+};
+
+__attribute__((noinline)) static void touch_stack(struct stack_use *u)
+{
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    volatile char *buf = __builtin_alloca(u->touch);
+    for (size_t i = 0; i < u->touch; i += page)
+        buf[i] = (char)i;
+    buf[u->touch - 1] = 1;
+    u->used_lo = (char *)buf;
+    u->used_hi = (char *)buf + u->touch;
+}
+
+static intptr_t stack_use_fn(void *arg)
+{
+    struct stack_use *u = arg;
+    moor_fiber *self = moor_self();
+    u->stack_lo = self->stack_base + self->ex->pool.guard;
+    u->stack_hi = (char *)self;
+    u->stack_size = self->stack_size;
+    touch_stack(u);
+    return 0;
+}
+
+static void test_stack_size_per_fiber(void **state)
+{
+    (void)state;
+    moor_executor_attr attr = {.stack_size = 128 * KiB};
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+
+    /* A 1 MiB stack holds 900 KiB of locals. */
+    struct stack_use u = {.touch = 900 * KiB};
+    moor_fiber_attr big = {.stack_size = 1024 * KiB};
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, stack_use_fn, &u, &big), 0);
+    assert_int_equal(moor_join(f, NULL), 0);
+    assert_int_equal(u.stack_size, 1024 * KiB);
+    assert_true((size_t)(u.stack_hi - u.stack_lo) >= 1024 * KiB);
+    assert_true((size_t)(u.stack_hi - u.stack_lo) < 1024 * KiB + 2 * page);
+    assert_true(u.used_lo >= u.stack_lo && u.used_hi <= u.stack_hi);
+
+    /* The executor's default, and a size that is not a page multiple (rounded up). */
+    u = (struct stack_use){.touch = 100 * KiB};
+    assert_int_equal(moor_spawn(&f, stack_use_fn, &u, NULL), 0);
+    assert_int_equal(moor_join(f, NULL), 0);
+    assert_int_equal(u.stack_size, 128 * KiB);
+    assert_true((size_t)(u.stack_hi - u.stack_lo) >= 128 * KiB);
+    assert_true(u.used_lo >= u.stack_lo && u.used_hi <= u.stack_hi);
+
+    u = (struct stack_use){.touch = 90000};
+    moor_fiber_attr odd = {.stack_size = 100000};
+    assert_int_equal(moor_spawn(&f, stack_use_fn, &u, &odd), 0);
+    assert_int_equal(moor_join(f, NULL), 0);
+    assert_int_equal(u.stack_size, (100000 + page - 1) / page * page);
+    assert_true((size_t)(u.stack_hi - u.stack_lo) >= 100000);
+    assert_true(u.used_lo >= u.stack_lo && u.used_hi <= u.stack_hi);
+    moor_executor_free(ex);
+}
+
+static void test_stack_guard_size_rounded(void **state)
+{
+    (void)state;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    assert_int_equal(ex->pool.guard, 64 * KiB);
+    moor_executor_free(ex);
+    moor_executor_attr attr = {.guard_size = 10000};
+    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    assert_int_equal(ex->pool.guard, (10000 + page - 1) / page * page);
+    moor_executor_free(ex);
+}
+
+/* ---- the pool ------------------------------------------------------------------------------ */
+
+static void test_stack_pool_lifo(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_fiber *a, *b, *x, *y;
+    assert_int_equal(moor_spawn(&a, return_arg, NULL, NULL), 0);
+    assert_int_equal(moor_join(a, NULL), 0);
+    assert_int_equal(moor_spawn(&b, return_arg, NULL, NULL), 0);
+    assert_ptr_equal(b, a);
+    assert_int_equal(moor_join(b, NULL), 0);
+
+    assert_int_equal(moor_spawn(&x, return_arg, NULL, NULL), 0);
+    assert_int_equal(moor_spawn(&y, return_arg, NULL, NULL), 0);
+    assert_ptr_not_equal(x, y);
+    assert_int_equal(moor_join(x, NULL), 0);
+    assert_int_equal(moor_join(y, NULL), 0);
+    assert_int_equal(moor_spawn(&a, return_arg, NULL, NULL), 0);
+    assert_ptr_equal(a, y); /* freed last, reused first */
+    assert_int_equal(moor_spawn(&b, return_arg, NULL, NULL), 0);
+    assert_ptr_equal(b, x);
+    assert_int_equal(moor_join(a, NULL), 0);
+    assert_int_equal(moor_join(b, NULL), 0);
+
+    /* Stacks of another size come from their own bucket. */
+    moor_fiber_attr other = {.stack_size = 512 * KiB};
+    assert_int_equal(moor_spawn(&a, return_arg, NULL, &other), 0);
+    assert_ptr_not_equal(a, x);
+    assert_ptr_not_equal(a, y);
+    assert_int_equal(moor_join(a, NULL), 0);
+    assert_int_equal(moor_spawn(&b, return_arg, NULL, &other), 0);
+    assert_ptr_equal(b, a);
+    assert_int_equal(moor_join(b, NULL), 0);
+    moor_executor_free(ex);
+}
+
+#define TRIM_FIBERS 16
+#define TRIM_HOT 4
+#define TRIM_TOUCH (128 * KiB)
+
+static intptr_t touch_128k(void *arg)
+{
+    (void)arg;
+    struct stack_use u = {.touch = TRIM_TOUCH};
+    touch_stack(&u);
+    return 0;
+}
+
+/* Spawn TRIM_FIBERS fibers at once that each touch TRIM_TOUCH of their stack, join them. */
+static void spawn_touch_join(void)
+{
+    moor_fiber *f[TRIM_FIBERS];
+    for (int i = 0; i < TRIM_FIBERS; i++)
+        if (moor_spawn(&f[i], touch_128k, NULL, NULL) != 0)
+            abort();
+    for (int i = 0; i < TRIM_FIBERS; i++)
+        moor_join(f[i], NULL);
+}
+
+static void test_stack_pool_gives_memory_back(void **state)
+{
+    (void)state;
+    moor_executor_attr attr = {.pool_hot = TRIM_HOT};
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    spawn_touch_join();
+
+    moor__stack_bucket *b = default_bucket(ex);
+    assert_non_null(b);
+    assert_int_equal(b->nhot, TRIM_HOT);
+    assert_int_equal(b->ncold, TRIM_FIBERS - TRIM_HOT);
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t usable = b->map_size - ex->pool.guard;
+    for (size_t i = 0; i < b->ncold; i++)
+        assert_int_equal(resident_pages(b->cold[i] + ex->pool.guard, usable), 0);
+    for (size_t i = 0; i < b->nhot; i++)
+        assert_true(resident_pages(b->hot[i] + ex->pool.guard, usable) >= TRIM_TOUCH / page);
+    moor_executor_free(ex);
+}
+
+/* After the pool has gone cold, a fiber on a cold stack overflows into a guard still there. */
+static void cold_overflow_child(void *arg)
+{
+    moor_executor_attr attr = {.pool_hot = TRIM_HOT, .guard = *(const moor_guard_mode *)arg};
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, &attr) == 0);
+    spawn_touch_join();
+    moor__stack_bucket *b = default_bucket(ex);
+    CHILD_REQUIRE(b && b->nhot == TRIM_HOT && b->ncold > 0);
+    char *cold = b->cold[b->ncold - 1];
+
+    moor_fiber *holders[TRIM_HOT], *f; /* take the hot stacks */
+    for (int i = 0; i < TRIM_HOT; i++)
+        CHILD_REQUIRE(moor_spawn(&holders[i], return_arg, NULL, NULL) == 0);
+    CHILD_REQUIRE(b->nhot == 0);
+    moor_fiber_attr fattr = {.name = "deep"};
+    CHILD_REQUIRE(moor_spawn(&f, deep_fn, NULL, &fattr) == 0);
+    CHILD_REQUIRE(f->stack_base == cold);
+    CHILD_REQUIRE(moor_fiber_id(f) == TRIM_FIBERS + TRIM_HOT + 1);
+    moor_join(f, NULL);
+    fprintf(stderr, "the fiber returned from endless recursion\n");
+}
+
+static void check_cold_stack_keeps_guard(moor_guard_mode mode)
+{
+    require_guard_mode(mode);
+    char expect[128];
+    snprintf(expect, sizeof expect, "moor: fiber %d \"deep\" overflowed its 256 KiB stack\n",
+             TRIM_FIBERS + TRIM_HOT + 1);
+    child_report r;
+    child_run(cold_overflow_child, &mode, &r);
+    expect_child_signal(&r, SIGABRT, expect);
+}
+
+static void test_stack_cold_stack_keeps_guard_madvise(void **state)
+{
+    (void)state;
+    check_cold_stack_keeps_guard(MOOR_GUARD_MADVISE);
+}
+
+static void test_stack_cold_stack_keeps_guard_mprotect(void **state)
+{
+    (void)state;
+    check_cold_stack_keeps_guard(MOOR_GUARD_MPROTECT);
+}
+
+/* After a test that failed half-way: forget the executor it left behind (freeing it would
+ * assert on its pending tasks) so that the next test can make its own. */
+static int forget_leftover_executor(void **state)
+{
+    (void)state;
+    moor__tls_executor = NULL;
+    return 0;
+}
+
+#define TEST(f) cmocka_unit_test_teardown(f, forget_leftover_executor)
+
+int main(void)
+{
+    /* The first executor of a process installs moor's SIGSEGV handler, once. cmocka swaps
+     * SIGSEGV handlers around every test and puts back what was there before, which would
+     * remove a handler installed during a test. So install it here, as a program's first
+     * executor would, before cmocka runs; children get it back from child_signals_save. */
+    moor_executor *ex;
+    if (moor_executor_new(&ex, NULL) != 0)
+        return 1;
+    moor_executor_free(ex);
+    child_signals_save();
+
+    const struct CMUnitTest tests[] = {
+        TEST(test_stack_overflow_diagnosed_madvise),
+        TEST(test_stack_overflow_diagnosed_mprotect),
+        TEST(test_stack_guard_mode),
+        TEST(test_stack_other_segfault_not_overflow),
+        TEST(test_stack_size_per_fiber),
+        TEST(test_stack_guard_size_rounded),
+        TEST(test_stack_pool_lifo),
+        TEST(test_stack_pool_gives_memory_back),
+        TEST(test_stack_cold_stack_keeps_guard_madvise),
+        TEST(test_stack_cold_stack_keeps_guard_mprotect),
+    };
+    const char *filter = getenv("MOOR_TEST_FILTER"); /* e.g. "*pool*": run only those */
+    if (filter)
+        cmocka_set_test_filter(filter);
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
