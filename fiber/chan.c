@@ -110,7 +110,7 @@ static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const v
         return -EPIPE;
     if (!may_take(cx, self))
         return -EAGAIN;
-    moor_waiter *w = moor__waitq_take(&ch->receivers, fut_of_waiter);
+    moor_waiter *w = moor__waitq_take(&ch->receivers, fut_of_waiter, cx ? cx->claim : NULL);
     if (w) {
         took(cx, self);
         copy_elem(moor_container_of(w, moor_chan_op, waiter)->elem, elem, ch->elem_size);
@@ -136,7 +136,7 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
         ch->head = (ch->head + 1) % ch->cap;
         ch->count--;
         /* A slot is free: the first waiting sender moves its value in. */
-        moor_waiter *w = moor__waitq_take(&ch->senders, fut_of_waiter);
+        moor_waiter *w = moor__waitq_take(&ch->senders, fut_of_waiter, cx ? cx->claim : NULL);
         if (w) {
             copy_elem(slot(ch, ch->count), moor_container_of(w, moor_chan_op, waiter)->elem,
                       ch->elem_size);
@@ -145,7 +145,7 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
         }
         return 0;
     }
-    moor_waiter *w = moor__waitq_take(&ch->senders, fut_of_waiter);
+    moor_waiter *w = moor__waitq_take(&ch->senders, fut_of_waiter, cx ? cx->claim : NULL);
     if (w) {
         took(cx, self);
         copy_elem(elem, moor_container_of(w, moor_chan_op, waiter)->elem, ch->elem_size);
@@ -164,10 +164,10 @@ void moor_chan_close(moor_chan *ch)
     moor__assert(!ch->closed, "moor_chan_close: the channel is already closed");
     ch->closed = 1;
     moor_waiter *w;
-    while ((w = moor__waitq_take(&ch->senders, fut_of_waiter)))
+    while ((w = moor__waitq_take(&ch->senders, fut_of_waiter, NULL)))
         complete(w, -EPIPE);
     /* Receivers wait only while the ring is empty: none of them will get a value now. */
-    while ((w = moor__waitq_take(&ch->receivers, fut_of_waiter)))
+    while ((w = moor__waitq_take(&ch->receivers, fut_of_waiter, NULL)))
         complete(w, -EPIPE);
 }
 

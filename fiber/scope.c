@@ -6,12 +6,13 @@
 #include "assert.h"
 #include "fiber.h"
 #include "timer.h"
+#include "waitq.h"
 
 void moor_scope_init(moor_scope *scope)
 {
     scope->children = NULL;
     scope->count = 0;
-    scope->closer = (moor_waker){0};
+    scope->waiters = (moor_waitq){NULL, NULL};
     scope->owner = moor_self();
     scope->closed = 0;
     if (scope->owner)
@@ -20,7 +21,7 @@ void moor_scope_init(moor_scope *scope)
 
 int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
 {
-    moor__assert(!scope->closed, "moor_scope_spawn: the scope is closed");
+    moor__assert(scope->closed <= 0, "moor_scope_spawn: the scope is closed");
     moor_fiber *f;
     int rc = moor_spawn(&f, fn, arg, attr);
     if (rc < 0)
@@ -33,6 +34,8 @@ int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg, const moor_
         scope->children->scope_prev = f;
     scope->children = f;
     scope->count++;
+    if (scope->closed < 0) /* being closed: it starts cancelled, so the close can finish */
+        moor_cancel(f);
     return 0;
 }
 
@@ -47,7 +50,8 @@ void moor__scope_child_done(moor_fiber *f)
         f->scope_next->scope_prev = f->scope_prev;
     f->scope = NULL;
     if (--scope->count == 0)
-        moor_waker_wake(&scope->closer);
+        for (moor_waiter *w = scope->waiters.head; w; w = w->next)
+            moor_waker_wake(&w->waker);
 }
 
 /* A future that is ready once the scope has no running child. */
@@ -55,6 +59,7 @@ typedef struct empty_future {
     moor_future base;
     moor_scope *scope;
     int64_t deadline;
+    moor_waiter waiter;
     moor_timer_node node;
 } empty_future;
 
@@ -64,11 +69,11 @@ static moor_poll empty_poll(moor_future *fut, moor_cx *cx)
     moor_executor *ex = cx->waker.ex;
     if (ef->scope->count == 0 || (ef->deadline >= 0 && moor_now() >= ef->deadline)) {
         moor__timer_remove(&ex->timers, &ef->node);
-        ef->scope->closer = (moor_waker){0};
+        moor__waitq_remove(&ef->scope->waiters, &ef->waiter);
         fut->result = ef->scope->count == 0 ? 0 : -ETIMEDOUT;
         return MOOR_READY;
     }
-    ef->scope->closer = cx->waker;
+    moor__waitq_park(&ef->scope->waiters, &ef->waiter, cx);
     if (moor__timer_arm(&ex->timers, &ef->node, ef->deadline, &cx->waker) < 0)
         ef->deadline = moor_now(); /* cannot time the wait: give up at the next poll */
     return MOOR_PENDING;
@@ -78,7 +83,7 @@ static moor_poll empty_cancel(moor_future *fut)
 {
     empty_future *ef = moor_container_of(fut, empty_future, base);
     moor__timer_remove(&moor__tls_executor->timers, &ef->node);
-    ef->scope->closer = (moor_waker){0};
+    moor__waitq_remove(&ef->scope->waiters, &ef->waiter);
     return MOOR_PENDING;
 }
 
@@ -92,6 +97,7 @@ static int wait_empty(moor_scope *scope, int64_t deadline, int cancellable)
     moor_future_init(&ef.base, &empty_ops, 0);
     ef.scope = scope;
     ef.deadline = deadline;
+    ef.waiter.queued = 0;
     moor__timer_node_init(&ef.node);
     return (int)(cancellable ? moor__wait(&ef.base) : moor__wait_uncancellable(&ef.base));
 }
@@ -101,6 +107,7 @@ int moor_scope_wait(moor_scope *scope, int64_t deadline) { return wait_empty(sco
 int moor_scope_close(moor_scope *scope, int64_t deadline)
 {
     moor__assert(!scope->closed, "moor_scope_close: the scope is already closed");
+    scope->closed = -1; /* closing: children spawned from now on start cancelled */
     for (moor_fiber *f = scope->children; f; f = f->scope_next)
         moor_cancel(f);
     int rc = wait_empty(scope, deadline, 0);

@@ -80,7 +80,7 @@ static const moor_future_ops wait_ops = {"sync wait", wait_poll, wait_cancel};
 /* The counterpart's side: complete the first waiter that may be completed. */
 static wait_op *complete_first(moor_waitq *q)
 {
-    moor_waiter *w = moor__waitq_take(q, fut_of_waiter);
+    moor_waiter *w = moor__waitq_take(q, fut_of_waiter, NULL);
     if (!w)
         return NULL;
     wait_op *op = moor_container_of(w, wait_op, waiter);

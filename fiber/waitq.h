@@ -61,11 +61,17 @@ static inline int moor__claim(const moor_cx *cx, const moor_future *self)
 
 /* The first waiter that may still be completed, taken off the queue and claimed for
  * `fut_of(waiter)`; waiters whose select was won elsewhere are dropped from the queue (their
- * select cancels them). NULL if none. */
-static inline moor_waiter *moor__waitq_take(moor_waitq *q, const moor_future *(*fut_of)(moor_waiter *))
+ * select cancels them). Waiters of the taker's own select (`mine`, NULL for none) are passed
+ * over: a select must not pair its send with its own receive. NULL if none. */
+static inline moor_waiter *moor__waitq_take(moor_waitq *q,
+                                           const moor_future *(*fut_of)(moor_waiter *),
+                                           const moor_claim *mine)
 {
-    while (q->head) {
-        moor_waiter *w = q->head;
+    moor_waiter *next;
+    for (moor_waiter *w = q->head; w; w = next) {
+        next = w->next;
+        if (mine && w->claim == mine)
+            continue;
         moor__waitq_remove(q, w);
         if (w->claim) {
             if (w->claim->claimed && w->claim->winner != fut_of(w))

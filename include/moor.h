@@ -413,15 +413,16 @@ MOOR_API intptr_t moor_retry(moor_retry_make make, void *arg, unsigned attempts,
 typedef struct moor_scope {
     moor_fiber *children;  /* private: running children */
     size_t count;          /* read-only: children running */
-    moor_waker closer;     /* private */
+    moor_waitq waiters;    /* private: fibers waiting for count to reach 0 */
     moor_fiber *owner;     /* private: the fiber that opened it, or NULL */
-    int closed;            /* private */
+    int closed;            /* private: 0 open, -1 closing, 1 closed */
 } moor_scope;
 
 /* Open a scope (caller-owned memory, usually on the opening fiber's stack). */
 MOOR_API void moor_scope_init(moor_scope *scope);
-/* Spawn a child into the scope (detached from the caller, owned by the scope). Errors as
- * moor_spawn. Misuse: the scope is closed. */
+/* Spawn a child into the scope (detached from the caller, owned by the scope); while the
+ * scope is being closed the child starts cancelled. Errors as moor_spawn. Misuse: the scope
+ * is closed. */
 MOOR_API int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg,
                               const moor_fiber_attr *attr);
 /* Wait until every child has returned, without cancelling them. Returns 0, -ETIMEDOUT,

@@ -1,0 +1,1032 @@
+/* Select and the combinators: one winner out of 1,000 channel operations with the losers
+ * cancelled cleanly, deadlines, never two values taken, a sleep against a channel, race,
+ * timeout, join_all, retry (awaited, block_on'd and spawned as a plain task), and
+ * cancellation of a fiber waiting in a select.
+ *
+ * Checks inside fibers only record what they see (FCHECK notes the first failed line); the
+ * test function asserts once the fibers are joined. Timing is asserted only as a lower
+ * bound. */
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "helpers.h"
+#include "moor.h"
+
+#include "fiber/executor.h"
+#include "fiber/fiber.h"
+
+/* ---- shared scaffolding ----------------------------------------------------------------- */
+
+static int fiber_fail_line;
+
+#define FCHECK(cond)                                                                          \
+    do {                                                                                      \
+        if (!(cond)) {                                                                        \
+            fprintf(stderr, "%s:%d: check failed in a fiber: %s\n", __FILE__, __LINE__,       \
+                    #cond);                                                                   \
+            if (!fiber_fail_line)                                                             \
+                fiber_fail_line = __LINE__;                                                   \
+        }                                                                                     \
+    } while (0)
+
+#define SAFETY_MS 30000 /* bound on waits that should succeed; never an upper bound on time */
+#define WAIT_MS 40
+
+static moor_executor *ex_new(void)
+{
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    fiber_fail_line = 0;
+    return ex;
+}
+
+static void ex_free(moor_executor *ex)
+{
+    int fibers_left = ex->fibers != NULL;
+    size_t timers_left = ex->timers.n;
+    size_t tasks_left = ex->ntasks;
+    if (tasks_left == 0)
+        moor_executor_free(ex);
+    assert_int_equal(tasks_left, 0);
+    assert_false(fibers_left);
+    assert_int_equal(timers_left, 0); /* no combinator or op left a timer behind */
+    assert_int_equal(fiber_fail_line, 0);
+}
+
+/* After a failed test: free the executor it left behind, or if fibers are still pending
+ * (their arguments may have lived on the failed test's stack, so they must never run
+ * again) abandon it, so that the following tests do not fail on -EEXIST too. */
+static int ex_teardown(void **state)
+{
+    (void)state;
+    moor_executor *ex = moor_executor_current();
+    if (!ex || ex->running || ex->current)
+        return 0;
+    if (ex->ntasks == 0) {
+        moor_executor_free(ex);
+    } else {
+        print_message("abandoning the executor of the failed test (%zu tasks pending)\n",
+                      ex->ntasks);
+        moor__tls_executor = NULL;
+    }
+    return 0;
+}
+
+#define TEST(fn) cmocka_unit_test_teardown(fn, ex_teardown)
+
+static intptr_t yield_n(void *arg)
+{
+    for (intptr_t i = 0; i < (intptr_t)arg; i++)
+        moor_yield();
+    return 0;
+}
+
+static void settle(void)
+{
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, yield_n, (void *)8, NULL), 0);
+    assert_int_equal(moor_join(f, NULL), 0);
+}
+
+static moor_chan *chan_new(size_t cap)
+{
+    moor_chan *ch = NULL;
+    assert_int_equal(moor_chan_new(&ch, sizeof(int), cap), 0);
+    return ch;
+}
+
+static uint32_t rnd(uint32_t *s)
+{
+    *s ^= *s << 13;
+    *s ^= *s >> 17;
+    *s ^= *s << 5;
+    return *s;
+}
+
+/* A hand-written future: PENDING for `pending` polls (waking itself each time), then READY
+ * with `value`. Counts its polls and cancels. */
+typedef struct val_future {
+    moor_future base;
+    int pending;
+    intptr_t value;
+    int polls;
+    int cancels;
+} val_future;
+
+static moor_poll val_poll(moor_future *fut, moor_cx *cx)
+{
+    val_future *v = moor_container_of(fut, val_future, base);
+    v->polls++;
+    if (v->pending > 0) {
+        v->pending--;
+        moor_waker_wake(&cx->waker);
+        return MOOR_PENDING;
+    }
+    fut->result = v->value;
+    return MOOR_READY;
+}
+
+static moor_poll val_cancel(moor_future *fut)
+{
+    moor_container_of(fut, val_future, base)->cancels++;
+    return MOOR_PENDING;
+}
+
+static const moor_future_ops val_ops = {"value", val_poll, val_cancel};
+
+static void val_init(val_future *v, int pending, intptr_t value)
+{
+    moor_future_init(&v->base, &val_ops, 0);
+    v->pending = pending;
+    v->value = value;
+    v->polls = 0;
+    v->cancels = 0;
+}
+
+/* A sender fiber: yields `yields` times, then sends `value` on `ch`. */
+typedef struct send_arg {
+    moor_chan *ch;
+    int value;
+    int yields;
+    int rc;
+    int returned;
+} send_arg;
+
+static intptr_t sender_fn(void *arg)
+{
+    send_arg *s = arg;
+    for (int i = 0; i < s->yields; i++)
+        moor_yield();
+    s->rc = moor_chan_send(s->ch, &s->value, moor_deadline_in(SAFETY_MS));
+    s->returned = 1;
+    return s->rc;
+}
+
+/* ---- one of 1,000 ------------------------------------------------------------------------- */
+
+#define NSEL 1000
+
+typedef struct sel_ctx {
+    moor_chan *ch[NSEL];
+    moor_chan_op ops[NSEL];
+    moor_future *futs[NSEL];
+    int vals[NSEL];
+    int rc;
+    int64_t deadline;
+} sel_ctx;
+
+static sel_ctx *sel_new(size_t cap)
+{
+    sel_ctx *s = calloc(1, sizeof *s);
+    assert_non_null(s);
+    for (int i = 0; i < NSEL; i++) {
+        s->ch[i] = chan_new(cap);
+        s->vals[i] = -1;
+        moor_chan_recv_init(&s->ops[i], s->ch[i], &s->vals[i], -1);
+        s->futs[i] = &s->ops[i].base;
+    }
+    s->deadline = moor_deadline_in(SAFETY_MS);
+    return s;
+}
+
+static void sel_free(sel_ctx *s)
+{
+    for (int i = 0; i < NSEL; i++)
+        moor_chan_free(s->ch[i]); /* asserts if a loser's waiter was left queued */
+    free(s);
+}
+
+static intptr_t selector_fn(void *arg)
+{
+    sel_ctx *s = arg;
+    s->rc = moor_select(s->futs, NSEL, s->deadline);
+    return s->rc;
+}
+
+/* Exactly ops[k] completed with its value; every other op is neither done nor queued. */
+static void expect_only_winner(sel_ctx *s, int k, int value)
+{
+    assert_int_equal(s->rc, k);
+    assert_true(moor_future_done(s->futs[k]));
+    assert_int_equal(s->ops[k].base.result, 0);
+    assert_int_equal(s->vals[k], value);
+    for (int j = 0; j < NSEL; j++) {
+        if (j == k)
+            continue;
+        if (moor_future_done(s->futs[j]) || s->vals[j] != -1)
+            fail_msg("loser %d completed (winner %d)", j, k);
+        int v = 1;
+        /* A send now finds no receiver: the loser's cancelled receive is gone. */
+        if (moor_chan_try_send(s->ch[j], &v) != -EAGAIN)
+            fail_msg("a send on loser channel %d completed (winner %d)", j, k);
+    }
+}
+
+static void test_select_one_of_1000(void **state)
+{
+    (void)state;
+    uint32_t seed = 0x2545f491u;
+    for (int from_fiber = 0; from_fiber < 2; from_fiber++) {
+        for (int round = 0; round < 3; round++) {
+            moor_executor *ex = ex_new();
+            sel_ctx *s = sel_new(0);
+            int k = (int)(rnd(&seed) % NSEL);
+            if (round == 0)
+                k = NSEL - 1; /* the last one polled */
+            /* The sender yields first so that the select is pending on all 1,000 when the
+             * value arrives. */
+            send_arg sa = {s->ch[k], 7000 + k, 3, 1, 0};
+            moor_fiber *sf, *self = NULL;
+            if (from_fiber)
+                assert_int_equal(moor_spawn(&self, selector_fn, s, NULL), 0);
+            assert_int_equal(moor_spawn(&sf, sender_fn, &sa, NULL), 0);
+            if (from_fiber) {
+                intptr_t r = -1;
+                assert_int_equal(moor_join(self, &r), 0);
+                assert_int_equal(r, k);
+            } else {
+                s->rc = moor_select(s->futs, NSEL, s->deadline);
+            }
+            assert_int_equal(moor_join(sf, NULL), 0);
+            assert_int_equal(sa.rc, 0);
+            expect_only_winner(s, k, 7000 + k);
+            sel_free(s);
+            ex_free(ex);
+        }
+    }
+}
+
+/* The value is there before the select starts: it wins on the first poll; the futures before
+ * it are cancelled, the ones after it never polled. */
+static void test_select_ready_before_select(void **state)
+{
+    (void)state;
+    static const int ks[] = {0, 1, NSEL / 2, NSEL - 1};
+    for (size_t t = 0; t < sizeof ks / sizeof ks[0]; t++) {
+        for (size_t cap = 0; cap <= 1; cap++) {
+            moor_executor *ex = ex_new();
+            sel_ctx *s = sel_new(cap);
+            int k = ks[t];
+            send_arg sa = {s->ch[k], 9000 + k, 0, 1, 0};
+            moor_fiber *sf;
+            assert_int_equal(moor_spawn(&sf, sender_fn, &sa, NULL), 0);
+            if (cap == 0)
+                settle(); /* the sender waits on ch[k] */
+            else
+                assert_int_equal(moor_join(sf, NULL), 0); /* its value is buffered */
+            s->rc = moor_select(s->futs, NSEL, s->deadline);
+            if (cap == 0)
+                assert_int_equal(moor_join(sf, NULL), 0);
+            assert_int_equal(sa.rc, 0);
+            if (cap == 0) {
+                expect_only_winner(s, k, 9000 + k);
+            } else {
+                assert_int_equal(s->rc, k);
+                assert_int_equal(s->vals[k], 9000 + k);
+                for (int j = 0; j < NSEL; j++) {
+                    int v = 0;
+                    assert_int_equal(moor_chan_len(s->ch[j]), 0);
+                    if (j != k) {
+                        assert_false(moor_future_done(s->futs[j]));
+                        assert_int_equal(moor_chan_try_recv(s->ch[j], &v), -EAGAIN);
+                    }
+                }
+            }
+            sel_free(s);
+            ex_free(ex);
+        }
+    }
+}
+
+/* ---- deadline ------------------------------------------------------------------------------ */
+
+typedef struct dl_ctx {
+    moor_chan *empty0, *empty2, *full;
+    int r0, r1;
+    int s_val;
+    moor_chan_op ops[3];
+    moor_future *futs[3];
+    int64_t deadline;
+    int rc;
+    int64_t returned_at;
+} dl_ctx;
+
+static void dl_init(dl_ctx *d)
+{
+    d->r0 = d->r1 = -1;
+    d->s_val = 5;
+    moor_chan_recv_init(&d->ops[0], d->empty0, &d->r0, -1);
+    moor_chan_recv_init(&d->ops[1], d->empty2, &d->r1, -1);
+    moor_chan_send_init(&d->ops[2], d->full, &d->s_val, -1);
+    for (int i = 0; i < 3; i++)
+        d->futs[i] = &d->ops[i].base;
+    d->deadline = moor_deadline_in(WAIT_MS);
+}
+
+static intptr_t dl_selector(void *arg)
+{
+    dl_ctx *d = arg;
+    d->rc = moor_select(d->futs, 3, d->deadline);
+    d->returned_at = moor_now();
+    return 0;
+}
+
+static void test_select_deadline(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dl_ctx d;
+    d.empty0 = chan_new(0);
+    d.empty2 = chan_new(2);
+    d.full = chan_new(1);
+    int one = 1;
+    assert_int_equal(moor_chan_try_send(d.full, &one), 0);
+    for (int from_fiber = 0; from_fiber < 2; from_fiber++) {
+        dl_init(&d);
+        if (from_fiber) {
+            moor_fiber *f;
+            assert_int_equal(moor_spawn(&f, dl_selector, &d, NULL), 0);
+            assert_int_equal(moor_join(f, NULL), 0);
+        } else {
+            dl_selector(&d);
+        }
+        assert_int_equal(d.rc, -ETIMEDOUT);
+        assert_true(d.returned_at >= d.deadline);
+        for (int i = 0; i < 3; i++)
+            assert_false(moor_future_done(d.futs[i]));
+        assert_int_equal(d.r0, -1);
+        assert_int_equal(d.r1, -1);
+        /* All cancelled: nobody waits on any of the channels. */
+        int v = 3;
+        assert_int_equal(moor_chan_try_send(d.empty0, &v), -EAGAIN);
+        assert_int_equal(moor_chan_len(d.full), 1);
+        assert_int_equal(moor_chan_try_recv(d.full, &v), 0);
+        assert_int_equal(v, 1);
+        assert_int_equal(moor_chan_try_recv(d.full, &v), -EAGAIN); /* no sender moved in */
+        assert_int_equal(moor_chan_try_send(d.full, &one), 0);
+    }
+    /* A future ready at the first poll wins even when the deadline has already passed. */
+    dl_init(&d);
+    int v = 44;
+    assert_int_equal(moor_chan_try_send(d.empty2, &v), 0);
+    d.deadline = moor_now() - 1;
+    dl_selector(&d);
+    assert_int_equal(d.rc, 1);
+    assert_int_equal(d.r1, 44);
+    /* and with nothing ready a past deadline returns at once */
+    dl_init(&d);
+    d.deadline = moor_now() - 1;
+    dl_selector(&d);
+    assert_int_equal(d.rc, -ETIMEDOUT);
+    moor_chan_free(d.empty0);
+    moor_chan_free(d.empty2);
+    moor_chan_free(d.full);
+    ex_free(ex);
+}
+
+/* ---- never two values ---------------------------------------------------------------------- */
+
+static void test_select_never_takes_two(void **state)
+{
+    (void)state;
+    for (int variant = 0; variant < 2; variant++) {
+        moor_executor *ex = ex_new();
+        moor_chan *a = chan_new(0), *b = chan_new(0);
+        send_arg sa = {a, 1, 0, 1, 0}, sb = {b, 2, 0, 1, 0};
+        moor_fiber *fa, *fb;
+        int va = -1, vb = -1;
+        moor_chan_op ops[2];
+        moor_chan_recv_init(&ops[0], a, &va, -1);
+        moor_chan_recv_init(&ops[1], b, &vb, -1);
+        moor_future *futs[2] = {&ops[0].base, &ops[1].base};
+        int rc;
+        if (variant == 0) {
+            /* Both senders wait before the select starts. */
+            assert_int_equal(moor_spawn(&fa, sender_fn, &sa, NULL), 0);
+            assert_int_equal(moor_spawn(&fb, sender_fn, &sb, NULL), 0);
+            settle();
+            rc = moor_select(futs, 2, moor_deadline_in(SAFETY_MS));
+        } else {
+            /* Both senders arrive in one round while the select waits on both. */
+            sa.yields = sb.yields = 2;
+            assert_int_equal(moor_spawn(&fa, sender_fn, &sa, NULL), 0);
+            assert_int_equal(moor_spawn(&fb, sender_fn, &sb, NULL), 0);
+            rc = moor_select(futs, 2, moor_deadline_in(SAFETY_MS));
+        }
+        assert_true(rc == 0 || rc == 1);
+        settle();
+        int other = 1 - rc;
+        send_arg *won = rc == 0 ? &sa : &sb, *lost = rc == 0 ? &sb : &sa;
+        assert_true(moor_future_done(futs[rc]));
+        assert_false(moor_future_done(futs[other]));
+        assert_int_equal(rc == 0 ? va : vb, rc + 1);
+        assert_int_equal(rc == 0 ? vb : va, -1);
+        assert_true(won->returned);
+        assert_int_equal(won->rc, 0);
+        assert_false(lost->returned); /* still waiting to send */
+        /* The other value is still there for a later receive. */
+        int v = -1;
+        assert_int_equal(moor_chan_recv(lost->ch, &v, moor_deadline_in(SAFETY_MS)), 0);
+        assert_int_equal(v, other + 1);
+        assert_int_equal(moor_join(fa, NULL), 0);
+        assert_int_equal(moor_join(fb, NULL), 0);
+        assert_int_equal(lost->rc, 0);
+        moor_chan_free(a);
+        moor_chan_free(b);
+        ex_free(ex);
+    }
+}
+
+/* 1,000 senders, one per channel, all arriving while the select waits: exactly one value is
+ * taken and the 999 others are still there to be received afterwards. */
+static void test_select_many_senders_one_taken(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    sel_ctx *s = sel_new(0);
+    send_arg *sa = calloc(NSEL, sizeof *sa);
+    moor_fiber **sf = calloc(NSEL, sizeof *sf);
+    assert_non_null(sa);
+    assert_non_null(sf);
+    moor_fiber *self;
+    assert_int_equal(moor_spawn(&self, selector_fn, s, NULL), 0);
+    for (int i = 0; i < NSEL; i++) {
+        sa[i] = (send_arg){s->ch[i], 100000 + i, 1 + i % 3, 1, 0};
+        assert_int_equal(moor_spawn(&sf[i], sender_fn, &sa[i], NULL), 0);
+    }
+    intptr_t r = -1;
+    assert_int_equal(moor_join(self, &r), 0);
+    int k = (int)r;
+    assert_true(k >= 0 && k < NSEL);
+    assert_int_equal(s->vals[k], 100000 + k);
+    settle();
+    int done = 0, waiting = 0;
+    for (int i = 0; i < NSEL; i++) {
+        done += moor_future_done(s->futs[i]) != 0;
+        waiting += !sa[i].returned;
+    }
+    assert_int_equal(done, 1);
+    assert_int_equal(waiting, NSEL - 1);
+    for (int i = 0; i < NSEL; i++) {
+        if (i == k)
+            continue;
+        int v = -1;
+        assert_int_equal(moor_chan_try_recv(s->ch[i], &v), 0);
+        assert_int_equal(v, 100000 + i);
+    }
+    for (int i = 0; i < NSEL; i++) {
+        assert_int_equal(moor_join(sf[i], NULL), 0);
+        assert_int_equal(sa[i].rc, 0);
+    }
+    free(sa);
+    free(sf);
+    sel_free(s);
+    ex_free(ex);
+}
+
+/* A select that both receives from and sends to one rendezvous channel has nobody to pair
+ * with but itself: it must not complete both of its operations. */
+static void test_select_send_and_recv_same_channel(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_chan *ch = chan_new(0);
+    int in = -1, out = 5;
+    moor_chan_op r_op, s_op;
+    moor_chan_recv_init(&r_op, ch, &in, -1);
+    moor_chan_send_init(&s_op, ch, &out, -1);
+    moor_future *futs[2] = {&r_op.base, &s_op.base};
+    int rc = moor_select(futs, 2, moor_deadline_in(WAIT_MS));
+    int done = moor_future_done(&r_op.base) + moor_future_done(&s_op.base);
+    int winner_done = rc >= 0 && rc < 2 && moor_future_done(futs[rc]);
+    moor_chan_free(ch);
+    ex_free(ex);
+    if (done > 1)
+        print_message("select returned %d with both the receive (got %d) and the send done\n",
+                      rc, in);
+    assert_true(done <= 1);
+    assert_true(rc == -ETIMEDOUT || winner_done);
+}
+
+/* ---- select over a sleep and a channel ------------------------------------------------- */
+
+static void test_select_sleep_and_chan(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_chan *ch = chan_new(0);
+    int v = -1;
+
+    /* No sender: the sleep wins, no earlier than its deadline; the receive is withdrawn. */
+    moor_sleep_future sl;
+    moor_chan_op op;
+    int64_t deadline = moor_deadline_in(WAIT_MS);
+    moor_sleep_init(&sl, deadline);
+    moor_chan_recv_init(&op, ch, &v, -1);
+    moor_future *futs[2] = {&sl.base, &op.base};
+    assert_int_equal(moor_select(futs, 2, -1), 0);
+    assert_true(moor_now() >= deadline);
+    assert_int_equal(sl.base.result, 0);
+    assert_false(moor_future_done(&op.base));
+    int w = 1;
+    assert_int_equal(moor_chan_try_send(ch, &w), -EAGAIN);
+
+    /* A sender: the receive wins, the sleep is cancelled (its timer gone). */
+    moor_sleep_init(&sl, moor_deadline_in(SAFETY_MS));
+    moor_chan_recv_init(&op, ch, &v, -1);
+    send_arg sa = {ch, 321, 2, 1, 0};
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, sender_fn, &sa, NULL), 0);
+    assert_int_equal(moor_select(futs, 2, -1), 1);
+    assert_int_equal(v, 321);
+    assert_false(moor_future_done(&sl.base));
+    assert_int_equal(ex->timers.n, 0);
+    assert_int_equal(moor_join(f, NULL), 0);
+
+    /* Both ready at the first poll: only one wins, and a take-nothing sleep never steals a
+     * value (the receive is not done if the sleep won). */
+    moor_sleep_init(&sl, moor_now() - 1);
+    moor_chan_recv_init(&op, ch, &v, -1);
+    sa = (send_arg){ch, 654, 0, 1, 0};
+    assert_int_equal(moor_spawn(&f, sender_fn, &sa, NULL), 0);
+    settle();
+    v = -1;
+    int rc = moor_select(futs, 2, -1);
+    assert_int_equal(rc, 0);
+    assert_false(moor_future_done(&op.base));
+    assert_int_equal(v, -1);
+    assert_false(sa.returned);
+    assert_int_equal(moor_chan_recv(ch, &v, -1), 0); /* the value is still with its sender */
+    assert_int_equal(v, 654);
+    assert_int_equal(moor_join(f, NULL), 0);
+
+    moor_chan_free(ch);
+    ex_free(ex);
+}
+
+/* ---- race, timeout ------------------------------------------------------------------------ */
+
+static intptr_t sleep_then_return(void *arg)
+{
+    moor_sleep(moor_deadline_in(WAIT_MS));
+    return (intptr_t)arg;
+}
+
+static void test_select_race(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    val_future v[3];
+    val_init(&v[0], 5, 50);
+    val_init(&v[1], 2, 20);
+    val_init(&v[2], 9, 90);
+    moor_future *futs[3] = {&v[0].base, &v[1].base, &v[2].base};
+    size_t winner = 99;
+    assert_int_equal(moor_race(futs, 3, &winner, -1), 20);
+    assert_int_equal(winner, 1);
+    assert_true(moor_future_done(&v[1].base));
+    for (int i = 0; i < 3; i += 2) {
+        assert_false(moor_future_done(&v[i].base));
+        assert_int_equal(v[i].cancels, 1);
+    }
+    assert_int_equal(v[1].cancels, 0);
+
+    /* Negative outputs are outputs, not errors of the race. */
+    val_init(&v[0], 3, 1);
+    val_init(&v[1], 0, -EIO);
+    assert_int_equal(moor_race(futs, 2, NULL, -1), -EIO);
+
+    /* Over fibers' futures, from a fiber's point of view the same: the quick one wins; the
+     * slow one is still joined afterwards with its own result. */
+    moor_fiber *slow, *quick;
+    assert_int_equal(moor_spawn(&slow, sleep_then_return, (void *)111, NULL), 0);
+    assert_int_equal(moor_spawn(&quick, yield_n, (void *)2, NULL), 0);
+    moor_future *ff[2] = {moor_fiber_future(slow), moor_fiber_future(quick)};
+    winner = 99;
+    assert_int_equal(moor_race(ff, 2, &winner, -1), 0);
+    assert_int_equal(winner, 1);
+    intptr_t r = 0;
+    assert_int_equal(moor_join(slow, &r), 0);
+    assert_int_equal(r, 111);
+    assert_int_equal(moor_join(quick, NULL), 0);
+
+    /* A race that nobody wins in time. */
+    moor_chan *ch = chan_new(0);
+    int a = -1, b = -1;
+    moor_chan_op ops[2];
+    moor_chan_recv_init(&ops[0], ch, &a, -1);
+    moor_chan_recv_init(&ops[1], ch, &b, -1);
+    moor_future *of[2] = {&ops[0].base, &ops[1].base};
+    int64_t deadline = moor_deadline_in(WAIT_MS);
+    winner = 99;
+    assert_int_equal(moor_race(of, 2, &winner, deadline), -ETIMEDOUT);
+    assert_true(moor_now() >= deadline);
+    assert_int_equal(winner, 99);
+    int x = 1;
+    assert_int_equal(moor_chan_try_send(ch, &x), -EAGAIN);
+    moor_chan_free(ch);
+    ex_free(ex);
+}
+
+typedef struct timeout_ctx {
+    moor_chan *ch;
+    int value;
+    intptr_t rc;
+    int64_t deadline, returned_at;
+    int done;
+} timeout_ctx;
+
+static intptr_t timeout_fn(void *arg)
+{
+    timeout_ctx *t = arg;
+    moor_chan_op op;
+    t->value = -1;
+    moor_chan_recv_init(&op, t->ch, &t->value, -1);
+    t->rc = moor_timeout(&op.base, t->deadline);
+    t->returned_at = moor_now();
+    t->done = moor_future_done(&op.base);
+    return 0;
+}
+
+static void test_select_timeout(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_chan *ch = chan_new(0);
+    for (int from_fiber = 0; from_fiber < 2; from_fiber++) {
+        /* Nothing arrives: -ETIMEDOUT no earlier than the deadline, the receive withdrawn. */
+        timeout_ctx t = {.ch = ch, .deadline = moor_deadline_in(WAIT_MS)};
+        if (from_fiber) {
+            moor_fiber *f;
+            assert_int_equal(moor_spawn(&f, timeout_fn, &t, NULL), 0);
+            assert_int_equal(moor_join(f, NULL), 0);
+        } else {
+            timeout_fn(&t);
+        }
+        assert_int_equal(t.rc, -ETIMEDOUT);
+        assert_true(t.returned_at >= t.deadline);
+        assert_false(t.done);
+        assert_int_equal(t.value, -1);
+        int v = 1;
+        assert_int_equal(moor_chan_try_send(ch, &v), -EAGAIN);
+
+        /* A value in time: the operation's output (0) and the value. */
+        t = (timeout_ctx){.ch = ch, .deadline = moor_deadline_in(SAFETY_MS)};
+        send_arg sa = {ch, 17, 2, 1, 0};
+        moor_fiber *sf, *f = NULL;
+        if (from_fiber)
+            assert_int_equal(moor_spawn(&f, timeout_fn, &t, NULL), 0);
+        assert_int_equal(moor_spawn(&sf, sender_fn, &sa, NULL), 0);
+        if (from_fiber)
+            assert_int_equal(moor_join(f, NULL), 0);
+        else
+            timeout_fn(&t);
+        assert_int_equal(moor_join(sf, NULL), 0);
+        assert_int_equal(t.rc, 0);
+        assert_true(t.done);
+        assert_int_equal(t.value, 17);
+    }
+    /* The future's own output comes through, negative or not. */
+    val_future v;
+    val_init(&v, 3, -ENOENT);
+    assert_int_equal(moor_timeout(&v.base, moor_deadline_in(SAFETY_MS)), -ENOENT);
+    val_init(&v, 0, 12345);
+    assert_int_equal(moor_timeout(&v.base, -1), 12345);
+    moor_chan_free(ch);
+    ex_free(ex);
+}
+
+/* ---- join_all ------------------------------------------------------------------------------ */
+
+static void test_select_join_all(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_chan *ch = chan_new(0);
+
+    /* All finish: 0, every output in place. */
+    val_future v[2];
+    val_init(&v[0], 4, 1);
+    val_init(&v[1], 0, -2);
+    int got = -1;
+    moor_chan_op op;
+    moor_chan_recv_init(&op, ch, &got, -1);
+    moor_sleep_future sl;
+    int64_t sleep_until = moor_deadline_in(WAIT_MS);
+    moor_sleep_init(&sl, sleep_until);
+    moor_future *futs[4] = {&v[0].base, &v[1].base, &op.base, &sl.base};
+    send_arg sa = {ch, 77, 3, 1, 0};
+    moor_fiber *sf;
+    assert_int_equal(moor_spawn(&sf, sender_fn, &sa, NULL), 0);
+    assert_int_equal(moor_join_all(futs, 4, moor_deadline_in(SAFETY_MS)), 0);
+    assert_true(moor_now() >= sleep_until); /* it waited for the slowest */
+    for (int i = 0; i < 4; i++)
+        assert_true(moor_future_done(futs[i]));
+    assert_int_equal(v[0].base.result, 1);
+    assert_int_equal(v[1].base.result, -2);
+    assert_int_equal(op.base.result, 0);
+    assert_int_equal(got, 77);
+    assert_int_equal(sl.base.result, 0);
+    assert_int_equal(moor_join(sf, NULL), 0);
+
+    /* A deadline passes first: -ETIMEDOUT, the unfinished ones cancelled and not done. */
+    val_init(&v[0], 2, 5);
+    got = -1;
+    moor_chan_recv_init(&op, ch, &got, -1);
+    moor_sleep_init(&sl, moor_deadline_in(SAFETY_MS));
+    futs[1] = &op.base;
+    futs[2] = &sl.base;
+    int64_t deadline = moor_deadline_in(WAIT_MS);
+    assert_int_equal(moor_join_all(futs, 3, deadline), -ETIMEDOUT);
+    assert_true(moor_now() >= deadline);
+    assert_true(moor_future_done(&v[0].base));
+    assert_int_equal(v[0].base.result, 5);
+    assert_false(moor_future_done(&op.base));
+    assert_false(moor_future_done(&sl.base));
+    int x = 1;
+    assert_int_equal(moor_chan_try_send(ch, &x), -EAGAIN); /* the receive was withdrawn */
+    assert_int_equal(got, -1);
+    assert_int_equal(ex->timers.n, 0);                      /* and the sleep's timer */
+
+    moor_chan_free(ch);
+    ex_free(ex);
+}
+
+static intptr_t join_all_fn(void *arg)
+{
+    val_future *v = arg;
+    moor_future *futs[3] = {&v[0].base, &v[1].base, &v[2].base};
+    FCHECK(moor_join_all(futs, 3, -1) == 0);
+    return v[0].base.result + v[1].base.result + v[2].base.result;
+}
+
+static void test_select_join_all_in_fiber(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    val_future v[3];
+    val_init(&v[0], 7, 100);
+    val_init(&v[1], 1, 20);
+    val_init(&v[2], 0, 3);
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, join_all_fn, v, NULL), 0);
+    intptr_t r = 0;
+    assert_int_equal(moor_join(f, &r), 0);
+    assert_int_equal(r, 123);
+    ex_free(ex);
+}
+
+/* ---- retry --------------------------------------------------------------------------------- */
+
+#define MAX_ATTEMPTS 8
+
+typedef struct factory {
+    val_future slot;          /* one slot, reused by each attempt */
+    intptr_t outputs[MAX_ATTEMPTS + 1]; /* output of attempt n (1-based) */
+    int pending;              /* polls each attempt stays pending */
+    unsigned made;
+    unsigned last_attempt;
+    int64_t made_at[MAX_ATTEMPTS + 1];
+    int fail_make_at;         /* return NULL at this attempt (0: never) */
+} factory;
+
+static moor_future *factory_make(void *arg, unsigned attempt)
+{
+    factory *fa = arg;
+    fa->made++;
+    fa->last_attempt = attempt;
+    if (attempt <= MAX_ATTEMPTS)
+        fa->made_at[attempt] = moor_now();
+    if ((int)attempt == fa->fail_make_at)
+        return NULL;
+    val_init(&fa->slot, fa->pending, attempt <= MAX_ATTEMPTS ? fa->outputs[attempt] : -EINVAL);
+    return &fa->slot.base;
+}
+
+#define BACKOFF_MS 20
+
+static void test_select_retry_succeeds_on_third(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    for (int pending = 0; pending <= 2; pending += 2) {
+        factory fa = {.outputs = {0, -EIO, -EAGAIN, 42, 43}, .pending = pending};
+        int64_t start = moor_now();
+        assert_int_equal(moor_retry(factory_make, &fa, 5, BACKOFF_MS, -1), 42);
+        int64_t elapsed = moor_now() - start;
+        assert_int_equal(fa.made, 3);
+        assert_int_equal(fa.last_attempt, 3);
+        /* Backoffs of 20 then 40 ms: lower bounds only. */
+        assert_true(fa.made_at[2] - fa.made_at[1] >= BACKOFF_MS);
+        assert_true(fa.made_at[3] - fa.made_at[2] >= 2 * BACKOFF_MS);
+        assert_true(elapsed >= 3 * BACKOFF_MS);
+    }
+    /* The same with the future in hand: attempt reports how many were started. */
+    factory fb = {.outputs = {0, -EIO, -EIO, 7}};
+    moor_retry_future rf;
+    moor_retry_init(&rf, factory_make, &fb, 3, 1, moor_deadline_in(SAFETY_MS));
+    assert_int_equal(moor_block_on(&rf.base), 7);
+    assert_int_equal(rf.attempt, 3);
+    assert_true(moor_future_done(&rf.base));
+    ex_free(ex);
+}
+
+static intptr_t retry_in_fiber(void *arg)
+{
+    factory *fa = arg;
+    return moor_retry(factory_make, fa, 4, BACKOFF_MS, moor_deadline_in(SAFETY_MS));
+}
+
+static void test_select_retry_outcomes(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+
+    /* Every attempt fails: the last attempt's error. */
+    factory fa = {.outputs = {0, -EIO, -EAGAIN, -ECONNREFUSED, 9}};
+    assert_int_equal(moor_retry(factory_make, &fa, 3, 1, -1), -ECONNREFUSED);
+    assert_int_equal(fa.made, 3);
+
+    /* One attempt only: no retry at all. */
+    fa = (factory){.outputs = {0, -EIO, 1}};
+    assert_int_equal(moor_retry(factory_make, &fa, 1, BACKOFF_MS, -1), -EIO);
+    assert_int_equal(fa.made, 1);
+
+    /* Success at once: one attempt, no backoff. */
+    fa = (factory){.outputs = {0, 0}};
+    assert_int_equal(moor_retry(factory_make, &fa, 3, 10000, -1), 0);
+    assert_int_equal(fa.made, 1);
+
+    /* The deadline passes during a backoff: -ETIMEDOUT, no earlier than the deadline, and no
+     * further attempt is started. */
+    fa = (factory){.outputs = {0, -EIO, 5}};
+    int64_t deadline = moor_deadline_in(WAIT_MS);
+    assert_int_equal(moor_retry(factory_make, &fa, 5, 10000, deadline), -ETIMEDOUT);
+    assert_true(moor_now() >= deadline);
+    assert_int_equal(fa.made, 1);
+    assert_int_equal(ex->timers.n, 0); /* the backoff's sleep went with it */
+
+    /* The deadline passes during an attempt: it is cancelled. */
+    fa = (factory){.outputs = {0, 1}, .pending = 1 << 30};
+    moor_retry_future rf;
+    deadline = moor_deadline_in(WAIT_MS);
+    moor_retry_init(&rf, factory_make, &fa, 3, 1, deadline);
+    assert_int_equal(moor_block_on(&rf.base), -ETIMEDOUT);
+    assert_true(moor_now() >= deadline);
+    assert_int_equal(fa.slot.cancels, 1);
+    assert_false(moor_future_done(&fa.slot.base));
+
+    /* make returning NULL: -ENOMEM. */
+    fa = (factory){.outputs = {0, -EIO, -EIO}, .fail_make_at = 2};
+    assert_int_equal(moor_retry(factory_make, &fa, 3, 1, -1), -ENOMEM);
+    assert_int_equal(fa.made, 2);
+
+    /* Awaited from a fiber. */
+    fa = (factory){.outputs = {0, -EIO, 77}, .pending = 1};
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, retry_in_fiber, &fa, NULL), 0);
+    intptr_t r = 0;
+    assert_int_equal(moor_join(f, &r), 0);
+    assert_int_equal(r, 77);
+    assert_int_equal(fa.made, 2);
+    ex_free(ex);
+}
+
+/* A retry future spawned as a task of its own, never awaited: the executor drives it,
+ * backoffs included, and its output is in base.result. */
+static void test_select_retry_spawned_as_task(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    factory fa = {.outputs = {0, -EIO, -EIO, 31}, .pending = 2};
+    factory fb = {.outputs = {0, -EPERM, -EPERM, -EPERM}};
+    moor_retry_future ra, rb;
+    moor_retry_init(&ra, factory_make, &fa, 4, BACKOFF_MS, -1);
+    moor_retry_init(&rb, factory_make, &fb, 3, 1, moor_deadline_in(SAFETY_MS));
+    int64_t start = moor_now();
+    assert_int_equal(moor_executor_spawn(ex, &ra.base), 0);
+    assert_int_equal(moor_executor_spawn(ex, &rb.base), 0);
+    assert_int_equal(moor_executor_run(ex), 0);
+    assert_true(moor_future_done(&ra.base));
+    assert_true(moor_future_done(&rb.base));
+    assert_int_equal(ra.base.result, 31);
+    assert_int_equal(ra.attempt, 3);
+    assert_true(moor_now() - start >= 3 * BACKOFF_MS);
+    assert_int_equal(rb.base.result, -EPERM);
+    assert_int_equal(rb.attempt, 3);
+    ex_free(ex);
+}
+
+/* ---- a cancelled fiber in a select ---------------------------------------------------- */
+
+typedef struct csel_ctx {
+    moor_chan *ch[3];
+    int vals[3];
+    moor_chan_op ops[3];
+    moor_sleep_future sl;
+    moor_future *futs[4];
+    int rc;
+    int returned;
+} csel_ctx;
+
+static intptr_t csel_fn(void *arg)
+{
+    csel_ctx *c = arg;
+    for (int i = 0; i < 3; i++) {
+        c->vals[i] = -1;
+        moor_chan_recv_init(&c->ops[i], c->ch[i], &c->vals[i],
+                            i == 1 ? moor_deadline_in(SAFETY_MS) : -1);
+        c->futs[i] = &c->ops[i].base;
+    }
+    moor_sleep_init(&c->sl, moor_deadline_in(SAFETY_MS));
+    c->futs[3] = &c->sl.base;
+    c->rc = moor_select(c->futs, 4, moor_deadline_in(SAFETY_MS));
+    c->returned = 1;
+    return c->rc;
+}
+
+static void test_select_cancelled_fiber(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    csel_ctx c;
+    memset(&c, 0, sizeof c);
+    for (int i = 0; i < 3; i++)
+        c.ch[i] = chan_new(0);
+
+    /* Cancelled while it waits: -ECANCELED, every future cancelled, nothing queued. */
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, csel_fn, &c, NULL), 0);
+    settle();
+    assert_false(c.returned);
+    assert_true(ex->timers.n >= 2); /* select's deadline, the op's, the sleep's */
+    moor_cancel(f);
+    intptr_t r = 0;
+    assert_int_equal(moor_join(f, &r), -ECANCELED);
+    assert_int_equal(r, -ECANCELED);
+    for (int i = 0; i < 4; i++)
+        assert_false(moor_future_done(c.futs[i]));
+    for (int i = 0; i < 3; i++) {
+        int v = 1;
+        assert_int_equal(moor_chan_try_send(c.ch[i], &v), -EAGAIN);
+        assert_int_equal(c.vals[i], -1);
+    }
+    assert_int_equal(ex->timers.n, 0);
+
+    /* A value handed to one of its operations just before the cancel is not lost: the
+     * select reports that operation. */
+    memset(c.vals, 0, sizeof c.vals);
+    c.returned = 0;
+    assert_int_equal(moor_spawn(&f, csel_fn, &c, NULL), 0);
+    settle();
+    int v = 2024;
+    assert_int_equal(moor_chan_try_send(c.ch[2], &v), 0);
+    moor_cancel(f);
+    assert_int_equal(moor_join(f, &r), -ECANCELED);
+    assert_int_equal(r, 2);
+    assert_int_equal(c.vals[2], 2024);
+    assert_true(moor_future_done(c.futs[2]));
+    for (int i = 0; i < 4; i++)
+        if (i != 2)
+            assert_false(moor_future_done(c.futs[i]));
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(moor_chan_try_send(c.ch[i], &v), -EAGAIN);
+
+    /* Cancelled before it calls select at all: -ECANCELED without waiting. */
+    c.returned = 0;
+    assert_int_equal(moor_spawn(&f, csel_fn, &c, NULL), 0);
+    moor_cancel(f);
+    assert_int_equal(moor_join(f, &r), -ECANCELED);
+    assert_int_equal(r, -ECANCELED);
+    assert_true(c.returned);
+
+    for (int i = 0; i < 3; i++)
+        moor_chan_free(c.ch[i]);
+    ex_free(ex);
+}
+
+int main(void)
+{
+    child_signals_save();
+    const struct CMUnitTest tests[] = {
+        TEST(test_select_one_of_1000),
+        TEST(test_select_ready_before_select),
+        TEST(test_select_deadline),
+        TEST(test_select_never_takes_two),
+        TEST(test_select_many_senders_one_taken),
+        TEST(test_select_send_and_recv_same_channel),
+        TEST(test_select_sleep_and_chan),
+        TEST(test_select_race),
+        TEST(test_select_timeout),
+        TEST(test_select_join_all),
+        TEST(test_select_join_all_in_fiber),
+        TEST(test_select_retry_succeeds_on_third),
+        TEST(test_select_retry_outcomes),
+        TEST(test_select_retry_spawned_as_task),
+        TEST(test_select_cancelled_fiber),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
