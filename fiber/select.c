@@ -53,7 +53,13 @@ static moor_poll select_poll(moor_future *fut, moor_cx *cx)
     for (size_t i = 0; i < sf->n && win < 0; i++) {
         moor_future *f = sf->futs[i];
         if (moor__future_done(f)) {
-            if (sf->claim.claimed && sf->claim.winner == f)
+            /* Done before the select began, or a non-taking future that finished while
+             * another won: the first is ready now, the second has lost. */
+            if (!sf->claim.claimed) {
+                sf->claim.claimed = 1;
+                sf->claim.winner = f;
+            }
+            if (sf->claim.winner == f)
                 win = (long)i;
             continue;
         }

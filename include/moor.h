@@ -188,8 +188,9 @@ MOOR_API moor_executor *moor_executor_current(void);
 MOOR_API moor_guard_mode moor_executor_guard(const moor_executor *ex);
 
 /* Run `fut` as a task of its own on `ex` (a future need not be a fiber to be a task). The
- * future must stay where it is until it is done; its output is then in fut->result.
- * Errors: -ENOMEM. */
+ * future must stay where it is until it is done; its output is then in fut->result. The task
+ * runs until its future completes: to stop it early, make the future complete (cancelling
+ * the future does not drop the task). Errors: -ENOMEM. */
 MOOR_API int moor_executor_spawn(moor_executor *ex, moor_future *fut);
 
 /* From any thread: spawn a detached fiber fn(arg) on `ex`, which starts it on its own thread
@@ -276,7 +277,8 @@ MOOR_API int moor_join(moor_fiber *fiber, intptr_t *result);
 
 /* The fiber's completion as a future (its output is the fiber's return value): await it,
  * select on it, block_on it. One future per fiber; it does not release the fiber, which must
- * still be joined (moor_join returns at once then). */
+ * still be joined (moor_join returns at once then). Like any future it becomes done when it
+ * is polled after the fiber returned, not by itself. */
 MOOR_API moor_future *moor_fiber_future(moor_fiber *fiber);
 
 /* Suspend the calling fiber until `fut` is ready and return its output. Only the calling
@@ -293,10 +295,12 @@ MOOR_API moor_fiber *moor_self(void);
 MOOR_API uint64_t moor_fiber_id(const moor_fiber *fiber);
 MOOR_API const char *moor_fiber_name(const moor_fiber *fiber);
 
-/* Cancel a fiber: the call it is waiting in, and every call that could wait that it makes
- * afterwards, return -ECANCELED (the future it waited on is cancelled cleanly), so it runs
- * its own cleanup and returns. A wait that had already completed when the cancel arrived
- * (a value received, a lock handed over) still returns its result: nothing is lost.
+/* Cancel a fiber: the call it is waiting in, and every call that would have to wait that it
+ * makes afterwards, return -ECANCELED (the future it waited on is cancelled cleanly), so it
+ * runs its own cleanup and returns. A call that completes without waiting still completes
+ * (cleanup may take an uncontended lock or read buffered data; moor_cancelled() tells a loop
+ * that never waits to stop). A wait that had already completed when the cancel arrived (a
+ * value received, a lock handed over) returns its result: nothing is lost.
  * moor_join then reports -ECANCELED. Idempotent; a no-op on a fiber that has returned. Any
  * fiber or plain code of the same thread. */
 MOOR_API void moor_cancel(moor_fiber *fiber);

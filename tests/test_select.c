@@ -932,6 +932,25 @@ typedef struct csel_ctx {
     int returned;
 } csel_ctx;
 
+/* A future that is already done when the select starts is ready: it wins at once (its
+ * output stays in its result), and the others are cancelled without being taken. */
+static void test_select_already_done_future_wins(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    val_future done, later;
+    val_init(&done, 0, 77);
+    assert_int_equal(moor_block_on(&done.base), 77);
+    assert_true(moor_future_done(&done.base));
+    val_init(&later, 1000, 5); /* would stay pending for 1,000 polls */
+    moor_future *futs[] = {&later.base, &done.base};
+    assert_int_equal(moor_select(futs, 2, moor_deadline_in(5000)), 1);
+    assert_int_equal(done.base.result, 77);
+    assert_int_equal(later.cancels, 1);
+    assert_true(later.polls <= 1);
+    ex_free(ex);
+}
+
 static intptr_t csel_fn(void *arg)
 {
     csel_ctx *c = arg;
@@ -1027,6 +1046,7 @@ int main(void)
         TEST(test_select_retry_outcomes),
         TEST(test_select_retry_spawned_as_task),
         TEST(test_select_cancelled_fiber),
+        TEST(test_select_already_done_future_wins),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
