@@ -308,10 +308,12 @@ MOOR_API void moor_cancel(moor_fiber *fiber);
 /* Non-zero if the calling fiber has been cancelled. */
 MOOR_API int moor_cancelled(void);
 
-/* Floating point: a fiber keeps its own rounding mode and exception masks (MXCSR and the x87
- * control word) across switches. The sticky exception flags (FE_INEXACT, FE_DIVBYZERO, ...)
- * are cleared whenever a fiber or the executor switches away, so test them with
- * fetestexcept() before the next suspension point, not after it. */
+/* Floating point: a fiber starts with the floating-point control settings (rounding mode,
+ * exception masks) the process had when its first executor was made, not the spawner's, and
+ * keeps its own settings (MXCSR and the x87 control word) across switches. The sticky
+ * exception flags (FE_INEXACT, FE_DIVBYZERO, ...) do not survive a suspension: they are clear
+ * when a fiber resumes, so test them with fetestexcept() before the next call that may
+ * suspend, not after it. */
 
 /* ------------------------------------------------------------------------------------------
  * Channels
