@@ -171,7 +171,7 @@ void moor_mutex_unlock(moor_mutex *m)
     moor__assert(m->locked, "moor_mutex_unlock: the mutex is not locked");
     moor__assert(m->owner == moor_self(), "moor_mutex_unlock: called by a fiber that does not hold it");
     /* FIFO hand-off: the lock stays locked and passes to the first waiter. */
-    wait_op *next = complete_first(&m->waiters);
+    wait_op *next = m->waiters.head ? complete_first(&m->waiters) : NULL;
     if (next) {
         m->owner = next->self;
         return;

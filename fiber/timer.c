@@ -91,10 +91,8 @@ int moor__timer_arm(moor__timer_heap *h, moor_timer_node *node, int64_t deadline
     return moor__timer_add(h, node, deadline, waker);
 }
 
-void moor__timer_remove(moor__timer_heap *h, moor_timer_node *node)
+void moor__timer_remove_queued(moor__timer_heap *h, moor_timer_node *node)
 {
-    if (!moor__timer_node_queued(node))
-        return;
     size_t i = node->index;
     node->index = SIZE_MAX;
     moor_timer_node *last = h->nodes[--h->n];

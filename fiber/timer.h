@@ -30,8 +30,13 @@ int moor__timer_add(moor__timer_heap *h, moor_timer_node *node, int64_t deadline
  * first time, point it at the current waker after. No-op for deadline -1. Errors: -ENOMEM. */
 int moor__timer_arm(moor__timer_heap *h, moor_timer_node *node, int64_t deadline,
                     const moor_waker *waker);
-/* Take a queued node out (no-op if it is not queued). */
-void moor__timer_remove(moor__timer_heap *h, moor_timer_node *node);
+void moor__timer_remove_queued(moor__timer_heap *h, moor_timer_node *node);
+/* Take a queued node out (no-op, inline, if it is not queued: the common case). */
+static inline void moor__timer_remove(moor__timer_heap *h, moor_timer_node *node)
+{
+    if (moor__timer_node_queued(node))
+        moor__timer_remove_queued(h, node);
+}
 /* Wake and unqueue every node whose deadline is <= now; returns how many. */
 size_t moor__timer_fire(moor__timer_heap *h, int64_t now);
 /* The earliest deadline, or -1 with no timer queued. */
