@@ -7,6 +7,8 @@ const char *moor_strerror(int err)
     if (err == 0)
         return "Success";
     /* strerrordesc_np returns a static, locale-free string and NULL for unknown values. */
-    const char *s = strerrordesc_np(err < 0 ? -err : err);
+    /* Negated as unsigned: -INT_MIN would overflow. */
+    unsigned int e = err < 0 ? 0u - (unsigned int)err : (unsigned int)err;
+    const char *s = e <= 4095 ? strerrordesc_np((int)e) : NULL;
     return s ? s : "Unknown error";
 }

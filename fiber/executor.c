@@ -341,12 +341,12 @@ static void events(moor_executor *ex, int may_block)
         moor__timer_fire(&ex->timers, moor_now());
 }
 
-/* Run tasks until `until` is done, or, with until == NULL, until no task is left. While
+/* Run tasks until done(arg) holds, or, with done == NULL, until no task is left. While
  * tasks are runnable it never blocks, but it still looks at timers and events every
  * EVENTS_EVERY runs so that a busy queue cannot starve them. */
 #define EVENTS_EVERY 64u
 
-static void run(moor_executor *ex, moor_future *until)
+static void run(moor_executor *ex, int (*done)(const void *arg), const void *arg)
 {
     moor__assert(ex == moor__tls_executor, "the executor belongs to another thread");
     moor__assert(!ex->current, "the executor cannot be run from inside a fiber; use moor_await");
@@ -359,13 +359,13 @@ static void run(moor_executor *ex, moor_future *until)
         moor_task *t = moor__runq_pop(ex);
         if (t) {
             task_run(ex, t);
-            if (until && moor__future_done(until))
+            if (done && done(arg))
                 break;
             if (++runs % EVENTS_EVERY == 0)
                 events(ex, 0);
             continue;
         }
-        if (until ? moor__future_done(until) : ex->ntasks == 0)
+        if (done ? done(arg) : ex->ntasks == 0)
             break;
         events(ex, 1);
     }
@@ -397,9 +397,16 @@ void moor__executor_after_fork(moor_executor *ex)
     pthread_condattr_destroy(&ca);
 }
 
+static int future_is_done(const void *fut) { return moor__future_done(fut); }
+
+void moor__executor_run_until(moor_executor *ex, int (*done)(const void *arg), const void *arg)
+{
+    run(ex, done, arg);
+}
+
 int moor_executor_run(moor_executor *ex)
 {
-    run(ex, NULL);
+    run(ex, NULL, NULL);
     return 0;
 }
 
@@ -417,6 +424,6 @@ intptr_t moor_block_on(moor_future *fut)
     int rc = moor_executor_spawn(ex, fut);
     if (rc < 0)
         return rc;
-    run(ex, fut);
+    run(ex, future_is_done, fut);
     return fut->result;
 }

@@ -126,6 +126,9 @@ static inline moor_task *moor__runq_pop(moor_executor *ex)
  * tasks are still runnable; *next_deadline is the earliest timer deadline or -1. */
 int moor__executor_tick(moor_executor *ex, unsigned budget, int64_t *next_deadline);
 
+/* From plain code: run the executor until done(arg) holds. Needs no allocation. */
+void moor__executor_run_until(moor_executor *ex, int (*done)(const void *arg), const void *arg);
+
 /* In a forked child: the locks other threads of the parent may have held are new. */
 void moor__executor_after_fork(moor_executor *ex);
 

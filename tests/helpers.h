@@ -63,7 +63,7 @@ __attribute__((unused)) static void child_signals_save(void)
         sigaction(child_signals[i], NULL, &child_saved_actions[i]);
 }
 
-static unsigned child_watchdog_s(void)
+__attribute__((unused)) static unsigned child_watchdog_s(void)
 {
     const char *env = getenv("MOOR_TEST_WATCHDOG");
     long s = env ? strtol(env, NULL, 10) : 0;

@@ -285,6 +285,53 @@ static void test_stack_guard_size_rounded(void **state)
     moor_executor_free(ex);
 }
 
+/* ---- reuse under ASan ------------------------------------------------------------------------ */
+
+#ifdef MOOR_TEST_ASAN
+/* A first frame with an addressable local right below fiber_entry: where the previous fiber
+ * on this stack left the frames of its last switch, which never return. */
+static intptr_t use_first_frame(void *arg)
+{
+    char local[192];
+    memset(local, (int)(intptr_t)arg, sizeof local);
+    __asm__ volatile("" : : "r"(local) : "memory");
+    return local[sizeof local - 1];
+}
+
+static void asan_reuse_child(void *arg)
+{
+    (void)arg;
+    /* Round 2 maps its stacks where round 1's freed executor had them (munmap, mmap). */
+    for (int round = 0; round < 2; round++) {
+        moor_executor *ex;
+        CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+        for (intptr_t i = 1; i <= 3; i++) { /* the pool hands the same stack back each time */
+            moor_fiber *f;
+            intptr_t r = 0;
+            CHILD_REQUIRE(moor_spawn(&f, use_first_frame, (void *)i, NULL) == 0);
+            CHILD_REQUIRE(moor_join(f, &r) == 0 && r == i);
+        }
+        moor_executor_free(ex);
+    }
+}
+#endif
+
+/* ASan keeps shadow state for every stack frame; a stack that comes back from the pool (or is
+ * mapped again at the same address) must not carry the previous fiber's poisoning, or ASan
+ * reports a stack-buffer-overflow in perfectly good code of the next fiber. */
+static void test_stack_reuse_leaves_no_asan_poison(void **state)
+{
+    (void)state;
+#ifndef MOOR_TEST_ASAN
+    print_message("only meaningful under ASan (MOOR_ASAN)\n");
+    skip();
+#else
+    child_report r;
+    child_run(asan_reuse_child, NULL, &r);
+    expect_child_ok(&r);
+#endif
+}
+
 /* ---- the pool ------------------------------------------------------------------------------ */
 
 static void test_stack_pool_lifo(void **state)
@@ -443,6 +490,7 @@ int main(void)
         TEST(test_stack_other_segfault_not_overflow),
         TEST(test_stack_size_per_fiber),
         TEST(test_stack_guard_size_rounded),
+        TEST(test_stack_reuse_leaves_no_asan_poison),
         TEST(test_stack_pool_lifo),
         TEST(test_stack_pool_gives_memory_back),
         TEST(test_stack_cold_stack_keeps_guard_madvise),

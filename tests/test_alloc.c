@@ -1,0 +1,149 @@
+/* Allocation failure: every allocation moor makes goes through moor__realloc, which this
+ * test replaces (a definition here wins over the static library's, whose alloc.o is then
+ * never linked) to fail on demand. Whatever fails, the call reports -ENOMEM and the runtime
+ * stays usable; nothing crashes, nothing is lost. */
+#include <errno.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include <cmocka.h>
+
+#include "moor.h"
+
+/* While failing is set, every allocation (not frees) fails. */
+static int failing;
+static unsigned long refused;
+
+void *moor__realloc(void *ptr, size_t size);
+void *moor__realloc(void *ptr, size_t size)
+{
+    if (size == 0) {
+        free(ptr);
+        return NULL;
+    }
+    if (failing) {
+        refused++;
+        return NULL;
+    }
+    return realloc(ptr, size);
+}
+
+static intptr_t add_one(void *arg) { return (intptr_t)arg + 1; }
+
+/* Joining from plain code needs no allocation: with every allocation refused, the fiber
+ * still runs and its result comes back. */
+static void test_alloc_join_from_plain_code_needs_no_memory(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, add_one, (void *)41, NULL), 0); /* a warm stack: no malloc */
+    failing = 1;
+    intptr_t r = 0;
+    assert_int_equal(moor_join(f, &r), 0);
+    failing = 0;
+    assert_int_equal(r, 42);
+    moor_executor_free(ex);
+}
+
+typedef struct ready_future {
+    moor_future base;
+} ready_future;
+
+static moor_poll ready_poll(moor_future *fut, moor_cx *cx)
+{
+    (void)cx;
+    fut->result = 7;
+    return MOOR_READY;
+}
+
+static const moor_future_ops ready_ops = {"ready", ready_poll, NULL};
+
+/* A task needs a slot; without memory, spawning and block_on say -ENOMEM and the executor
+ * works again once memory is back. */
+static void test_alloc_task_spawn_and_block_on(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    ready_future a;
+    moor_future_init(&a.base, &ready_ops, 0);
+    failing = 1;
+    assert_int_equal(moor_executor_spawn(ex, &a.base), -ENOMEM);
+    assert_int_equal(moor_block_on(&a.base), -ENOMEM);
+    failing = 0;
+    assert_int_equal(moor_block_on(&a.base), 7);
+    moor_executor_free(ex);
+}
+
+static void test_alloc_chan_new(void **state)
+{
+    (void)state;
+    moor_chan *ch = NULL;
+    failing = 1;
+    assert_int_equal(moor_chan_new(&ch, sizeof(int), 4), -ENOMEM);
+    failing = 0;
+    assert_int_equal(moor_chan_new(&ch, sizeof(int), 4), 0);
+    moor_chan_free(ch);
+}
+
+static intptr_t sleeper(void *arg)
+{
+    (void)arg;
+    return moor_sleep(moor_deadline_in(1));
+}
+
+/* The timer heap grows on the first sleep: refused, the sleep reports -ENOMEM rather than
+ * sleeping forever or not at all. */
+static void test_alloc_timer_heap(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, sleeper, NULL, NULL), 0);
+    failing = 1;
+    intptr_t r = 0;
+    assert_int_equal(moor_join(f, &r), 0);
+    failing = 0;
+    assert_int_equal(r, -ENOMEM);
+    assert_true(refused > 0);
+    assert_int_equal(moor_spawn(&f, sleeper, NULL, NULL), 0);
+    assert_int_equal(moor_join(f, &r), 0);
+    assert_int_equal(r, 0);
+    moor_executor_free(ex);
+}
+
+/* A fiber stack of a new size needs its pool bucket: refused, spawn says -ENOMEM. */
+static void test_alloc_spawn_new_stack_size(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_fiber *f;
+    moor_fiber_attr attr = {.stack_size = 512 * 1024};
+    failing = 1;
+    assert_int_equal(moor_spawn(&f, add_one, NULL, &attr), -ENOMEM);
+    failing = 0;
+    assert_int_equal(moor_spawn(&f, add_one, (void *)1, &attr), 0);
+    intptr_t r;
+    assert_int_equal(moor_join(f, &r), 0);
+    assert_int_equal(r, 2);
+    moor_executor_free(ex);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_alloc_join_from_plain_code_needs_no_memory),
+        cmocka_unit_test(test_alloc_task_spawn_and_block_on),
+        cmocka_unit_test(test_alloc_chan_new),
+        cmocka_unit_test(test_alloc_timer_heap),
+        cmocka_unit_test(test_alloc_spawn_new_stack_size),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
