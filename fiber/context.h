@@ -143,7 +143,10 @@ static inline void moor__ctx_make(moor__ctx *ctx, void *lo, size_t size,
                                   transfer_t (*entry)(transfer_t))
 {
     char *top = (char *)(((uintptr_t)lo + size) & ~(uintptr_t)15);
-    if (__builtin_expect(moor__ctx_tmpl.size != 0, 1)) {
+    if (__builtin_expect(moor__ctx_tmpl.size == 64, 1)) { /* Boost's x86-64 frame: inline */
+        __builtin_memcpy(top - 64, moor__ctx_tmpl.bytes, 64);
+        ctx->fctx = top - 64;
+    } else if (moor__ctx_tmpl.size != 0) {
         __builtin_memcpy(top - moor__ctx_tmpl.size, moor__ctx_tmpl.bytes, moor__ctx_tmpl.size);
         ctx->fctx = top - moor__ctx_tmpl.size;
     } else {

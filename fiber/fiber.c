@@ -33,18 +33,20 @@ static transfer_t fiber_entry(transfer_t t)
     moor__assert(f->open_scopes == 0,
                  "fiber %" PRIu64 " \"%s\" returned with %zu scope(s) still open: close them "
                  "(moor_scope_close) so that no child is forgotten",
-                 f->id, f->name, f->open_scopes);
+                 f->id, moor_fiber_name(f), f->open_scopes);
     if (f->scope)
         moor__scope_child_done(f);
 
     /* The poll adapter's READY: finish the task, hand the result to the joiner. */
     f->state = MOOR__FIBER_DONE;
-    moor__task_finish(ex, &f->task);
+    ex->ntasks--; /* moor__task_finish, for a fiber's task */
+    f->task.gen = 0;
+    f->task.state = MOOR__TASK_FREE;
     if (f->detached) {
         ex->zombie = f; /* not released here: we are still running on its stack */
     } else {
         moor_waker joiner = f->joiner;
-        moor_waker_wake(&joiner);
+        moor__wake(&joiner);
     }
     moor__switch_final(&f->ctx, moor__fiber_next(ex));
 }
@@ -130,13 +132,15 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
     f->cancelled = 0;
     f->scope = NULL;
     f->open_scopes = 0;
-    const char *name = attr && attr->name ? attr->name : "fiber";
-    size_t len = 0;
-    while (len < sizeof f->name - 1 && name[len]) {
-        f->name[len] = name[len];
-        len++;
+    f->name[0] = '\0'; /* empty: the default name, "fiber" (moor_fiber_name) */
+    if (attr && attr->name) {
+        size_t len = 0;
+        while (len < sizeof f->name - 1 && attr->name[len]) {
+            f->name[len] = attr->name[len];
+            len++;
+        }
+        f->name[len] = '\0';
     }
-    f->name[len] = '\0';
 
     char *lo = base + ex->pool.guard;
 #ifdef MOOR_ASAN_FIBERS
@@ -190,11 +194,11 @@ static int fiber_is_done(const void *f)
 int moor_join(moor_fiber *f, intptr_t *result)
 {
     check_handle(f, "moor_join");
-    moor__assert(!f->detached, "moor_join: fiber %" PRIu64 " \"%s\" is detached", f->id, f->name);
+    moor__assert(!f->detached, "moor_join: fiber %" PRIu64 " \"%s\" is detached", f->id, moor_fiber_name(f));
     moor__assert(!f->join_claimed, "moor_join: fiber %" PRIu64 " \"%s\" joined twice", f->id,
-                 f->name);
+                 moor_fiber_name(f));
     moor__assert(f != f->ex->current, "moor_join: fiber %" PRIu64 " \"%s\" joins itself", f->id,
-                 f->name);
+                 moor_fiber_name(f));
     f->join_claimed = 1;
     moor_fiber *self = f->ex->current;
     if (f->state != MOOR__FIBER_DONE && self) {
@@ -222,7 +226,7 @@ moor_future *moor_fiber_future(moor_fiber *f)
 {
     check_handle(f, "moor_fiber_future");
     moor__assert(!f->detached, "moor_fiber_future: fiber %" PRIu64 " \"%s\" is detached", f->id,
-                 f->name);
+                 moor_fiber_name(f));
     return &f->join_fut;
 }
 
@@ -325,4 +329,4 @@ moor_fiber *moor_self(void)
 
 uint64_t moor_fiber_id(const moor_fiber *f) { return f->id; }
 
-const char *moor_fiber_name(const moor_fiber *f) { return f->name; }
+const char *moor_fiber_name(const moor_fiber *f) { return f->name[0] ? f->name : "fiber"; }

@@ -64,7 +64,7 @@ static void on_segv(int sig, siginfo_t *info, void *uctx)
     n = put_str(msg, n, sizeof msg, "moor: fiber ");
     n = put_u64(msg, n, sizeof msg, f->id);
     n = put_str(msg, n, sizeof msg, " \"");
-    n = put_str(msg, n, sizeof msg, f->name);
+    n = put_str(msg, n, sizeof msg, f->name[0] ? f->name : "fiber");
     n = put_str(msg, n, sizeof msg, "\" overflowed its ");
     n = put_u64(msg, n, sizeof msg, f->stack_size / 1024);
     n = put_str(msg, n, sizeof msg, " KiB stack\n");
