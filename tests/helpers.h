@@ -155,4 +155,48 @@ __attribute__((unused)) static void expect_child_ok_at(const child_report *r, co
     }
 }
 
+
+/* ---- children that carry on with the test's own code ------------------------------------ */
+
+/* For a test whose child runs on from the fork (fork itself under test) or changes
+ * process-wide state the rest of the suite must not see (signal dispositions,
+ * RLIMIT_NOFILE). Unlike child_run, its stderr is not captured and it checks with CCHECK. */
+
+/* In such a child: on a failed check, say where and exit non-zero. */
+#define CCHECK(cond)                                                                          \
+    do {                                                                                      \
+        if (!(cond)) {                                                                        \
+            fprintf(stderr, "%s:%d: check failed in the child: %s\n", __FILE__, __LINE__,     \
+                    #cond);                                                                   \
+            _exit(100);                                                                       \
+        }                                                                                     \
+    } while (0)
+
+/* fork() with cmocka's crash handlers put back in the child and a watchdog alarm. */
+__attribute__((unused)) static pid_t fork_child(unsigned watchdog_s)
+{
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        static const int sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS, SIGABRT};
+        for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
+            signal(sigs[i], SIG_DFL);
+        alarm(watchdog_s);
+    }
+    return pid;
+}
+
+/* Wait for a child of fork_child and assert that it exited with status 0. */
+__attribute__((unused)) static void wait_child_ok(pid_t pid)
+{
+    int status;
+    while (waitpid(pid, &status, 0) < 0)
+        assert_int_equal(errno, EINTR);
+    if (WIFSIGNALED(status))
+        fail_msg("child killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail_msg("child exited with status %d", WEXITSTATUS(status));
+}
+
 #endif

@@ -32,29 +32,8 @@
 
 #include "fiber/executor.h"
 
-/* In a fiber (or a forked child's helper): on a failed check, say where and return the line. */
-#define FCHECK(cond)                                                                          \
-    do {                                                                                      \
-        if (!(cond)) {                                                                        \
-            fprintf(stderr, "%s:%d: check failed in a fiber: %s\n", __FILE__, __LINE__,       \
-                    #cond);                                                                   \
-            return __LINE__;                                                                  \
-        }                                                                                     \
-    } while (0)
-
-/* In a forked child: on a failed check, say where and exit with the line (mod 256, never 0). */
-#define CCHECK(cond)                                                                          \
-    do {                                                                                      \
-        if (!(cond)) {                                                                        \
-            fprintf(stderr, "%s:%d: check failed in the child: %s\n", __FILE__, __LINE__,     \
-                    #cond);                                                                   \
-            _exit(100);                                                                       \
-        }                                                                                     \
-    } while (0)
-
-/* A generous bound on every wait that should succeed: a bug fails the test instead of
- * hanging it. Never asserted as an upper bound on time. */
-#define SAFETY_MS 30000
+#define FIXTURE_FCHECK_RETURNS
+#include "fixture.h"
 
 static void make_nonblocking(int fd)
 {
@@ -84,33 +63,16 @@ static ssize_t read_full(int fd, void *buf, size_t len, int64_t deadline)
     return (ssize_t)got;
 }
 
-/* Run fn in a forked child (cmocka's crash handlers put back to default, a watchdog alarm)
- * and return its wait status. The child exits 0 if fn returns. */
-static int run_in_child(void (*fn)(void *), void *arg)
+/* Run fn in a forked child (see fork_child) and return its pid. The child exits 0 if fn
+ * returns. */
+static pid_t run_in_child(void (*fn)(void *), void *arg)
 {
-    fflush(NULL);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
+    pid_t pid = fork_child(60);
     if (pid == 0) {
-        static const int sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS, SIGABRT};
-        for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
-            signal(sigs[i], SIG_DFL);
-        alarm(60);
         fn(arg);
         _exit(0);
     }
-    int status;
-    while (waitpid(pid, &status, 0) < 0)
-        assert_int_equal(errno, EINTR);
-    return status;
-}
-
-static void expect_exit_ok(int status)
-{
-    if (WIFSIGNALED(status))
-        fail_msg("child killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        fail_msg("child exited with status %d", WEXITSTATUS(status));
+    return pid;
 }
 
 /* ---- ping-pong between 1,000 fiber pairs ------------------------------------------------- */
@@ -606,13 +568,13 @@ static void epipe_fresh(void *arg) { (void)arg, epipe_writes(0); }
 static void test_io_write_to_closed_peer_epipe(void **state)
 {
     (void)state;
-    expect_exit_ok(run_in_child(epipe_after_loop, NULL));
+    wait_child_ok(run_in_child(epipe_after_loop, NULL));
 }
 
 static void test_io_write_to_closed_peer_epipe_first_call(void **state)
 {
     (void)state;
-    expect_exit_ok(run_in_child(epipe_fresh, NULL));
+    wait_child_ok(run_in_child(epipe_fresh, NULL));
 }
 
 /* A reader that goes away in the middle of a write_all: -EPIPE, and what was written is told. */
@@ -999,22 +961,8 @@ static void emfile_child(void *arg)
 static void test_io_accept_emfile_backs_off(void **state)
 {
     (void)state;
-    expect_exit_ok(run_in_child(emfile_child, NULL));
+    wait_child_ok(run_in_child(emfile_child, NULL));
 }
-
-/* After a test that failed half-way: its executor may still be current, with tasks pending,
- * and cannot be freed. Forget it (leak it) so that the next test can make its own. */
-static int forget_executor(void **state)
-{
-    (void)state;
-    if (moor__tls_executor) {
-        print_message("a failed test left its executor behind; leaking it\n");
-        moor__tls_executor = NULL;
-    }
-    return 0;
-}
-
-#define TEST(fn) cmocka_unit_test_teardown(fn, forget_executor)
 
 int main(void)
 {

@@ -29,25 +29,8 @@
 #include "fiber/executor.h"
 #include "reactor/reactor.h"
 
-#define FCHECK(cond)                                                                          \
-    do {                                                                                      \
-        if (!(cond)) {                                                                        \
-            fprintf(stderr, "%s:%d: check failed in a fiber: %s\n", __FILE__, __LINE__,       \
-                    #cond);                                                                   \
-            return __LINE__;                                                                  \
-        }                                                                                     \
-    } while (0)
-
-#define CCHECK(cond)                                                                          \
-    do {                                                                                      \
-        if (!(cond)) {                                                                        \
-            fprintf(stderr, "%s:%d: check failed in the child: %s\n", __FILE__, __LINE__,     \
-                    #cond);                                                                   \
-            _exit(100);                                                                       \
-        }                                                                                     \
-    } while (0)
-
-#define SAFETY_MS 30000
+#define FIXTURE_FCHECK_RETURNS
+#include "fixture.h"
 
 static void sleep_ms(int ms)
 {
@@ -82,32 +65,6 @@ static intptr_t pp_fiber(void *arg)
             FCHECK(moor_write(p->fd, &b, 1, deadline) == 1);
     }
     return 0;
-}
-
-/* fork() with cmocka's crash handlers put back in the child and a watchdog alarm. */
-static pid_t fork_child(unsigned watchdog_s)
-{
-    fflush(NULL);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        static const int sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS, SIGABRT};
-        for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++)
-            signal(sigs[i], SIG_DFL);
-        alarm(watchdog_s);
-    }
-    return pid;
-}
-
-static void expect_child_ok(pid_t pid)
-{
-    int status;
-    while (waitpid(pid, &status, 0) < 0)
-        assert_int_equal(errno, EINTR);
-    if (WIFSIGNALED(status))
-        fail_msg("child killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        fail_msg("child exited with status %d", WEXITSTATUS(status));
 }
 
 /* ---- moor_blocking -------------------------------------------------------------------------- */
@@ -472,7 +429,7 @@ static void test_reactor_spawn_remote_many(void **state)
         remote_spawn_run(0, RS_PER_THREAD); /* the plain driver: no event loop */
         _exit(0);
     }
-    expect_child_ok(pid);
+    wait_child_ok(pid);
 }
 
 static void test_reactor_spawn_remote_to_loop(void **state)
@@ -483,7 +440,7 @@ static void test_reactor_spawn_remote_to_loop(void **state)
         remote_spawn_run(1, RS_PER_THREAD / 4); /* parked in libev */
         _exit(0);
     }
-    expect_child_ok(pid);
+    wait_child_ok(pid);
 }
 
 /* ---- waking from another thread ----------------------------------------------------------- */
@@ -553,7 +510,7 @@ static void test_reactor_wake_from_thread(void **state)
         wake_from_thread_run(1);
         _exit(0);
     }
-    expect_child_ok(pid);
+    wait_child_ok(pid);
 }
 
 /* The same without an event loop: the executor parks on its condition variable. */
@@ -565,7 +522,7 @@ static void test_reactor_wake_from_thread_plain_driver(void **state)
         wake_from_thread_run(0);
         _exit(0);
     }
-    expect_child_ok(pid);
+    wait_child_ok(pid);
 }
 
 /* ---- an event loop the application owns --------------------------------------------------- */
@@ -888,7 +845,7 @@ static void test_reactor_fork(void **state)
         moor_executor_free(ex);
         _exit(0);
     }
-    expect_child_ok(pid);
+    wait_child_ok(pid);
     /* The parent's reactor is untouched by the child's. */
     assert_int_equal(roundtrip(10), 0);
     assert_int_equal(moor_blocking(sentinel_fn, &calls, NULL, -1), 0);
@@ -943,22 +900,8 @@ static void test_reactor_fork_blocking_in_flight(void **state)
     }
     moor_executor_free(ex);
     gate_fini();
-    expect_child_ok(pid);
+    wait_child_ok(pid);
 }
-
-/* After a test that failed half-way: its executor may still be current, with tasks pending,
- * and cannot be freed. Forget it (leak it) so that the next test can make its own. */
-static int forget_executor(void **state)
-{
-    (void)state;
-    if (moor__tls_executor) {
-        print_message("a failed test left its executor behind; leaking it\n");
-        moor__tls_executor = NULL;
-    }
-    return 0;
-}
-
-#define TEST(fn) cmocka_unit_test_teardown(fn, forget_executor)
 
 int main(void)
 {

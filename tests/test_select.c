@@ -18,92 +18,15 @@
 #include "fiber/executor.h"
 #include "fiber/fiber.h"
 
-/* ---- shared scaffolding ----------------------------------------------------------------- */
+#include "fixture.h"
 
-static int fiber_fail_line;
-
-#define FCHECK(cond)                                                                          \
-    do {                                                                                      \
-        if (!(cond)) {                                                                        \
-            fprintf(stderr, "%s:%d: check failed in a fiber: %s\n", __FILE__, __LINE__,       \
-                    #cond);                                                                   \
-            if (!fiber_fail_line)                                                             \
-                fiber_fail_line = __LINE__;                                                   \
-        }                                                                                     \
-    } while (0)
-
-#define SAFETY_MS 30000 /* bound on waits that should succeed; never an upper bound on time */
-#define WAIT_MS 40
-
-static moor_executor *ex_new(void)
-{
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
-    fiber_fail_line = 0;
-    return ex;
-}
-
-static void ex_free(moor_executor *ex)
-{
-    int fibers_left = ex->fibers != NULL;
-    size_t timers_left = ex->timers.n;
-    size_t tasks_left = ex->ntasks;
-    if (tasks_left == 0)
-        moor_executor_free(ex);
-    assert_int_equal(tasks_left, 0);
-    assert_false(fibers_left);
-    assert_int_equal(timers_left, 0); /* no combinator or op left a timer behind */
-    assert_int_equal(fiber_fail_line, 0);
-}
-
-/* After a failed test: free the executor it left behind, or if fibers are still pending
- * (their arguments may have lived on the failed test's stack, so they must never run
- * again) abandon it, so that the following tests do not fail on -EEXIST too. */
-static int ex_teardown(void **state)
-{
-    (void)state;
-    moor_executor *ex = moor_executor_current();
-    if (!ex || ex->running || ex->current)
-        return 0;
-    if (ex->ntasks == 0) {
-        moor_executor_free(ex);
-    } else {
-        print_message("abandoning the executor of the failed test (%zu tasks pending)\n",
-                      ex->ntasks);
-        moor__tls_executor = NULL;
-    }
-    return 0;
-}
-
-#define TEST(fn) cmocka_unit_test_teardown(fn, ex_teardown)
-
-static intptr_t yield_n(void *arg)
-{
-    for (intptr_t i = 0; i < (intptr_t)arg; i++)
-        moor_yield();
-    return 0;
-}
-
-static void settle(void)
-{
-    moor_fiber *f;
-    assert_int_equal(moor_spawn(&f, yield_n, (void *)8, NULL), 0);
-    assert_int_equal(moor_join(f, NULL), 0);
-}
+/* ---- scaffolding of this file (the executor fixture is in fixture.h) -------------------- */
 
 static moor_chan *chan_new(size_t cap)
 {
     moor_chan *ch = NULL;
     assert_int_equal(moor_chan_new(&ch, sizeof(int), cap), 0);
     return ch;
-}
-
-static uint32_t rnd(uint32_t *s)
-{
-    *s ^= *s << 13;
-    *s ^= *s >> 17;
-    *s ^= *s << 5;
-    return *s;
 }
 
 /* A hand-written future: PENDING for `pending` polls (waking itself each time), then READY

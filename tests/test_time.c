@@ -21,15 +21,8 @@
 
 #include "fiber/executor.h"
 
-/* In a fiber: on a failed check, say where and return the line. */
-#define FCHECK(cond)                                                                          \
-    do {                                                                                      \
-        if (!(cond)) {                                                                        \
-            fprintf(stderr, "%s:%d: check failed in a fiber: %s\n", __FILE__, __LINE__,       \
-                    #cond);                                                                   \
-            return __LINE__;                                                                  \
-        }                                                                                     \
-    } while (0)
+#define FIXTURE_FCHECK_RETURNS
+#include "fixture.h"
 
 /* ---- the clock --------------------------------------------------------------------------- */
 
@@ -443,20 +436,6 @@ static void test_time_plain_driver_has_no_loop(void **state)
     assert_null(ex->reactor);
     moor_executor_free(ex);
 }
-
-/* After a test that failed half-way: its executor may still be current, with tasks pending,
- * and cannot be freed. Forget it (leak it) so that the next test can make its own. */
-static int forget_executor(void **state)
-{
-    (void)state;
-    if (moor__tls_executor) {
-        print_message("a failed test left its executor behind; leaking it\n");
-        moor__tls_executor = NULL;
-    }
-    return 0;
-}
-
-#define TEST(fn) cmocka_unit_test_teardown(fn, forget_executor)
 
 int main(void)
 {

@@ -31,44 +31,15 @@
 #include <string.h>
 #include <time.h>
 
+#define BENCH_NAME "bench_chan"
+#include "bench.h"
 #include "moor.h"
-
-#define REPS 11
 
 /* Iteration counts at scale 1: each repetition of each measurement takes ~10-60 ms. */
 #define YIELD_N 1000000u
 #define CHAN_N 1000000u
 #define MUTEX_N 10000000u
 #define SELECT_N 1000000u
-
-typedef unsigned long long ull;
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* Picoseconds per operation: keeps a decimal or two of a nanosecond without floating point. */
-static uint64_t ps_per_op(uint64_t t0, uint64_t t1, uint64_t n)
-{
-    return (t1 - t0) * 1000u / n;
-}
-
-static void check(int rc, const char *what)
-{
-    if (rc < 0) {
-        fprintf(stderr, "bench_chan: %s: %s\n", what, moor_strerror(rc));
-        exit(1);
-    }
-}
-
-static void die(const char *msg)
-{
-    fprintf(stderr, "bench_chan: %s\n", msg);
-    exit(1);
-}
 
 /* ---- executors, fibers, channels ------------------------------------------------------ */
 
@@ -80,16 +51,6 @@ static moor_executor *executor_begin(void)
     feclearexcept(FE_ALL_EXCEPT);
     check(moor_executor_new(&ex, NULL), "moor_executor_new");
     return ex;
-}
-
-static void spawn_checked(moor_fiber **out, moor_fiber_fn fn, void *arg)
-{
-    check(moor_spawn(out, fn, arg, NULL), "moor_spawn");
-}
-
-static void join_checked(moor_fiber *f)
-{
-    check(moor_join(f, NULL), "moor_join");
 }
 
 static moor_chan *chan_checked(size_t capacity)
@@ -389,43 +350,6 @@ static const char *const figure_key[NFIGURES] = {
     "mutex_lock_unlock_ns", "select2_ns",          "yield_round_trip_ns",
 };
 
-struct stats {
-    uint64_t median, min, max; /* picoseconds per operation */
-};
-
-static struct stats stats_of(const uint64_t *v, size_t n)
-{
-    uint64_t s[REPS];
-    memcpy(s, v, n * sizeof *s);
-    for (size_t i = 1; i < n; i++) /* insertion sort: n is tiny */
-        for (size_t j = i; j > 0 && s[j - 1] > s[j]; j--) {
-            uint64_t tmp = s[j];
-            s[j] = s[j - 1];
-            s[j - 1] = tmp;
-        }
-    return (struct stats){.median = s[n / 2], .min = s[0], .max = s[n - 1]};
-}
-
-/* Picoseconds as nanoseconds with one decimal, rounded. */
-static const char *fmt_ns(char *buf, size_t len, uint64_t ps)
-{
-    ull tenths = (ps + 50) / 100;
-    snprintf(buf, len, "%llu.%llu", tenths / 10, tenths % 10);
-    return buf;
-}
-
-/* num/den with two decimals, rounded. */
-static const char *fmt_ratio(char *buf, size_t len, uint64_t num, uint64_t den)
-{
-    if (den == 0) {
-        snprintf(buf, len, "inf");
-        return buf;
-    }
-    ull hundredths = (num * 100 + den / 2) / den;
-    snprintf(buf, len, "%llu.%02llu", hundredths / 100, hundredths % 100);
-    return buf;
-}
-
 /* a - b in picoseconds as signed nanoseconds with one decimal. */
 static const char *fmt_ns_diff(char *buf, size_t len, uint64_t a, uint64_t b)
 {
@@ -434,124 +358,53 @@ static const char *fmt_ns_diff(char *buf, size_t len, uint64_t a, uint64_t b)
     return buf;
 }
 
-static void cpu_model(char *buf, size_t len)
-{
-    snprintf(buf, len, "unknown");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f)
-        return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        if (strncmp(line, "model name", 10) != 0)
-            continue;
-        const char *v = strchr(line, ':');
-        if (!v)
-            continue;
-        v++;
-        while (*v == ' ' || *v == '\t')
-            v++;
-        snprintf(buf, len, "%s", v);
-        buf[strcspn(buf, "\n")] = '\0';
-        break;
-    }
-    fclose(f);
-}
-
-static uint64_t scaled(unsigned base, double scale)
-{
-    uint64_t n = (uint64_t)((double)base * scale);
-    return n ? n : 1;
-}
-
-struct ratio {
-    const char *key;
-    enum figure num, den;
-    unsigned limit_hundredths; /* the target: num/den at most this */
-    const char *limit_text;
-};
-
-static const struct ratio ratios[] = {
+static const struct bench_ratio ratios[] = {
     {"chan_vs_yield_ratio", CHAN0, YIELD, 200, "2"},
 };
 #define NRATIOS (sizeof ratios / sizeof ratios[0])
 
+/* The iteration counts of this run, at its scale. */
+struct counts {
+    uint64_t yield, chan, mutex, select;
+};
+
+static void round_all(uint64_t *r, void *ctx)
+{
+    const struct counts *n = ctx;
+    r[YIELD] = bench_yield(n->yield);
+    r[CHAN0] = bench_pingpong(n->chan, 0);
+    r[CHAN1] = bench_pingpong(n->chan, 1);
+    r[CHAN0_ASYM] = bench_pingpong_asym(n->chan);
+    r[MUTEX] = bench_mutex(n->mutex);
+    r[SELECT2] = bench_select2(n->select);
+}
+
 int main(int argc, char **argv)
 {
-    const char *scale_arg = "1";
-    double scale = 1.0;
-    if (argc > 2) {
-        fprintf(stderr, "usage: %s [scale]   (scale multiplies iteration counts; default 1)\n",
-                argv[0]);
-        return 2;
-    }
-    if (argc == 2) {
-        char *end;
-        scale_arg = argv[1];
-        scale = strtod(scale_arg, &end);
-        if (end == scale_arg || *end != '\0' || !(scale > 0.0) || scale > 1000.0) {
-            fprintf(stderr, "%s: scale must be a number in (0, 1000], not \"%s\"\n", argv[0],
-                    scale_arg);
-            return 2;
-        }
-    }
-    const uint64_t n_yield = scaled(YIELD_N, scale), n_chan = scaled(CHAN_N, scale),
-                   n_mutex = scaled(MUTEX_N, scale), n_select = scaled(SELECT_N, scale);
+    const char *scale_arg;
+    double scale = bench_scale_arg(argc, argv, &scale_arg);
+    struct counts n = {.yield = scaled(YIELD_N, scale), .chan = scaled(CHAN_N, scale),
+                       .mutex = scaled(MUTEX_N, scale), .select = scaled(SELECT_N, scale)};
     /* The ping-pong checks its values as int. */
-    if (2 * (n_chan + n_chan / 16) > INT32_MAX || n_select + n_select / 16 > INT32_MAX)
+    if (2 * (n.chan + n.chan / 16) > INT32_MAX || n.select + n.select / 16 > INT32_MAX)
         die("scale too large for int-valued messages");
     feclearexcept(FE_ALL_EXCEPT); /* the last floating point of the run */
 
-    uint64_t results[NFIGURES][REPS];
-    for (int round = -1; round < REPS; round++) { /* round -1 warms up and is discarded */
-        uint64_t r[NFIGURES];
-        r[YIELD] = bench_yield(n_yield);
-        r[CHAN0] = bench_pingpong(n_chan, 0);
-        r[CHAN1] = bench_pingpong(n_chan, 1);
-        r[CHAN0_ASYM] = bench_pingpong_asym(n_chan);
-        r[MUTEX] = bench_mutex(n_mutex);
-        r[SELECT2] = bench_select2(n_select);
-        if (round >= 0)
-            for (int i = 0; i < NFIGURES; i++)
-                results[i][round] = r[i];
-    }
-
     struct stats st[NFIGURES];
-    for (int i = 0; i < NFIGURES; i++)
-        st[i] = stats_of(results[i], REPS);
+    bench_repeat(NFIGURES, round_all, &n, st);
 
-    char b1[32], b2[32], b3[32];
-    for (int i = 0; i < NFIGURES; i++)
-        printf("%s: %s ns\n", figure_key[i], fmt_ns(b1, sizeof b1, st[i].median));
-    for (size_t i = 0; i < NRATIOS; i++)
-        printf("%s: %s x\n", ratios[i].key,
-               fmt_ratio(b1, sizeof b1, st[ratios[i].num].median, st[ratios[i].den].median));
-    char cpu[256];
-    cpu_model(cpu, sizeof cpu);
-    printf("cpu_model: %s\n", cpu);
+    bench_print_keys(figure_key, st, NFIGURES, ratios, NRATIOS);
+    bench_print_cpu_model();
 
-    printf("\n%d repetitions, median shown, after one warm-up round; scale %s\n", REPS,
-           scale_arg);
-    printf("%-28s %10s %10s %10s %8s %10s\n", "figure (ns)", "median", "min", "max", "spread",
-           "iterations");
-    const uint64_t iters[NFIGURES] = {n_chan, n_chan, n_chan, n_mutex, n_select, n_yield};
-    for (int i = 0; i < NFIGURES; i++) {
-        ull spread = st[i].median ? (st[i].max - st[i].min) * 100 / st[i].median : 0;
-        printf("%-28s %10s %10s %10s %7llu%% %10llu\n", figure_key[i],
-               fmt_ns(b1, sizeof b1, st[i].median), fmt_ns(b2, sizeof b2, st[i].min),
-               fmt_ns(b3, sizeof b3, st[i].max), spread, (ull)iters[i]);
-    }
+    const uint64_t iters[NFIGURES] = {n.chan, n.chan, n.chan, n.mutex, n.select, n.yield};
+    bench_print_table(scale_arg, figure_key, st, iters, NFIGURES);
+    char b1[32];
     printf("\nchan_round_trip_asym_ns (information): two functions, %s ns; on x86 the return "
            "into the other function after each resume is mispredicted\n",
            fmt_ns_diff(b1, sizeof b1, st[CHAN0_ASYM].median, st[CHAN0].median));
     printf("select2_ns: per round one select and the send that satisfies it; the select waits "
            "in every other round\n");
 
-    printf("\n%-28s %10s %10s %8s\n", "target", "measured", "limit", "result");
-    for (size_t i = 0; i < NRATIOS; i++) {
-        uint64_t num = st[ratios[i].num].median, den = st[ratios[i].den].median;
-        int pass = num * 100 <= (uint64_t)ratios[i].limit_hundredths * den;
-        printf("%-28s %8s x %8s x %8s\n", ratios[i].key, fmt_ratio(b1, sizeof b1, num, den),
-               ratios[i].limit_text, pass ? "PASS" : "MISS");
-    }
+    bench_print_targets(ratios, NRATIOS, st);
     return 0;
 }

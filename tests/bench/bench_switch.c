@@ -36,9 +36,9 @@
 #endif
 
 #include "fiber/fcontext.h"
+#define BENCH_NAME "bench_switch"
+#include "bench.h"
 #include "moor.h"
-
-#define REPS 11
 
 /* Iteration counts at scale 1: each repetition of each measurement takes ~10-60 ms. */
 #define RAW_N 2000000u
@@ -46,35 +46,6 @@
 #define SPAWN_N 500000u
 #define COLD_K 10000u
 #define FP_EACH_N 500000u
-
-typedef unsigned long long ull;
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* Picoseconds per operation: keeps a decimal or two of a nanosecond without floating point. */
-static uint64_t ps_per_op(uint64_t t0, uint64_t t1, uint64_t n)
-{
-    return (t1 - t0) * 1000u / n;
-}
-
-static void check(int rc, const char *what)
-{
-    if (rc < 0) {
-        fprintf(stderr, "bench_switch: %s: %s\n", what, moor_strerror(rc));
-        exit(1);
-    }
-}
-
-static void die(const char *msg)
-{
-    fprintf(stderr, "bench_switch: %s\n", msg);
-    exit(1);
-}
 
 /* The floating-point state a switch reloads: MXCSR where there is one, else the flags. */
 static unsigned fp_state(void)
@@ -201,16 +172,6 @@ static moor_executor *executor_begin(void)
     moor_executor *ex;
     check(moor_executor_new(&ex, NULL), "moor_executor_new");
     return ex;
-}
-
-static void spawn_checked(moor_fiber **out, moor_fiber_fn fn, void *arg)
-{
-    check(moor_spawn(out, fn, arg, NULL), "moor_spawn");
-}
-
-static void join_checked(moor_fiber *f)
-{
-    check(moor_join(f, NULL), "moor_join");
 }
 
 /* ---- (b), (e), fp_each: two fibers yielding in turn ---------------------------------- */
@@ -361,66 +322,6 @@ static const char *const figure_key[NFIGURES] = {
     "spawn_join_cold_ns",       "yield_round_trip_fp_ns", "yield_round_trip_fp_each_ns",
 };
 
-struct stats {
-    uint64_t median, min, max; /* picoseconds per operation */
-};
-
-static struct stats stats_of(const uint64_t *v, size_t n)
-{
-    uint64_t s[REPS];
-    memcpy(s, v, n * sizeof *s);
-    for (size_t i = 1; i < n; i++) /* insertion sort: n is tiny */
-        for (size_t j = i; j > 0 && s[j - 1] > s[j]; j--) {
-            uint64_t tmp = s[j];
-            s[j] = s[j - 1];
-            s[j - 1] = tmp;
-        }
-    return (struct stats){.median = s[n / 2], .min = s[0], .max = s[n - 1]};
-}
-
-/* Picoseconds as nanoseconds with one decimal, rounded. */
-static const char *fmt_ns(char *buf, size_t len, uint64_t ps)
-{
-    ull tenths = (ps + 50) / 100;
-    snprintf(buf, len, "%llu.%llu", tenths / 10, tenths % 10);
-    return buf;
-}
-
-/* num/den with two decimals, rounded. */
-static const char *fmt_ratio(char *buf, size_t len, uint64_t num, uint64_t den)
-{
-    if (den == 0) {
-        snprintf(buf, len, "inf");
-        return buf;
-    }
-    ull hundredths = (num * 100 + den / 2) / den;
-    snprintf(buf, len, "%llu.%02llu", hundredths / 100, hundredths % 100);
-    return buf;
-}
-
-static void cpu_model(char *buf, size_t len)
-{
-    snprintf(buf, len, "unknown");
-    FILE *f = fopen("/proc/cpuinfo", "r");
-    if (!f)
-        return;
-    char line[512];
-    while (fgets(line, sizeof line, f)) {
-        if (strncmp(line, "model name", 10) != 0)
-            continue;
-        const char *v = strchr(line, ':');
-        if (!v)
-            continue;
-        v++;
-        while (*v == ' ' || *v == '\t')
-            v++;
-        snprintf(buf, len, "%s", v);
-        buf[strcspn(buf, "\n")] = '\0';
-        break;
-    }
-    fclose(f);
-}
-
 static const char *guard_name(moor_guard_mode mode)
 {
     switch (mode) {
@@ -434,110 +335,63 @@ static const char *guard_name(moor_guard_mode mode)
     return "auto";
 }
 
-static uint64_t scaled(unsigned base, double scale)
-{
-    uint64_t n = (uint64_t)((double)base * scale);
-    return n ? n : 1;
-}
-
-struct ratio {
-    const char *key;
-    enum figure num, den;
-    unsigned limit_hundredths; /* the target: num/den at most this */
-    const char *limit_text;
-};
-
-static const struct ratio ratios[] = {
+static const struct bench_ratio ratios[] = {
     {"yield_vs_raw_ratio", YIELD, RAW, 300, "3"},
     {"spawn_vs_raw_ratio", SPAWN_WARM, RAW, 500, "5"},
     {"fp_vs_clean_ratio", YIELD_FP, YIELD, 120, "1.2"},
 };
 #define NRATIOS (sizeof ratios / sizeof ratios[0])
 
+/* The iteration counts of this run, at its scale, and what the measurements need. */
+struct run {
+    uint64_t raw_n, yield, spawn, cold, fp_each;
+    struct raw raw;
+    moor_fiber **cold_fibers;
+};
+
+static void round_all(uint64_t *r, void *ctx)
+{
+    struct run *run = ctx;
+    r[RAW] = bench_raw(&run->raw, run->raw_n);
+    r[YIELD] = bench_yield(run->yield, FP_NONE);
+    r[SPAWN_WARM] = bench_spawn_warm(run->spawn);
+    r[SPAWN_COLD] = bench_spawn_cold(run->cold, run->cold_fibers);
+    r[YIELD_FP] = bench_yield(run->yield, FP_BEFORE);
+    r[YIELD_FP_EACH] = bench_yield(run->fp_each, FP_EACH);
+}
+
 int main(int argc, char **argv)
 {
-    const char *scale_arg = "1";
-    double scale = 1.0;
-    if (argc > 2) {
-        fprintf(stderr, "usage: %s [scale]   (scale multiplies iteration counts; default 1)\n",
-                argv[0]);
-        return 2;
-    }
-    if (argc == 2) {
-        char *end;
-        scale_arg = argv[1];
-        scale = strtod(scale_arg, &end);
-        if (end == scale_arg || *end != '\0' || !(scale > 0.0) || scale > 1000.0) {
-            fprintf(stderr, "%s: scale must be a number in (0, 1000], not \"%s\"\n", argv[0],
-                    scale_arg);
-            return 2;
-        }
-    }
-    const uint64_t n_raw = scaled(RAW_N, scale), n_yield = scaled(YIELD_N, scale),
-                   n_spawn = scaled(SPAWN_N, scale), k_cold = scaled(COLD_K, scale),
-                   n_fp_each = scaled(FP_EACH_N, scale);
+    const char *scale_arg;
+    double scale = bench_scale_arg(argc, argv, &scale_arg);
+    struct run run = {.raw_n = scaled(RAW_N, scale), .yield = scaled(YIELD_N, scale),
+                      .spawn = scaled(SPAWN_N, scale), .cold = scaled(COLD_K, scale),
+                      .fp_each = scaled(FP_EACH_N, scale)};
     feclearexcept(FE_ALL_EXCEPT); /* the last floating point until the deliberate kind */
 
     moor_executor *ex = executor_begin();
     moor_guard_mode guard = moor_executor_guard(ex);
     moor_executor_free(ex);
 
-    moor_fiber **cold_fibers = malloc(k_cold * sizeof *cold_fibers);
-    if (!cold_fibers)
+    run.cold_fibers = malloc(run.cold * sizeof *run.cold_fibers);
+    if (!run.cold_fibers)
         die("out of memory");
-    struct raw raw;
-    raw_init(&raw);
-
-    uint64_t results[NFIGURES][REPS];
-    for (int round = -1; round < REPS; round++) { /* round -1 warms up and is discarded */
-        uint64_t r[NFIGURES];
-        r[RAW] = bench_raw(&raw, n_raw);
-        r[YIELD] = bench_yield(n_yield, FP_NONE);
-        r[SPAWN_WARM] = bench_spawn_warm(n_spawn);
-        r[SPAWN_COLD] = bench_spawn_cold(k_cold, cold_fibers);
-        r[YIELD_FP] = bench_yield(n_yield, FP_BEFORE);
-        r[YIELD_FP_EACH] = bench_yield(n_fp_each, FP_EACH);
-        if (round >= 0)
-            for (int i = 0; i < NFIGURES; i++)
-                results[i][round] = r[i];
-    }
-    feclearexcept(FE_ALL_EXCEPT);
+    raw_init(&run.raw);
 
     struct stats st[NFIGURES];
-    for (int i = 0; i < NFIGURES; i++)
-        st[i] = stats_of(results[i], REPS);
+    bench_repeat(NFIGURES, round_all, &run, st);
+    feclearexcept(FE_ALL_EXCEPT);
 
-    char b1[32], b2[32], b3[32];
-    for (int i = 0; i < NFIGURES; i++)
-        printf("%s: %s ns\n", figure_key[i], fmt_ns(b1, sizeof b1, st[i].median));
-    for (size_t i = 0; i < NRATIOS; i++)
-        printf("%s: %s x\n", ratios[i].key,
-               fmt_ratio(b1, sizeof b1, st[ratios[i].num].median, st[ratios[i].den].median));
-    char cpu[256];
-    cpu_model(cpu, sizeof cpu);
+    bench_print_keys(figure_key, st, NFIGURES, ratios, NRATIOS);
     printf("guard_mode: %s\n", guard_name(guard));
-    printf("cpu_model: %s\n", cpu);
+    bench_print_cpu_model();
 
-    printf("\n%d repetitions, median shown, after one warm-up round; scale %s\n", REPS,
-           scale_arg);
-    printf("%-28s %10s %10s %10s %8s %10s\n", "figure (ns)", "median", "min", "max", "spread",
-           "iterations");
-    const uint64_t iters[NFIGURES] = {n_raw, n_yield, n_spawn, k_cold, n_yield, n_fp_each};
-    for (int i = 0; i < NFIGURES; i++) {
-        ull spread = st[i].median ? (st[i].max - st[i].min) * 100 / st[i].median : 0;
-        printf("%-28s %10s %10s %10s %7llu%% %10llu\n", figure_key[i],
-               fmt_ns(b1, sizeof b1, st[i].median), fmt_ns(b2, sizeof b2, st[i].min),
-               fmt_ns(b3, sizeof b3, st[i].max), spread, (ull)iters[i]);
-    }
-    printf("\n%-28s %10s %10s %8s\n", "target", "measured", "limit", "result");
-    for (size_t i = 0; i < NRATIOS; i++) {
-        uint64_t num = st[ratios[i].num].median, den = st[ratios[i].den].median;
-        int pass = num * 100 <= (uint64_t)ratios[i].limit_hundredths * den;
-        printf("%-28s %8s x %8s x %8s\n", ratios[i].key, fmt_ratio(b1, sizeof b1, num, den),
-               ratios[i].limit_text, pass ? "PASS" : "MISS");
-    }
+    const uint64_t iters[NFIGURES] = {run.raw_n, run.yield, run.spawn,
+                                      run.cold,  run.yield, run.fp_each};
+    bench_print_table(scale_arg, figure_key, st, iters, NFIGURES);
+    bench_print_targets(ratios, NRATIOS, st);
 
-    munmap(raw.stack, RAW_STACK_SIZE); /* its context is never resumed again */
-    free(cold_fibers);
+    munmap(run.raw.stack, RAW_STACK_SIZE); /* its context is never resumed again */
+    free(run.cold_fibers);
     return 0;
 }

@@ -1,0 +1,242 @@
+/* The measurement plumbing that bench_switch and bench_chan share: repetitions and integer
+ * medians, the `key: value unit` lines (STYLE.md) and the table for humans.
+ *
+ * Past reading the scale argument (after which a program clears the exception flags) the
+ * plumbing does no floating point: times are integer nanoseconds from CLOCK_MONOTONIC,
+ * per-operation figures integer picoseconds, and medians, ratios and printing integer
+ * arithmetic. bench_switch measures what a sticky floating-point flag costs a switch, and a
+ * flag raised by the plumbing would spoil that.
+ *
+ * A program defines BENCH_NAME (its name, for error messages) before including this. */
+#ifndef MOOR_BENCH_H
+#define MOOR_BENCH_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "moor.h"
+
+#ifndef BENCH_NAME
+#error "define BENCH_NAME before including bench.h"
+#endif
+
+#define REPS 11
+#define BENCH_MAX_FIGURES 16
+
+typedef unsigned long long ull;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Picoseconds per operation: keeps a decimal or two of a nanosecond without floating point. */
+static uint64_t ps_per_op(uint64_t t0, uint64_t t1, uint64_t n)
+{
+    return (t1 - t0) * 1000u / n;
+}
+
+static void check(int rc, const char *what)
+{
+    if (rc < 0) {
+        fprintf(stderr, BENCH_NAME ": %s: %s\n", what, moor_strerror(rc));
+        exit(1);
+    }
+}
+
+static void die(const char *msg)
+{
+    fprintf(stderr, BENCH_NAME ": %s\n", msg);
+    exit(1);
+}
+
+static void spawn_checked(moor_fiber **out, moor_fiber_fn fn, void *arg)
+{
+    check(moor_spawn(out, fn, arg, NULL), "moor_spawn");
+}
+
+static void join_checked(moor_fiber *f)
+{
+    check(moor_join(f, NULL), "moor_join");
+}
+
+/* ---- the scale argument ---------------------------------------------------------------- */
+
+/* `prog [scale]`: the scale (1 without the argument) and its text in *scale_arg. Exits with
+ * status 2 after a message if the argument is not a number in (0, 1000]. */
+static double bench_scale_arg(int argc, char **argv, const char **scale_arg)
+{
+    *scale_arg = "1";
+    if (argc > 2) {
+        fprintf(stderr, "usage: %s [scale]   (scale multiplies iteration counts; default 1)\n",
+                argv[0]);
+        exit(2);
+    }
+    if (argc < 2)
+        return 1.0;
+    char *end;
+    *scale_arg = argv[1];
+    double scale = strtod(*scale_arg, &end);
+    if (end == *scale_arg || *end != '\0' || !(scale > 0.0) || scale > 1000.0) {
+        fprintf(stderr, "%s: scale must be a number in (0, 1000], not \"%s\"\n", argv[0],
+                *scale_arg);
+        exit(2);
+    }
+    return scale;
+}
+
+static uint64_t scaled(unsigned base, double scale)
+{
+    uint64_t n = (uint64_t)((double)base * scale);
+    return n ? n : 1;
+}
+
+/* ---- repetitions ----------------------------------------------------------------------- */
+
+struct stats {
+    uint64_t median, min, max; /* picoseconds per operation */
+};
+
+static struct stats stats_of(const uint64_t *v, size_t n)
+{
+    uint64_t s[REPS];
+    memcpy(s, v, n * sizeof *s);
+    for (size_t i = 1; i < n; i++) /* insertion sort: n is tiny */
+        for (size_t j = i; j > 0 && s[j - 1] > s[j]; j--) {
+            uint64_t tmp = s[j];
+            s[j] = s[j - 1];
+            s[j - 1] = tmp;
+        }
+    return (struct stats){.median = s[n / 2], .min = s[0], .max = s[n - 1]};
+}
+
+/* One round: every measurement once, figure i into r[i]. */
+typedef void bench_round_fn(uint64_t *r, void *ctx);
+
+/* A round runs every measurement once, so that a noisy stretch of the machine hits all of
+ * them alike and the ratios stay meaningful. Round -1 warms up and is discarded. */
+static void bench_repeat(int nfigures, bench_round_fn *round_fn, void *ctx, struct stats *st)
+{
+    if (nfigures > BENCH_MAX_FIGURES)
+        die("too many figures");
+    uint64_t results[BENCH_MAX_FIGURES][REPS];
+    for (int round = -1; round < REPS; round++) {
+        uint64_t r[BENCH_MAX_FIGURES];
+        round_fn(r, ctx);
+        if (round >= 0)
+            for (int i = 0; i < nfigures; i++)
+                results[i][round] = r[i];
+    }
+    for (int i = 0; i < nfigures; i++)
+        st[i] = stats_of(results[i], REPS);
+}
+
+/* ---- printing -------------------------------------------------------------------------- */
+
+/* Picoseconds as nanoseconds with one decimal, rounded. */
+static const char *fmt_ns(char *buf, size_t len, uint64_t ps)
+{
+    ull tenths = (ps + 50) / 100;
+    snprintf(buf, len, "%llu.%llu", tenths / 10, tenths % 10);
+    return buf;
+}
+
+/* num/den with two decimals, rounded. */
+static const char *fmt_ratio(char *buf, size_t len, uint64_t num, uint64_t den)
+{
+    if (den == 0) {
+        snprintf(buf, len, "inf");
+        return buf;
+    }
+    ull hundredths = (num * 100 + den / 2) / den;
+    snprintf(buf, len, "%llu.%02llu", hundredths / 100, hundredths % 100);
+    return buf;
+}
+
+/* A target: the median of figure num over that of figure den, at most limit_hundredths. */
+struct bench_ratio {
+    const char *key;
+    int num, den;
+    unsigned limit_hundredths;
+    const char *limit_text;
+};
+
+/* The `key: value unit` lines: every figure's median, then every ratio. */
+static void bench_print_keys(const char *const *keys, const struct stats *st, int nfigures,
+                             const struct bench_ratio *ratios, size_t nratios)
+{
+    char b[32];
+    for (int i = 0; i < nfigures; i++)
+        printf("%s: %s ns\n", keys[i], fmt_ns(b, sizeof b, st[i].median));
+    for (size_t i = 0; i < nratios; i++)
+        printf("%s: %s x\n", ratios[i].key,
+               fmt_ratio(b, sizeof b, st[ratios[i].num].median, st[ratios[i].den].median));
+}
+
+static void cpu_model(char *buf, size_t len)
+{
+    snprintf(buf, len, "unknown");
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f)
+        return;
+    char line[512];
+    while (fgets(line, sizeof line, f)) {
+        if (strncmp(line, "model name", 10) != 0)
+            continue;
+        const char *v = strchr(line, ':');
+        if (!v)
+            continue;
+        v++;
+        while (*v == ' ' || *v == '\t')
+            v++;
+        snprintf(buf, len, "%s", v);
+        buf[strcspn(buf, "\n")] = '\0';
+        break;
+    }
+    fclose(f);
+}
+
+static void bench_print_cpu_model(void)
+{
+    char cpu[256];
+    cpu_model(cpu, sizeof cpu);
+    printf("cpu_model: %s\n", cpu);
+}
+
+/* The table for humans: median, min, max and spread of every figure. */
+static void bench_print_table(const char *scale_arg, const char *const *keys,
+                              const struct stats *st, const uint64_t *iters, int nfigures)
+{
+    char b1[32], b2[32], b3[32];
+    printf("\n%d repetitions, median shown, after one warm-up round; scale %s\n", REPS,
+           scale_arg);
+    printf("%-28s %10s %10s %10s %8s %10s\n", "figure (ns)", "median", "min", "max", "spread",
+           "iterations");
+    for (int i = 0; i < nfigures; i++) {
+        ull spread = st[i].median ? (st[i].max - st[i].min) * 100 / st[i].median : 0;
+        printf("%-28s %10s %10s %10s %7llu%% %10llu\n", keys[i],
+               fmt_ns(b1, sizeof b1, st[i].median), fmt_ns(b2, sizeof b2, st[i].min),
+               fmt_ns(b3, sizeof b3, st[i].max), spread, (ull)iters[i]);
+    }
+}
+
+/* Every ratio against its target. */
+static void bench_print_targets(const struct bench_ratio *ratios, size_t nratios,
+                                const struct stats *st)
+{
+    char b[32];
+    printf("\n%-28s %10s %10s %8s\n", "target", "measured", "limit", "result");
+    for (size_t i = 0; i < nratios; i++) {
+        uint64_t num = st[ratios[i].num].median, den = st[ratios[i].den].median;
+        int pass = num * 100 <= (uint64_t)ratios[i].limit_hundredths * den;
+        printf("%-28s %8s x %8s x %8s\n", ratios[i].key, fmt_ratio(b, sizeof b, num, den),
+               ratios[i].limit_text, pass ? "PASS" : "MISS");
+    }
+}
+
+#endif
