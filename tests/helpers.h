@@ -33,6 +33,19 @@
 
 #include <cmocka.h>
 
+#include "fiber/executor.h"
+
+/* After a test that failed half-way: forget the executor it left behind (freeing it would
+ * assert on its pending tasks) so that the next test can make its own. */
+__attribute__((unused)) static int forget_leftover_executor(void **state)
+{
+    (void)state;
+    moor__tls_executor = NULL;
+    return 0;
+}
+
+#define TEST_FORGETTING(f) cmocka_unit_test_teardown(f, forget_leftover_executor)
+
 #define CHILD_CHECK_FAILED 99
 /* A child that hangs (a deadlock, a lost wakeup) is killed by SIGALRM after this many seconds
  * so that the rest of the suite still runs. Not a timing assertion: MOOR_TEST_WATCHDOG (in

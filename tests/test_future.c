@@ -797,16 +797,7 @@ static void test_future_strerror_int_min(void **state)
     expect_child_ok(&r);
 }
 
-/* After a test that failed half-way: forget the executor it left behind (freeing it would
- * assert on its pending tasks) so that the next test can make its own. */
-static int forget_leftover_executor(void **state)
-{
-    (void)state;
-    moor__tls_executor = NULL;
-    return 0;
-}
-
-#define TEST(f) cmocka_unit_test_teardown(f, forget_leftover_executor)
+#define TEST(f) TEST_FORGETTING(f)
 
 int main(void)
 {

@@ -460,16 +460,7 @@ static void test_stack_cold_stack_keeps_guard_mprotect(void **state)
     check_cold_stack_keeps_guard(MOOR_GUARD_MPROTECT);
 }
 
-/* After a test that failed half-way: forget the executor it left behind (freeing it would
- * assert on its pending tasks) so that the next test can make its own. */
-static int forget_leftover_executor(void **state)
-{
-    (void)state;
-    moor__tls_executor = NULL;
-    return 0;
-}
-
-#define TEST(f) cmocka_unit_test_teardown(f, forget_leftover_executor)
+#define TEST(f) TEST_FORGETTING(f)
 
 int main(void)
 {
