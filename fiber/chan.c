@@ -10,6 +10,7 @@
 #include "waitq.h"
 
 struct moor_chan {
+    moor_executor *ex; /* the executor whose fibers use it (bound at first use if NULL) */
     size_t elem_size;
     size_t cap;        /* ring slots; 0 = rendezvous */
     size_t head;       /* next slot to receive from */
@@ -19,11 +20,6 @@ struct moor_chan {
     unsigned char *ring;
 };
 
-static const moor_future *fut_of_waiter(moor_waiter *w)
-{
-    return &moor_container_of(w, moor_chan_op, waiter)->base;
-}
-
 int moor_chan_new(moor_chan **out, size_t elem_size, size_t capacity)
 {
     if (elem_size == 0 || (capacity && elem_size > SIZE_MAX / capacity))
@@ -32,6 +28,7 @@ int moor_chan_new(moor_chan **out, size_t elem_size, size_t capacity)
     if (!ch)
         return -ENOMEM;
     memset(ch, 0, sizeof *ch);
+    ch->ex = moor__tls_executor;
     ch->elem_size = elem_size;
     ch->cap = capacity;
     if (capacity) {
@@ -45,10 +42,18 @@ int moor_chan_new(moor_chan **out, size_t elem_size, size_t capacity)
     return 0;
 }
 
+static inline void owner_check(moor_chan *ch, const char *what)
+{
+    moor__owner_check(&ch->ex, what);
+}
+
 void moor_chan_free(moor_chan *ch)
 {
     if (!ch)
         return;
+    /* After its executor has gone (or before any used it) nothing can wait on it. */
+    moor__assert(!ch->ex || !moor__tls_executor || ch->ex == moor__tls_executor,
+                 "moor_chan_free: called from another thread than the one whose executor owns it");
     moor__assert(!ch->senders.head && !ch->receivers.head,
                  "moor_chan_free: a fiber still waits on the channel");
     moor__free(ch->ring);
@@ -89,36 +94,33 @@ static inline void complete(moor_waiter *w, intptr_t result)
     moor__wake(&w->waker);
 }
 
-/* In a select (cx set), may `self` take something, i.e. has its select not been won by
- * another of its futures? It claims the select only once it has secured what it takes. */
-static inline int may_take(const moor_cx *cx, const moor_future *self)
-{
-    return !cx || !cx->claim || !cx->claim->claimed || cx->claim->winner == self;
-}
+/* In a select (cx set), may the op take something, i.e. has its select not been won by
+ * another slot? It claims the select only once it has secured what it takes. */
+static inline int may_take(const moor_cx *cx) { return !cx || moor__claim_open(cx); }
 
-static inline void took(const moor_cx *cx, const moor_future *self)
+static inline void took(const moor_cx *cx)
 {
     if (cx)
-        (void)moor__claim(cx, self);
+        (void)moor__claim(cx);
 }
 
 /* Send now if it needs no waiting: to a waiting receiver, or into the ring. 0, -EAGAIN,
- * -EPIPE. `cx`/`self`: the op trying, for select's claim (NULL for plain calls). */
-static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const void *elem, const moor_cx *cx, const moor_future *self)
+ * -EPIPE. `cx`: the op trying, for select's claim (NULL for plain calls). */
+static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const void *elem, const moor_cx *cx)
 {
     if (ch->closed)
         return -EPIPE;
-    if (!may_take(cx, self))
+    if (!may_take(cx))
         return -EAGAIN;
-    moor_waiter *w = moor__waitq_take(&ch->receivers, fut_of_waiter, cx ? cx->claim : NULL);
+    moor_waiter *w = moor__waitq_take(&ch->receivers, cx ? cx->claim : NULL);
     if (w) {
-        took(cx, self);
+        took(cx);
         copy_elem(moor_container_of(w, moor_chan_op, waiter)->elem, elem, ch->elem_size);
         complete(w, 0);
         return 0;
     }
     if (ch->count < ch->cap) {
-        took(cx, self);
+        took(cx);
         copy_elem(slot(ch, ch->count), elem, ch->elem_size);
         ch->count++;
         return 0;
@@ -126,17 +128,17 @@ static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const v
     return -EAGAIN;
 }
 
-static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *elem, const moor_cx *cx, const moor_future *self)
+static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *elem, const moor_cx *cx)
 {
-    if (!may_take(cx, self))
+    if (!may_take(cx))
         return -EAGAIN;
     if (ch->count) {
-        took(cx, self);
+        took(cx);
         copy_elem(elem, slot(ch, 0), ch->elem_size);
         ch->head = (ch->head + 1) % ch->cap;
         ch->count--;
         /* A slot is free: the first waiting sender moves its value in. */
-        moor_waiter *w = moor__waitq_take(&ch->senders, fut_of_waiter, cx ? cx->claim : NULL);
+        moor_waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
         if (w) {
             copy_elem(slot(ch, ch->count), moor_container_of(w, moor_chan_op, waiter)->elem,
                       ch->elem_size);
@@ -145,9 +147,9 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
         }
         return 0;
     }
-    moor_waiter *w = moor__waitq_take(&ch->senders, fut_of_waiter, cx ? cx->claim : NULL);
+    moor_waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
     if (w) {
-        took(cx, self);
+        took(cx);
         copy_elem(elem, moor_container_of(w, moor_chan_op, waiter)->elem, ch->elem_size);
         complete(w, 0);
         return 0;
@@ -155,19 +157,28 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
     return ch->closed ? -EPIPE : -EAGAIN;
 }
 
-int moor_chan_try_send(moor_chan *ch, const void *elem) { return try_send(ch, elem, NULL, NULL); }
+int moor_chan_try_send(moor_chan *ch, const void *elem)
+{
+    owner_check(ch, "moor_chan_try_send");
+    return try_send(ch, elem, NULL);
+}
 
-int moor_chan_try_recv(moor_chan *ch, void *elem) { return try_recv(ch, elem, NULL, NULL); }
+int moor_chan_try_recv(moor_chan *ch, void *elem)
+{
+    owner_check(ch, "moor_chan_try_recv");
+    return try_recv(ch, elem, NULL);
+}
 
 void moor_chan_close(moor_chan *ch)
 {
+    owner_check(ch, "moor_chan_close");
     moor__assert(!ch->closed, "moor_chan_close: the channel is already closed");
     ch->closed = 1;
     moor_waiter *w;
-    while ((w = moor__waitq_take(&ch->senders, fut_of_waiter, NULL)))
+    while ((w = moor__waitq_take(&ch->senders, NULL)))
         complete(w, -EPIPE);
     /* Receivers wait only while the ring is empty: none of them will get a value now. */
-    while ((w = moor__waitq_take(&ch->receivers, fut_of_waiter, NULL)))
+    while ((w = moor__waitq_take(&ch->receivers, NULL)))
         complete(w, -EPIPE);
 }
 
@@ -184,13 +195,14 @@ static moor_poll op_poll(moor_future *fut, moor_cx *cx)
 {
     moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
     moor_executor *ex = cx->waker.ex;
+    owner_check(op->chan, op->send ? "chan send future" : "chan recv future");
     if (op->completed) {
         moor__timer_remove(&ex->timers, &op->node);
         return MOOR_READY; /* result set by the counterpart */
     }
     if (!op->waiter.queued) {
-        int rc = op->send ? try_send(op->chan, op->elem, cx, fut)
-                          : try_recv(op->chan, op->elem, cx, fut);
+        int rc = op->send ? try_send(op->chan, op->elem, cx)
+                          : try_recv(op->chan, op->elem, cx);
         if (rc != -EAGAIN) {
             moor__timer_remove(&ex->timers, &op->node);
             fut->result = rc;
@@ -261,7 +273,7 @@ static int wait_op(moor_chan *ch, void *elem, int64_t deadline, int send)
     moor_fiber *f = ex ? ex->current : NULL;
     if (!f)
         return (int)moor_block_on(&op.base);
-    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL};
+    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     moor__waitq_push(send ? &ch->senders : &ch->receivers, &op.waiter, &cx);
     return moor__fiber_wait_completion(f, &op.completed, &op.base.result, deadline, &op.node,
                                        waiter_unlink, &op, 1);
@@ -269,12 +281,20 @@ static int wait_op(moor_chan *ch, void *elem, int64_t deadline, int send)
 
 int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
 {
-    int rc = try_send(ch, elem, NULL, NULL);
-    return rc != -EAGAIN ? rc : wait_op(ch, (void *)elem, deadline, 1);
+    owner_check(ch, "moor_chan_send");
+    int rc = try_send(ch, elem, NULL);
+    if (rc == -EAGAIN)
+        return wait_op(ch, (void *)elem, deadline, 1);
+    moor__coop_spend();
+    return rc;
 }
 
 int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
 {
-    int rc = try_recv(ch, elem, NULL, NULL);
-    return rc != -EAGAIN ? rc : wait_op(ch, elem, deadline, 0);
+    owner_check(ch, "moor_chan_recv");
+    int rc = try_recv(ch, elem, NULL);
+    if (rc == -EAGAIN)
+        return wait_op(ch, elem, deadline, 0);
+    moor__coop_spend();
+    return rc;
 }

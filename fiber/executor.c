@@ -104,6 +104,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     moor__stack_put(&ex->pool, warm, ex->stack_map_size);
     ex->next_gen = 1;
     ex->next_fiber_id = 1;
+    ex->plain_budget = MOOR__COOP_BUDGET;
     ex->errno_ptr = &errno;
     /* A write to a socket or pipe whose reader has gone must fail with -EPIPE, not raise a
      * signal that kills the process; leave SIGPIPE alone if the application chose for it. */
@@ -167,6 +168,15 @@ void moor_executor_free(moor_executor *ex)
 moor_executor *moor_executor_current(void) { return moor__tls_executor; }
 
 moor_guard_mode moor_executor_guard(const moor_executor *ex) { return ex->pool.mode; }
+
+void moor__owner_bind(moor_executor **owner, const char *what)
+{
+    moor__assert(!*owner, "%s: called from another thread than the one whose executor owns it "
+                          "(objects of one executor are not thread-safe; other threads reach "
+                          "its fibers with moor_executor_spawn_remote or moor_waker_wake)",
+                 what);
+    *owner = moor__tls_executor;
+}
 
 /* ---- tasks ---------------------------------------------------------------------------- */
 
@@ -317,7 +327,7 @@ static inline void task_run(moor_executor *ex, moor_task *t)
         moor__fiber_resume(ex, moor_container_of(t, moor_fiber, task));
         return;
     }
-    moor_cx cx = {{ex, t, t->gen}, NULL};
+    moor_cx cx = {{ex, t, t->gen}, NULL, NULL};
     if (moor_future_poll(t->fut, &cx) == MOOR_READY)
         moor__task_finish(ex, t);
     else
@@ -385,6 +395,22 @@ int moor__executor_tick(moor_executor *ex, unsigned budget, int64_t *next_deadli
     ex->running = 0;
     *next_deadline = moor__timer_next(&ex->timers);
     return ex->run_head != NULL || __atomic_load_n(&ex->remote_pending, __ATOMIC_ACQUIRE);
+}
+
+void moor__executor_turn(moor_executor *ex)
+{
+    moor__assert(ex == moor__tls_executor, "the executor belongs to another thread");
+    ex->running = 1;
+    events(ex, 0);
+    if (__atomic_load_n(&ex->remote_pending, __ATOMIC_ACQUIRE))
+        drain_remote(ex);
+    size_t n = 0;
+    for (moor_task *t = ex->run_head; t; t = t->next)
+        n++;
+    moor_task *t;
+    while (n-- && (t = moor__runq_pop(ex)))
+        task_run(ex, t);
+    ex->running = 0;
 }
 
 void moor__executor_after_fork(moor_executor *ex)

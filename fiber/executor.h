@@ -67,6 +67,7 @@ struct moor_executor {
     uint64_t next_fiber_id;
     size_t ntasks;                   /* tasks started and not finished */
     int running;                     /* inside run/block_on */
+    uint32_t plain_budget;           /* plain code's cooperative budget (fiber.h) */
 
     moor_task *free_tasks;           /* free slots for plain tasks */
     void **task_chunks;              /* slabs of task slots, freed with the executor */
@@ -126,6 +127,10 @@ static inline moor_task *moor__runq_pop(moor_executor *ex)
  * tasks are still runnable; *next_deadline is the earliest timer deadline or -1. */
 int moor__executor_tick(moor_executor *ex, unsigned budget, int64_t *next_deadline);
 
+/* From plain code whose cooperative budget is spent: run every task that is runnable now
+ * once, after a look at timers and events that does not block. */
+void moor__executor_turn(moor_executor *ex);
+
 /* From plain code: run the executor until done(arg) holds. Needs no allocation. */
 void moor__executor_run_until(moor_executor *ex, int (*done)(const void *arg), const void *arg);
 
@@ -137,6 +142,18 @@ intptr_t moor__wait(moor_future *fut);
 /* The same, but not cut short if the calling fiber is cancelled (relocking a mutex after a
  * condition wait, closing a scope). */
 intptr_t moor__wait_uncancellable(moor_future *fut);
+
+/* Objects of one executor (channels, mutexes, events, scopes) belong to the executor of the
+ * thread that made or first used them; a use from any other thread is misuse, caught in every
+ * build by one thread-local compare. */
+void moor__owner_bind(moor_executor **owner, const char *what);
+
+static inline void moor__owner_check(moor_executor **owner, const char *what)
+{
+    moor_executor *ex = moor__tls_executor;
+    if (__builtin_expect(*owner != ex, 0))
+        moor__owner_bind(owner, what);
+}
 
 /* Start `task` (its kind set) under a new generation, at the back of the run queue. */
 static inline void moor__task_start(moor_executor *ex, moor_task *task, moor_future *fut)

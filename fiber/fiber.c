@@ -130,6 +130,8 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
     f->detached = out == NULL;
     f->join_claimed = 0;
     f->cancelled = 0;
+    f->remote = 0;
+    f->budget = MOOR__COOP_BUDGET;
     f->scope = NULL;
     f->open_scopes = 0;
     f->name[0] = '\0'; /* empty: the default name, "fiber" (moor_fiber_name) */
@@ -236,17 +238,20 @@ intptr_t moor_await(moor_future *fut)
     moor_fiber *f = ex ? ex->current : NULL;
     moor__assert(f, "moor_await(\"%s\") called outside a fiber; plain code uses moor_block_on",
                  label_of(fut));
-    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL};
+    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
+    if (moor_future_poll(fut, &cx) == MOOR_READY) {
+        moor__coop_spend(); /* ready at once: it counts against the budget */
+        return fut->result;
+    }
     for (;;) {
-        if (__builtin_expect(f->cancelled, 0)) {
-            /* A wait that completed before the cancel arrived keeps its result. */
-            if (moor_future_cancel(fut) == MOOR_READY)
-                return fut->result;
-            return -ECANCELED;
-        }
+        /* Polled before the cancel is looked at: a result that is there without waiting is
+         * returned even in a cancelled fiber, as is a wait that completed before the cancel
+         * arrived (its cancel op reports it). */
+        if (__builtin_expect(f->cancelled, 0))
+            return moor_future_cancel(fut) == MOOR_READY ? fut->result : -ECANCELED;
+        moor__fiber_suspend(f);
         if (moor_future_poll(fut, &cx) == MOOR_READY)
             return fut->result;
-        moor__fiber_suspend(f);
     }
 }
 
@@ -288,7 +293,7 @@ intptr_t moor__wait_uncancellable(moor_future *fut)
     moor_fiber *f = ex ? ex->current : NULL;
     if (!f)
         return moor_block_on(fut);
-    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL};
+    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     while (moor_future_poll(fut, &cx) == MOOR_PENDING)
         moor__fiber_suspend(f);
     return fut->result;
@@ -309,6 +314,19 @@ int moor_cancelled(void)
 {
     moor_fiber *f = moor_self();
     return f && f->cancelled;
+}
+
+void moor__coop_yield(moor_executor *ex)
+{
+    moor_fiber *f = ex->current;
+    if (f) {
+        f->task.state = MOOR__TASK_NOTIFIED; /* to the back of the run queue */
+        moor__fiber_suspend(f);              /* which refills the budget */
+        return;
+    }
+    ex->plain_budget = MOOR__COOP_BUDGET;
+    if (!ex->running)
+        moor__executor_turn(ex);
 }
 
 void moor_yield(void)

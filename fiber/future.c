@@ -4,6 +4,7 @@
 #include "assert.h"
 #include "future.h"
 #include "moor.h"
+#include "waitq.h"
 
 
 void moor_future_init(moor_future *fut, const moor_future_ops *ops, uint32_t flags)
@@ -66,3 +67,5 @@ moor_poll moor_future_cancel(moor_future *fut)
 }
 
 int moor_future_done(const moor_future *fut) { return moor__future_done(fut); }
+
+int moor_cx_claim(const moor_cx *cx) { return moor__claim(cx); }

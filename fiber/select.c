@@ -48,10 +48,11 @@ static long cancel_all_but(select_future *sf, long keep)
 static moor_poll select_poll(moor_future *fut, moor_cx *cx)
 {
     select_future *sf = moor_container_of(fut, select_future, base);
-    moor_cx inner = {cx->waker, &sf->claim};
+    moor_cx inner = {cx->waker, &sf->claim, NULL};
     long win = -1;
     for (size_t i = 0; i < sf->n && win < 0; i++) {
         moor_future *f = sf->futs[i];
+        inner.slot = f; /* what f (or a future it wraps) claims the select for */
         if (moor__future_done(f)) {
             /* Done before the select began, or a non-taking future that finished while
              * another won: the first is ready now, the second has lost. */
@@ -159,7 +160,7 @@ static void cancel_pending(moor_future **futs, size_t n)
 static moor_poll join_all_poll(moor_future *fut, moor_cx *cx)
 {
     join_all_future *jf = moor_container_of(fut, join_all_future, base);
-    moor_cx inner = {cx->waker, NULL};
+    moor_cx inner = {cx->waker, NULL, NULL};
     size_t left = 0;
     for (size_t i = 0; i < jf->n; i++)
         if (!moor__future_done(jf->futs[i]) &&

@@ -3,6 +3,7 @@
  * a permit, signals it) and wakes. */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdint.h>
 
 #include "assert.h"
 #include "fiber.h"
@@ -23,11 +24,6 @@ struct wait_op {
     moor_timer_node node;
 };
 
-static const moor_future *fut_of_waiter(moor_waiter *w)
-{
-    return &moor_container_of(w, wait_op, waiter)->base;
-}
-
 static void op_unlink(wait_op *op, moor_executor *ex)
 {
     moor__waitq_remove(op->q, &op->waiter);
@@ -43,10 +39,8 @@ static moor_poll wait_poll(moor_future *fut, moor_cx *cx)
         fut->result = 0;
         return MOOR_READY;
     }
-    moor_claim *c = cx->claim;
-    int may_take = !c || !c->claimed || c->winner == fut; /* its select not won elsewhere */
-    if (!op->waiter.queued && may_take && op->take_now(op)) {
-        (void)moor__claim(cx, fut);
+    if (!op->waiter.queued && moor__claim_open(cx) && op->take_now(op)) {
+        (void)moor__claim(cx);
         op_unlink(op, ex);
         fut->result = 0;
         return MOOR_READY;
@@ -80,7 +74,7 @@ static const moor_future_ops wait_ops = {"sync wait", wait_poll, wait_cancel};
 /* The counterpart's side: complete the first waiter that may be completed. */
 static wait_op *complete_first(moor_waitq *q)
 {
-    moor_waiter *w = moor__waitq_take(q, fut_of_waiter, NULL);
+    moor_waiter *w = moor__waitq_take(q, NULL);
     if (!w)
         return NULL;
     wait_op *op = moor_container_of(w, wait_op, waiter);
@@ -121,7 +115,7 @@ static int wait_on(moor_waitq *q, void *obj, int (*take_now)(wait_op *), int64_t
     if (!f)
         return (int)moor__wait_uncancellable(&op.base);
     moor_executor *ex = f->ex;
-    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL};
+    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     moor__waitq_push(q, &op.waiter, &cx);
     return moor__fiber_wait_completion(f, &op.completed, &op.base.result, deadline, &op.node,
                                        waiter_unlink, &op, cancellable);
@@ -141,10 +135,12 @@ static int mutex_take(wait_op *op)
 
 static int mutex_lock(moor_mutex *m, int64_t deadline, int cancellable)
 {
+    moor__owner_check(&m->ex, "moor_mutex_lock");
     moor_fiber *self = moor_self();
     if (!m->locked && !m->waiters.head) {
         m->locked = 1;
         m->owner = self;
+        moor__coop_spend();
         return 0;
     }
     moor__assert(!self || m->owner != self, "moor_mutex_lock: fiber %" PRIu64 " \"%s\" already holds this mutex",
@@ -159,6 +155,7 @@ int moor_mutex_lock(moor_mutex *m, int64_t deadline) { return mutex_lock(m, dead
 
 int moor_mutex_trylock(moor_mutex *m)
 {
+    moor__owner_check(&m->ex, "moor_mutex_trylock");
     if (m->locked)
         return -EBUSY;
     m->locked = 1;
@@ -168,6 +165,7 @@ int moor_mutex_trylock(moor_mutex *m)
 
 void moor_mutex_unlock(moor_mutex *m)
 {
+    moor__owner_check(&m->ex, "moor_mutex_unlock");
     moor__assert(m->locked, "moor_mutex_unlock: the mutex is not locked");
     moor__assert(m->owner == moor_self(), "moor_mutex_unlock: called by a fiber that does not hold it");
     /* FIFO hand-off: the lock stays locked and passes to the first waiter. */
@@ -190,6 +188,7 @@ static int never_now(wait_op *op)
 
 int moor_cond_wait(moor_cond *c, moor_mutex *m, int64_t deadline)
 {
+    moor__owner_check(&c->ex, "moor_cond_wait");
     moor_mutex_unlock(m);
     int rc = wait_on(&c->waiters, c, never_now, deadline, 1);
     /* Locked again whatever happened, as the caller expects, even when cancelled. */
@@ -198,9 +197,17 @@ int moor_cond_wait(moor_cond *c, moor_mutex *m, int64_t deadline)
     return rc;
 }
 
-void moor_cond_signal(moor_cond *c) { complete_first(&c->waiters); }
+void moor_cond_signal(moor_cond *c)
+{
+    moor__owner_check(&c->ex, "moor_cond_signal");
+    complete_first(&c->waiters);
+}
 
-void moor_cond_broadcast(moor_cond *c) { complete_all(&c->waiters); }
+void moor_cond_broadcast(moor_cond *c)
+{
+    moor__owner_check(&c->ex, "moor_cond_broadcast");
+    complete_all(&c->waiters);
+}
 
 /* ---- semaphore ------------------------------------------------------------------------- */
 
@@ -215,8 +222,10 @@ static int sem_take(wait_op *op)
 
 int moor_sem_acquire(moor_sem *s, int64_t deadline)
 {
+    moor__owner_check(&s->ex, "moor_sem_acquire");
     if (s->permits && !s->waiters.head) {
         s->permits--;
+        moor__coop_spend();
         return 0;
     }
     return wait_on(&s->waiters, s, sem_take, deadline, 1);
@@ -224,6 +233,7 @@ int moor_sem_acquire(moor_sem *s, int64_t deadline)
 
 int moor_sem_try_acquire(moor_sem *s)
 {
+    moor__owner_check(&s->ex, "moor_sem_try_acquire");
     if (!s->permits || s->waiters.head)
         return -EAGAIN;
     s->permits--;
@@ -232,6 +242,7 @@ int moor_sem_try_acquire(moor_sem *s)
 
 void moor_sem_release(moor_sem *s)
 {
+    moor__owner_check(&s->ex, "moor_sem_release");
     if (!complete_first(&s->waiters)) /* a waiter gets the permit directly */
         s->permits++;
 }
@@ -240,10 +251,16 @@ void moor_sem_release(moor_sem *s)
 
 static int wg_zero(wait_op *op) { return ((moor_waitgroup *)op->obj)->count == 0; }
 
-void moor_waitgroup_add(moor_waitgroup *wg, size_t n) { wg->count += n; }
+void moor_waitgroup_add(moor_waitgroup *wg, size_t n)
+{
+    moor__owner_check(&wg->ex, "moor_waitgroup_add");
+    moor__assert(n <= SIZE_MAX - wg->count, "moor_waitgroup_add: the count overflows");
+    wg->count += n;
+}
 
 void moor_waitgroup_done(moor_waitgroup *wg)
 {
+    moor__owner_check(&wg->ex, "moor_waitgroup_done");
     moor__assert(wg->count > 0, "moor_waitgroup_done: called more often than added");
     if (--wg->count == 0)
         complete_all(&wg->waiters);
@@ -251,8 +268,11 @@ void moor_waitgroup_done(moor_waitgroup *wg)
 
 int moor_waitgroup_wait(moor_waitgroup *wg, int64_t deadline)
 {
-    if (wg->count == 0)
+    moor__owner_check(&wg->ex, "moor_waitgroup_wait");
+    if (wg->count == 0) {
+        moor__coop_spend();
         return 0;
+    }
     return wait_on(&wg->waiters, wg, wg_zero, deadline, 1);
 }
 
@@ -262,6 +282,7 @@ static int event_is_set(wait_op *op) { return ((moor_event *)op->obj)->set; }
 
 void moor_event_set(moor_event *e)
 {
+    moor__owner_check(&e->ex, "moor_event_set");
     if (e->set)
         return;
     e->set = 1;
@@ -270,7 +291,10 @@ void moor_event_set(moor_event *e)
 
 int moor_event_wait(moor_event *e, int64_t deadline)
 {
-    if (e->set)
+    moor__owner_check(&e->ex, "moor_event_wait");
+    if (e->set) {
+        moor__coop_spend();
         return 0;
+    }
     return wait_on(&e->waiters, e, event_is_set, deadline, 1);
 }

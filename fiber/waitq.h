@@ -8,6 +8,7 @@ static inline void moor__waitq_push(moor_waitq *q, moor_waiter *w, const moor_cx
 {
     w->waker = cx->waker;
     w->claim = cx->claim;
+    w->slot = cx->slot;
     w->next = NULL;
     w->prev = q->tail;
     if (q->tail)
@@ -27,6 +28,7 @@ static inline void moor__waitq_park(moor_waitq *q, moor_waiter *w, const moor_cx
     } else {
         w->waker = cx->waker;
         w->claim = cx->claim;
+        w->slot = cx->slot;
     }
 }
 
@@ -45,27 +47,31 @@ static inline void moor__waitq_remove(moor_waitq *q, moor_waiter *w)
     w->queued = 0;
 }
 
-/* May a future polled with cx take something now? Not if its select was won by another;
- * if it may, it claims the select for `self`. */
-static inline int moor__claim(const moor_cx *cx, const moor_future *self)
+/* May a future polled with cx take something? Not if its select was won by another slot.
+ * moor__claim_open only looks; moor__claim claims the select for cx's slot. */
+static inline int moor__claim_open(const moor_cx *cx)
+{
+    const moor_claim *c = cx->claim;
+    return !c || !c->claimed || c->winner == cx->slot;
+}
+
+static inline int moor__claim(const moor_cx *cx)
 {
     moor_claim *c = cx->claim;
     if (!c)
         return 1;
     if (c->claimed)
-        return c->winner == self;
+        return c->winner == cx->slot;
     c->claimed = 1;
-    c->winner = self;
+    c->winner = cx->slot;
     return 1;
 }
 
-/* The first waiter that may still be completed, taken off the queue and claimed for
- * `fut_of(waiter)`; waiters whose select was won elsewhere are dropped from the queue (their
+/* The first waiter that may still be completed, taken off the queue and its select claimed
+ * for its slot; waiters whose select was won elsewhere are dropped from the queue (their
  * select cancels them). Waiters of the taker's own select (`mine`, NULL for none) are passed
  * over: a select must not pair its send with its own receive. NULL if none. */
-static inline moor_waiter *moor__waitq_take(moor_waitq *q,
-                                           const moor_future *(*fut_of)(moor_waiter *),
-                                           const moor_claim *mine)
+static inline moor_waiter *moor__waitq_take(moor_waitq *q, const moor_claim *mine)
 {
     moor_waiter *next;
     for (moor_waiter *w = q->head; w; w = next) {
@@ -74,10 +80,10 @@ static inline moor_waiter *moor__waitq_take(moor_waitq *q,
             continue;
         moor__waitq_remove(q, w);
         if (w->claim) {
-            if (w->claim->claimed && w->claim->winner != fut_of(w))
+            if (w->claim->claimed && w->claim->winner != w->slot)
                 continue;
             w->claim->claimed = 1;
-            w->claim->winner = fut_of(w);
+            w->claim->winner = w->slot;
         }
         return w;
     }

@@ -78,19 +78,31 @@ typedef struct moor_waker {
 } moor_waker;
 
 /* A select's one-winner token. Futures that take something when they complete (a channel
- * value, a lock, a permit) claim it first, so that at most one of a select's futures takes
- * anything; the others see it claimed and neither take nor complete. */
+ * value, a lock, a permit) claim their select first (moor_cx_claim), so that at most one of a
+ * select's futures takes anything; the others see it claimed and neither take nor complete. */
 typedef struct moor_claim {
-    int claimed;               /* private */
-    const moor_future *winner; /* private */
+    int claimed;        /* private */
+    const void *winner; /* private: the slot that won */
 } moor_claim;
 
-/* What a poll receives: the waker of the task being polled, and the claim of the select the
- * future is polled in (NULL outside a select). */
+/* What a poll receives: the waker of the task being polled, and, inside a select, which
+ * select and which of its slots the poll speaks for (claim NULL outside a select).
+ *
+ * A future that wraps others (a retry, a timeout of your own, an adapter) passes the cx it was
+ * given down unchanged to the inner future whose completion is its own: the inner future then
+ * claims the select on the wrapper's behalf, and the select sees the wrapper win. An inner
+ * future whose completion must not count as a win (a helper timer) is polled with a copy of cx
+ * whose claim is NULL. */
 typedef struct moor_cx {
-    moor_waker waker;   /* read-only */
-    moor_claim *claim;  /* read-only */
+    moor_waker waker;  /* read-only */
+    moor_claim *claim; /* read-only */
+    const void *slot;  /* private: the select's own future this poll is made for */
 } moor_cx;
+
+/* For a future about to take something in its poll: 1 if it may (its select, if any, is now
+ * won by its slot), 0 if the select was won by another future (take nothing, return PENDING
+ * or let the select cancel it). Outside a select always 1. */
+MOOR_API int moor_cx_claim(const moor_cx *cx);
 
 /* A place in a FIFO wait queue, embedded in futures that wait for a counterpart (channels,
  * mutexes, semaphores, events). Private throughout. */
@@ -98,6 +110,7 @@ typedef struct moor_waiter {
     struct moor_waiter *prev, *next;
     moor_waker waker;
     moor_claim *claim;
+    const void *slot;
     int queued;
 } moor_waiter;
 
@@ -441,8 +454,11 @@ MOOR_API int moor_scope_close(moor_scope *scope, int64_t deadline);
 
 /* ------------------------------------------------------------------------------------------
  * Synchronisation between fibers of one executor. Caller-owned structs, initialised with
- * their _INIT macro or init function; all waits are FIFO and take a deadline; they return
- * 0, -ETIMEDOUT or -ECANCELED.
+ * their _INIT macro (all zero but a semaphore's permits); all waits are FIFO and take a
+ * deadline; they return 0, -ETIMEDOUT or -ECANCELED. Each object belongs to the executor of
+ * the thread that first uses it: using it from another thread (setting an event from a worker
+ * thread, say) is misuse and fails an assertion; other threads reach fibers through
+ * moor_executor_spawn_remote or moor_waker_wake.
  * ---------------------------------------------------------------------------------------- */
 
 /* A mutex with FIFO hand-off: unlock gives the lock to the first waiter, so nobody barges
@@ -451,8 +467,9 @@ typedef struct moor_mutex {
     moor_fiber *owner;  /* read-only: holder, or NULL (or the plain code marker) */
     int locked;         /* read-only */
     moor_waitq waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
 } moor_mutex;
-#define MOOR_MUTEX_INIT {NULL, 0, {NULL, NULL}}
+#define MOOR_MUTEX_INIT {.ex = NULL}
 MOOR_API int moor_mutex_lock(moor_mutex *m, int64_t deadline);
 MOOR_API int moor_mutex_trylock(moor_mutex *m); /* 0 or -EBUSY */
 /* Misuse: unlocking a mutex that is not locked, or from another fiber than its owner. */
@@ -462,8 +479,9 @@ MOOR_API void moor_mutex_unlock(moor_mutex *m);
  * returns, whatever it returns. */
 typedef struct moor_cond {
     moor_waitq waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
 } moor_cond;
-#define MOOR_COND_INIT {{NULL, NULL}}
+#define MOOR_COND_INIT {.ex = NULL}
 MOOR_API int moor_cond_wait(moor_cond *c, moor_mutex *m, int64_t deadline);
 MOOR_API void moor_cond_signal(moor_cond *c);
 MOOR_API void moor_cond_broadcast(moor_cond *c);
@@ -472,8 +490,9 @@ MOOR_API void moor_cond_broadcast(moor_cond *c);
 typedef struct moor_sem {
     size_t permits;     /* read-only */
     moor_waitq waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
 } moor_sem;
-#define MOOR_SEM_INIT(n) {(n), {NULL, NULL}}
+#define MOOR_SEM_INIT(n) {.permits = (n)}
 MOOR_API int moor_sem_acquire(moor_sem *s, int64_t deadline);
 MOOR_API int moor_sem_try_acquire(moor_sem *s); /* 0 or -EAGAIN */
 MOOR_API void moor_sem_release(moor_sem *s);
@@ -482,8 +501,9 @@ MOOR_API void moor_sem_release(moor_sem *s);
 typedef struct moor_waitgroup {
     size_t count;       /* read-only */
     moor_waitq waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
 } moor_waitgroup;
-#define MOOR_WAITGROUP_INIT {0, {NULL, NULL}}
+#define MOOR_WAITGROUP_INIT {.ex = NULL}
 MOOR_API void moor_waitgroup_add(moor_waitgroup *wg, size_t n);
 /* Misuse: more done than add. */
 MOOR_API void moor_waitgroup_done(moor_waitgroup *wg);
@@ -493,8 +513,9 @@ MOOR_API int moor_waitgroup_wait(moor_waitgroup *wg, int64_t deadline);
 typedef struct moor_event {
     int set;            /* read-only */
     moor_waitq waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
 } moor_event;
-#define MOOR_EVENT_INIT {0, {NULL, NULL}}
+#define MOOR_EVENT_INIT {.ex = NULL}
 MOOR_API void moor_event_set(moor_event *e);
 MOOR_API int moor_event_wait(moor_event *e, int64_t deadline);
 
