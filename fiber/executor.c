@@ -70,6 +70,65 @@ static void context_setup_once(void)
 
 /* ---- executor lifecycle --------------------------------------------------------------- */
 
+/* Freed executors, kept for reuse: their memory is never given back (see remote_lock). */
+static pthread_mutex_t recycle_lock = PTHREAD_MUTEX_INITIALIZER;
+static moor_executor *recycled;
+
+static void remote_sync_init(moor_executor *ex)
+{
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&ex->remote_cond, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&ex->remote_lock, NULL);
+}
+
+/* Memory for an executor: a recycled one (cleared with its lock held, as a late waker may
+ * be about to take it), or a new one. Returned with remote_lock held. */
+static moor_executor *executor_memory(void)
+{
+    pthread_mutex_lock(&recycle_lock);
+    moor_executor *ex = recycled;
+    if (ex)
+        recycled = ex->recycle_next;
+    pthread_mutex_unlock(&recycle_lock);
+    uint64_t next_gen = 1;
+    if (ex) {
+        pthread_mutex_lock(&ex->remote_lock);
+        next_gen = ex->next_gen; /* generations stay unique to this memory across lives */
+    } else {
+        ex = moor__alloc(sizeof *ex);
+        if (!ex)
+            return NULL;
+        remote_sync_init(ex);
+        pthread_mutex_lock(&ex->remote_lock);
+    }
+    memset(ex, 0, offsetof(moor_executor, remote_lock));
+    ex->next_gen = next_gen;
+    ex->gen_base = next_gen;
+    return ex;
+}
+
+/* Called with remote_lock held: the executor is dead to other threads from now on. */
+static void executor_recycle(moor_executor *ex)
+{
+    ex->alive = 0;
+    moor__free(ex->remote);
+    ex->remote = NULL;
+    ex->nremote = ex->cap_remote = 0;
+    pthread_mutex_unlock(&ex->remote_lock);
+    pthread_mutex_lock(&recycle_lock);
+    ex->recycle_next = recycled;
+    recycled = ex;
+    pthread_mutex_unlock(&recycle_lock);
+}
+
+static int bad_size(size_t size, size_t page)
+{
+    return size > SIZE_MAX / 4 - page; /* no rounding or sum of three sizes can overflow */
+}
+
 int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
 {
     static const moor_executor_attr defaults;
@@ -77,20 +136,20 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
         attr = &defaults;
     if (moor__tls_executor)
         return -EEXIST;
+    size_t page = moor__page_size();
+    if (bad_size(attr->stack_size, page) || bad_size(attr->guard_size, page) ||
+        attr->blocking_threads > MOOR__BLOCKING_THREADS_MAX)
+        return -EINVAL;
 
-    moor_executor *ex = moor__alloc(sizeof *ex);
+    moor_executor *ex = executor_memory();
     if (!ex)
         return -ENOMEM;
-    memset(ex, 0, sizeof *ex);
-    size_t page = moor__page_size();
     size_t stack = attr->stack_size ? attr->stack_size : DEFAULT_STACK_SIZE;
     ex->stack_size = (stack + page - 1) / page * page;
     int rc = moor__stack_pool_init(&ex->pool, attr->guard_size ? attr->guard_size : DEFAULT_GUARD_SIZE,
                                    attr->pool_hot ? attr->pool_hot : DEFAULT_POOL_HOT, attr->guard);
-    if (rc < 0) {
-        moor__free(ex);
-        return rc;
-    }
+    if (rc < 0)
+        goto fail;
     ex->stack_map_size = moor__fiber_map_size(ex, ex->stack_size);
     ex->blocking_threads = attr->blocking_threads ? attr->blocking_threads : 4;
     /* The default size's bucket first: the inline fast path of the pool looks only there. */
@@ -98,11 +157,9 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     rc = moor__stack_get(&ex->pool, ex->stack_map_size, &warm);
     if (rc < 0) {
         moor__stack_pool_destroy(&ex->pool);
-        moor__free(ex);
-        return rc;
+        goto fail;
     }
     moor__stack_put(&ex->pool, warm, ex->stack_map_size);
-    ex->next_gen = 1;
     ex->next_fiber_id = 1;
     ex->plain_budget = MOOR__COOP_BUDGET;
     ex->errno_ptr = &errno;
@@ -114,30 +171,25 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     ex->ctx.started = 1; /* the thread's own stack: it will wait inside moor__switch */
     static pthread_once_t fp_once = PTHREAD_ONCE_INIT;
     pthread_once(&fp_once, context_setup_once);
-
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&ex->remote_cond, &ca);
-    pthread_condattr_destroy(&ca);
-    pthread_mutex_init(&ex->remote_lock, NULL);
     ex->driver = &plain_driver;
     ex->driver_self = ex;
 
     rc = moor__overflow_thread_init(ex);
     if (rc < 0) {
-        pthread_mutex_destroy(&ex->remote_lock);
-        pthread_cond_destroy(&ex->remote_cond);
         moor__stack_pool_destroy(&ex->pool);
-        moor__free(ex);
-        return rc;
+        goto fail;
     }
 #ifdef MOOR_TSAN_FIBERS
     ex->ctx.tsan_fiber = __tsan_get_current_fiber();
 #endif
+    ex->alive = 1;
+    pthread_mutex_unlock(&ex->remote_lock);
     moor__tls_executor = ex;
     *out = ex;
     return 0;
+fail:
+    executor_recycle(ex);
+    return rc;
 }
 
 void moor_executor_free(moor_executor *ex)
@@ -149,6 +201,10 @@ void moor_executor_free(moor_executor *ex)
     moor__assert(ex->ntasks == 0,
                  "moor_executor_free: %zu task(s) still pending; join or finish them first",
                  ex->ntasks);
+    moor__assert(ex->spawns_kept == 0,
+                 "moor_executor_free: %zu fiber(s) spawned from other threads have not started "
+                 "(they wait for memory for their stacks); run the executor until they have",
+                 ex->spawns_kept);
     if (ex->reactor_free)
         ex->reactor_free(ex);
     moor__fibers_release_all(ex);
@@ -157,12 +213,11 @@ void moor_executor_free(moor_executor *ex)
     for (size_t i = 0; i < ex->ntask_chunks; i++)
         moor__free(ex->task_chunks[i]);
     moor__free(ex->task_chunks);
-    moor__free(ex->remote);
     moor__overflow_thread_fini(ex);
-    pthread_mutex_destroy(&ex->remote_lock);
-    pthread_cond_destroy(&ex->remote_cond);
     moor__tls_executor = NULL;
-    moor__free(ex);
+    /* From now on a wake from another thread finds it dead and does nothing. */
+    pthread_mutex_lock(&ex->remote_lock);
+    executor_recycle(ex);
 }
 
 moor_executor *moor_executor_current(void) { return moor__tls_executor; }
@@ -232,8 +287,10 @@ int moor_executor_spawn(moor_executor *ex, moor_future *fut)
 
 static inline void wake_local(moor_executor *ex, moor_task *t, uint64_t gen)
 {
-    if (t->gen != gen)
-        return; /* the task finished; its slot may already hold another */
+    /* Before gen_base: a waker of an earlier life of this memory, whose tasks are gone.
+     * Otherwise a changed gen: the task finished; its slot may already hold another. */
+    if (gen < ex->gen_base || t->gen != gen)
+        return;
     if (t->state == MOOR__TASK_IDLE) {
         t->state = MOOR__TASK_SCHEDULED;
         moor__runq_push(ex, t);
@@ -242,13 +299,20 @@ static inline void wake_local(moor_executor *ex, moor_task *t, uint64_t gen)
     }
 }
 
-/* Queue a request for the executor's thread and unpark it. */
+/* Queue a request for the executor's thread and unpark it. -ESRCH if the executor has been
+ * freed (its memory stays valid: see executor_recycle), or the request is a wake from an
+ * earlier life of that memory. */
 static int remote_push(moor_executor *ex, moor__remote_req req)
 {
     pthread_mutex_lock(&ex->remote_lock);
+    if (!ex->alive || (req.task && req.gen < ex->gen_base)) {
+        pthread_mutex_unlock(&ex->remote_lock);
+        return -ESRCH;
+    }
     if (ex->nremote == ex->cap_remote) {
         size_t ncap = ex->cap_remote ? ex->cap_remote * 2 : 64;
-        moor__remote_req *nv = moor__realloc(ex->remote, ncap * sizeof *nv);
+        moor__remote_req *nv =
+            ncap <= SIZE_MAX / sizeof *nv ? moor__realloc(ex->remote, ncap * sizeof *nv) : NULL;
         if (!nv) {
             pthread_mutex_unlock(&ex->remote_lock);
             return -ENOMEM;
@@ -266,9 +330,10 @@ static int remote_push(moor_executor *ex, moor__remote_req req)
 
 static void wake_remote(moor_executor *ex, moor_task *t, uint64_t gen)
 {
-    /* A wake cannot be refused: losing it could hang its task forever. */
+    /* A wake cannot be refused: losing it could hang its task forever. A dead executor has
+     * no task left to wake. */
     int rc = remote_push(ex, (moor__remote_req){t, gen, NULL, NULL});
-    moor__assert(rc == 0, "out of memory queueing a wake from another thread");
+    moor__assert(rc == 0 || rc == -ESRCH, "out of memory queueing a wake from another thread");
 }
 
 int moor_executor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg)
@@ -287,32 +352,62 @@ void moor_waker_wake(const moor_waker *w)
         wake_remote(w->ex, w->task, w->gen);
 }
 
-/* Remote spawns started per turn: a burst of them must not map a stack for every request
- * before the first one has run (and given its stack back). */
-#define REMOTE_SPAWNS_PER_TURN 256u
+/* Remote spawns started per batch (see remote_unstarted), and how long a spawn that found no
+ * memory for its stack waits before it is tried again. */
+#define REMOTE_SPAWN_BATCH 64u
+#define SPAWN_RETRY_MS 10
+
+/* Start a remote spawn; 0, or -ENOMEM when no stack could be had (it stays queued). */
+static int remote_spawn(moor_executor *ex, const moor__remote_req *req)
+{
+    moor_fiber *f;
+    /* Spawning touches only this executor's state, never remote_lock's. */
+    int rc = moor__fiber_spawn(ex, &f, req->fn, req->arg, NULL, 1);
+    if (rc < 0) {
+        ex->spawn_retry_at = moor_now() + SPAWN_RETRY_MS;
+        if (!ex->spawn_failed_said) {
+            fprintf(stderr, "moor: a fiber spawned from another thread waits for memory for its "
+                            "stack (%s); retrying every %d ms\n", moor_strerror(rc), SPAWN_RETRY_MS);
+            ex->spawn_failed_said = 1;
+        }
+        return rc;
+    }
+    f->remote = 1;
+    ex->remote_unstarted++;
+    ex->spawn_retry_at = 0;
+    ex->spawn_failed_said = 0;
+    return 0;
+}
 
 static void drain_remote(moor_executor *ex)
 {
+    int may_spawn = ex->remote_unstarted == 0 &&
+                    (ex->spawn_retry_at == 0 || moor_now() >= ex->spawn_retry_at);
     pthread_mutex_lock(&ex->remote_lock);
-    size_t spawns = 0, kept = 0;
+    size_t kept = 0;
     for (size_t i = 0; i < ex->nremote; i++) {
         moor__remote_req req = ex->remote[i];
         if (req.task) {
             wake_local(ex, req.task, req.gen);
-        } else if (spawns < REMOTE_SPAWNS_PER_TURN) {
-            spawns++;
-            /* Spawning touches only this executor's state, never remote_lock's. */
-            int rc = moor_spawn(NULL, req.fn, req.arg, NULL);
-            if (rc < 0) /* the caller has gone on; say so rather than drop it silently */
-                fprintf(stderr, "moor: a fiber spawned from another thread could not start: %s\n",
-                        moor_strerror(rc));
-        } else {
-            ex->remote[kept++] = req; /* next turn, in order */
+            continue;
         }
+        if (may_spawn && ex->remote_unstarted < REMOTE_SPAWN_BATCH && remote_spawn(ex, &req) == 0)
+            continue;
+        may_spawn = 0;
+        ex->remote[kept++] = req; /* a later batch, in order */
     }
     ex->nremote = kept;
-    __atomic_store_n(&ex->remote_pending, kept != 0, __ATOMIC_RELAXED);
+    ex->spawns_kept = kept;
+    /* What is kept is looked at again when the batch has started (moor__remote_started) or
+     * the retry time has come (events), not before every task. */
+    __atomic_store_n(&ex->remote_pending, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&ex->remote_lock);
+}
+
+void moor__remote_started(moor_executor *ex)
+{
+    if (--ex->remote_unstarted == 0 && ex->spawns_kept)
+        __atomic_store_n(&ex->remote_pending, 1, __ATOMIC_RELAXED);
 }
 
 /* ---- running -------------------------------------------------------------------------- */
@@ -334,6 +429,19 @@ static inline void task_run(moor_executor *ex, moor_task *t)
         moor__task_pending(ex, t);
 }
 
+/* Remote spawns that waited for memory: due for another try at `now` (the remote queue is
+ * marked for a look), or the time of that try if it is before `next` (a timer deadline or -1). */
+static int64_t spawn_retry(moor_executor *ex, int64_t now, int64_t next)
+{
+    if (!ex->spawns_kept || ex->remote_unstarted)
+        return next;
+    if (now >= ex->spawn_retry_at) {
+        __atomic_store_n(&ex->remote_pending, 1, __ATOMIC_RELAXED);
+        return next;
+    }
+    return next < 0 || ex->spawn_retry_at < next ? ex->spawn_retry_at : next;
+}
+
 /* Fire due timers and let the driver look for events, blocking only if may_block and no
  * timer fired: until the next timer's deadline, an event or an unpark. */
 static void events(moor_executor *ex, int may_block)
@@ -341,11 +449,12 @@ static void events(moor_executor *ex, int may_block)
     int64_t now = moor_now();
     if (moor__timer_fire(&ex->timers, now))
         may_block = 0;
+    int64_t next = spawn_retry(ex, now, moor__timer_next(&ex->timers));
+    if (__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED))
+        may_block = 0;
     int64_t timeout = 0;
-    if (may_block) {
-        int64_t next = moor__timer_next(&ex->timers);
+    if (may_block)
         timeout = next < 0 ? -1 : next - now;
-    }
     ex->driver->park(ex->driver_self, timeout);
     if (timeout != 0)
         moor__timer_fire(&ex->timers, moor_now());
@@ -375,7 +484,7 @@ static void run(moor_executor *ex, int (*done)(const void *arg), const void *arg
                 events(ex, 0);
             continue;
         }
-        if (done ? done(arg) : ex->ntasks == 0)
+        if (done ? done(arg) : ex->ntasks == 0 && ex->spawns_kept == 0)
             break;
         events(ex, 1);
     }
@@ -386,14 +495,16 @@ int moor__executor_tick(moor_executor *ex, unsigned budget, int64_t *next_deadli
 {
     moor__assert(!ex->running, "the executor is already running (called from inside a poll)");
     ex->running = 1;
-    moor__timer_fire(&ex->timers, moor_now());
+    int64_t now = moor_now();
+    moor__timer_fire(&ex->timers, now);
+    (void)spawn_retry(ex, now, -1);
     if (__atomic_load_n(&ex->remote_pending, __ATOMIC_ACQUIRE))
         drain_remote(ex);
     moor_task *t;
     while (budget-- && (t = moor__runq_pop(ex)))
         task_run(ex, t);
     ex->running = 0;
-    *next_deadline = moor__timer_next(&ex->timers);
+    *next_deadline = spawn_retry(ex, moor_now(), moor__timer_next(&ex->timers));
     return ex->run_head != NULL || __atomic_load_n(&ex->remote_pending, __ATOMIC_ACQUIRE);
 }
 

@@ -11,6 +11,9 @@
 #include "stack.h"
 #include "timer.h"
 
+/* The most worker threads a blocking pool may be given (moor_executor_attr). */
+#define MOOR__BLOCKING_THREADS_MAX 4096u
+
 enum moor__task_state {
     MOOR__TASK_FREE = 0,   /* slot unused (gen is 0) */
     MOOR__TASK_IDLE,       /* pending, waiting for a wake */
@@ -85,15 +88,30 @@ struct moor_executor {
     void *reactor;                   /* reactor/'s state once it has installed its driver */
     void (*reactor_free)(moor_executor *ex);
 
-    /* Wakes from other threads: queued under remote_lock, drained by the executor. */
-    pthread_mutex_t remote_lock;
-    pthread_cond_t remote_cond;      /* the plain driver parks on it */
-    moor__remote_req *remote;
-    size_t nremote, cap_remote;
-    int remote_pending;              /* atomic: remote queue non-empty */
-    int unparked;                    /* plain driver: an unpark is outstanding */
+    /* Remote spawns (moor_executor_spawn_remote) are started a batch at a time: the next
+     * batch only once the last one has started running (and, if it finished, given its
+     * stacks back), so a burst of them never maps a stack per request at once. A spawn that
+     * cannot get a stack waits in the queue and is retried; it is never dropped. */
+    size_t remote_unstarted;         /* remote spawns started and not yet running */
+    size_t spawns_kept;              /* remote spawns left in the queue by the last drain */
+    int64_t spawn_retry_at;          /* after a failed spawn: no new try before (ms), or 0 */
+    int spawn_failed_said;           /* the failure has been reported on stderr */
 
     void *altstack;                  /* this thread's sigaltstack, if moor made it */
+
+    /* Shared with other threads, under remote_lock. An executor's memory is never given back
+     * (freed executors are recycled), so a waker that outlives its executor still reaches a
+     * valid lock here and finds the executor dead, or alive again with a newer gen_base. */
+    int alive;                       /* between moor_executor_new and moor_executor_free */
+    uint64_t gen_base;               /* the first generation of this life: older wakers miss */
+    moor__remote_req *remote;
+    size_t nremote, cap_remote;
+    int remote_pending;              /* atomic: something in the remote queue to act on */
+    int unparked;                    /* plain driver: an unpark is outstanding */
+    /* Last, so that recycling can clear everything before them while they stay valid. */
+    pthread_mutex_t remote_lock;
+    pthread_cond_t remote_cond;      /* the plain driver parks on it */
+    moor_executor *recycle_next;     /* the list of freed executors (executor.c's lock) */
 };
 
 /* The calling thread's executor (NULL if none). Initial-exec: one %fs-relative load, no
@@ -171,7 +189,8 @@ static inline void moor__wake(const moor_waker *w)
 {
     moor_task *t = w->task;
     if (t && w->ex == moor__tls_executor) {
-        if (t->gen != w->gen)
+        /* A waker of an earlier life of this executor's memory: its task memory is gone. */
+        if (w->gen < w->ex->gen_base || t->gen != w->gen)
             return;
         if (t->state == MOOR__TASK_IDLE) {
             t->state = MOOR__TASK_SCHEDULED;
@@ -195,6 +214,9 @@ static inline void moor__task_pending(moor_executor *ex, moor_task *t)
         t->state = MOOR__TASK_IDLE;
     }
 }
+
+/* A fiber spawned from another thread has started running (fiber.c). */
+void moor__remote_started(moor_executor *ex);
 
 /* A task has finished: its generation dies, so stale wakers miss. */
 void moor__task_finish(moor_executor *ex, moor_task *t);

@@ -29,6 +29,10 @@ static transfer_t fiber_entry(transfer_t t)
     moor__switch_arrived(t, &f->ctx);
     if (ex->zombie)
         moor__fiber_reap(ex);
+    if (f->remote) {
+        f->remote = 0;
+        moor__remote_started(ex);
+    }
     f->result = f->fn(f->arg);
     moor__assert(f->open_scopes == 0,
                  "fiber %" PRIu64 " \"%s\" returned with %zu scope(s) still open: close them "
@@ -96,16 +100,16 @@ static void fiber_release(moor_executor *ex, moor_fiber *f)
     moor__stack_put(&ex->pool, f->stack_base, f->map_size);
 }
 
-int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
+int moor__fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
+                      const moor_fiber_attr *attr, int detached)
 {
-    moor_executor *ex = moor__tls_executor;
-    moor__assert(ex, "moor_spawn: no executor on this thread (call moor_executor_new first)");
-    moor__assert(fn, "moor_spawn: fn is NULL");
-
     size_t size = ex->stack_size;
     size_t map_size = ex->stack_map_size;
     if (attr && attr->stack_size) {
         size_t page = moor__page_size();
+        /* Rounding and the mapping's sum must not wrap to a small stack. */
+        if (attr->stack_size > SIZE_MAX / 2 - ex->pool.guard - 4 * page)
+            return -EINVAL;
         size = (attr->stack_size + page - 1) & ~(page - 1);
         map_size = moor__fiber_map_size(ex, size);
     }
@@ -127,7 +131,7 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
     f->stack_size = size;
     f->id = ex->next_fiber_id++;
     f->state = MOOR__FIBER_LIVE;
-    f->detached = out == NULL;
+    f->detached = (uint8_t)detached;
     f->join_claimed = 0;
     f->cancelled = 0;
     f->remote = 0;
@@ -169,9 +173,20 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
 
     f->task.kind = MOOR__TASK_FIBER; /* its task is in the control block: no allocation */
     moor__task_start(ex, &f->task, NULL);
-    if (out)
-        *out = f;
+    *out = f;
     return 0;
+}
+
+int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
+{
+    moor_executor *ex = moor__tls_executor;
+    moor__assert(ex, "moor_spawn: no executor on this thread (call moor_executor_new first)");
+    moor__assert(fn, "moor_spawn: fn is NULL");
+    moor_fiber *f;
+    int rc = moor__fiber_spawn(ex, &f, fn, arg, attr, out == NULL);
+    if (rc == 0 && out)
+        *out = f;
+    return rc;
 }
 
 void moor__fibers_release_all(moor_executor *ex)
@@ -221,6 +236,20 @@ int moor_join(moor_fiber *f, intptr_t *result)
         *result = f->result;
     int rc = f->cancelled ? -ECANCELED : 0;
     fiber_release(f->ex, f);
+    return rc;
+}
+
+int moor_join_deadline(moor_fiber *f, intptr_t *result, int64_t deadline)
+{
+    check_handle(f, "moor_join_deadline");
+    moor_future *done = moor_fiber_future(f);
+    int rc = moor_select(&done, 1, deadline);
+    if (rc >= 0)
+        return moor_join(f, result);
+    /* Out of time, or the caller was cancelled (or no room for the timer): the child is
+     * cancelled too, and reaped. */
+    moor_cancel(f);
+    (void)moor_join(f, result);
     return rc;
 }
 

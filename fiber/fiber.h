@@ -60,6 +60,11 @@ static inline size_t moor__fiber_map_size(const moor_executor *ex, size_t size)
     return ex->pool.guard + size + ((MOOR__FIBER_CTL_SIZE + page - 1) & ~(page - 1));
 }
 
+/* Spawn a fiber on ex (moor_spawn's body): *out is set on success, detached or not.
+ * Errors: -ENOMEM, -EINVAL (a stack size that cannot be mapped). */
+int moor__fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
+                      const moor_fiber_attr *attr, int detached);
+
 /* Defined in scope.c: a child of a scope has returned. */
 void moor__scope_child_done(moor_fiber *f);
 

@@ -17,30 +17,23 @@ void moor_future_init(moor_future *fut, const moor_future_ops *ops, uint32_t fla
     fut->pinned_at = NULL;
 }
 
-#ifdef MOOR_PIN_CHECK
-/* The C form of Pin: a future that has returned PENDING may have handed its own address to
- * a waker source (a watcher embedded in it, a list of waiters); moving it would leave them
- * pointing at the old copy. */
-__attribute__((noinline, noreturn)) static void pin_violation(const moor_future *fut)
+void moor__pin_violation(const moor_future *fut, const char *what)
 {
     fprintf(stderr,
-            "moor: future \"%s\" moved after it was polled: first polled at %p, now at %p "
+            "moor: future \"%s\" %s after it moved: first polled at %p, now at %p "
             "(a pending future must not move; set MOOR_UNPIN if this type allows it)\n",
-            fut->ops && fut->ops->label ? fut->ops->label : "?", (const void *)fut->pinned_at,
-            (const void *)fut);
+            fut->ops && fut->ops->label ? fut->ops->label : "?", what,
+            (const void *)fut->pinned_at, (const void *)fut);
     abort();
 }
-#endif
 
 moor_poll moor_future_poll(moor_future *fut, moor_cx *cx)
 {
     moor__assert(fut->state != MOOR__FUTURE_DONE,
                  "future \"%s\" at %p polled again after it returned READY",
                  fut->ops && fut->ops->label ? fut->ops->label : "?", (void *)fut);
-#ifdef MOOR_PIN_CHECK
-    if (fut->state == MOOR__FUTURE_PENDING && fut->pinned_at != fut && !(fut->flags & MOOR_UNPIN))
-        pin_violation(fut);
-#endif
+    if (fut->state == MOOR__FUTURE_PENDING)
+        moor__pin_check(fut, "polled");
     moor_poll r = fut->ops->poll(fut, cx);
     if (r == MOOR_READY) {
         fut->state = MOOR__FUTURE_DONE;
@@ -57,6 +50,7 @@ moor_poll moor_future_cancel(moor_future *fut)
         return MOOR_READY;
     if (fut->state != MOOR__FUTURE_PENDING)
         return MOOR_PENDING;
+    moor__pin_check(fut, "cancelled");
     if (fut->ops->cancel && fut->ops->cancel(fut) == MOOR_READY) {
         fut->state = MOOR__FUTURE_DONE; /* it had completed: its output stands */
         return MOOR_READY;

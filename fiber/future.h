@@ -15,4 +15,17 @@ static inline int moor__future_done(const moor_future *fut)
     return fut->state == MOOR__FUTURE_DONE;
 }
 
+/* The C form of Pin: a future that has returned PENDING may have handed its own address to
+ * a waker source (a watcher embedded in it, a list of waiters, the timer heap); moving it
+ * would leave them pointing at the old copy. Checked on every poll and cancel of a pending
+ * future, in every build: a load, a compare and a branch (bench_switch's pin_check_ns). */
+__attribute__((noinline, noreturn, cold)) void moor__pin_violation(const moor_future *fut,
+                                                                   const char *what);
+
+static inline void moor__pin_check(const moor_future *fut, const char *what)
+{
+    if (__builtin_expect(fut->pinned_at != fut, 0) && !(fut->flags & MOOR_UNPIN))
+        moor__pin_violation(fut, what);
+}
+
 #endif

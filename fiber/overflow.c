@@ -50,12 +50,29 @@ static void chain(int sig, siginfo_t *info, void *uctx)
     }
 }
 
+static int in_guard(const moor_executor *ex, const moor_fiber *f, const char *addr)
+{
+    return addr >= f->stack_base && addr < f->stack_base + ex->pool.guard;
+}
+
+/* The fiber whose guard holds addr. Usually the current one; but a fault inside a switch
+ * happens on the leaving fiber's stack after the executor already names the next one as
+ * current, so look at every live fiber then. Reads only: safe in a signal handler. */
+static moor_fiber *guard_owner(const moor_executor *ex, const char *addr)
+{
+    if (ex->current && in_guard(ex, ex->current, addr))
+        return ex->current;
+    for (moor_fiber *f = ex->fibers; f; f = f->next)
+        if (in_guard(ex, f, addr))
+            return f;
+    return NULL;
+}
+
 static void on_segv(int sig, siginfo_t *info, void *uctx)
 {
     moor_executor *ex = moor__tls_executor;
-    moor_fiber *f = ex ? ex->current : NULL;
-    char *addr = info->si_addr;
-    if (!f || addr < f->stack_base || addr >= f->stack_base + ex->pool.guard) {
+    moor_fiber *f = ex ? guard_owner(ex, info->si_addr) : NULL;
+    if (!f) {
         chain(sig, info, uctx);
         return;
     }

@@ -13,7 +13,13 @@ int64_t moor_now(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-int64_t moor_deadline_in(int64_t ms) { return ms < 0 ? -1 : moor_now() + ms; }
+int64_t moor_deadline_in(int64_t ms)
+{
+    if (ms < 0)
+        return -1;
+    int64_t now = moor_now();
+    return ms > INT64_MAX - now ? INT64_MAX : now + ms; /* saturates: "never", not negative */
+}
 
 static inline int before(const moor_timer_node *a, const moor_timer_node *b)
 {

@@ -435,6 +435,7 @@ typedef struct moor_scope {
     moor_waitq waiters;    /* private: fibers waiting for count to reach 0 */
     moor_fiber *owner;     /* private: the fiber that opened it, or NULL */
     int closed;            /* private: 0 open, -1 closing, 1 closed */
+    moor_executor *ex;     /* private: the executor whose fibers use it */
 } moor_scope;
 
 /* Open a scope (caller-owned memory, usually on the opening fiber's stack). */
@@ -445,7 +446,8 @@ MOOR_API void moor_scope_init(moor_scope *scope);
 MOOR_API int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg,
                               const moor_fiber_attr *attr);
 /* Wait until every child has returned, without cancelling them. Returns 0, -ETIMEDOUT,
- * -ECANCELED (the children keep running). */
+ * -ECANCELED (the children keep running), or -EPIPE if the scope was closed meanwhile with
+ * children still running (moor_scope_close timed out and let go of them). */
 MOOR_API int moor_scope_wait(moor_scope *scope, int64_t deadline);
 /* Cancel every child still running and wait for them to return; the scope is closed after.
  * Returns 0, or -ETIMEDOUT if some child has not returned by the deadline (it has been

@@ -36,6 +36,7 @@
 #endif
 
 #include "fiber/fcontext.h"
+#include "fiber/future.h"
 #define BENCH_NAME "bench_switch"
 #include "bench.h"
 #include "moor.h"
@@ -313,13 +314,61 @@ static uint64_t bench_spawn_cold(uint64_t k, moor_fiber **fibers)
     return ps_per_op(s.t0, s.t1, k);
 }
 
+/* ---- the pin check's cost per poll ----------------------------------------------------------
+ * A future that stays pending, polled through its op with and without the check that
+ * moor_future_poll and moor_future_cancel make first (the same inline function). */
+
+struct counting {
+    moor_future base;
+    uint64_t polls;
+};
+
+__attribute__((noinline)) static moor_poll counting_poll(moor_future *fut, moor_cx *cx)
+{
+    (void)cx;
+    ((struct counting *)(void *)fut)->polls++;
+    return MOOR_PENDING;
+}
+
+static const moor_future_ops counting_ops = {"counting", counting_poll, NULL};
+
+static uint64_t bench_poll(uint64_t n, int checked)
+{
+    struct counting c = {.polls = 0};
+    moor_future_init(&c.base, &counting_ops, 0);
+    moor_cx cx = {{NULL, NULL, 0}, NULL, NULL};
+    moor_future *volatile fut = &c.base; /* reloaded each time, as a caller's would be */
+    (void)moor_future_poll(fut, &cx);   /* pending: pinned from here on */
+    uint64_t t0 = now_ns();
+    if (checked) {
+        for (uint64_t i = 0; i < n; i++) {
+            moor_future *f = fut;
+            moor__pin_check(f, "polled");
+            (void)f->ops->poll(f, &cx);
+        }
+    } else {
+        for (uint64_t i = 0; i < n; i++) {
+            moor_future *f = fut;
+            (void)f->ops->poll(f, &cx);
+        }
+    }
+    uint64_t t1 = now_ns();
+    if (c.polls != n + 1)
+        die("poll count is off");
+    (void)moor_future_cancel(&c.base);
+    return ps_per_op(t0, t1, n);
+}
+
 /* ---- results -------------------------------------------------------------------------- */
 
-enum figure { RAW, YIELD, SPAWN_WARM, SPAWN_COLD, YIELD_FP, YIELD_FP_EACH, NFIGURES };
+enum figure {
+    RAW, YIELD, SPAWN_WARM, SPAWN_COLD, YIELD_FP, YIELD_FP_EACH, POLL, POLL_DIRECT, NFIGURES
+};
 
 static const char *const figure_key[NFIGURES] = {
     "raw_switch_round_trip_ns", "yield_round_trip_ns",    "spawn_join_warm_ns",
     "spawn_join_cold_ns",       "yield_round_trip_fp_ns", "yield_round_trip_fp_each_ns",
+    "poll_pin_checked_ns",      "poll_unchecked_ns",
 };
 
 static const char *guard_name(moor_guard_mode mode)
@@ -358,6 +407,8 @@ static void round_all(uint64_t *r, void *ctx)
     r[SPAWN_COLD] = bench_spawn_cold(run->cold, run->cold_fibers);
     r[YIELD_FP] = bench_yield(run->yield, FP_BEFORE);
     r[YIELD_FP_EACH] = bench_yield(run->fp_each, FP_EACH);
+    r[POLL] = bench_poll(run->yield, 1);
+    r[POLL_DIRECT] = bench_poll(run->yield, 0);
 }
 
 int main(int argc, char **argv)
@@ -383,11 +434,15 @@ int main(int argc, char **argv)
     feclearexcept(FE_ALL_EXCEPT);
 
     bench_print_keys(figure_key, st, NFIGURES, ratios, NRATIOS);
+    /* What the pin check adds to a poll (medians; 0 when lost in the noise). */
+    uint64_t poll_ps = st[POLL].median, direct_ps = st[POLL_DIRECT].median;
+    uint64_t extra_ps = poll_ps > direct_ps ? poll_ps - direct_ps : 0;
+    printf("pin_check_ns: %llu.%02llu ns\n", (ull)(extra_ps / 1000), (ull)(extra_ps % 1000 / 10));
     printf("guard_mode: %s\n", guard_name(guard));
     bench_print_cpu_model();
 
-    const uint64_t iters[NFIGURES] = {run.raw_n, run.yield, run.spawn,
-                                      run.cold,  run.yield, run.fp_each};
+    const uint64_t iters[NFIGURES] = {run.raw_n, run.yield,   run.spawn, run.cold,
+                                      run.yield, run.fp_each, run.yield, run.yield};
     bench_print_table(scale_arg, figure_key, st, iters, NFIGURES);
     bench_print_targets(ratios, NRATIOS, st);
 
