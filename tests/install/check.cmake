@@ -282,6 +282,12 @@ set(warn -Wall -Wextra -Werror)
 pkg_flags(pc_cflags --cflags)
 pkg_flags(pc_libs --libs)
 require_dir("Cflags" "${pc_cflags}" "-I" "${includedir_real}")
+# A frame larger than a fiber's guard must hit it (moor.h): users compile with stack-clash
+# protection, through moor.pc as through the CMake package.
+list(FIND pc_cflags "-fstack-clash-protection" i)
+if(i EQUAL -1)
+  message(FATAL_ERROR "install test: moor.pc's Cflags lack -fstack-clash-protection: ${pc_cflags}")
+endif()
 require_dir("Libs" "${pc_libs}" "-L" "${libdir_real}")
 set(exe "${WORK_DIR}/app-pkgconfig")
 run_step("compile and link app.c (pkg-config, shared)" COMMAND
