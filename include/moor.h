@@ -288,10 +288,20 @@ MOOR_API int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moo
  * twice, joining a detached fiber or oneself. */
 MOOR_API int moor_join(moor_fiber *fiber, intptr_t *result);
 
+/* Join with a bound on the fiber's run: wait for it to return until the deadline, and if it
+ * has not, cancel it and wait for it to return (its cleanup is not bounded). Returns 0 (or
+ * -ECANCELED if someone else had cancelled it, as moor_join), or -ETIMEDOUT: it was cancelled
+ * at the deadline. If the caller is cancelled while it waits, the fiber is cancelled too and
+ * the call returns -ECANCELED once it has returned. Either way the fiber has returned, its
+ * value is in *result (if not NULL) and the handle is released. May suspend. */
+MOOR_API int moor_join_deadline(moor_fiber *fiber, intptr_t *result, int64_t deadline);
+
 /* The fiber's completion as a future (its output is the fiber's return value): await it,
  * select on it, block_on it. One future per fiber; it does not release the fiber, which must
  * still be joined (moor_join returns at once then). Like any future it becomes done when it
- * is polled after the fiber returned, not by itself. */
+ * is polled after the fiber returned, not by itself. A timeout or select over it that gives
+ * up lets go of the *join*, not of the fiber, which runs on: to bound a fiber's run, use
+ * moor_join_deadline (or moor_cancel it). */
 MOOR_API moor_future *moor_fiber_future(moor_fiber *fiber);
 
 /* Suspend the calling fiber until `fut` is ready and return its output. Only the calling

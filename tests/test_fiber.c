@@ -1148,6 +1148,95 @@ static void test_fiber_exhaustion_is_enomem(void **state)
 
 #define TEST(f) TEST_FORGETTING(f)
 
+/* ---- bounding a fiber's run ------------------------------------------------------------------
+ * A timeout or select over a fiber's future abandons the join, not the fiber;
+ * moor_join_deadline cancels the fiber when the deadline passes and reaps it. */
+
+static intptr_t sleep_forever_then(void *arg)
+{
+    int rc = moor_sleep(-1); /* only a cancel ends it */
+    return rc == -ECANCELED ? (intptr_t)arg : -1;
+}
+
+static intptr_t join_deadline_in_fiber(void *arg)
+{
+    moor_fiber *child;
+    if (moor_spawn(&child, sleep_forever_then, (void *)8, NULL) != 0)
+        return -1;
+    intptr_t r = 0;
+    int rc = moor_join_deadline(child, &r, moor_deadline_in(30000));
+    /* arg: 1 = this fiber is cancelled meanwhile: the child is cancelled with it. */
+    (void)arg;
+    return rc == -ECANCELED && r == 8 ? 0 : __LINE__;
+}
+
+static void test_fiber_join_deadline(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+
+    /* Returns in time: 0 and its value. */
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, yield_then_return, (void *)4, NULL), 0);
+    intptr_t r = 0;
+    assert_int_equal(moor_join_deadline(f, &r, moor_deadline_in(30000)), 0);
+    assert_int_equal(r, 4);
+
+    /* Out of time: cancelled at the deadline, reaped, its value stored. */
+    assert_int_equal(moor_spawn(&f, sleep_forever_then, (void *)6, NULL), 0);
+    int64_t start = moor_now();
+    r = 0;
+    assert_int_equal(moor_join_deadline(f, &r, moor_deadline_in(30)), -ETIMEDOUT);
+    assert_true(moor_now() - start >= 30);
+    assert_int_equal(r, 6);
+
+    /* A timeout over the fiber's future lets go of the join only: the fiber keeps running. */
+    assert_int_equal(moor_spawn(&f, sleep_forever_then, (void *)7, NULL), 0);
+    assert_int_equal(moor_timeout(moor_fiber_future(f), moor_deadline_in(10)), -ETIMEDOUT);
+    assert_int_equal(ex->ntasks, 1);
+    moor_cancel(f);
+    assert_int_equal(moor_join(f, &r), -ECANCELED);
+    assert_int_equal(r, 7);
+
+    /* A caller cancelled while it waits takes the child down with it. */
+    moor_fiber *parent;
+    assert_int_equal(moor_spawn(&parent, join_deadline_in_fiber, NULL, NULL), 0);
+    assert_int_equal(moor_sleep(moor_deadline_in(5)), 0);
+    moor_cancel(parent);
+    assert_int_equal(moor_join(parent, &r), -ECANCELED);
+    assert_int_equal(r, 0);
+    assert_int_equal(ex->ntasks, 0);
+    moor_executor_free(ex);
+}
+
+/* In a cancelled fiber, awaiting a fiber that has already returned gives its value. */
+static intptr_t await_returned_child(void *arg)
+{
+    moor_fiber *child = arg;
+    while (!moor_cancelled())
+        moor_yield();
+    intptr_t v = moor_await(moor_fiber_future(child));
+    intptr_t r = -1;
+    int rc = moor_join(child, &r);
+    return v == 21 && rc == 0 && r == 21 ? 0 : __LINE__;
+}
+
+static void test_fiber_await_returned_fiber_when_cancelled(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_fiber *child, *f;
+    assert_int_equal(moor_spawn(&child, return_arg, (void *)21, NULL), 0);
+    assert_int_equal(moor_spawn(&f, await_returned_child, child, NULL), 0);
+    moor_cancel(f);
+    intptr_t r = -1;
+    assert_int_equal(moor_join(f, &r), -ECANCELED);
+    assert_int_equal(r, 0);
+    moor_executor_free(ex);
+}
+
 int main(void)
 {
     child_signals_save();
@@ -1166,6 +1255,8 @@ int main(void)
         TEST(test_fiber_cancel_waiting_fiber),
         TEST(test_fiber_cancel_keeps_completed_result),
         TEST(test_fiber_cancel_before_start_and_after_return),
+        TEST(test_fiber_join_deadline),
+        TEST(test_fiber_await_returned_fiber_when_cancelled),
         TEST(test_fiber_detached_free_themselves),
         TEST(test_fiber_100k_and_pool_reuse),
         TEST(test_fiber_await_outside_fiber_asserts),

@@ -950,6 +950,207 @@ static void test_select_cancelled_fiber(void **state)
     ex_free(ex);
 }
 
+/* ---- wrappers that pass the select's claim down ------------------------------------------
+ * A future that wraps another (moor_retry around a channel receive, or one of the user's own)
+ * polls the inner future with the cx it was given: the inner future claims the select for the
+ * wrapper's slot, and the select sees the wrapper win. A value taken inside a wrapper is never
+ * lost to the select. */
+
+typedef struct recv_maker {
+    moor_chan *ch;
+    moor_chan_op op;
+    int value;
+} recv_maker;
+
+static moor_future *make_recv(void *arg, unsigned attempt)
+{
+    (void)attempt;
+    recv_maker *m = arg;
+    moor_chan_recv_init(&m->op, m->ch, &m->value, -1);
+    return &m->op.base;
+}
+
+typedef struct wrapped_timeout {
+    recv_maker m;
+    moor_retry_future rf;
+    intptr_t out;
+} wrapped_timeout;
+
+static intptr_t timeout_of_retry_fn(void *arg)
+{
+    wrapped_timeout *w = arg;
+    moor_retry_init(&w->rf, make_recv, &w->m, 3, 1, -1);
+    w->out = moor_timeout(&w->rf.base, moor_deadline_in(SAFETY_MS));
+    return 0;
+}
+
+static void test_select_timeout_of_retry_keeps_value(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    wrapped_timeout w = {.m = {.ch = chan_new(0), .value = -1}, .out = -1};
+    moor_fiber *waiter, *sender;
+    assert_int_equal(moor_spawn(&waiter, timeout_of_retry_fn, &w, NULL), 0);
+    settle(); /* the receive is queued inside retry inside timeout */
+    send_arg a = {.ch = w.m.ch, .value = 4242};
+    assert_int_equal(moor_spawn(&sender, sender_fn, &a, NULL), 0);
+    intptr_t r = -1;
+    assert_int_equal(moor_join(sender, &r), 0);
+    assert_int_equal(r, 0); /* the value left the channel... */
+    assert_int_equal(moor_join(waiter, NULL), 0);
+    assert_int_equal(w.out, 0); /* ...and arrived: not -ETIMEDOUT */
+    assert_int_equal(w.m.value, 4242);
+    moor_chan_free(w.m.ch);
+    ex_free(ex);
+}
+
+static void test_select_retry_of_recv_wins_select(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    for (int before = 0; before <= 1; before++) {
+        recv_maker m = {.ch = chan_new(1), .value = -1};
+        int v = 99;
+        if (before) /* a value there at the first poll, or one sent while the select waits */
+            assert_int_equal(moor_chan_try_send(m.ch, &v), 0);
+        moor_retry_future rf;
+        moor_retry_init(&rf, make_recv, &m, 2, 1, -1);
+        moor_sleep_future sl;
+        moor_sleep_init(&sl, moor_deadline_in(SAFETY_MS));
+        moor_future *futs[] = {&sl.base, &rf.base};
+        moor_fiber *sender = NULL;
+        send_arg a = {.ch = m.ch, .value = v};
+        if (!before)
+            assert_int_equal(moor_spawn(&sender, sender_fn, &a, NULL), 0);
+        assert_int_equal(moor_select(futs, 2, moor_deadline_in(SAFETY_MS)), 1);
+        assert_int_equal(rf.base.result, 0);
+        assert_int_equal(m.value, 99);
+        assert_false(moor_future_done(&sl.base));
+        if (sender)
+            assert_int_equal(moor_join(sender, NULL), 0);
+        assert_int_equal(moor_chan_len(m.ch), 0);
+        moor_chan_free(m.ch);
+    }
+    ex_free(ex);
+}
+
+/* A wrapper of the user's own: adds 1000 to the output of the receive it wraps. */
+typedef struct plus_future {
+    moor_future base;
+    moor_chan_op inner;
+} plus_future;
+
+static moor_poll plus_poll(moor_future *fut, moor_cx *cx)
+{
+    plus_future *p = moor_container_of(fut, plus_future, base);
+    if (moor_future_poll(&p->inner.base, cx) == MOOR_PENDING)
+        return MOOR_PENDING;
+    fut->result = p->inner.base.result + 1000;
+    return MOOR_READY;
+}
+
+static moor_poll plus_cancel(moor_future *fut)
+{
+    plus_future *p = moor_container_of(fut, plus_future, base);
+    if (moor_future_cancel(&p->inner.base) == MOOR_PENDING)
+        return MOOR_PENDING;
+    fut->result = p->inner.base.result + 1000; /* it had completed: keep it */
+    return MOOR_READY;
+}
+
+static const moor_future_ops plus_ops = {"plus", plus_poll, plus_cancel};
+
+/* Two wrapped receives on two channels that both hold a value: exactly one is taken, and the
+ * select names its wrapper. */
+static void test_select_user_wrapper_claims_for_itself(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_chan *ch[2] = {chan_new(1), chan_new(1)};
+    int got[2] = {-1, -1};
+    plus_future p[2];
+    moor_future *futs[2];
+    for (int i = 0; i < 2; i++) {
+        int v = 10 + i;
+        assert_int_equal(moor_chan_try_send(ch[i], &v), 0);
+        moor_future_init(&p[i].base, &plus_ops, 0);
+        moor_chan_recv_init(&p[i].inner, ch[i], &got[i], -1);
+        futs[i] = &p[i].base;
+    }
+    int i = moor_select(futs, 2, moor_deadline_in(SAFETY_MS));
+    assert_true(i == 0 || i == 1);
+    assert_int_equal(p[i].base.result, 1000);
+    assert_int_equal(got[i], 10 + i);
+    assert_int_equal(got[1 - i], -1);
+    assert_int_equal(moor_chan_len(ch[i]), 0);
+    assert_int_equal(moor_chan_len(ch[1 - i]), 1); /* the loser took nothing */
+    /* moor_cx_claim: outside a select a future may always take. */
+    moor_cx plain = {{NULL, NULL, 0}, NULL, NULL};
+    assert_int_equal(moor_cx_claim(&plain), 1);
+    for (int k = 0; k < 2; k++)
+        moor_chan_free(ch[k]);
+    ex_free(ex);
+}
+
+/* ---- in a cancelled fiber, what is there without waiting is returned -------------------- */
+
+typedef struct ready_in_cancelled {
+    moor_chan *ch;
+    int value;
+    int select_rc, race_winner;
+    intptr_t race_rc, timeout_rc, after_rc;
+} ready_in_cancelled;
+
+static intptr_t ready_in_cancelled_fn(void *arg)
+{
+    ready_in_cancelled *c = arg;
+    while (!moor_cancelled())
+        moor_yield();
+    moor_chan_op op;
+    moor_sleep_future sl;
+    moor_chan_recv_init(&op, c->ch, &c->value, -1);
+    moor_sleep_init(&sl, moor_deadline_in(SAFETY_MS));
+    moor_future *futs[] = {&sl.base, &op.base};
+    c->select_rc = moor_select(futs, 2, moor_deadline_in(SAFETY_MS));
+
+    val_future ready;
+    val_init(&ready, 0, 55);
+    moor_sleep_init(&sl, moor_deadline_in(SAFETY_MS));
+    moor_future *race[] = {&sl.base, &ready.base};
+    size_t w = 9;
+    c->race_rc = moor_race(race, 2, &w, moor_deadline_in(SAFETY_MS));
+    c->race_winner = (int)w;
+
+    val_init(&ready, 0, 66);
+    c->timeout_rc = moor_timeout(&ready.base, moor_deadline_in(SAFETY_MS));
+
+    /* Nothing ready: now the cancel shows. */
+    val_init(&ready, 1000, 1);
+    c->after_rc = moor_timeout(&ready.base, moor_deadline_in(SAFETY_MS));
+    return 0;
+}
+
+static void test_select_ready_results_in_cancelled_fiber(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    ready_in_cancelled c = {.ch = chan_new(1), .value = -1};
+    int v = 31;
+    assert_int_equal(moor_chan_try_send(c.ch, &v), 0);
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, ready_in_cancelled_fn, &c, NULL), 0);
+    moor_cancel(f);
+    assert_int_equal(moor_join(f, NULL), -ECANCELED);
+    assert_int_equal(c.select_rc, 1);
+    assert_int_equal(c.value, 31);
+    assert_int_equal(c.race_rc, 55);
+    assert_int_equal(c.race_winner, 1);
+    assert_int_equal(c.timeout_rc, 66);
+    assert_int_equal(c.after_rc, -ECANCELED);
+    moor_chan_free(c.ch);
+    ex_free(ex);
+}
+
 int main(void)
 {
     child_signals_save();
@@ -970,6 +1171,10 @@ int main(void)
         TEST(test_select_retry_spawned_as_task),
         TEST(test_select_cancelled_fiber),
         TEST(test_select_already_done_future_wins),
+        TEST(test_select_timeout_of_retry_keeps_value),
+        TEST(test_select_retry_of_recv_wins_select),
+        TEST(test_select_user_wrapper_claims_for_itself),
+        TEST(test_select_ready_results_in_cancelled_fiber),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

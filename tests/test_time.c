@@ -437,6 +437,69 @@ static void test_time_plain_driver_has_no_loop(void **state)
     moor_executor_free(ex);
 }
 
+/* ---- deadlines near INT64_MAX ---------------------------------------------------------- */
+
+static void test_time_deadline_in_saturates(void **state)
+{
+    (void)state;
+    assert_int_equal(moor_deadline_in(INT64_MAX), INT64_MAX);
+    assert_int_equal(moor_deadline_in(INT64_MAX - 1), INT64_MAX);
+    assert_int_equal(moor_deadline_in(INT64_MAX - moor_now() / 2), INT64_MAX);
+    assert_true(moor_deadline_in(0) >= 0);
+    assert_int_equal(moor_deadline_in(-5), -1);
+}
+
+/* A sleep until (nearly) the end of time waits like a sleep with no deadline, and is
+ * cancelled like one; a past deadline is done at once, even in a cancelled fiber. */
+static intptr_t far_sleeper(void *arg)
+{
+    return moor_sleep(*(const int64_t *)arg); /* only the cancel ends it */
+}
+
+typedef struct past_sleep {
+    int rc_past, rc_zero, rc_far;
+} past_sleep;
+
+static intptr_t sleep_in_cancelled(void *arg)
+{
+    past_sleep *p = arg;
+    while (!moor_cancelled())
+        moor_yield();
+    p->rc_past = moor_sleep(moor_now() - 1000);
+    p->rc_zero = moor_sleep(0);
+    p->rc_far = moor_sleep(INT64_MAX);
+    return 0;
+}
+
+static void test_time_extreme_deadlines(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    const int64_t far[] = {INT64_MAX, INT64_MAX - 1, moor_deadline_in(INT64_MAX)};
+    for (size_t i = 0; i < sizeof far / sizeof far[0]; i++) {
+        moor_fiber *f;
+        assert_int_equal(moor_spawn(&f, far_sleeper, (void *)&far[i], NULL), 0);
+        /* Let it start sleeping; its timer must not have fired. */
+        assert_int_equal(moor_sleep(moor_deadline_in(5)), 0);
+        assert_int_equal(ex->timers.n, 1);
+        moor_cancel(f);
+        intptr_t r = -1;
+        assert_int_equal(moor_join(f, &r), -ECANCELED);
+        assert_int_equal(r, -ECANCELED);
+        assert_int_equal(ex->timers.n, 0);
+    }
+    past_sleep p = {1, 1, 1};
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, sleep_in_cancelled, &p, NULL), 0);
+    moor_cancel(f);
+    assert_int_equal(moor_join(f, NULL), -ECANCELED);
+    assert_int_equal(p.rc_past, 0);
+    assert_int_equal(p.rc_zero, 0);
+    assert_int_equal(p.rc_far, -ECANCELED);
+    moor_executor_free(ex);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -450,6 +513,8 @@ int main(void)
         TEST(test_time_sleep_future_polled_twice),
         TEST(test_time_sleep_future_cancel),
         TEST(test_time_plain_driver_has_no_loop),
+        TEST(test_time_deadline_in_saturates),
+        TEST(test_time_extreme_deadlines),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
