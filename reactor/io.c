@@ -195,6 +195,7 @@ static inline int must_wait(ssize_t r, int fd, int events, int64_t deadline, ssi
         while (must_wait(syscall, fd, events, deadline, &out))                               \
             ;                                                                                \
         note_hint(fd, hint, out, len);                                                       \
+        moor__coop_spend();                                                                  \
         return out;                                                                          \
     } while (0)
 
@@ -240,6 +241,7 @@ ssize_t moor_recvfrom(int fd, void *buf, size_t len, int flags, struct sockaddr 
     while (must_wait(recvfrom(fd, buf, len, flags, addr, addrlen), fd, MOOR_READABLE, deadline,
                      &out))
         ;
+    moor__coop_spend();
     return out;
 }
 
@@ -250,6 +252,7 @@ ssize_t moor_sendto(int fd, const void *buf, size_t len, int flags, const struct
     while (must_wait(sendto(fd, buf, len, flags | MSG_NOSIGNAL, addr, addrlen), fd, MOOR_WRITABLE,
                      deadline, &out))
         ;
+    moor__coop_spend();
     return out;
 }
 

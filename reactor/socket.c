@@ -34,6 +34,7 @@ int moor_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int64_t deadl
         int c = accept4(fd, addr, addrlen, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (c >= 0) {
             moor__reactor_fd_new(c);
+            moor__coop_spend();
             return c;
         }
         int err = errno;

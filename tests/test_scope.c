@@ -449,6 +449,68 @@ static void test_scope_close_deadline_stubborn_child(void **state)
     ex_free(ex);
 }
 
+/* A fiber waiting in moor_scope_wait when the scope's close times out is woken (-EPIPE: the
+ * scope let go of its children) and taken off the scope's queue at once: the scope lives on
+ * its owner's stack, gone as soon as the owner returns. */
+typedef struct abandoned_ctx {
+    int release;          /* the stubborn child returns once this is set */
+    moor_scope *scope;    /* on the owner's stack */
+    int wait_rc, wait_returned;
+    int close_rc;
+} abandoned_ctx;
+
+static intptr_t ignores_cancel(void *arg)
+{
+    abandoned_ctx *a = arg;
+    while (!a->release)
+        moor_yield();
+    return 0;
+}
+
+static intptr_t abandoned_waiter(void *arg)
+{
+    abandoned_ctx *a = arg;
+    a->wait_rc = moor_scope_wait(a->scope, moor_deadline_in(SAFETY_MS));
+    a->wait_returned = 1;
+    return 0;
+}
+
+static intptr_t abandoning_owner(void *arg)
+{
+    abandoned_ctx *a = arg;
+    moor_scope scope;
+    moor_scope_init(&scope);
+    a->scope = &scope;
+    FCHECK(moor_scope_spawn(&scope, ignores_cancel, a, NULL) == 0);
+    moor_fiber *w;
+    FCHECK(moor_spawn(&w, abandoned_waiter, a, NULL) == 0);
+    moor_yield(); /* the waiter is queued on the scope */
+    a->close_rc = moor_scope_close(&scope, moor_deadline_in(WAIT_MS));
+    a->scope = NULL;
+    /* The waiter was completed by the close: it returns without looking at the scope. */
+    FCHECK(moor_join(w, NULL) == 0);
+    memset(&scope, 0xdb, sizeof scope); /* what a reused stack would hold */
+    return 0;
+}
+
+static void test_scope_close_timeout_wakes_waiters(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    abandoned_ctx a = {.wait_rc = 1};
+    moor_fiber *owner;
+    int64_t start = moor_now();
+    assert_int_equal(moor_spawn(&owner, abandoning_owner, &a, NULL), 0);
+    assert_int_equal(moor_join(owner, NULL), 0);
+    assert_int_equal(a.close_rc, -ETIMEDOUT);
+    assert_true(a.wait_returned);
+    assert_int_equal(a.wait_rc, -EPIPE);
+    assert_true(moor_now() - start < SAFETY_MS); /* woken by the close, not its own deadline */
+    a.release = 1;
+    assert_int_equal(moor_executor_run(ex), 0);
+    ex_free(ex);
+}
+
 /* ---- cancellation reaches children blocked in I/O and in locks ------------------------- */
 
 typedef struct blocked_ctx {
@@ -710,6 +772,7 @@ int main(void)
         TEST(test_scope_wait_plain_code_and_cancelled_waiter),
         TEST(test_scope_several_waiters),
         TEST(test_scope_close_deadline_stubborn_child),
+        TEST(test_scope_close_timeout_wakes_waiters),
         TEST(test_scope_cancel_reaches_io_and_locks),
         TEST(test_scope_nested_cancellation),
         TEST(test_scope_close_cancels_children_spawned_while_closing),

@@ -1,0 +1,232 @@
+/* Fairness: a task whose calls keep completing without waiting (a channel that is never
+ * empty, a free mutex, an fd that always has data) spends a budget of such operations
+ * (fiber.h's MOOR__COOP_BUDGET, Tokio's 128); when it is spent, the next one yields first. A
+ * busy fiber therefore cannot starve the others or the timers.
+ *
+ * Counted, not timed: a flood runs until a 10 ms sleeper has woken, with a generous cap on its
+ * operations; without the budget the sleeper never wakes during the flood and the cap ends it.
+ * Beside it a fiber counts its turns: it must get about one per budget spent. */
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "helpers.h"
+#include "moor.h"
+
+#include "fiber/executor.h"
+#include "fiber/fiber.h"
+
+#include "fixture.h"
+
+/* A flood makes at least FLOOD_MIN operations and goes on until the sleeper has woken, up to
+ * FLOOD_CAP (a flood that reaches it starved the timer). */
+#define FLOOD_MIN 100000u
+#define FLOOD_CAP 20000000u
+
+enum flood_kind { FLOOD_CHAN, FLOOD_MUTEX, FLOOD_SEM, FLOOD_READ, FLOOD_WRITE };
+
+typedef struct flood {
+    enum flood_kind kind;
+    moor_chan *ch;
+    moor_mutex m;
+    moor_sem sem;
+    int fds[2];
+    unsigned long ops;        /* operations the flood made */
+    unsigned long ops_at_wake; /* ...when the sleeper woke */
+    int flooding;             /* the flood is running */
+    int slept;                /* the sleeper has woken */
+    int woke_during_flood;
+    unsigned long turns;      /* the counter's turns while the flood ran */
+    int errors;
+} flood;
+
+static int flood_op(flood *f)
+{
+    int v = 1;
+    char byte;
+    switch (f->kind) {
+    case FLOOD_CHAN: /* capacity 1: take the value and put it back, never waiting */
+        return moor_chan_recv(f->ch, &v, -1) == 0 && moor_chan_send(f->ch, &v, -1) == 0;
+    case FLOOD_MUTEX:
+        if (moor_mutex_lock(&f->m, -1) != 0)
+            return 0;
+        moor_mutex_unlock(&f->m);
+        return 1;
+    case FLOOD_SEM:
+        if (moor_sem_acquire(&f->sem, -1) != 0)
+            return 0;
+        moor_sem_release(&f->sem);
+        return 1;
+    case FLOOD_READ: /* one byte of a socket whose peer keeps it full (flood_refill) */
+        return moor_read(f->fds[0], &byte, 1, -1) == 1;
+    case FLOOD_WRITE: /* into a socket with room: the reader side is drained as we go */
+        if (moor_write(f->fds[0], "x", 1, -1) != 1)
+            return 0;
+        return read(f->fds[1], &byte, 1) == 1;
+    }
+    return 0;
+}
+
+static intptr_t flooder(void *arg)
+{
+    flood *f = arg;
+    f->flooding = 1;
+    while ((!f->slept || f->ops < FLOOD_MIN) && f->ops < FLOOD_CAP) {
+        if (!flood_op(f)) {
+            f->errors++;
+            break;
+        }
+        f->ops++;
+        if (f->kind == FLOOD_READ && f->ops % 1024 == 0) {
+            char buf[1024];
+            memset(buf, 'y', sizeof buf);
+            if (write(f->fds[1], buf, sizeof buf) != (ssize_t)sizeof buf)
+                f->errors++;
+        }
+    }
+    f->flooding = 0;
+    return 0;
+}
+
+static intptr_t counter(void *arg)
+{
+    flood *f = arg;
+    while (!f->flooding && !f->slept)
+        moor_yield();
+    while (f->flooding) {
+        f->turns++;
+        moor_yield();
+    }
+    return 0;
+}
+
+static intptr_t sleeper(void *arg)
+{
+    flood *f = arg;
+    FCHECK(moor_sleep(moor_deadline_in(10)) == 0);
+    f->woke_during_flood = f->flooding;
+    f->ops_at_wake = f->ops;
+    f->slept = 1;
+    return 0;
+}
+
+static void run_flood(enum flood_kind kind)
+{
+    moor_executor *ex = ex_new();
+    flood f;
+    memset(&f, 0, sizeof f);
+    f.kind = kind;
+    f.m = (moor_mutex)MOOR_MUTEX_INIT;
+    f.sem = (moor_sem)MOOR_SEM_INIT(1);
+    int v = 7;
+    assert_int_equal(moor_chan_new(&f.ch, sizeof v, 1), 0);
+    assert_int_equal(moor_chan_try_send(f.ch, &v), 0);
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, f.fds), 0);
+    if (kind == FLOOD_READ) {
+        char buf[4096];
+        memset(buf, 'x', sizeof buf);
+        for (int i = 0; i < 8; i++)
+            assert_int_equal(write(f.fds[1], buf, sizeof buf), (ssize_t)sizeof buf);
+    }
+    moor_fiber *a, *b, *c;
+    assert_int_equal(moor_spawn(&c, sleeper, &f, NULL), 0);
+    assert_int_equal(moor_spawn(&b, counter, &f, NULL), 0);
+    assert_int_equal(moor_spawn(&a, flooder, &f, NULL), 0);
+    assert_int_equal(moor_join(a, NULL), 0);
+    assert_int_equal(moor_join(b, NULL), 0);
+    assert_int_equal(moor_join(c, NULL), 0);
+    print_message("flood %d: %lu operations, %lu at the sleeper's wake, counter %lu turns\n",
+                  (int)kind, f.ops, f.ops_at_wake, f.turns);
+    assert_int_equal(f.errors, 0);
+    assert_true(f.woke_during_flood); /* the timer fired while the flood ran */
+    assert_true(f.ops < FLOOD_CAP);
+    /* One turn for the counter per budget the flood spent, give or take one. */
+    unsigned long per_op = kind == FLOOD_CHAN ? 2 : 1; /* locks and acquires count, not releases */
+    assert_true(f.turns + 1 >= f.ops * per_op / MOOR__COOP_BUDGET);
+    moor_chan_free(f.ch);
+    close(f.fds[0]);
+    close(f.fds[1]);
+    ex_free(ex);
+}
+
+static void test_coop_channel_never_empty(void **state)
+{
+    (void)state;
+    run_flood(FLOOD_CHAN);
+}
+
+static void test_coop_free_mutex(void **state)
+{
+    (void)state;
+    run_flood(FLOOD_MUTEX);
+}
+
+static void test_coop_free_semaphore(void **state)
+{
+    (void)state;
+    run_flood(FLOOD_SEM);
+}
+
+static void test_coop_socket_always_has_data(void **state)
+{
+    (void)state;
+    run_flood(FLOOD_READ);
+}
+
+static void test_coop_socket_always_has_room(void **state)
+{
+    (void)state;
+    run_flood(FLOOD_WRITE);
+}
+
+/* Plain code (no fiber) calling operations that never wait lets the executor's fibers run
+ * once per budget spent. */
+static intptr_t plain_counter(void *arg)
+{
+    unsigned long *turns = arg;
+    for (;;) {
+        ++*turns;
+        moor_yield();
+        if (moor_cancelled())
+            return 0;
+    }
+}
+
+static void test_coop_plain_code_lets_fibers_run(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_chan *ch;
+    int v = 1;
+    assert_int_equal(moor_chan_new(&ch, sizeof v, 1), 0);
+    assert_int_equal(moor_chan_try_send(ch, &v), 0);
+    unsigned long turns = 0;
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, plain_counter, &turns, NULL), 0);
+    const unsigned long rounds = 100000;
+    for (unsigned long i = 0; i < rounds; i++) {
+        assert_int_equal(moor_chan_recv(ch, &v, -1), 0);
+        assert_int_equal(moor_chan_send(ch, &v, -1), 0);
+    }
+    assert_true(turns + 1 >= 2 * rounds / MOOR__COOP_BUDGET);
+    moor_cancel(f);
+    assert_int_equal(moor_join(f, NULL), -ECANCELED);
+    moor_chan_free(ch);
+    ex_free(ex);
+}
+
+int main(void)
+{
+    child_signals_save();
+    const struct CMUnitTest tests[] = {
+        TEST(test_coop_channel_never_empty),
+        TEST(test_coop_free_mutex),
+        TEST(test_coop_free_semaphore),
+        TEST(test_coop_socket_always_has_data),
+        TEST(test_coop_socket_always_has_room),
+        TEST(test_coop_plain_code_lets_fibers_run),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
