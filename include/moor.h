@@ -12,13 +12,22 @@
  *    -ECANCELED, ...); moor_strerror() names it. errno is not the error channel.
  *  - "May suspend" means the call may switch away from the calling fiber; such calls made
  *    from plain code (outside any fiber) run the executor until they can return.
- *  - Misuse by the programmer (awaiting outside a fiber, joining twice, ...) fails an
- *    assertion whose message names the misuse. Nothing that arrives from outside may crash.
+ *  - Misuse by the programmer (awaiting outside a fiber, joining twice, using an object of
+ *    one executor from another thread, ...) fails an assertion whose message names the
+ *    misuse, in every build type. Nothing that arrives from outside may crash.
+ *  - Fairness: a call that could wait but completes at once (a read with data there, a
+ *    channel value buffered, a free lock, a future ready at its first poll) spends one unit of
+ *    the calling fiber's budget of 128; when it is spent, the call yields to the other
+ *    runnable fibers before it returns, and the budget is full again. A fiber that waits gets
+ *    a full budget when it resumes. So one busy connection cannot starve the others or the
+ *    timers. Plain code spends a budget of its own and runs a turn of the executor instead.
+ *    The try_ variants never yield.
  *  - Struct fields are marked public (yours to set), read-only (yours to read) or private.
  */
 #ifndef MOOR_H
 #define MOOR_H
 
+#include <errno.h> /* results are -E... values */
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/socket.h>
@@ -53,7 +62,8 @@ MOOR_API const char *moor_strerror(int err);
  * ops->poll: the future either finishes, stores its output in `result` and returns
  * MOOR_READY, or arranges for cx->waker to be woken when it can make progress and returns
  * MOOR_PENDING. A future that has returned PENDING once must not move (the C form of Rust's
- * Pin) unless it carries MOOR_UNPIN; builds with MOOR_PIN_CHECK abort on a moved future.
+ * Pin) unless it carries MOOR_UNPIN: every poll and cancel of a pending future checks its
+ * address (a compare, under a nanosecond) and aborts with a message naming it if it moved.
  *
  * Embed a moor_future as the first member or anywhere in your own struct and recover the
  * outer struct in poll with moor_container_of.
@@ -118,17 +128,24 @@ typedef struct moor_waitq {
     moor_waiter *head, *tail; /* private */
 } moor_waitq;
 
+/* The ops of a future type. Both ops run on the thread of the executor that polls the
+ * future. Of the moor_future they are given they may write `result` (the output, when they
+ * return MOOR_READY) and read `data` and `flags`; `ops`, `state` and `pinned_at` belong to
+ * moor_future_poll/moor_future_cancel, which call the ops and keep the state. Everything
+ * else in the outer struct (found with moor_container_of) is the type's own. */
 typedef struct moor_future_ops {
     /* Short description for diagnostics ("sleep", "read", "countdown"). */
     const char *label;
     /* Make progress. On completion set self->result and return MOOR_READY; otherwise store
-     * cx->waker where the event source will find it and return MOOR_PENDING. */
+     * cx->waker where the event source will find it and return MOOR_PENDING. A future that
+     * takes something (a value, a lock) asks moor_cx_claim(cx) first; one that wraps others
+     * passes cx down (see moor_cx). */
     moor_poll (*poll)(moor_future *self, moor_cx *cx);
     /* Called once if the future is dropped while pending: unregister wakers and watchers and
-     * release what the future holds, and return MOOR_PENDING. If it turns out to have
-     * completed already (a counterpart handed it a value it must not lose), set self->result
-     * and return MOOR_READY instead: the future then counts as done. May be NULL if there is
-     * nothing to undo. */
+     * release what the future holds, and return MOOR_PENDING (result is not read). If it
+     * turns out to have completed already (a counterpart handed it a value it must not
+     * lose), set self->result and return MOOR_READY instead: the future then counts as done.
+     * May be NULL if there is nothing to undo. */
     moor_poll (*cancel)(moor_future *self);
 } moor_future_ops;
 
@@ -160,9 +177,11 @@ MOOR_API moor_poll moor_future_cancel(moor_future *fut);
 /* Non-zero once the future has returned MOOR_READY. */
 MOOR_API int moor_future_done(const moor_future *fut);
 
-/* Make the waker's task runnable. Idempotent; a no-op for a finished task or a zeroed waker.
- * Callable from any thread: from a thread that is not the task's, the wake is handed to the
- * task's executor, which is woken from its park. */
+/* Make the waker's task runnable. Idempotent; a no-op for a finished task, a zeroed waker,
+ * or a task whose executor has been freed (an executor's memory is kept for reuse, never
+ * given back, so a late wake from another thread finds it dead and does nothing). Callable
+ * from any thread: from a thread that is not the task's, the wake is handed to the task's
+ * executor, which is woken from its park. */
 MOOR_API void moor_waker_wake(const moor_waker *waker);
 
 /* ------------------------------------------------------------------------------------------
@@ -177,21 +196,27 @@ typedef enum moor_guard_mode {
 
 typedef struct moor_executor_attr {
     size_t stack_size; /* public: default usable stack size of its fibers; 0 = 256 KiB */
-    size_t guard_size; /* public: guard below each stack; 0 = 64 KiB; rounded to pages */
+    size_t guard_size; /* public: guard below each stack; 0 = 64 KiB; rounded to pages. A
+                          frame larger than the guard could jump it: build with
+                          -fstack-clash-protection (moor.pc and the CMake package add it) */
     size_t pool_hot;   /* public: freed stacks kept resident; beyond it the pool gives their
                           memory back with MADV_DONTNEED; 0 = 64 */
     moor_guard_mode guard; /* public */
-    size_t blocking_threads; /* public: worker threads for moor_blocking; 0 = 4 */
+    size_t blocking_threads; /* public: worker threads for moor_blocking; 0 = 4; at most 4096 */
 } moor_executor_attr;
 
 /* Create the executor of the calling thread (at most one per thread) and make it current.
  * attr may be NULL. Sets SIGPIPE to SIG_IGN if it was SIG_DFL, so that a write to a peer that
- * has gone fails with -EPIPE instead of killing the process. Errors: -ENOMEM, -EINVAL (guard mode not available), -EEXIST (this
- * thread has one). */
+ * has gone fails with -EPIPE instead of killing the process. Errors: -ENOMEM (the first stack
+ * could not be mapped), -EINVAL (guard mode not available; a stack or guard size that cannot
+ * be mapped whatever the memory, such as SIZE_MAX; blocking_threads above 4096), -EEXIST
+ * (this thread has one). */
 MOOR_API int moor_executor_new(moor_executor **out, const moor_executor_attr *attr);
 
-/* Free the executor of the calling thread and every stack it holds. Misuse (assertion): a
- * task is still pending, or the call comes from a fiber. */
+/* Free the executor of the calling thread and every stack it holds. Wakers of its tasks
+ * that other threads still hold become no-ops. Misuse (assertion): a task is still pending,
+ * a fiber spawned from another thread is still waiting to start, or the call comes from a
+ * fiber. */
 MOOR_API void moor_executor_free(moor_executor *ex);
 
 /* The calling thread's executor, or NULL. */
@@ -207,8 +232,12 @@ MOOR_API moor_guard_mode moor_executor_guard(const moor_executor *ex);
 MOOR_API int moor_executor_spawn(moor_executor *ex, moor_future *fut);
 
 /* From any thread: spawn a detached fiber fn(arg) on `ex`, which starts it on its own thread
- * at its next turn (waking it if it is parked). Errors: -ENOMEM. If the executor later
- * cannot map a stack for it, it says so on stderr. */
+ * (waking it if it is parked). Requests are started in order, a batch of 64 at a time: the
+ * next batch once the last has started running, so that a burst of them reuses the stacks of
+ * fibers that have finished instead of mapping one per request. A request that finds no
+ * memory for its stack waits in the queue and is tried again every 10 ms (said once on
+ * stderr); it is never dropped, and moor_executor_run does not return before it has started.
+ * Errors: -ENOMEM (no memory to queue the request), -ESRCH (the executor has been freed). */
 MOOR_API int moor_executor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg);
 
 /* Run tasks until none is left. Returns 0. Not from a fiber (assertion). */
@@ -266,7 +295,11 @@ MOOR_API int moor_sleep(int64_t deadline);
  *   +---------------------+----------------------------------+---------------+
  *
  * The control block sits at the top of the stack's own mapping, so an idle fiber that has
- * touched only the top of its stack costs one resident page.
+ * touched only the top of its stack costs one resident page. An overflow into the guard is
+ * named on stderr ("moor: fiber 7 \"parser\" overflowed its 64 KiB stack") and aborts, also
+ * when it happens inside a switch. A single frame larger than the guard would jump it unless
+ * the code is built with -fstack-clash-protection, which probes every page of a large frame:
+ * moor's pkg-config file and CMake package add that flag to your compile options.
  * ---------------------------------------------------------------------------------------- */
 
 typedef struct moor_fiber_attr {
@@ -277,7 +310,8 @@ typedef struct moor_fiber_attr {
 /* Spawn a fiber on the calling thread's executor running fn(arg); it runs once the executor
  * gets to it (the caller keeps running). With out == NULL the fiber is detached: it frees
  * itself when fn returns. Otherwise *out must be joined once with moor_join.
- * attr may be NULL. Errors: -ENOMEM (no memory or address space for the stack). */
+ * attr may be NULL. Errors: -ENOMEM (no memory or address space for the stack), -EINVAL (a
+ * stack size no mapping can have, such as SIZE_MAX). */
 MOOR_API int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr);
 
 /* Wait for a fiber to return, store its return value in *result (if result is not NULL) and
@@ -320,10 +354,13 @@ MOOR_API const char *moor_fiber_name(const moor_fiber *fiber);
 
 /* Cancel a fiber: the call it is waiting in, and every call that would have to wait that it
  * makes afterwards, return -ECANCELED (the future it waited on is cancelled cleanly), so it
- * runs its own cleanup and returns. A call that completes without waiting still completes
- * (cleanup may take an uncontended lock or read buffered data; moor_cancelled() tells a loop
- * that never waits to stop). A wait that had already completed when the cancel arrived (a
- * value received, a lock handed over) returns its result: nothing is lost.
+ * runs its own cleanup and returns. A call whose result is there without waiting still
+ * completes: reading buffered data, writing into a socket with room, an uncontended lock, a
+ * select or timeout over a future that is ready, a sleep whose deadline has passed, awaiting
+ * a fiber that has returned (every wait polls once before it looks at the cancel;
+ * moor_cancelled() tells a loop that never waits to stop). A wait that had already completed
+ * when the cancel arrived (a value received, a lock handed over) returns its result: nothing
+ * is lost.
  * moor_join then reports -ECANCELED. Idempotent; a no-op on a fiber that has returned. Any
  * fiber or plain code of the same thread. */
 MOOR_API void moor_cancel(moor_fiber *fiber);

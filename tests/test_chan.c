@@ -71,6 +71,12 @@ static void test_chan_new_rejects_bad_sizes(void **state)
     assert_int_equal(moor_chan_new(&ch, 0, 4), -EINVAL);
     assert_int_equal(moor_chan_new(&ch, 0, 0), -EINVAL);
     assert_int_equal(moor_chan_new(&ch, SIZE_MAX / 2, 3), -EINVAL); /* size * capacity overflows */
+    assert_int_equal(moor_chan_new(&ch, SIZE_MAX / 2 + 1, 2), -EINVAL);
+    assert_int_equal(moor_chan_new(&ch, 3, SIZE_MAX / 2), -EINVAL);
+    /* Representable, but no memory is that large: -ENOMEM, never a short ring. */
+    assert_int_equal(moor_chan_new(&ch, 1, SIZE_MAX), -ENOMEM);
+    assert_int_equal(moor_chan_new(&ch, SIZE_MAX, 1), -ENOMEM);
+    assert_int_equal(moor_chan_new(&ch, 16, SIZE_MAX / 16), -ENOMEM);
     assert_ptr_equal(ch, (moor_chan *)0x1);                           /* untouched on error */
     /* No executor is needed to make, use without waiting, and free a channel. */
     ch = chan_new(sizeof(int), 1);
