@@ -1,9 +1,10 @@
 /* The pool of worker threads for calls that would block the loop. One pool per executor,
- * started on first use and grown to its size on demand. A job is shared by the waiting fiber
+ * started on first use and grown on demand up to its cap. A job is shared by the waiting fiber
  * and the worker; whichever lets go of it last frees it, so a fiber that stops waiting
  * (deadline, cancel) leaves the worker nothing freed to touch. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "fiber/alloc.h"
@@ -28,8 +29,11 @@ struct moor__blocking_pool {
     pthread_cond_t work;
     job *head, *tail;  /* queued */
     job *running;      /* being run by a worker */
-    pthread_t *threads;
-    size_t nthreads, max_threads, idle;
+    size_t queued;     /* jobs in the queue */
+    pthread_t *threads; /* the workers started, to join at the end */
+    size_t nthreads, cap_threads; /* started; room in threads */
+    size_t max_threads; /* the executor's blocking_threads: a cap, never an allocation size */
+    size_t idle;       /* workers waiting for a job */
     int stopping;
 };
 
@@ -49,6 +53,7 @@ static void *worker(void *arg)
         p->head = j->next;
         if (!p->head)
             p->tail = NULL;
+        p->queued--;
         j->state = JOB_RUNNING;
         j->next = p->running;
         p->running = j;
@@ -82,32 +87,53 @@ static moor__blocking_pool *pool_get(moor__reactor *r)
         return NULL;
     memset(p, 0, sizeof *p);
     p->max_threads = r->ex->blocking_threads;
-    p->threads = moor__alloc(p->max_threads * sizeof *p->threads);
-    if (!p->threads) {
-        moor__free(p);
-        return NULL;
-    }
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->work, NULL);
     r->blocking = p;
     return p;
 }
 
-/* With the lock held: queue the job, starting a worker if none is idle and the pool may grow. */
+/* With the lock held: room for one more thread handle. The array grows with the threads
+ * actually started, so a huge cap costs nothing and no size computation can overflow. */
+static int reserve_thread(moor__blocking_pool *p)
+{
+    if (p->nthreads < p->cap_threads)
+        return 0;
+    size_t cap = p->cap_threads ? p->cap_threads * 2 : 4;
+    if (cap > p->max_threads)
+        cap = p->max_threads;
+    if (cap <= p->cap_threads || cap > SIZE_MAX / sizeof *p->threads)
+        return -ENOMEM;
+    pthread_t *threads = moor__realloc(p->threads, cap * sizeof *threads);
+    if (!threads)
+        return -ENOMEM;
+    p->threads = threads;
+    p->cap_threads = cap;
+    return 0;
+}
+
+/* With the lock held: queue the job, starting a worker if the idle ones are all spoken for
+ * (each queued job will take one) and the pool may grow. If it cannot grow, the job waits
+ * for a busy worker; with no worker at all it would wait for ever, so that fails. */
 static int submit(moor__blocking_pool *p, job *j)
 {
-    if (p->idle == 0 && p->nthreads < p->max_threads) {
-        if (pthread_create(&p->threads[p->nthreads], NULL, worker, p) == 0)
+    int rc = -EAGAIN;
+    if (p->queued >= p->idle && p->nthreads < p->max_threads) {
+        rc = reserve_thread(p);
+        if (rc == 0 && pthread_create(&p->threads[p->nthreads], NULL, worker, p) != 0)
+            rc = -EAGAIN;
+        if (rc == 0)
             p->nthreads++;
-        else if (p->nthreads == 0)
-            return -EAGAIN;
     }
+    if (p->nthreads == 0)
+        return rc;
     j->next = NULL;
     if (p->tail)
         p->tail->next = j;
     else
         p->head = j;
     p->tail = j;
+    p->queued++;
     pthread_cond_signal(&p->work);
     return 0;
 }
@@ -148,6 +174,7 @@ void moor__blocking_pool_after_fork(moor__blocking_pool *p)
         }
     }
     p->head = p->tail = p->running = NULL;
+    p->queued = 0;
     p->nthreads = 0;
     p->idle = 0;
 }
@@ -181,6 +208,7 @@ static void let_go(blocking_future *bf, moor_executor *ex)
         *link = j->next;
         if (p->tail == j)
             p->tail = prev;
+        p->queued--;
         moor__free(j);
     } else if (j->state == JOB_RUNNING) {
         j->abandoned = 1; /* the worker frees it */

@@ -1,11 +1,12 @@
 /* moor_blocking and its worker pool: calls run on worker threads while the executor serves
- * other fibers, deadlines, cancellation, and fork.
+ * other fibers, deadlines, cancellation, the pool's size, and fork.
  *
  * Timing is asserted only as a lower bound; progress is counted (ticks of another fiber).
  * Checks inside fibers only record what they see (a fiber returns the line of its first
  * failed check, or 0); the test function asserts once the fibers are joined. Forked children
  * check with CCHECK and exit non-zero on a failure. */
 #include <errno.h>
+#include <pthread.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -270,6 +271,71 @@ static void test_blocking_cancel(void **state)
     gate_fini();
 }
 
+/* ---- the pool's size ---------------------------------------------------------------------- */
+
+#define MEET 3
+static int meet_count; /* atomic */
+
+/* Returns arg once MEET calls run at the same time (each needs its own worker), -1 if they
+ * never do. */
+static intptr_t meet_fn(void *arg)
+{
+    __atomic_add_fetch(&meet_count, 1, __ATOMIC_SEQ_CST);
+    for (int waited = 0; __atomic_load_n(&meet_count, __ATOMIC_SEQ_CST) < MEET; waited++) {
+        if (waited >= SAFETY_MS)
+            return -1;
+        sleep_ms(1);
+    }
+    return (intptr_t)arg;
+}
+
+static intptr_t meet_caller(void *arg)
+{
+    intptr_t result = -2;
+    FCHECK(moor_blocking(meet_fn, arg, &result, -1) == 0);
+    FCHECK(result == (intptr_t)arg);
+    return 0;
+}
+
+/* The pool's thread count is a cap, not a size to allocate up front: a count whose array of
+ * thread handles would overflow size_t (here it would wrap to one handle's worth) must not
+ * turn into a heap overflow when workers start. White-box: the executor may refuse such a
+ * count in moor_executor_new, so the field is set behind its back. */
+static void test_blocking_pool_size_overflow(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    ex->blocking_threads = SIZE_MAX / sizeof(pthread_t) + 2;
+    meet_count = 0;
+    moor_fiber *f[MEET];
+    for (int i = 0; i < MEET; i++)
+        assert_int_equal(moor_spawn(&f[i], meet_caller, (void *)(intptr_t)(i + 10), NULL), 0);
+    for (int i = 0; i < MEET; i++) {
+        intptr_t r = -1;
+        assert_int_equal(moor_join(f[i], &r), 0);
+        assert_int_equal(r, 0);
+    }
+    moor_executor_free(ex);
+}
+
+/* A thread count no machine could start is refused up front. The executor's validation of
+ * its attributes (fiber/executor.c) is expected to make this pass. */
+static void test_blocking_huge_thread_count(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    moor_executor_attr attr = {.blocking_threads = SIZE_MAX};
+    int rc = moor_executor_new(&ex, &attr);
+    if (rc == 0) {
+        moor_executor_free(ex);
+        fail_msg("moor_executor_new accepted blocking_threads = SIZE_MAX; expected -EINVAL");
+    }
+    assert_int_equal(rc, -EINVAL);
+}
+
+/* ---- fork --------------------------------------------------------------------------------- */
+
 static int inflight_rc[2];
 
 static intptr_t inflight_caller(void *arg)
@@ -328,7 +394,12 @@ int main(void)
         TEST(test_blocking_deadline),
         TEST(test_blocking_queued_timeout),
         TEST(test_blocking_cancel),
+        TEST(test_blocking_pool_size_overflow),
+        TEST(test_blocking_huge_thread_count),
         TEST(test_blocking_fork_in_flight),
     };
+    const char *filter = getenv("MOOR_TEST_FILTER"); /* e.g. "*cancel*": run only those */
+    if (filter)
+        cmocka_set_test_filter(filter);
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
