@@ -669,9 +669,19 @@ MOOR_API int moor_socket_port(int fd);
 MOOR_API int moor_signal_wait(int signum, int64_t deadline);
 
 /* Run fn(arg) on a worker thread while the calling fiber waits and the executor serves all
- * other fibers; store its return value in *result. Returns 0, -ETIMEDOUT or -ECANCELED (fn
- * keeps running on its worker and its result is discarded; fn must not use the caller's
- * stack then), -ENOMEM, -EAGAIN (no worker thread could be started). */
+ * other fibers (from plain code, the call runs the executor meanwhile); store fn's return
+ * value in *result (if not NULL). Suspends the calling fiber.
+ *
+ * The call never returns while fn may still use arg, so arg may point into the caller's
+ * stack. The deadline and cancellation bound only the wait for a worker to start fn: a call
+ * still queued when the deadline passes or the fiber is cancelled is withdrawn, and fn never
+ * runs. Once fn has started, the call waits until fn returns, however long that takes, and
+ * then returns 0 with its result even if the deadline passed or the fiber was cancelled
+ * meanwhile: it happened, nothing is lost. A deadline is therefore no bound on fn itself.
+ *
+ * Returns 0; -ETIMEDOUT or -ECANCELED (fn did not run); -ECANCELED in a forked child for a
+ * call that the parent's workers held (fn may have started in the parent; nothing in the
+ * child runs it); -ENOMEM; -EAGAIN (no worker thread could be started). */
 typedef intptr_t (*moor_blocking_fn)(void *arg);
 MOOR_API int moor_blocking(moor_blocking_fn fn, void *arg, intptr_t *result, int64_t deadline);
 

@@ -1,9 +1,24 @@
 /* The pool of worker threads for calls that would block the loop. One pool per executor,
- * started on first use and grown to its size on demand. A job is shared by the waiting fiber
- * and the worker; whichever lets go of it last frees it, so a fiber that stops waiting
- * (deadline, cancel) leaves the worker nothing freed to touch. */
+ * started on first use and grown on demand up to its cap.
+ *
+ * The rule that makes moor_blocking memory-safe: the call never returns while fn may still
+ * use arg. Its arg usually points into the caller's stack, which another fiber gets once the
+ * caller has returned, so letting go of a running call (as a future cancelled by a deadline
+ * would) would let fn write into someone else's frame. Instead, the deadline and
+ * cancellation bound only the wait for a worker to start fn:
+ *
+ *   QUEUED  --worker takes it-->  RUNNING  --fn returns-->  DONE
+ *     |                                                       (FAILED: in a forked child,
+ *     +--deadline / cancel: taken out of the queue,            for calls the parent's
+ *        fn never runs (-ETIMEDOUT / -ECANCELED)               workers held)
+ *
+ * Once RUNNING, the call waits for DONE however long fn takes, and keeps fn's result. Since
+ * the call outlives the job, the job lives in the caller's frame (inside the future) and
+ * needs no allocation: the worker touches it only under the pool lock, last when it marks it
+ * DONE, and the caller sees DONE only under that lock, so after the worker's last touch. */
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "fiber/alloc.h"
@@ -14,22 +29,24 @@
 enum job_state { JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED };
 
 typedef struct job {
-    struct job *next;  /* the queue, or the list of running jobs */
+    struct job *next;  /* the queue, or the list of running jobs; under the pool lock */
     moor_blocking_fn fn;
     void *arg;
-    intptr_t result;
+    intptr_t result;   /* fn's return value, once DONE */
     int state;         /* enum job_state; under the pool lock */
-    int abandoned;     /* the fiber stopped waiting; the worker frees the job */
-    moor_waker waker;  /* the waiting fiber's task; under the pool lock */
+    moor_waker waker;  /* the waiting task, woken at DONE/FAILED; under the pool lock */
 } job;
 
 struct moor__blocking_pool {
     pthread_mutex_t lock;
     pthread_cond_t work;
-    job *head, *tail;  /* queued */
+    job *head, *tail;  /* queued, oldest first */
+    size_t queued;     /* jobs in the queue */
     job *running;      /* being run by a worker */
-    pthread_t *threads;
-    size_t nthreads, max_threads, idle;
+    pthread_t *threads; /* the workers started, to join at the end */
+    size_t nthreads, cap_threads; /* started; room in threads */
+    size_t max_threads; /* the executor's blocking_threads: a cap, never an allocation size */
+    size_t idle;       /* workers waiting for a job */
     int stopping;
 };
 
@@ -49,11 +66,14 @@ static void *worker(void *arg)
         p->head = j->next;
         if (!p->head)
             p->tail = NULL;
+        p->queued--;
         j->state = JOB_RUNNING;
         j->next = p->running;
         p->running = j;
+        moor_blocking_fn fn = j->fn;
+        void *fn_arg = j->arg;
         pthread_mutex_unlock(&p->lock);
-        intptr_t result = j->fn(j->arg);
+        intptr_t result = fn(fn_arg);
         pthread_mutex_lock(&p->lock);
         for (job **link = &p->running; *link; link = &(*link)->next) {
             if (*link == j) {
@@ -61,13 +81,11 @@ static void *worker(void *arg)
                 break;
             }
         }
-        if (j->abandoned) {
-            moor__free(j);
-            continue;
-        }
         j->result = result;
         j->state = JOB_DONE;
-        moor_waker_wake(&j->waker); /* thread-safe: queued to the executor, which is unparked */
+        /* The last touch of j: its caller reads DONE only after this unlock, and may return
+         * (freeing j's frame) at once. The wake is thread-safe: queued to the executor. */
+        moor_waker_wake(&j->waker);
     }
     pthread_mutex_unlock(&p->lock);
     return NULL;
@@ -82,43 +100,82 @@ static moor__blocking_pool *pool_get(moor__reactor *r)
         return NULL;
     memset(p, 0, sizeof *p);
     p->max_threads = r->ex->blocking_threads;
-    p->threads = moor__alloc(p->max_threads * sizeof *p->threads);
-    if (!p->threads) {
-        moor__free(p);
-        return NULL;
-    }
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->work, NULL);
     r->blocking = p;
     return p;
 }
 
-/* With the lock held: queue the job, starting a worker if none is idle and the pool may grow. */
+/* With the lock held: room for one more thread handle. The array grows with the threads
+ * actually started, so a huge cap costs nothing and no size computation can overflow. */
+static int reserve_thread(moor__blocking_pool *p)
+{
+    if (p->nthreads < p->cap_threads)
+        return 0;
+    size_t cap = p->cap_threads ? p->cap_threads * 2 : 4;
+    if (cap > p->max_threads)
+        cap = p->max_threads;
+    if (cap <= p->cap_threads || cap > SIZE_MAX / sizeof *p->threads)
+        return -ENOMEM;
+    pthread_t *threads = moor__realloc(p->threads, cap * sizeof *threads);
+    if (!threads)
+        return -ENOMEM;
+    p->threads = threads;
+    p->cap_threads = cap;
+    return 0;
+}
+
+/* With the lock held: queue the job, starting a worker if the idle ones are all spoken for
+ * (each queued job will take one) and the pool may grow. If it cannot grow, the job waits
+ * for a busy worker; with no worker at all it would wait for ever, so that fails. */
 static int submit(moor__blocking_pool *p, job *j)
 {
-    if (p->idle == 0 && p->nthreads < p->max_threads) {
-        if (pthread_create(&p->threads[p->nthreads], NULL, worker, p) == 0)
+    int rc = -EAGAIN;
+    if (p->queued >= p->idle && p->nthreads < p->max_threads) {
+        rc = reserve_thread(p);
+        if (rc == 0 && pthread_create(&p->threads[p->nthreads], NULL, worker, p) != 0)
+            rc = -EAGAIN;
+        if (rc == 0)
             p->nthreads++;
-        else if (p->nthreads == 0)
-            return -EAGAIN;
     }
+    if (p->nthreads == 0)
+        return rc;
     j->next = NULL;
+    j->state = JOB_QUEUED;
     if (p->tail)
         p->tail->next = j;
     else
         p->head = j;
     p->tail = j;
+    p->queued++;
     pthread_cond_signal(&p->work);
     return 0;
+}
+
+/* With the lock held: take a job out of the queue before any worker has started it. */
+static void withdraw(moor__blocking_pool *p, job *j)
+{
+    job **link = &p->head;
+    job *prev = NULL;
+    while (*link != j) {
+        prev = *link;
+        link = &(*link)->next;
+    }
+    *link = j->next;
+    if (p->tail == j)
+        p->tail = prev;
+    p->queued--;
 }
 
 void moor__blocking_pool_free(moor__blocking_pool *p)
 {
     pthread_mutex_lock(&p->lock);
+    /* Every job belongs to a call that waits for it, and the executor is freed only with no
+     * task pending: nothing is queued or running. */
+    moor__assert(!p->head && !p->running, "blocking pool freed with calls in flight");
     p->stopping = 1;
     pthread_cond_broadcast(&p->work);
     pthread_mutex_unlock(&p->lock);
-    /* Workers finish what they run (abandoned jobs included) and then exit. */
     for (size_t i = 0; i < p->nthreads; i++)
         pthread_join(p->threads[i], NULL);
     pthread_mutex_destroy(&p->lock);
@@ -130,24 +187,21 @@ void moor__blocking_pool_free(moor__blocking_pool *p)
 void moor__blocking_pool_after_fork(moor__blocking_pool *p)
 {
     /* The workers did not cross the fork: in the child, queued and running jobs fail and
-     * their fibers see -ECANCELED. No worker is left to race with, so abandoned ones are
-     * freed here. */
+     * their calls return -ECANCELED. No thread of the child runs fn, so nothing can still
+     * use their args. */
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->work, NULL);
     for (int list = 0; list < 2; list++) {
         job *j = list ? p->running : p->head;
         while (j) {
             job *next = j->next;
-            if (j->abandoned) {
-                moor__free(j);
-            } else {
-                j->state = JOB_FAILED;
-                moor_waker_wake(&j->waker);
-            }
+            j->state = JOB_FAILED;
+            moor_waker_wake(&j->waker);
             j = next;
         }
     }
     p->head = p->tail = p->running = NULL;
+    p->queued = 0;
     p->nthreads = 0;
     p->idle = 0;
 }
@@ -155,116 +209,101 @@ void moor__blocking_pool_after_fork(moor__blocking_pool *p)
 typedef struct blocking_future {
     moor_future base;
     moor__blocking_pool *pool;
-    moor_blocking_fn fn;
-    void *arg;
-    job *job;          /* NULL before the first poll and after letting go */
-    intptr_t value;    /* fn's return value, once done */
-    moor_timer_node node;
+    moor_fiber *fiber;  /* the calling fiber, whose cancel withdraws a queued job; NULL in
+                         * plain code */
+    int submitted;      /* the job was queued (it may have run since) */
+    job job;            /* shared with the worker once submitted */
+    moor_timer_node node; /* the deadline, armed only while the job is queued */
     int64_t deadline;
 } blocking_future;
 
-static void let_go(blocking_future *bf, moor_executor *ex)
+/* Why a queued job should be withdrawn now: -ECANCELED, -ETIMEDOUT, or 0 to keep waiting. */
+static int give_up_reason(const blocking_future *bf)
 {
-    moor__timer_remove(&ex->timers, &bf->node);
-    moor__blocking_pool *p = bf->pool;
-    job *j = bf->job;
-    bf->job = NULL;
-    pthread_mutex_lock(&p->lock);
-    if (j->state == JOB_QUEUED) {
-        /* Never started: take it out of the queue and free it here. */
-        job **link = &p->head;
-        job *prev = NULL;
-        while (*link != j) {
-            prev = *link;
-            link = &(*link)->next;
-        }
-        *link = j->next;
-        if (p->tail == j)
-            p->tail = prev;
-        moor__free(j);
-    } else if (j->state == JOB_RUNNING) {
-        j->abandoned = 1; /* the worker frees it */
-    } else {
-        moor__free(j);
-    }
-    pthread_mutex_unlock(&p->lock);
+    if (bf->fiber && bf->fiber->cancelled)
+        return -ECANCELED;
+    if (bf->deadline >= 0 && moor_now() >= bf->deadline)
+        return -ETIMEDOUT;
+    return 0;
 }
 
-/* First poll: hand the call to a worker. The job is made here, not before, so that a future
- * dropped before its first poll holds nothing. */
-static int start(blocking_future *bf, moor_cx *cx)
+static moor_poll finish(blocking_future *bf, moor_executor *ex, intptr_t result)
 {
-    job *j = moor__alloc(sizeof *j);
-    if (!j)
-        return -ENOMEM;
-    memset(j, 0, sizeof *j);
-    j->fn = bf->fn;
-    j->arg = bf->arg;
-    j->state = JOB_QUEUED;
-    j->waker = cx->waker;
-    pthread_mutex_lock(&bf->pool->lock);
-    int rc = submit(bf->pool, j);
-    pthread_mutex_unlock(&bf->pool->lock);
-    if (rc < 0) {
-        moor__free(j);
-        return rc;
-    }
-    bf->job = j;
-    return 0;
+    moor__timer_remove(&ex->timers, &bf->node);
+    bf->base.result = result;
+    return MOOR_READY;
 }
 
 static moor_poll blocking_poll(moor_future *fut, moor_cx *cx)
 {
     blocking_future *bf = moor_container_of(fut, blocking_future, base);
     moor_executor *ex = cx->waker.ex;
-    if (bf->deadline >= 0 && moor_now() >= bf->deadline) {
-        if (bf->job)
-            let_go(bf, ex);
-        fut->result = -ETIMEDOUT;
-        return MOOR_READY;
-    }
-    if (!bf->job) {
-        int rc = start(bf, cx);
-        if (rc < 0) {
-            fut->result = rc;
-            return MOOR_READY;
+    moor__blocking_pool *p = bf->pool;
+    job *j = &bf->job;
+    int reason = 0;
+    pthread_mutex_lock(&p->lock);
+    if (!bf->submitted) {
+        reason = give_up_reason(bf);
+        if (reason == 0)
+            reason = submit(p, j);
+        if (reason < 0) {
+            pthread_mutex_unlock(&p->lock);
+            return finish(bf, ex, reason); /* fn never started */
         }
-    } else {
-        job *j = bf->job;
-        moor__blocking_pool *p = bf->pool;
-        pthread_mutex_lock(&p->lock);
-        int state = j->state;
-        j->waker = cx->waker;
-        bf->value = j->result;
-        pthread_mutex_unlock(&p->lock);
-        if (state == JOB_DONE || state == JOB_FAILED) {
-            fut->result = state == JOB_DONE ? 0 : -ECANCELED;
-            let_go(bf, ex);
-            return MOOR_READY;
+        bf->submitted = 1;
+    }
+    int state = j->state;
+    if (state == JOB_QUEUED && (reason = give_up_reason(bf)) < 0)
+        withdraw(p, j); /* under the lock: no worker can have taken it meanwhile */
+    j->waker = cx->waker;
+    pthread_mutex_unlock(&p->lock);
+
+    switch (state) {
+    case JOB_QUEUED:
+        if (reason < 0)
+            return finish(bf, ex, reason);
+        if (moor__timer_arm(&ex->timers, &bf->node, bf->deadline, &cx->waker) < 0) {
+            /* No room for the deadline: withdraw it if no worker took it meanwhile. */
+            pthread_mutex_lock(&p->lock);
+            int still_queued = j->state == JOB_QUEUED;
+            if (still_queued)
+                withdraw(p, j);
+            pthread_mutex_unlock(&p->lock);
+            if (still_queued)
+                return finish(bf, ex, -ENOMEM);
         }
+        return MOOR_PENDING;
+    case JOB_RUNNING:
+        /* Neither the deadline nor a cancel can end this wait: fn may be using arg. */
+        moor__timer_remove(&ex->timers, &bf->node);
+        return MOOR_PENDING;
+    case JOB_DONE:
+        return finish(bf, ex, 0);
+    default: /* JOB_FAILED: no worker crossed the fork */
+        return finish(bf, ex, -ECANCELED);
     }
-    if (moor__timer_arm(&ex->timers, &bf->node, bf->deadline, &cx->waker) < 0) {
-        let_go(bf, ex);
-        fut->result = -ENOMEM;
-        return MOOR_READY;
-    }
-    return MOOR_PENDING;
 }
 
+/* moor_blocking waits with moor__wait_uncancellable and withdraws a queued job itself when its
+ * fiber is cancelled, so nothing ever drops this future while it is pending. Were that to
+ * change, dropping a running call could let fn write into a frame that is no longer the
+ * caller's: refuse loudly rather than let it happen. */
 static moor_poll blocking_cancel(moor_future *fut)
 {
     blocking_future *bf = moor_container_of(fut, blocking_future, base);
-    if (!bf->job)
-        return MOOR_PENDING;
     moor__blocking_pool *p = bf->pool;
+    job *j = &bf->job;
     pthread_mutex_lock(&p->lock);
-    int state = bf->job->state;
-    bf->value = bf->job->result;
+    int state = bf->submitted ? j->state : JOB_QUEUED;
+    if (bf->submitted && state == JOB_QUEUED)
+        withdraw(p, j);
     pthread_mutex_unlock(&p->lock);
-    let_go(bf, moor__tls_executor);
-    if (state != JOB_DONE)
+    moor__assert(state != JOB_RUNNING,
+                 "a blocking call was dropped while fn runs on a worker (fn may still use arg)");
+    moor__timer_remove(&moor__tls_executor->timers, &bf->node);
+    if (state == JOB_QUEUED)
         return MOOR_PENDING;
-    fut->result = 0; /* it finished: its result (bf->value) stands */
+    fut->result = state == JOB_DONE ? 0 : -ECANCELED;
     return MOOR_READY;
 }
 
@@ -283,14 +322,17 @@ int moor_blocking(moor_blocking_fn fn, void *arg, intptr_t *result, int64_t dead
     blocking_future bf;
     moor_future_init(&bf.base, &blocking_ops, 0);
     bf.pool = p;
-    bf.fn = fn;
-    bf.arg = arg;
-    bf.job = NULL;
-    bf.value = 0;
+    bf.fiber = ex->current;
+    bf.submitted = 0;
+    memset(&bf.job, 0, sizeof bf.job);
+    bf.job.fn = fn;
+    bf.job.arg = arg;
     bf.deadline = deadline;
     moor__timer_node_init(&bf.node);
-    intptr_t rc = moor__wait(&bf.base);
+    /* Uncancellable: the poll itself withdraws a job still queued when the fiber is
+     * cancelled, and waits out one that has started. */
+    intptr_t rc = moor__wait_uncancellable(&bf.base);
     if (rc == 0 && result)
-        *result = bf.value;
+        *result = bf.job.result;
     return (int)rc;
 }
