@@ -44,6 +44,11 @@ void moor__reactor_fd_new(int fd);
 /* The executor's reactor, made with a loop of its own if it has none. NULL on ENOMEM. */
 moor__reactor *moor__reactor_get(moor_executor *ex);
 
+/* Signals (signal.c): complete the waits for the signals caught for r (its unpark async's
+ * callback); before r is freed, wait for signal handler calls that may still use it. */
+void moor__signal_dispatch(moor__reactor *r);
+void moor__signal_reactor_free(moor__reactor *r);
+
 /* Blocking pool teardown and fork handling (blocking.c). */
 void moor__blocking_pool_free(moor__blocking_pool *pool);
 void moor__blocking_pool_after_fork(moor__blocking_pool *pool);
