@@ -610,7 +610,9 @@ MOOR_API int moor_socket_port(int fd);
  * a loop that waits again after each signal should set SIG_IGN (or a handler) first if a
  * signal between two of its waits must not kill the process.
  *
- * One executor at a time may wait for a given signal.
+ * One executor at a time may wait for a given signal. After fork(), the child may wait for
+ * any signal once it has called moor_executor_after_fork: what other executors of the
+ * parent waited for is given back its previous disposition there.
  *
  * Returns signum, -ETIMEDOUT, -ECANCELED, -EINVAL (bad signal number, or one the C library
  * keeps for itself), -EBUSY (another executor waits for it), -ENOMEM. */

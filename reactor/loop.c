@@ -177,6 +177,7 @@ struct ev_loop *moor_executor_loop(moor_executor *ex)
 void moor_executor_after_fork(moor_executor *ex)
 {
     moor__executor_after_fork(ex);
+    moor__signal_after_fork(ex);
     moor__reactor *r = ex->reactor;
     if (!r)
         return;

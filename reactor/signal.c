@@ -248,3 +248,24 @@ void moor__signal_reactor_free(moor__reactor *r)
             sched_yield();
     }
 }
+
+void moor__signal_after_fork(moor_executor *ex)
+{
+    /* Another thread of the parent may have held it at the fork. */
+    pthread_mutex_init(&table_lock, NULL);
+    moor__reactor *mine = ex->reactor;
+    for (int signum = 1; signum < NSIG; signum++) {
+        /* Handler calls on threads that did not cross the fork never end here. */
+        table[signum].in_handler = 0;
+        moor__reactor *owner = table[signum].owner;
+        if (!owner || owner == mine)
+            continue; /* free, or waited for by fibers that came along */
+        /* Waited for by another executor, whose thread and fibers stayed in the parent: the
+         * signal is free in the child, with the disposition it had before those waits. */
+        sigaction(signum, &table[signum].saved, NULL);
+        table[signum].owner = NULL;
+        table[signum].waiters = 0;
+        table[signum].waits = NULL;
+        pending[signum / WORD_BITS] &= ~(1ul << (signum % WORD_BITS));
+    }
+}

@@ -1,6 +1,6 @@
 /* Signals: moor_signal_wait, the disposition a signal has before, during and after the
- * waits for it, every signal accounted for (delivered once, not lost to a cancel), and one
- * executor at a time per signal.
+ * waits for it, every signal accounted for (delivered once, not lost to a cancel), one
+ * executor at a time per signal, and fork.
  *
  * Tests that change a disposition for good, or that must survive a signal which would kill
  * the process, run in forked children. Timing is asserted only as a lower bound. Checks inside
@@ -76,13 +76,18 @@ static void wait_disposition_change(int signum, const struct sigaction *before)
     }
 }
 
-/* A fiber: raise the signal `arg` once the others had a turn (a waiter spawned first is
- * waiting by then). */
+/* Fibers: raise the signal `arg` once the others had a turn (a waiter spawned first is
+ * waiting by then); wait for it. */
 static intptr_t raise_usr(void *arg)
 {
     moor_yield();
     FCHECK(raise((int)(intptr_t)arg) == 0);
     return 0;
+}
+
+static intptr_t wait_usr(void *arg)
+{
+    return moor_signal_wait((int)(intptr_t)arg, moor_deadline_in(SAFETY_MS));
 }
 
 /* ---- waiting -------------------------------------------------------------------------------- */
@@ -566,6 +571,72 @@ static void test_signal_handler_survives_stops(void **state)
     print_message("%s", r.err);
 }
 
+/* ---- fork ----------------------------------------------------------------------------------- */
+
+/* In a child: wait for signum in a fiber while another fiber raises it. */
+static int child_wait_raised(int signum)
+{
+    moor_fiber *w, *k;
+    if (moor_spawn(&w, wait_usr, (void *)(intptr_t)signum, NULL) != 0)
+        return -1000;
+    if (moor_spawn(&k, raise_usr, (void *)(intptr_t)signum, NULL) != 0)
+        return -1000;
+    intptr_t rw = -1, rk = -1;
+    moor_join(k, &rk);
+    moor_join(w, &rw);
+    return rk == 0 ? (int)rw : -1001;
+}
+
+/* The parent waits for SIGUSR1 in a fiber of this executor while another thread's executor
+ * waits for SIGUSR2, and forks. In the child, after moor_executor_after_fork, the executor can
+ * wait for both: SIGUSR2, whose waiter's thread did not cross the fork, and SIGUSR1, which its
+ * own fiber (that did cross) still waits for. */
+static void test_signal_after_fork(void **state)
+{
+    (void)state;
+    struct sigaction usr1_before = disposition(SIGUSR1), usr2_before = disposition(SIGUSR2);
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_fiber *mine;
+    assert_int_equal(moor_spawn(&mine, wait_usr, (void *)(intptr_t)SIGUSR1, NULL), 0);
+    settle();
+    other_thread o = {SIGUSR2, 0};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, other_thread_wait, &o), 0);
+    wait_disposition_change(SIGUSR2, &usr2_before);
+
+    pid_t pid = fork_child(20);
+    if (pid == 0) {
+        moor_executor_after_fork(ex);
+        int r = child_wait_raised(SIGUSR2);
+        if (r != SIGUSR2)
+            fprintf(stderr, "the child's wait for SIGUSR2 returned %d (%s)\n", r,
+                    moor_strerror(r));
+        CCHECK(r == SIGUSR2);
+        /* Its own fiber still waits for SIGUSR1; a new wait joins it and both get it. */
+        CCHECK(child_wait_raised(SIGUSR1) == SIGUSR1);
+        intptr_t rm = -1;
+        CCHECK(moor_join(mine, &rm) == 0);
+        CCHECK(rm == SIGUSR1);
+        moor_executor_free(ex);
+        struct sigaction now;
+        memset(&now, 0, sizeof now);
+        CCHECK(sigaction(SIGUSR1, NULL, &now) == 0 && same_disposition(&now, &usr1_before));
+        CCHECK(sigaction(SIGUSR2, NULL, &now) == 0 && same_disposition(&now, &usr2_before));
+        _exit(0);
+    }
+    /* The parent's waits are untouched by the child's. */
+    assert_int_equal(raise(SIGUSR1), 0);
+    intptr_t rm = -1;
+    assert_int_equal(moor_join(mine, &rm), 0);
+    assert_int_equal(rm, SIGUSR1);
+    assert_int_equal(kill(getpid(), SIGUSR2), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(o.result, SIGUSR2);
+    moor_executor_free(ex);
+    wait_child_ok(pid);
+}
+
 int main(void)
 {
     child_signals_save();
@@ -581,6 +652,7 @@ int main(void)
         TEST(test_signal_restores_disposition),
         TEST(test_signal_ignored_survives_stops),
         TEST(test_signal_handler_survives_stops),
+        TEST(test_signal_after_fork),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
