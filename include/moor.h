@@ -662,10 +662,30 @@ MOOR_API int moor_unix_connect(const char *path, int64_t deadline);
 /* The local port a socket is bound to (after listening on port 0), or -errno. */
 MOOR_API int moor_socket_port(int fd);
 
-/* Wait for a signal (SIGTERM for a graceful shutdown, ...). While a fiber waits, the signal
- * is caught; once no fiber waits, its previous disposition is back. One executor at a time
- * may wait for a given signal. Returns signum, -ETIMEDOUT, -ECANCELED, -EINVAL (bad signal
- * number), -EBUSY (another executor waits for it). */
+/* Wait for a signal (SIGTERM for a graceful shutdown, ...). May suspend the calling fiber.
+ *
+ * Disposition: when the first wait for signum begins, moor's own handler replaces the
+ * signal's disposition; when the last one ends, the disposition it had before comes back in
+ * the same sigaction call that removes moor's handler. The signal never meets SIG_DFL in
+ * between: one that was SIG_IGN, or had the application's handler, never kills the process,
+ * whichever thread it arrives on. The handler runs on any thread, on its sigaltstack if it
+ * has one, with every signal blocked.
+ *
+ * Delivery: a signal that arrives while waits are pending completes each wait for it that
+ * had begun by then, even one whose fiber is cancelled or whose deadline passes before it
+ * resumes (it returns signum); one that arrives just as the last wait ends may go to the
+ * next wait to begin instead, or to none. Signals are not queued: one that arrives after
+ * every pending wait already has a signal merges with those, and a wait that begins later
+ * does not see it. One that arrives while no fiber waits gets the previous disposition, so
+ * a loop that waits again after each signal should set SIG_IGN (or a handler) first if a
+ * signal between two of its waits must not kill the process.
+ *
+ * One executor at a time may wait for a given signal. After fork(), the child may wait for
+ * any signal once it has called moor_executor_after_fork: what other executors of the
+ * parent waited for is given back its previous disposition there.
+ *
+ * Returns signum, -ETIMEDOUT, -ECANCELED, -EINVAL (bad signal number, or one the C library
+ * keeps for itself), -EBUSY (another executor waits for it), -ENOMEM. */
 MOOR_API int moor_signal_wait(int signum, int64_t deadline);
 
 /* Run fn(arg) on a worker thread while the calling fiber waits and the executor serves all

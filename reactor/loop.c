@@ -13,7 +13,8 @@ _Static_assert(sizeof(ev_io) <= sizeof(((moor_io_future *)0)->watcher),
 
 static void on_nothing_async(struct ev_loop *loop, ev_async *w, int revents)
 {
-    (void)loop, (void)w, (void)revents; /* its only job is to end ev_run */
+    (void)loop, (void)revents; /* ends ev_run; signals caught for this executor (signal.c) */
+    moor__signal_dispatch(moor_container_of(w, moor__reactor, unpark));
 }
 
 static void on_nothing_timer(struct ev_loop *loop, ev_timer *w, int revents)
@@ -94,6 +95,7 @@ static void on_idle(struct ev_loop *loop, ev_idle *w, int revents)
 static void reactor_free(moor_executor *ex)
 {
     moor__reactor *r = ex->reactor;
+    moor__signal_reactor_free(r);
     if (r->blocking)
         moor__blocking_pool_free(r->blocking);
     moor__driver_set(ex, NULL, NULL);
@@ -175,6 +177,7 @@ struct ev_loop *moor_executor_loop(moor_executor *ex)
 void moor_executor_after_fork(moor_executor *ex)
 {
     moor__executor_after_fork(ex);
+    moor__signal_after_fork(ex);
     moor__reactor *r = ex->reactor;
     if (!r)
         return;

@@ -44,6 +44,13 @@ void moor__reactor_fd_new(int fd);
 /* The executor's reactor, made with a loop of its own if it has none. NULL on ENOMEM. */
 moor__reactor *moor__reactor_get(moor_executor *ex);
 
+/* Signals (signal.c): complete the waits for the signals caught for r (its unpark async's
+ * callback); before r is freed, wait for signal handler calls that may still use it; in a
+ * forked child, free the signals that other executors of the parent waited for. */
+void moor__signal_dispatch(moor__reactor *r);
+void moor__signal_reactor_free(moor__reactor *r);
+void moor__signal_after_fork(moor_executor *ex);
+
 /* Blocking pool teardown and fork handling (blocking.c). */
 void moor__blocking_pool_free(moor__blocking_pool *pool);
 void moor__blocking_pool_after_fork(moor__blocking_pool *pool);

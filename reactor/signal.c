@@ -1,56 +1,151 @@
-/* Signals as futures, on libev's signal watchers. A signal can be caught in one loop at a
- * time (libev), so a process-wide table says which executor has it, counts its waiters and
- * keeps the disposition it had before the first of them: the last one to stop puts it back
- * (libev would leave SIG_DFL). */
+/* Signals as futures. moor catches a signal with a handler of its own while at least one
+ * fiber waits for it, not with libev's signal watchers: libev's ev_signal_stop leaves the
+ * signal SIG_DFL for a moment before anyone can put the old disposition back, and a signal
+ * arriving then on any thread kills the process, even one the application ignores.
+ *
+ * A process-wide table, one entry per signal number, says which executor's reactor owns it
+ * (one at a time: -EBUSY for the others) and counts its waits:
+ *
+ *   waits 0 -> 1   sigaction(moor's handler), saving the previous disposition: one call
+ *   waits 1 -> 0   sigaction(previous disposition): one call, an atomic swap with nothing
+ *                  in between; then the owner is cleared
+ *
+ * The handler is async-signal-safe: it counts the signal in `caught`, sets its bit in
+ * `pending` and sends the owner reactor's `unpark` ev_async. On the owner's thread the
+ * async's callback calls moor__signal_dispatch, which completes each listed wait that began
+ * before the catch (a wait records `caught` as it begins). The waits are listed in the
+ * entry and only the owner's thread touches the list.
+ *
+ * A handler call still running when the owner is cleared may use the owner's reactor: the
+ * reactor waits for such calls before it is freed (moor__signal_reactor_free), not every
+ * last stop, which would wait for a whole time slice whenever such a call was preempted. */
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 
+#include "fiber/assert.h"
 #include "fiber/fiber.h"
 #include "reactor.h"
 
-static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
-static struct {
-    moor_executor *owner;
-    size_t waiters;
-    struct sigaction saved;
-} table[NSIG];
-
 typedef struct signal_future {
     moor_future base;
-    ev_signal watcher;
+    struct signal_future *next, *prev; /* the owner's waits for this signal */
     moor_timer_node node;
     moor_waker waker;
     int64_t deadline;
+    unsigned long seq; /* table[signum].caught when the wait began: later catches are its */
+    int signum;
     int fired;
-    int counted; /* holds a place in table[signum].waiters */
+    int counted; /* holds a place in table[signum].waiters and its list */
 } signal_future;
 
-static void on_signal(struct ev_loop *loop, ev_signal *w, int revents)
+static pthread_mutex_t table_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct {
+    moor__reactor *owner;     /* atomic: whose fibers wait; NULL while none does */
+    size_t waiters;           /* table_lock */
+    struct sigaction saved;   /* table_lock: the disposition before the first wait */
+    signal_future *waits;     /* the owner's thread only */
+    unsigned long caught;     /* atomic: times the handler caught it for an owner */
+    int in_handler;           /* atomic: handler calls that may still use the owner */
+} table[NSIG];
+
+#define WORD_BITS (8 * sizeof(unsigned long))
+/* atomic: a bit per signal caught and not yet dispatched by its owner */
+static unsigned long pending[(NSIG + WORD_BITS - 1) / WORD_BITS];
+
+static void on_signal(int signum)
 {
-    (void)loop, (void)revents;
-    signal_future *sf = w->data;
-    /* Left active until the future completes: a second signal meanwhile is caught, not
-     * delivered to a default disposition. */
-    sf->fired = 1;
-    moor_waker_wake(&sf->waker);
+    int saved_errno = errno;
+    /* Counted before the owner is read, so that a reactor about to be freed can wait for the
+     * calls that may have read it. */
+    __atomic_add_fetch(&table[signum].in_handler, 1, __ATOMIC_SEQ_CST);
+    moor__reactor *r = __atomic_load_n(&table[signum].owner, __ATOMIC_SEQ_CST);
+    if (r) {
+        __atomic_add_fetch(&table[signum].caught, 1, __ATOMIC_SEQ_CST);
+        __atomic_fetch_or(&pending[signum / WORD_BITS], 1ul << (signum % WORD_BITS),
+                          __ATOMIC_SEQ_CST);
+        ev_async_send(r->loop, &r->unpark); /* async-signal-safe (libev) */
+    }
+    /* A race as the last wait ends: a call that the kernel began before the swap but that
+     * reads the owner after it was cleared drops the signal; one that read the owner but
+     * counts the catch only after that wait looked (signal_stop) leaves it to the next wait
+     * to begin. Either way no wait reports it twice. */
+    __atomic_sub_fetch(&table[signum].in_handler, 1, __ATOMIC_SEQ_CST);
+    errno = saved_errno;
 }
 
-/* Take a place among the signal's waiters on `ex`. -EBUSY if another executor has it. */
-static int table_join(int signum, moor_executor *ex)
+/* Take a place among the signal's waiters for r's executor, installing moor's handler if it
+ * is the first. -EBUSY if another executor has the signal; -errno if sigaction refuses it
+ * (the C library keeps a few signals for itself). */
+static int table_join(int signum, moor__reactor *r)
 {
     int rc = 0;
     pthread_mutex_lock(&table_lock);
-    if (table[signum].owner && table[signum].owner != ex) {
+    moor__reactor *owner = __atomic_load_n(&table[signum].owner, __ATOMIC_RELAXED);
+    if (owner && owner != r) {
         rc = -EBUSY;
-    } else {
-        if (table[signum].waiters++ == 0) {
-            sigaction(signum, NULL, &table[signum].saved);
-            table[signum].owner = ex;
+    } else if (table[signum].waiters++ == 0) {
+        /* The owner is set first, so that no signal caught by the new handler is dropped. */
+        __atomic_store_n(&table[signum].owner, r, __ATOMIC_SEQ_CST);
+        struct sigaction sa;
+        sa.sa_handler = on_signal;
+        sigfillset(&sa.sa_mask);
+        /* On the thread's sigaltstack if it has one (an executor's thread does), so that
+         * the handler does not eat into a fiber's stack near its guard. */
+        sa.sa_flags = SA_RESTART | SA_ONSTACK;
+        if (sigaction(signum, &sa, &table[signum].saved) != 0) {
+            rc = -errno;
+            table[signum].waiters = 0;
+            __atomic_store_n(&table[signum].owner, NULL, __ATOMIC_SEQ_CST);
         }
     }
     pthread_mutex_unlock(&table_lock);
     return rc;
+}
+
+/* Give the place back; the last one puts the previous disposition back. */
+static void table_leave(int signum)
+{
+    pthread_mutex_lock(&table_lock);
+    if (--table[signum].waiters == 0) {
+        /* From here on no new handler call starts, on any thread, and the signal never meets
+         * SIG_DFL unless that was its disposition. Calls already running may still use the
+         * owner's reactor: moor__signal_reactor_free waits for them before it can go. */
+        sigaction(signum, &table[signum].saved, NULL);
+        __atomic_store_n(&table[signum].owner, NULL, __ATOMIC_SEQ_CST);
+        __atomic_fetch_and(&pending[signum / WORD_BITS], ~(1ul << (signum % WORD_BITS)),
+                           __ATOMIC_SEQ_CST);
+    }
+    pthread_mutex_unlock(&table_lock);
+}
+
+static int caught_since(const signal_future *sf)
+{
+    return __atomic_load_n(&table[sf->signum].caught, __ATOMIC_SEQ_CST) != sf->seq;
+}
+
+void moor__signal_dispatch(moor__reactor *r)
+{
+    for (size_t w = 0; w < sizeof pending / sizeof pending[0]; w++) {
+        unsigned long bits = __atomic_load_n(&pending[w], __ATOMIC_SEQ_CST);
+        while (bits) {
+            int bit = __builtin_ctzl(bits);
+            bits &= bits - 1;
+            int signum = (int)(w * WORD_BITS) + bit;
+            if (__atomic_load_n(&table[signum].owner, __ATOMIC_SEQ_CST) != r)
+                continue; /* another executor's */
+            /* Cleared before `caught` is read: a catch counted after that read sets the bit
+             * again and sends another async. */
+            __atomic_fetch_and(&pending[w], ~(1ul << bit), __ATOMIC_SEQ_CST);
+            for (signal_future *sf = table[signum].waits; sf; sf = sf->next) {
+                if (!sf->fired && caught_since(sf)) {
+                    sf->fired = 1;
+                    moor_waker_wake(&sf->waker);
+                }
+            }
+        }
+    }
 }
 
 static void signal_stop(signal_future *sf, moor_executor *ex)
@@ -58,19 +153,18 @@ static void signal_stop(signal_future *sf, moor_executor *ex)
     moor__timer_remove(&ex->timers, &sf->node);
     if (!sf->counted)
         return;
-    int signum = sf->watcher.signum;
-    sigset_t block, old;
-    sigemptyset(&block);
-    sigaddset(&block, signum);
-    pthread_sigmask(SIG_BLOCK, &block, &old); /* none may arrive between libev's reset and ours */
-    ev_signal_stop(((moor__reactor *)ex->reactor)->loop, &sf->watcher);
-    pthread_mutex_lock(&table_lock);
-    if (--table[signum].waiters == 0) {
-        sigaction(signum, &table[signum].saved, NULL);
-        table[signum].owner = NULL;
-    }
-    pthread_mutex_unlock(&table_lock);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    /* Off the list before the place is given back: the next owner starts with an empty one. */
+    if (sf->prev)
+        sf->prev->next = sf->next;
+    else
+        table[sf->signum].waits = sf->next;
+    if (sf->next)
+        sf->next->prev = sf->prev;
+    table_leave(sf->signum);
+    /* A signal caught while this wait was listed but not yet dispatched is its too: it is
+     * reported, not lost to a cancel or a deadline. */
+    if (caught_since(sf))
+        sf->fired = 1;
     sf->counted = 0;
 }
 
@@ -80,23 +174,33 @@ static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
     moor_executor *ex = cx->waker.ex;
     if (sf->fired || (sf->deadline >= 0 && moor_now() >= sf->deadline)) {
         signal_stop(sf, ex);
-        fut->result = sf->fired ? sf->watcher.signum : -ETIMEDOUT;
+        fut->result = sf->fired ? sf->signum : -ETIMEDOUT;
         return MOOR_READY;
     }
     sf->waker = cx->waker;
     if (!sf->counted) {
         moor__reactor *r = moor__reactor_get(ex);
-        int rc = r ? table_join(sf->watcher.signum, ex) : -ENOMEM;
+        if (!r) {
+            fut->result = -ENOMEM;
+            return MOOR_READY;
+        }
+        /* Read before moor's handler may be installed: whatever it catches is this wait's. */
+        sf->seq = __atomic_load_n(&table[sf->signum].caught, __ATOMIC_SEQ_CST);
+        int rc = table_join(sf->signum, r);
         if (rc < 0) {
             fut->result = rc;
             return MOOR_READY;
         }
+        sf->prev = NULL;
+        sf->next = table[sf->signum].waits;
+        if (sf->next)
+            sf->next->prev = sf;
+        table[sf->signum].waits = sf;
         sf->counted = 1;
-        ev_signal_start(r->loop, &sf->watcher);
     }
     if (moor__timer_arm(&ex->timers, &sf->node, sf->deadline, &cx->waker) < 0) {
         signal_stop(sf, ex);
-        fut->result = -ENOMEM;
+        fut->result = sf->fired ? sf->signum : -ENOMEM;
         return MOOR_READY;
     }
     return MOOR_PENDING;
@@ -108,7 +212,7 @@ static moor_poll signal_cancel(moor_future *fut)
     signal_stop(sf, moor__tls_executor);
     if (!sf->fired)
         return MOOR_PENDING;
-    fut->result = sf->watcher.signum; /* it arrived: do not lose it */
+    fut->result = sf->signum; /* it arrived: do not lose it */
     return MOOR_READY;
 }
 
@@ -120,12 +224,48 @@ int moor_signal_wait(int signum, int64_t deadline)
         return -EINVAL;
     signal_future sf;
     moor_future_init(&sf.base, &signal_ops, 0);
-    ev_signal_init(&sf.watcher, on_signal, signum);
-    sf.watcher.data = &sf;
+    sf.next = sf.prev = NULL;
     moor__timer_node_init(&sf.node);
     sf.waker = (moor_waker){0};
     sf.deadline = deadline;
+    sf.seq = 0;
+    sf.signum = signum;
     sf.fired = 0;
     sf.counted = 0;
     return (int)moor__wait(&sf.base);
+}
+
+void moor__signal_reactor_free(moor__reactor *r)
+{
+    /* r waits for no signal now, so no entry names it and no handler call that starts can
+     * reach it. One that read it earlier has counted itself in in_handler since before the
+     * owner was cleared: seeing each count at zero once is enough. Calls are short and never
+     * block; this waits only if one is running (or preempted) right now. */
+    for (int signum = 1; signum < NSIG; signum++) {
+        moor__assert(__atomic_load_n(&table[signum].owner, __ATOMIC_SEQ_CST) != r,
+                     "moor_executor_free: signal %d is still waited for", signum);
+        while (__atomic_load_n(&table[signum].in_handler, __ATOMIC_SEQ_CST))
+            sched_yield();
+    }
+}
+
+void moor__signal_after_fork(moor_executor *ex)
+{
+    /* Another thread of the parent may have held it at the fork. */
+    pthread_mutex_init(&table_lock, NULL);
+    moor__reactor *mine = ex->reactor;
+    for (int signum = 1; signum < NSIG; signum++) {
+        /* Handler calls on threads that did not cross the fork never end here. */
+        table[signum].in_handler = 0;
+        moor__reactor *owner = table[signum].owner;
+        if (!owner || owner == mine)
+            continue; /* free, or waited for by fibers that came along */
+        /* Waited for by another executor, whose thread and fibers stayed in the parent: the
+         * signal is free in the child, with the disposition it had before those waits. */
+        sigaction(signum, &table[signum].saved, NULL);
+        table[signum].owner = NULL;
+        table[signum].waiters = 0;
+        table[signum].waits = NULL;
+        pending[signum / WORD_BITS] &= ~(1ul << (signum % WORD_BITS));
+    }
 }

@@ -1,6 +1,6 @@
 /* The reactor around the I/O calls: spawning and waking from other threads, an executor
- * attached to a libev loop the application runs, signals, and fork. moor_blocking and its
- * worker pool are tested in test_blocking.c.
+ * attached to a libev loop the application runs, and fork. moor_blocking and its worker pool
+ * are tested in test_blocking.c, signals in test_signal.c.
  *
  * Timing is asserted only as a lower bound; progress is counted (ticks of another fiber,
  * callbacks of the application's watchers). Checks inside fibers only record what they see
@@ -480,104 +480,6 @@ static void test_reactor_attach_waits_for_blocking_call(void **state)
         fail_msg("ev_run returned while a fiber was still waiting in moor_blocking");
 }
 
-/* ---- signals ------------------------------------------------------------------------------ */
-
-static intptr_t signal_waiter(void *arg)
-{
-    (void)arg;
-    return moor_signal_wait(SIGUSR1, moor_deadline_in(SAFETY_MS));
-}
-
-static intptr_t signal_raiser(void *arg)
-{
-    (void)arg;
-    moor_yield(); /* the waiter is waiting already; once more for good measure */
-    FCHECK(kill(getpid(), SIGUSR1) == 0);
-    return 0;
-}
-
-static void test_reactor_signal_wait(void **state)
-{
-    (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
-    moor_fiber *w, *k;
-    assert_int_equal(moor_spawn(&w, signal_waiter, NULL, NULL), 0);
-    assert_int_equal(moor_spawn(&k, signal_raiser, NULL, NULL), 0);
-    intptr_t r = -1;
-    assert_int_equal(moor_join(k, &r), 0);
-    assert_int_equal(r, 0);
-    assert_int_equal(moor_join(w, &r), 0);
-    assert_int_equal(r, SIGUSR1);
-    moor_executor_free(ex);
-}
-
-static void test_reactor_signal_timeout_and_bad_signal(void **state)
-{
-    (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
-    int64_t deadline = moor_deadline_in(40);
-    assert_int_equal(moor_signal_wait(SIGUSR1, deadline), -ETIMEDOUT);
-    assert_true(moor_now() >= deadline);
-    assert_int_equal(moor_signal_wait(0, -1), -EINVAL);
-    assert_int_equal(moor_signal_wait(-3, -1), -EINVAL);
-    assert_int_equal(moor_signal_wait(NSIG, -1), -EINVAL);
-    assert_int_equal(moor_signal_wait(1000, -1), -EINVAL);
-    assert_int_equal(moor_signal_wait(SIGKILL, -1), -EINVAL);
-    assert_int_equal(moor_signal_wait(SIGSTOP, -1), -EINVAL);
-    moor_executor_free(ex);
-}
-
-static intptr_t signal_waiter_forever(void *arg)
-{
-    (void)arg;
-    return moor_signal_wait(SIGUSR1, -1);
-}
-
-static void test_reactor_signal_wait_cancel(void **state)
-{
-    (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
-    moor_fiber *w;
-    assert_int_equal(moor_spawn(&w, signal_waiter_forever, NULL, NULL), 0);
-    assert_int_equal(moor_sleep(moor_deadline_in(5)), 0);
-    moor_cancel(w);
-    intptr_t r = 0;
-    assert_int_equal(moor_join(w, &r), -ECANCELED);
-    assert_int_equal(r, -ECANCELED);
-    assert_int_equal(moor_executor_run(ex), 0);
-    moor_executor_free(ex);
-}
-
-static int usr2_seen;
-
-static void usr2_handler(int sig)
-{
-    (void)sig;
-    usr2_seen++;
-}
-
-/* "Once no fiber waits, its previous disposition is back": an application's own handler. */
-static void test_reactor_signal_restores_disposition(void **state)
-{
-    (void)state;
-    struct sigaction sa, old, now;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = usr2_handler;
-    sigemptyset(&sa.sa_mask);
-    assert_int_equal(sigaction(SIGUSR2, &sa, &old), 0);
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
-    assert_int_equal(moor_signal_wait(SIGUSR2, moor_deadline_in(10)), -ETIMEDOUT);
-    moor_executor_free(ex);
-    assert_int_equal(sigaction(SIGUSR2, &old, &now), 0);
-    if (now.sa_handler != usr2_handler)
-        fail_msg("SIGUSR2's handler after moor_signal_wait is %s, not the application's",
-                 now.sa_handler == SIG_DFL ? "SIG_DFL" : "something else");
-}
-
 /* ---- fork --------------------------------------------------------------------------------- */
 
 static int roundtrip(int rounds)
@@ -640,10 +542,6 @@ int main(void)
         TEST(test_reactor_attach_app_loop),
         TEST(test_reactor_attach_busy),
         TEST(test_reactor_attach_waits_for_blocking_call),
-        TEST(test_reactor_signal_wait),
-        TEST(test_reactor_signal_timeout_and_bad_signal),
-        TEST(test_reactor_signal_wait_cancel),
-        TEST(test_reactor_signal_restores_disposition),
         TEST(test_reactor_fork),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
