@@ -54,25 +54,39 @@ int moor__stack_pool_init(moor__stack_pool *pool, size_t guard, size_t hot_max,
     return 0;
 }
 
-static void stack_unmap(char *base, size_t map_size, size_t guard)
+/* Valgrind knows a stack by the id it gave at registration, kept in the reserved bytes at the
+ * top of the mapping (MOOR__STACK_RESERVED). Only stacks in use or hot are registered: a cold
+ * stack gives back every page, the top one too, so it is deregistered when it goes cold and
+ * registered again when it is taken. */
+static void stack_register(char *base, size_t map_size, size_t guard)
 {
 #ifdef MOOR_VALGRIND
-    /* Valgrind knows a stack by the id it gave at registration, kept in the reserved bytes
-     * at the top of the mapping (MOOR__STACK_RESERVED). */
+    unsigned id = VALGRIND_STACK_REGISTER(base + guard, base + map_size);
+    memcpy(base + map_size - sizeof id, &id, sizeof id);
+#else
+    (void)base, (void)map_size, (void)guard;
+#endif
+}
+
+static void stack_deregister(char *base, size_t map_size)
+{
+#ifdef MOOR_VALGRIND
     unsigned id;
     memcpy(&id, base + map_size - sizeof id, sizeof id);
     VALGRIND_STACK_DEREGISTER(id);
+#else
+    (void)base, (void)map_size;
 #endif
-    (void)guard;
-    munmap(base, map_size);
 }
 
-static void bucket_unmap_all(moor__stack_pool *pool, moor__stack_bucket *b)
+static void bucket_unmap_all(moor__stack_bucket *b)
 {
-    for (size_t i = 0; i < b->nhot; i++)
-        stack_unmap(b->hot[i], b->map_size, pool->guard);
+    for (size_t i = 0; i < b->nhot; i++) {
+        stack_deregister(b->hot[i], b->map_size);
+        munmap(b->hot[i], b->map_size);
+    }
     for (size_t i = 0; i < b->ncold; i++)
-        stack_unmap(b->cold[i], b->map_size, pool->guard);
+        munmap(b->cold[i], b->map_size);
     moor__free(b->hot);
     moor__free(b->cold);
 }
@@ -80,7 +94,7 @@ static void bucket_unmap_all(moor__stack_pool *pool, moor__stack_bucket *b)
 void moor__stack_pool_destroy(moor__stack_pool *pool)
 {
     for (size_t i = 0; i < pool->nbuckets; i++)
-        bucket_unmap_all(pool, &pool->buckets[i]);
+        bucket_unmap_all(&pool->buckets[i]);
     moor__free(pool->buckets);
     memset(pool, 0, sizeof *pool);
 }
@@ -121,10 +135,7 @@ static int stack_map(moor__stack_pool *pool, size_t map_size, char **out)
         munmap(base, map_size);
         return -ENOMEM;
     }
-#ifdef MOOR_VALGRIND
-    unsigned id = VALGRIND_STACK_REGISTER(base + pool->guard, base + map_size);
-    memcpy(base + map_size - sizeof id, &id, sizeof id);
-#endif
+    stack_register(base, map_size, pool->guard);
     pool->mapped++;
     *out = base;
     return 0;
@@ -139,6 +150,7 @@ int moor__stack_get_slow(moor__stack_pool *pool, size_t map_size, char **base)
     }
     if (b && b->ncold) {
         *base = b->cold[--b->ncold];
+        stack_register(*base, map_size, pool->guard);
         return 0;
     }
     if (!b) {
@@ -172,13 +184,10 @@ void moor__stack_put_slow(moor__stack_pool *pool, char *base, size_t map_size)
     moor__stack_bucket *b = bucket_find(pool, map_size);
     if (b->nhot < pool->hot_max && push(&b->hot, &b->nhot, &b->cap_hot, base) == 0)
         return;
-    /* Beyond the high-water mark: give the memory back. The guard stays installed (guard
-     * markers survive MADV_DONTNEED, and an mprotect guard is a separate mapping). */
-    size_t keep = 0;
-#ifdef MOOR_VALGRIND
-    keep = page_size; /* the top page holds the valgrind stack id */
-#endif
-    madvise(base + pool->guard, map_size - pool->guard - keep, MADV_DONTNEED);
+    /* Beyond the high-water mark: give the memory back, all of it. The guard stays installed
+     * (guard markers survive MADV_DONTNEED, and an mprotect guard is a separate mapping). */
+    stack_deregister(base, map_size);
+    madvise(base + pool->guard, map_size - pool->guard, MADV_DONTNEED);
     /* Cannot fail: stack_get reserved a slot in `cold` for every stack it mapped. */
     b->cold[b->ncold++] = base;
 }

@@ -35,6 +35,37 @@
 
 #include "fiber/executor.h"
 
+/* ---- the tools the suite runs under (.ci/run) ------------------------------------------- */
+
+#if defined(__SANITIZE_THREAD__)
+#define UNDER_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define UNDER_TSAN 1
+#endif
+#endif
+#ifndef UNDER_TSAN
+#define UNDER_TSAN 0
+#endif
+
+/* TSan gives every fiber the state of a thread: making one costs about a millisecond, and it
+ * dies once more than 8128 are alive at once ("Thread limit exceeded"). A test that makes
+ * tens of thousands of fibers, or keeps thousands alive, makes fewer under it:
+ * FIBER_COUNT(10000, 2000). What such a test checks does not depend on the number. */
+#define FIBER_COUNT(n, under_tsan) (UNDER_TSAN ? (under_tsan) : (n))
+
+/* Valgrind is known at run time. Its header comes with the valgrind package (.ci/deps installs
+ * it); a machine without it is taken not to run the tests under valgrind. */
+#if defined(__has_include)
+#if __has_include(<valgrind/valgrind.h>)
+#include <valgrind/valgrind.h>
+#define UNDER_VALGRIND (RUNNING_ON_VALGRIND != 0)
+#endif
+#endif
+#ifndef UNDER_VALGRIND
+#define UNDER_VALGRIND 0
+#endif
+
 /* After a test that failed half-way: forget the executor it left behind (freeing it would
  * assert on its pending tasks) so that the next test can make its own. */
 __attribute__((unused)) static int forget_leftover_executor(void **state)

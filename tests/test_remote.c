@@ -21,10 +21,6 @@
 #include "fiber/executor.h"
 #include "fiber/fiber.h"
 
-#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
-#define UNDER_SANITIZER 1
-#endif
-
 /* ---- a burst of remote spawns --------------------------------------------------------------- */
 
 #ifdef __SANITIZE_THREAD__
@@ -194,10 +190,6 @@ static void starved_child(void *arg)
 static void test_remote_spawn_waits_for_memory(void **state)
 {
     (void)state;
-#ifdef UNDER_SANITIZER
-    print_message("a sanitizer's shadow memory leaves no room for an address-space limit\n");
-    skip();
-#endif
     child_report r;
     child_run(starved_child, NULL, &r);
     expect_child_ok(&r);
