@@ -515,17 +515,21 @@ struct ev_loop;
 /* Run this executor inside an event loop the application owns and runs (ev_run): moor adds
  * prepare/idle/timer/async watchers (unreferenced: they do not keep ev_run alive) and runs
  * its tasks from them. Call before anything used the executor's own loop.
- * Errors: -EBUSY (the executor has a loop already), -ENOMEM. */
+ * Errors: -EBUSY (the executor has a loop already), -EMFILE/-ENFILE (no descriptor for the
+ * loop's async pipe, if it had none yet), -ENOMEM. */
 MOOR_API int moor_executor_attach(moor_executor *ex, struct ev_loop *loop);
 
 /* The executor's libev loop (made now if it has none), for adapters that own watchers.
- * NULL if it could not be made. */
+ * NULL if it could not be made (out of descriptors or memory). */
 MOOR_API struct ev_loop *moor_executor_loop(moor_executor *ex);
 
-/* In the child after fork(): re-arm the event loop (ev_loop_fork) and reset what other
- * threads of the parent held; blocking calls in flight in the parent's workers fail with
- * -ECANCELED in the child. */
-MOOR_API void moor_executor_after_fork(moor_executor *ex);
+/* In the child after fork(): re-arm the event loop (a loop moor owns is re-armed now, an
+ * attached loop at the application's next ev_run) and reset what other threads of the parent
+ * held; blocking calls in flight in the parent's workers fail with -ECANCELED in the child.
+ * Returns 0, or -EMFILE/-ENFILE if the child has no descriptor left for the loop's new async
+ * pipe: then nothing has been changed, and the call must be made again (once descriptors
+ * are free) before the executor is used, or the executor freed. */
+MOOR_API int moor_executor_after_fork(moor_executor *ex);
 
 #define MOOR_READABLE 0x1
 #define MOOR_WRITABLE 0x2

@@ -50,9 +50,10 @@ static moor_poll io_poll(moor_future *fut, moor_cx *cx)
     io->waker = cx->waker;
     ev_io *w = watcher_of(io);
     if (!ev_is_active(w)) {
-        moor__reactor *r = moor__reactor_get(ex);
-        if (!r) {
-            fut->result = -ENOMEM;
+        moor__reactor *r;
+        int rc = moor__reactor_get(ex, &r);
+        if (rc < 0) {
+            fut->result = rc;
             return MOOR_READY;
         }
         int events = ((io->events & MOOR_READABLE) ? EV_READ : 0) |
@@ -149,8 +150,8 @@ static inline void note_hint(int fd, unsigned hint, ssize_t n, size_t len)
     if (n <= 0 || (size_t)n >= len)
         return;
     moor_executor *ex = moor__tls_executor;
-    moor__reactor *r = ex ? moor__reactor_get(ex) : NULL;
-    uint8_t *h = r ? moor__reactor_fd(r, fd) : NULL;
+    moor__reactor *r;
+    uint8_t *h = ex && moor__reactor_get(ex, &r) == 0 ? moor__reactor_fd(r, fd) : NULL;
     if (h)
         *h |= (uint8_t)hint;
 }
@@ -256,8 +257,8 @@ ssize_t moor_sendto(int fd, const void *buf, size_t len, int flags, const struct
 void moor__reactor_fd_new(int fd)
 {
     moor_executor *ex = moor__tls_executor;
-    moor__reactor *r = ex ? moor__reactor_get(ex) : NULL;
-    uint8_t *st = r ? moor__reactor_fd(r, fd) : NULL;
+    moor__reactor *r;
+    uint8_t *st = ex && moor__reactor_get(ex, &r) == 0 ? moor__reactor_fd(r, fd) : NULL;
     if (st)
         *st = MOOR__FD_OWNED;
 }

@@ -41,8 +41,18 @@ uint8_t *moor__reactor_fd(moor__reactor *r, int fd);
 /* moor made fd: its state starts afresh, owned. */
 void moor__reactor_fd_new(int fd);
 
-/* The executor's reactor, made with a loop of its own if it has none. NULL on ENOMEM. */
-moor__reactor *moor__reactor_get(moor_executor *ex);
+/* The executor's reactor in *out, made with a loop of its own if it has none. 0, or -EMFILE,
+ * -ENFILE (no descriptor for the loop), -ENOMEM. */
+int moor__reactor_make(moor_executor *ex, moor__reactor **out);
+
+static inline int moor__reactor_get(moor_executor *ex, moor__reactor **out)
+{
+    if (__builtin_expect(ex->reactor != NULL, 1)) {
+        *out = ex->reactor;
+        return 0;
+    }
+    return moor__reactor_make(ex, out);
+}
 
 /* Blocking pool teardown and fork handling (blocking.c). */
 void moor__blocking_pool_free(moor__blocking_pool *pool);

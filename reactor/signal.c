@@ -85,8 +85,10 @@ static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
     }
     sf->waker = cx->waker;
     if (!sf->counted) {
-        moor__reactor *r = moor__reactor_get(ex);
-        int rc = r ? table_join(sf->watcher.signum, ex) : -ENOMEM;
+        moor__reactor *r;
+        int rc = moor__reactor_get(ex, &r);
+        if (rc == 0)
+            rc = table_join(sf->watcher.signum, ex);
         if (rc < 0) {
             fut->result = rc;
             return MOOR_READY;

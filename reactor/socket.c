@@ -15,18 +15,19 @@
 
 int moor_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int64_t deadline)
 {
-    moor__reactor *r = moor__reactor_get(moor__tls_executor);
-    if (!r)
-        return -ENOMEM;
+    moor__reactor *r;
+    int rc = moor__reactor_get(moor__tls_executor, &r);
+    if (rc < 0)
+        return rc;
     /* Out of descriptors last time: the listener stays readable, so accepting again at once
      * would spin. Wait a little first; descriptors may have been closed meanwhile. */
     if (r->accept_backoff_until > moor_now()) {
         int64_t until = r->accept_backoff_until;
         if (deadline >= 0 && deadline < until) {
-            int rc = moor_sleep(deadline);
+            rc = moor_sleep(deadline);
             return rc < 0 ? rc : -ETIMEDOUT;
         }
-        int rc = moor_sleep(until);
+        rc = moor_sleep(until);
         if (rc < 0)
             return rc;
     }
