@@ -507,7 +507,17 @@ MOOR_API int moor_event_wait(moor_event *e, int64_t deadline);
  * call first and waits only on EAGAIN; the libev watcher it waits with lives inside a future
  * on the calling fiber's pinned stack. All of them may suspend; from plain code they run the
  * executor meanwhile. Errors are -errno of the system call, -ETIMEDOUT once the deadline has
- * passed, -ECANCELED in a cancelled fiber.
+ * passed, -ECANCELED in a cancelled fiber, -EBADF for an fd that is not open or that
+ * moor_close closed while the call waited, and -EMFILE/-ENFILE/-ENOMEM when the event loop could not be made.
+ *
+ * File descriptors belong to moor while it waits on them: close them with moor_close, which
+ * wakes their waiters first. Any fd may be closed with plain close() when no fiber waits on
+ * it, whether moor made it or not; a later wait on whatever new fd reuses the number works.
+ * For the fds it makes (moor_accept, moor_tcp_*, moor_unix_*) moor keeps per-fd hints that
+ * spare system calls (they stay registered with the loop between waits, as libev's own
+ * watchers do; a short read means the next read would find nothing): such a hint can go
+ * stale when the fd is closed without moor_close and its number reused, and then costs a
+ * system call or a delay of some 10-20 ms before the wait is checked, never a hang.
  * ---------------------------------------------------------------------------------------- */
 
 struct ev_loop;
@@ -534,22 +544,31 @@ MOOR_API int moor_executor_after_fork(moor_executor *ex);
 #define MOOR_READABLE 0x1
 #define MOOR_WRITABLE 0x2
 
-/* A readiness future: output 0 once `fd` is ready for `events`, -ETIMEDOUT once `deadline`
- * passes, -ENOMEM. Caller owned; must not move once polled (its watcher is inside). */
+/* A readiness future: output 0 once `fd` is ready for `events`; -EBADF if fd is not open when
+ * it is first polled, or if moor_close closes it while the future waits (even if readiness
+ * had been reported but the future not yet polled: its owner never touches the number's
+ * next file); -ETIMEDOUT once `deadline` passes; -EMFILE, -ENFILE, -ENOMEM if the event loop
+ * could not be made or could not watch fd. Caller owned; must not move once polled (its
+ * watcher is inside). */
 typedef struct moor_io_future {
     moor_future base;      /* public: poll, await, select this */
     int fd;                /* read-only */
     int events;            /* read-only: MOOR_READABLE and/or MOOR_WRITABLE */
     int64_t deadline;      /* read-only */
-    int fired;             /* private */
+    int state;             /* private: not started, waiting, ready, failed (reactor/io.c) */
+    uint32_t epoch;        /* private: when its wait started, in the reactor's coarse epochs */
     moor_waker waker;      /* private */
     moor_timer_node node;  /* private */
+    struct moor_io_future *fd_next, **fd_prev;       /* private: the fd's waiters */
+    struct moor_io_future *check_next, **check_prev; /* private: waits to check once */
     _Alignas(16) unsigned char watcher[64]; /* private: an ev_io */
 } moor_io_future;
 
 MOOR_API void moor_io_init(moor_io_future *io, int fd, int events, int64_t deadline);
 
-/* Wait until fd is ready. Returns 0, -ETIMEDOUT, -ECANCELED, -ENOMEM. */
+/* Wait until fd is ready. Returns 0, -EBADF (fd not open, or closed by moor_close meanwhile),
+ * -ETIMEDOUT, -ECANCELED, -EMFILE/-ENFILE/-ENOMEM (no event loop). Costs one fcntl() to check
+ * that fd is open before the event loop sees it. */
 MOOR_API int moor_wait_fd(int fd, int events, int64_t deadline);
 
 MOOR_API ssize_t moor_read(int fd, void *buf, size_t len, int64_t deadline);
@@ -569,11 +588,13 @@ MOOR_API ssize_t moor_sendto(int fd, const void *buf, size_t len, int flags,
 MOOR_API ssize_t moor_write_all(int fd, const void *buf, size_t len, size_t *written,
                                 int64_t deadline);
 
-/* Close an fd and forget moor's state for it. The fds that moor makes (moor_accept,
- * moor_tcp_*, moor_unix_*) must be closed with moor_close: moor keeps them registered with
- * the event loop between waits (no system call per wait, as libev's own watchers), and must
- * hear of their close before the number is reused. Plain close() is fine for fds moor did
- * not make. No fiber may be waiting on the fd (cancel it first). Returns 0 or -errno. */
+/* Close an fd: first every io future of this thread's executor that waits on it (moor_read,
+ * moor_write, moor_wait_fd, ... in any fiber) completes with -EBADF, its watcher stopped and
+ * its fiber woken, so that no waiter ever acts on a later fd that reuses the number (as Go's
+ * netpoller does on Close); then moor forgets its hints for the fd and closes it. Plain
+ * close() is fine for any fd no fiber waits on; a plain close() under a waiter is misuse
+ * (debug builds report it on stderr within some 20 ms and fail the wait with -EBADF; release
+ * builds leave the waiter to its deadline). Returns 0 or -errno of close(). */
 MOOR_API int moor_close(int fd);
 
 /* Accept a connection: the new fd is non-blocking and close-on-exec. Under EMFILE/ENFILE it

@@ -32,6 +32,7 @@ static void on_nothing_timer(struct ev_loop *loop, ev_timer *w, int revents)
 static void ev_park(void *self, int64_t timeout_ms)
 {
     moor__reactor *r = self;
+    timeout_ms = moor__reactor_before_look(r, timeout_ms);
     if (timeout_ms == 0) {
         ev_run(r->loop, EVRUN_NOWAIT);
         return;
@@ -70,14 +71,19 @@ static void attached_run(moor__reactor *r)
     else if (!pending && r->holds_ref)
         ev_unref(r->loop);
     r->holds_ref = pending;
-    if (more)
+    int64_t wait = next >= 0 ? next - moor_now() : -1;
+    if (next >= 0 && wait < 0)
+        wait = 0;
+    /* libev looks at fds right after this prepare watcher: check what is due first. A wait
+     * that fails wakes its task, which runs at the next turn (the loop must not block). */
+    wait = moor__reactor_before_look(r, wait);
+    if (more || r->ex->run_head)
         ev_idle_start(r->loop, &r->idle);
     else
         ev_idle_stop(r->loop, &r->idle);
     ev_timer_stop(r->loop, &r->park_timer);
-    if (next >= 0) {
-        int64_t wait = next - moor_now();
-        ev_timer_set(&r->park_timer, wait > 0 ? (ev_tstamp)wait / 1000.0 : 0., 0.);
+    if (wait >= 0) {
+        ev_timer_set(&r->park_timer, (ev_tstamp)wait / 1000.0, 0.);
         ev_timer_start(r->loop, &r->park_timer);
     }
 }
@@ -158,7 +164,10 @@ static void reactor_free(moor_executor *ex)
     }
     ex->reactor = NULL;
     ex->reactor_free = NULL;
-    moor__free(r->fd_hints);
+    moor__free(r->fds);
+#ifndef NDEBUG
+    moor__free(r->fresh);
+#endif
     moor__free(r);
 }
 
@@ -190,6 +199,7 @@ static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **
     }
     r->loop = loop;
     r->ex = ex;
+    r->check_tail = &r->check_head;
     ev_async_init(&r->unpark, on_nothing_async);
     int rc = async_start(r->loop, &r->unpark);
     if (rc < 0) {
@@ -273,6 +283,8 @@ int moor_executor_after_fork(moor_executor *ex)
     moor__executor_after_fork(ex);
     if (!r)
         return 0;
+    /* The loop registers every watched fd again: no wait may still be on a closed one. */
+    moor__reactor_check_all(r);
     ev_loop_fork(r->loop);
     if (r->owned)
         ev_run(r->loop, EVRUN_NOWAIT);

@@ -46,7 +46,7 @@ int moor_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int64_t deadl
         }
         if (err != EAGAIN && err != EWOULDBLOCK)
             return -err;
-        int w = moor_wait_fd(fd, MOOR_READABLE, deadline);
+        int w = moor__wait_fd_open(fd, MOOR_READABLE, deadline);
         if (w < 0)
             return w;
     }
@@ -59,7 +59,7 @@ int moor_connect(int fd, const struct sockaddr *addr, socklen_t addrlen, int64_t
             continue;
         if (errno != EINPROGRESS)
             return -errno;
-        int w = moor_wait_fd(fd, MOOR_WRITABLE, deadline);
+        int w = moor__wait_fd_open(fd, MOOR_WRITABLE, deadline);
         if (w < 0)
             return w;
         int err = 0;
