@@ -507,8 +507,9 @@ MOOR_API int moor_event_wait(moor_event *e, int64_t deadline);
  * call first and waits only on EAGAIN; the libev watcher it waits with lives inside a future
  * on the calling fiber's pinned stack. All of them may suspend; from plain code they run the
  * executor meanwhile. Errors are -errno of the system call, -ETIMEDOUT once the deadline has
- * passed, -ECANCELED in a cancelled fiber, -EBADF for an fd that is not open or that
- * moor_close closed while the call waited, and -EMFILE/-ENFILE/-ENOMEM when the event loop could not be made.
+ * passed, -ECANCELED in a cancelled fiber (once the system call has been tried: data or room
+ * that is there is still used), -EBADF for an fd that is not open or that moor_close closed
+ * while the call waited, and -EMFILE/-ENFILE/-ENOMEM when the event loop could not be made.
  *
  * File descriptors belong to moor while it waits on them: close them with moor_close, which
  * wakes their waiters first. Any fd may be closed with plain close() when no fiber waits on

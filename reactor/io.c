@@ -5,8 +5,9 @@
  * libev must never see an fd that is not open: it asserts on a negative fd, aborts when
  * epoll_ctl says EBADF, and grows its table to any number it is given. So a wait starts its
  * watcher only on an fd known to be open: one a system call has just used (it returned
- * EAGAIN), or one fcntl(F_GETFD) has just checked (moor_wait_fd, moor_io_init, a wait on a
- * hint).
+ * EAGAIN), or one fcntl(F_GETFD) has just checked (moor_wait_fd, moor_io_init). The one
+ * exception is a wait on a hint (below), which is started only when libev will make no
+ * system call for it at all.
  *
  * What can go stale is what moor remembers of a number across calls, since a plain close()
  * and a new fd on the same number go unseen: that the fd is registered with libev's backend
@@ -30,6 +31,8 @@
 enum {
     IO_NEW = 0,    /* not started: fcntl checks the fd before libev sees it */
     IO_NEW_OPEN,   /* not started: a system call has just used the fd, it is open */
+    IO_NEW_HINTED, /* not started, on a hint: started without a system call if it still
+                      starts quietly (starts_quietly), else as IO_NEW */
     IO_UNCHECKED,  /* watcher started without registering the fd (LIVE): on the fd's list of
                       waiters and on the check list */
     IO_WAITING,    /* watcher started, the fd registered by it or since checked; on the fd's
@@ -54,23 +57,64 @@ static inline int ev_events_of(int events)
     return ((events & MOOR_READABLE) ? EV_READ : 0) | ((events & MOOR_WRITABLE) ? EV_WRITE : 0);
 }
 
-/* ---- the fd's waiters and the check list ------------------------------------------------------ */
+/* ---- what libev has registered -------------------------------------------------------------
+ *
+ * libev looks at changed fds once per loop iteration (fd_reify) and then counts the
+ * iteration (ev_iteration). A watcher started without EV__IOFDSET on an fd whose combined
+ * events are what libev registered at its last look changes nothing: libev makes no system
+ * call for it, whatever the number names now. moor tracks that per fd from its own watchers
+ * (the fds moor waits on are moor's while it waits on them). */
 
-static void fd_link(moor__fd *e, moor_io_future *io)
+static inline uint8_t watched_mask(const moor__fd *e)
 {
+    return (uint8_t)((e->nread ? EV_READ : 0) | (e->nwrite ? EV_WRITE : 0));
+}
+
+/* Before moor changes its watchers on the fd: at the first change since libev's last look,
+ * the mask as it stands is what libev registered then. */
+static inline void fd_touch(moor__reactor *r, moor__fd *e)
+{
+    unsigned it = ev_iteration(r->loop);
+    if (e->seen_iter != it) {
+        e->seen_iter = it;
+        e->seen_mask = watched_mask(e);
+    }
+}
+
+/* Starting a watcher for `events` now, without EV__IOFDSET, leaves libev nothing to tell
+ * the kernel at its next look. */
+static inline int starts_quietly(moor__reactor *r, const moor__fd *e, int events)
+{
+    if (!(e->flags & MOOR__FD_LIVE))
+        return 0;
+    uint8_t mask = watched_mask(e);
+    uint8_t seen = e->seen_iter == ev_iteration(r->loop) ? e->seen_mask : mask;
+    return (mask | events) == seen;
+}
+
+static void fd_link(moor__reactor *r, moor__fd *e, moor_io_future *io, int events)
+{
+    fd_touch(r, e);
     io->fd_next = e->waiters;
     if (e->waiters)
         e->waiters->fd_prev = &io->fd_next;
     io->fd_prev = &e->waiters;
     e->waiters = io;
+    e->nread += (events & EV_READ) != 0;
+    e->nwrite += (events & EV_WRITE) != 0;
 }
 
-static void fd_unlink(moor_io_future *io)
+static void fd_unlink(moor__reactor *r, moor__fd *e, moor_io_future *io, int events)
 {
+    fd_touch(r, e);
     *io->fd_prev = io->fd_next;
     if (io->fd_next)
         io->fd_next->fd_prev = io->fd_prev;
+    e->nread -= (events & EV_READ) != 0;
+    e->nwrite -= (events & EV_WRITE) != 0;
 }
+
+/* ---- the check list -------------------------------------------------------------------------- */
 
 static void check_push(moor__reactor *r, moor_io_future *io)
 {
@@ -99,7 +143,7 @@ static void check_remove(moor__reactor *r, moor_io_future *io)
 static void io_detach(moor__reactor *r, moor_io_future *io)
 {
     ev_io *w = watcher_of(io);
-    fd_unlink(io);
+    fd_unlink(r, &r->fds[io->fd], io, ev_events_of(io->events));
     check_remove(r, io);
     ev_io_stop(r->loop, w); /* a no-op if libev stopped it itself (EV_ERROR) */
 }
@@ -163,19 +207,22 @@ static int io_start(moor_io_future *io, moor_executor *ex)
     if (rc < 0)
         return rc;
     int events = ev_events_of(io->events);
-    if (io->state == IO_NEW && fcntl(io->fd, F_GETFD) < 0)
+    moor__fd *e = (size_t)io->fd < r->nfds ? &r->fds[io->fd] : NULL;
+    int quiet = io->state == IO_NEW_HINTED && e && starts_quietly(r, e, events);
+    if ((io->state == IO_NEW || io->state == IO_NEW_HINTED) && !quiet &&
+        fcntl(io->fd, F_GETFD) < 0)
         return -EBADF; /* not open: libev must not see it */
-    moor__fd *e = moor__reactor_fd(r, io->fd);
-    if (!e)
+    if (!e && !(e = moor__reactor_fd(r, io->fd)))
         return -ENOMEM;
     ev_io *w = watcher_of(io);
     int live = (e->flags & MOOR__FD_LIVE) != 0;
-    fd_link(e, io);
+    fd_link(r, e, io, events);
     if (live) {
         w->fd = io->fd; /* no EV__IOFDSET: registered already, or checked later */
         w->events = events;
     } else {
         ev_io_set(w, io->fd, events);
+        e->seen_mask = MOOR__FD_SEEN_SET;
         if (e->flags & MOOR__FD_OWNED)
             e->flags |= MOOR__FD_LIVE;
     }
@@ -302,11 +349,14 @@ static int check_wait(moor__reactor *r, moor_io_future *io)
         /* Open: libev registers it again. The kernel says EEXIST if the file is the one that
          * was registered (nothing changes); if the number names another file now, that one
          * is added. */
+        moor__fd *e = &r->fds[io->fd];
         ev_io *w = watcher_of(io);
         int events = w->events & (EV_READ | EV_WRITE);
+        fd_touch(r, e);
         ev_io_stop(r->loop, w);
         ev_io_set(w, io->fd, events);
         ev_io_start(r->loop, w);
+        e->seen_mask = MOOR__FD_SEEN_SET;
         io->state = IO_WAITING;
     }
     if (CHECK_ALL)
@@ -387,30 +437,34 @@ void moor__reactor_fd_new(int fd)
         e->flags = MOOR__FD_OWNED;
 }
 
-/* Before a stream call: if the last one said the fd was drained (reading) or full
- * (writing), wait for readiness now. Returns 0 or the wait's error. */
+/* Before a stream call: if the last one said the fd was drained (reading) or full (writing),
+ * wait for readiness now instead of paying a system call to learn it; but only where that
+ * wait costs libev no system call either, and where the call's own result decides otherwise:
+ * with no time left, and in a cancelled fiber (which still gets data or room that is there).
+ * Returns 0 or the wait's error. */
 static inline int wait_if_hinted(int fd, int events, unsigned hint, int64_t deadline)
 {
     moor_executor *ex = moor__tls_executor;
     moor__reactor *r = ex ? ex->reactor : NULL;
     if (!r || fd < 0 || (size_t)fd >= r->nfds || !(r->fds[fd].flags & hint))
         return 0;
-    r->fds[fd].flags &= (uint8_t)~hint;
-    if (deadline >= 0 && moor_now() >= deadline)
-        return 0; /* no time to wait: the system call itself says whether it can go */
-    return moor_wait_fd(fd, events, deadline);
+    moor__fd *e = &r->fds[fd];
+    e->flags &= (uint8_t)~hint;
+    if ((ex->current && ex->current->cancelled) || !starts_quietly(r, e, ev_events_of(events)) ||
+        (deadline >= 0 && moor_now() >= deadline))
+        return 0;
+    return wait_fd(fd, events, deadline, IO_NEW_HINTED);
 }
 
-/* After a stream call that moved n of len bytes. */
+/* After a stream call that moved n of len bytes on fd. */
 static inline void note_hint(int fd, unsigned hint, ssize_t n, size_t len)
 {
     if (n <= 0 || (size_t)n >= len)
         return;
     moor_executor *ex = moor__tls_executor;
-    moor__reactor *r;
-    moor__fd *e = ex && moor__reactor_get(ex, &r) == 0 ? moor__reactor_fd(r, fd) : NULL;
-    if (e)
-        e->flags |= (uint8_t)hint;
+    moor__reactor *r = ex ? ex->reactor : NULL;
+    if (r && (size_t)fd < r->nfds && (r->fds[fd].flags & MOOR__FD_LIVE))
+        r->fds[fd].flags |= (uint8_t)hint;
 }
 
 static size_t iov_len(const struct iovec *iov, int iovcnt)
@@ -443,51 +497,78 @@ static inline int must_wait(ssize_t r, int fd, int events, int64_t deadline, ssi
     return 1;
 }
 
-/* A stream call: hinted wait, then try and wait on EAGAIN, then note a new hint. */
-#define STREAM_CALL(fd, events, hint, len, deadline, syscall)                                \
-    do {                                                                                     \
-        ssize_t out;                                                                         \
-        int w = wait_if_hinted(fd, events, hint, deadline);                                  \
-        if (w < 0)                                                                           \
-            return w;                                                                        \
-        while (must_wait(syscall, fd, events, deadline, &out))                               \
-            ;                                                                                \
-        note_hint(fd, hint, out, len);                                                       \
-        return out;                                                                          \
-    } while (0)
+/* The stream calls, one function for all six: a hinted wait, then the system call (retried
+ * after EINTR, and after a wait on EAGAIN), then a new hint. Inlined into each call, where
+ * `op` is a constant. */
+typedef enum stream_op { OP_READ, OP_WRITE, OP_READV, OP_WRITEV, OP_RECV, OP_SEND } stream_op;
+
+static inline ssize_t stream_syscall(stream_op op, int fd, void *buf, size_t len,
+                                     const struct iovec *iov, int iovcnt, int flags)
+{
+    switch (op) {
+    case OP_READ:
+        return read(fd, buf, len);
+    case OP_WRITE:
+        return write(fd, buf, len);
+    case OP_READV:
+        return readv(fd, iov, iovcnt);
+    case OP_WRITEV:
+        return writev(fd, iov, iovcnt);
+    case OP_RECV:
+        return recv(fd, buf, len, flags);
+    case OP_SEND:
+        /* MSG_NOSIGNAL: a peer that went away is -EPIPE, not a SIGPIPE that kills the process. */
+        return send(fd, buf, len, flags | MSG_NOSIGNAL);
+    }
+    return -1;
+}
+
+static inline __attribute__((always_inline)) ssize_t
+stream_call(stream_op op, int fd, void *buf, size_t len, const struct iovec *iov, int iovcnt,
+            int flags, int64_t deadline)
+{
+    int reading = op == OP_READ || op == OP_READV || op == OP_RECV;
+    int events = reading ? MOOR_READABLE : MOOR_WRITABLE;
+    unsigned hint = reading ? MOOR__FD_DRAINED : MOOR__FD_FULL;
+    ssize_t out;
+    int w = wait_if_hinted(fd, events, hint, deadline);
+    if (w < 0)
+        return w;
+    while (must_wait(stream_syscall(op, fd, buf, len, iov, iovcnt, flags), fd, events, deadline,
+                     &out))
+        ;
+    note_hint(fd, hint, out, iov ? iov_len(iov, iovcnt) : len);
+    return out;
+}
 
 ssize_t moor_read(int fd, void *buf, size_t len, int64_t deadline)
 {
-    STREAM_CALL(fd, MOOR_READABLE, MOOR__FD_DRAINED, len, deadline, read(fd, buf, len));
+    return stream_call(OP_READ, fd, buf, len, NULL, 0, 0, deadline);
 }
 
 ssize_t moor_write(int fd, const void *buf, size_t len, int64_t deadline)
 {
-    STREAM_CALL(fd, MOOR_WRITABLE, MOOR__FD_FULL, len, deadline, write(fd, buf, len));
+    return stream_call(OP_WRITE, fd, (void *)buf, len, NULL, 0, 0, deadline);
 }
 
 ssize_t moor_readv(int fd, const struct iovec *iov, int iovcnt, int64_t deadline)
 {
-    STREAM_CALL(fd, MOOR_READABLE, MOOR__FD_DRAINED, iov_len(iov, iovcnt), deadline,
-                readv(fd, iov, iovcnt));
+    return stream_call(OP_READV, fd, NULL, 0, iov, iovcnt, 0, deadline);
 }
 
 ssize_t moor_writev(int fd, const struct iovec *iov, int iovcnt, int64_t deadline)
 {
-    STREAM_CALL(fd, MOOR_WRITABLE, MOOR__FD_FULL, iov_len(iov, iovcnt), deadline,
-                writev(fd, iov, iovcnt));
+    return stream_call(OP_WRITEV, fd, NULL, 0, iov, iovcnt, 0, deadline);
 }
 
 ssize_t moor_recv(int fd, void *buf, size_t len, int flags, int64_t deadline)
 {
-    STREAM_CALL(fd, MOOR_READABLE, MOOR__FD_DRAINED, len, deadline, recv(fd, buf, len, flags));
+    return stream_call(OP_RECV, fd, buf, len, NULL, 0, flags, deadline);
 }
 
 ssize_t moor_send(int fd, const void *buf, size_t len, int flags, int64_t deadline)
 {
-    /* MSG_NOSIGNAL: a peer that went away is -EPIPE, not a SIGPIPE that kills the process. */
-    STREAM_CALL(fd, MOOR_WRITABLE, MOOR__FD_FULL, len, deadline,
-                send(fd, buf, len, flags | MSG_NOSIGNAL));
+    return stream_call(OP_SEND, fd, (void *)buf, len, NULL, 0, flags, deadline);
 }
 
 /* Datagrams: a short datagram says nothing about the queue, so no hints. */

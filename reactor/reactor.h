@@ -13,6 +13,11 @@ typedef struct moor__blocking_pool moor__blocking_pool;
 /* What the reactor knows of one fd number (io.c). */
 typedef struct moor__fd {
     moor_io_future *waiters; /* io futures whose watcher is started on it: moor_close wakes them */
+    uint32_t nread, nwrite;  /* how many of them wait for reading, for writing */
+    unsigned seen_iter;      /* ev_iteration() when moor last changed its watchers on it */
+    uint8_t seen_mask;       /* libev's registration of it as of its last look before then:
+                                EV_READ|EV_WRITE bits, or MOOR__FD_SEEN_SET if a watcher
+                                started since makes libev register it again at its next look */
     uint8_t flags;           /* MOOR__FD_* */
 } moor__fd;
 
@@ -24,11 +29,14 @@ typedef struct moor__fd {
  * fd was closed with plain close() and the number reused, that is stale: the wait goes on
  * the reactor's check list and is checked once it has lasted. */
 #define MOOR__FD_LIVE 0x2u
-/* Hints: a short read means the receive buffer was emptied (the next read would fail with
- * EAGAIN), a short write that the send buffer is full. The next call then waits first (a
- * wait that no system call preceded: its fd is checked with fcntl first). */
+/* Hints, kept for owned fds only: a short read means the receive buffer was emptied (the next
+ * read would fail with EAGAIN), a short write that the send buffer is full. The next call
+ * then waits first, but only if starting that wait makes libev do no system call at all, so
+ * that a stale hint can only leave a wait unregistered, which the check catches. */
 #define MOOR__FD_DRAINED 0x4u
 #define MOOR__FD_FULL 0x8u
+
+#define MOOR__FD_SEEN_SET 0xffu
 
 /* Waits on the check list are checked once they have lasted from one epoch boundary to the
  * next; boundaries are at least this far apart (ms), so a wait is checked after 10-20 ms. */

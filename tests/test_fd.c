@@ -3,9 +3,9 @@
  * Waits on fds that are not open (negative, closed, beyond any table) return -EBADF; a number
  * reused after a plain close() works whether moor made the old fd or not; moor_close wakes
  * every fiber waiting on the fd with -EBADF before the number can be reused (also one whose
- * readiness had been reported but which had not run yet); running out of descriptors when
- * the event loop is made, attached or re-armed after fork returns -EMFILE instead of
- * aborting.
+ * readiness had been reported but which had not run yet); a cancelled fiber still gets a
+ * result that is there without waiting; running out of descriptors when the event loop is
+ * made, attached or re-armed after fork returns -EMFILE instead of aborting.
  *
  * Every case that crashed or hung before runs in a forked child with a watchdog (fork_child),
  * so that it fails rather than hangs; the child checks with CCHECK, its fibers with FCHECK
@@ -603,6 +603,163 @@ static void test_fd_close_after_readiness_before_poll(void **state)
     wait_child_ok(pid);
 }
 
+/* ---- a cancelled fiber still gets what is there without waiting ----------------------------- */
+
+/* Two ways to be cancelled between a short read (or write) and the next call: by another
+ * fiber while yielding, or by itself in the same run as the wait that preceded the short
+ * call (then the fd's readiness hint is as fresh as it gets). */
+typedef struct cancel_case {
+    int fd, peer;
+    int self;     /* cancel itself instead of waiting for the test to */
+    int go;       /* set by the test once it has cancelled the fiber */
+    ssize_t first, second, third;
+    char buf[64];
+    unsigned char *big;
+    size_t big_len;
+} cancel_case;
+
+static intptr_t cancelled_reader(void *arg)
+{
+    cancel_case *c = arg;
+    int64_t deadline = moor_deadline_in(SAFETY_MS);
+    c->first = moor_read(c->fd, c->buf, sizeof c->buf, deadline); /* short: 5 of 64 */
+    if (c->self) {
+        FCHECK(write(c->peer, "after", 5) == 5);
+        moor_cancel(moor_self());
+    }
+    while (!c->go)
+        moor_yield();
+    c->second = moor_read(c->fd, c->buf, sizeof c->buf, deadline); /* 5 more are buffered */
+    c->third = moor_read(c->fd, c->buf, sizeof c->buf, deadline);  /* nothing: would wait */
+    return 0;
+}
+
+static void cancelled_read_case(int self)
+{
+    int m[2];
+    CCHECK(moor_pair(m) == 0);
+    cancel_case c = {m[0], m[1], self, self, 0, 0, 0, {0}, NULL, 0};
+    moor_fiber *f;
+    CCHECK(moor_spawn(&f, cancelled_reader, &c, NULL) == 0);
+    settle(); /* the reader waits */
+    CCHECK(write(m[1], "first", 5) == 5);
+    if (!self) {
+        while (c.first == 0)
+            CCHECK(moor_sleep(moor_deadline_in(1)) == 0);
+        CCHECK(write(m[1], "after", 5) == 5);
+        moor_cancel(f);
+        c.go = 1;
+    }
+    intptr_t r;
+    CCHECK(moor_join(f, &r) == -ECANCELED);
+    CCHECK(c.first == 5);
+    if (c.second != 5)
+        fprintf(stderr, "second read: %zd\n", c.second);
+    CCHECK(c.second == 5 && memcmp(c.buf, "after", 5) == 0);
+    CCHECK(c.third == -ECANCELED);
+    moor_close(m[0]);
+    moor_close(m[1]);
+}
+
+static void cancelled_read_child(void)
+{
+    moor_executor *ex;
+    CCHECK(moor_executor_new(&ex, NULL) == 0);
+    cancelled_read_case(0);
+    cancelled_read_case(1);
+    moor_executor_free(ex);
+}
+
+/* Before: the readiness hint of the short read turned the second read into a wait, which the
+ * cancel cut short (-ECANCELED with 5 bytes buffered). */
+static void test_fd_cancelled_fiber_reads_buffered_data(void **state)
+{
+    (void)state;
+    pid_t pid = fork_child(WATCHDOG_S);
+    if (pid == 0) {
+        cancelled_read_child();
+        _exit(0);
+    }
+    wait_child_ok(pid);
+}
+
+/* Read from fd until it would block; returns the bytes read. */
+static ssize_t drain(int fd)
+{
+    static char sink[65536];
+    ssize_t total = 0, n;
+    while ((n = read(fd, sink, sizeof sink)) > 0)
+        total += n;
+    return total;
+}
+
+static intptr_t cancelled_writer(void *arg)
+{
+    cancel_case *c = arg;
+    int64_t deadline = moor_deadline_in(SAFETY_MS);
+    c->first = moor_write(c->fd, c->big, c->big_len, deadline); /* short: the socket is full */
+    if (c->self) {
+        /* Wait for room (the test drains some), write until full again, then drain the peer
+         * in the same run: the socket has room, and the short write's hint is fresh. */
+        ssize_t n = moor_write(c->fd, c->big, c->big_len, deadline);
+        FCHECK(n > 0 && (size_t)n < c->big_len);
+        FCHECK(drain(c->peer) > 0);
+        moor_cancel(moor_self());
+    }
+    while (!c->go)
+        moor_yield();
+    c->second = moor_write(c->fd, "x", 1, deadline); /* room again */
+    return 0;
+}
+
+static void cancelled_write_case(int self)
+{
+    int m[2];
+    CCHECK(moor_pair(m) == 0);
+    cancel_case c = {m[0], m[1], self, self, 0, 0, 0, {0}, NULL, 64u << 20};
+    c.big = calloc(1, c.big_len);
+    CCHECK(c.big != NULL);
+    moor_fiber *f;
+    CCHECK(moor_spawn(&f, cancelled_writer, &c, NULL) == 0);
+    settle();
+    CCHECK(c.first > 0 && (size_t)c.first < c.big_len);
+    CCHECK(drain(m[1]) > 0); /* room: the writer (self) goes on, or has room to write into */
+    if (!self) {
+        moor_cancel(f);
+        c.go = 1;
+    }
+    intptr_t r;
+    CCHECK(moor_join(f, &r) == -ECANCELED);
+    if (c.second != 1)
+        fprintf(stderr, "second write: %zd\n", c.second);
+    CCHECK(c.second == 1);
+    free(c.big);
+    moor_close(m[0]);
+    moor_close(m[1]);
+}
+
+static void cancelled_write_child(void)
+{
+    moor_executor *ex;
+    CCHECK(moor_executor_new(&ex, NULL) == 0);
+    cancelled_write_case(0);
+    cancelled_write_case(1);
+    moor_executor_free(ex);
+}
+
+/* Before: the hint of the short write made the next write wait first, and the cancel cut the
+ * wait short although the socket had room. */
+static void test_fd_cancelled_fiber_writes_with_room(void **state)
+{
+    (void)state;
+    pid_t pid = fork_child(WATCHDOG_S);
+    if (pid == 0) {
+        cancelled_write_child();
+        _exit(0);
+    }
+    wait_child_ok(pid);
+}
+
 /* ---- out of descriptors when the loop is made ----------------------------------------------- */
 
 static void emfile_child(int room)
@@ -824,6 +981,8 @@ int main(void)
         TEST(test_fd_moor_fd_reused_after_plain_close_attached),
         TEST(test_fd_close_wakes_waiters),
         TEST(test_fd_close_after_readiness_before_poll),
+        TEST(test_fd_cancelled_fiber_reads_buffered_data),
+        TEST(test_fd_cancelled_fiber_writes_with_room),
         TEST(test_fd_emfile_when_loop_is_made),
         TEST(test_fd_emfile_when_attaching),
         TEST(test_fd_emfile_after_fork),
