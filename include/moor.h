@@ -557,11 +557,11 @@ typedef struct moor_io_future {
     int events;            /* read-only: MOOR_READABLE and/or MOOR_WRITABLE */
     int64_t deadline;      /* read-only */
     int state;             /* private: not started, waiting, ready, failed (reactor/io.c) */
-    uint32_t epoch;        /* private: when its wait started, in the reactor's coarse epochs */
+    uint32_t epoch;        /* private: when it was put on the check list (10 ms epochs) */
     moor_waker waker;      /* private */
     moor_timer_node node;  /* private */
     struct moor_io_future *fd_next, **fd_prev;       /* private: the fd's waiters */
-    struct moor_io_future *check_next, **check_prev; /* private: waits to check once */
+    struct moor_io_future *check_next, **check_prev; /* private: waits to check */
     _Alignas(16) unsigned char watcher[64]; /* private: an ev_io */
 } moor_io_future;
 

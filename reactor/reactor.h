@@ -29,7 +29,7 @@ typedef struct moor__fd {
  * fd was closed with plain close() and the number reused, that is stale: the wait goes on
  * the reactor's check list and is checked once it has lasted. */
 #define MOOR__FD_LIVE 0x2u
-/* Hints, kept for owned fds only: a short read means the receive buffer was emptied (the next
+/* Hints, kept for LIVE fds only: a short read means the receive buffer was emptied (the next
  * read would fail with EAGAIN), a short write that the send buffer is full. The next call
  * then waits first, but only if starting that wait makes libev do no system call at all, so
  * that a stale hint can only leave a wait unregistered, which the check catches. */
@@ -39,7 +39,8 @@ typedef struct moor__fd {
 #define MOOR__FD_SEEN_SET 0xffu
 
 /* Waits on the check list are checked once they have lasted from one epoch boundary to the
- * next; boundaries are at least this far apart (ms), so a wait is checked after 10-20 ms. */
+ * next; boundaries are at least this far apart (ms) and are passed at parks, so a wait is
+ * checked after 10-20 ms (later only while the executor runs tasks without a park). */
 #define MOOR__CHECK_EPOCH_MS 10
 
 typedef struct moor__reactor {
