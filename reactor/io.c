@@ -116,8 +116,40 @@ static void fd_unlink(moor__reactor *r, moor__fd *e, moor_io_future *io, int eve
 
 /* ---- the check list -------------------------------------------------------------------------- */
 
+static void on_check_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)revents;
+    moor__reactor *r = w->data;
+    r->epoch++;
+    r->check_due = 1;
+    if (!r->check_head) { /* nothing listed for a whole epoch: rest */
+        ev_ref(loop);
+        ev_timer_stop(loop, w);
+    }
+}
+
+void moor__reactor_check_timer_init(moor__reactor *r)
+{
+    ev_timer_init(&r->check_timer, on_check_timer, MOOR__CHECK_EPOCH_MS / 1000.,
+                  MOOR__CHECK_EPOCH_MS / 1000.);
+    r->check_timer.data = r;
+}
+
+void moor__reactor_check_timer_stop(moor__reactor *r)
+{
+    if (ev_is_active(&r->check_timer)) {
+        ev_ref(r->loop);
+        ev_timer_stop(r->loop, &r->check_timer);
+    }
+}
+
 static void check_push(moor__reactor *r, moor_io_future *io)
 {
+    if (!ev_is_active(&r->check_timer)) {
+        /* Unreferenced: it must not keep an application's ev_run going by itself. */
+        ev_timer_again(r->loop, &r->check_timer);
+        ev_unref(r->loop);
+    }
     io->epoch = r->epoch;
     io->check_next = NULL;
     io->check_prev = r->check_tail;
@@ -377,20 +409,14 @@ int64_t moor__reactor_check(moor__reactor *r, int64_t timeout_ms)
     }
     r->nfresh = 0;
 #endif
-    int64_t now = moor_now();
-    if (now - r->epoch_at >= MOOR__CHECK_EPOCH_MS) {
-        r->epoch++;
-        r->epoch_at = now;
+    if (r->check_due) {
+        r->check_due = 0;
         moor_io_future *io;
         /* Listed in order: those listed two boundaries ago have lasted >= 10 ms since. */
         while ((io = r->check_head) && r->epoch - io->epoch >= 2)
             completed |= check_wait(r, io);
     }
-    if (completed)
-        return 0;
-    if (r->check_head && (timeout_ms < 0 || timeout_ms > MOOR__CHECK_EPOCH_MS))
-        return MOOR__CHECK_EPOCH_MS;
-    return timeout_ms;
+    return completed ? 0 : timeout_ms;
 }
 
 void moor__reactor_check_all(moor__reactor *r)

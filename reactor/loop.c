@@ -71,19 +71,17 @@ static void attached_run(moor__reactor *r)
     else if (!pending && r->holds_ref)
         ev_unref(r->loop);
     r->holds_ref = pending;
-    int64_t wait = next >= 0 ? next - moor_now() : -1;
-    if (next >= 0 && wait < 0)
-        wait = 0;
     /* libev looks at fds right after this prepare watcher: check what is due first. A wait
      * that fails wakes its task, which runs at the next turn (the loop must not block). */
-    wait = moor__reactor_before_look(r, wait);
+    moor__reactor_before_look(r, -1);
     if (more || r->ex->run_head)
         ev_idle_start(r->loop, &r->idle);
     else
         ev_idle_stop(r->loop, &r->idle);
     ev_timer_stop(r->loop, &r->park_timer);
-    if (wait >= 0) {
-        ev_timer_set(&r->park_timer, (ev_tstamp)wait / 1000.0, 0.);
+    if (next >= 0) {
+        int64_t wait = next - moor_now();
+        ev_timer_set(&r->park_timer, wait > 0 ? (ev_tstamp)wait / 1000.0 : 0., 0.);
         ev_timer_start(r->loop, &r->park_timer);
     }
 }
@@ -148,6 +146,7 @@ static void reactor_free(moor_executor *ex)
     if (r->blocking)
         moor__blocking_pool_free(r->blocking);
     moor__driver_set(ex, NULL, NULL);
+    moor__reactor_check_timer_stop(r);
     if (r->owned) {
         ev_async_stop(r->loop, &r->unpark);
         ev_loop_destroy(r->loop);
@@ -200,6 +199,7 @@ static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **
     r->loop = loop;
     r->ex = ex;
     r->check_tail = &r->check_head;
+    moor__reactor_check_timer_init(r);
     ev_async_init(&r->unpark, on_nothing_async);
     int rc = async_start(r->loop, &r->unpark);
     if (rc < 0) {

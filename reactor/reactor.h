@@ -39,8 +39,9 @@ typedef struct moor__fd {
 #define MOOR__FD_SEEN_SET 0xffu
 
 /* Waits on the check list are checked once they have lasted from one epoch boundary to the
- * next; boundaries are at least this far apart (ms) and are passed at parks, so a wait is
- * checked after 10-20 ms (later only while the executor runs tasks without a park). */
+ * next. A repeating timer marks the boundaries while waits are listed, this far apart (ms;
+ * closer only when the loop runs late) and ends a park, so a wait is checked after 10-20 ms
+ * at the next park (later only while the executor runs tasks without a park). */
 #define MOOR__CHECK_EPOCH_MS 10
 
 typedef struct moor__reactor {
@@ -59,8 +60,9 @@ typedef struct moor__reactor {
      * have lasted, oldest first: those that started without registering their fd (LIVE), and
      * in debug builds all, so that a plain close() under a waiter is reported. */
     moor_io_future *check_head, **check_tail;
+    ev_timer check_timer; /* unreferenced; repeats while waits are listed: epoch boundaries */
     uint32_t epoch;       /* epoch boundaries passed */
-    int64_t epoch_at;     /* moor_now() at the last boundary */
+    int check_due;        /* a boundary has passed since the last check */
 #ifndef NDEBUG
     /* Debug builds: fds whose waits started since libev last looked at fds, checked before
      * it looks again, so that a plain close() in between is reported rather than aborting
@@ -80,22 +82,27 @@ void moor__reactor_fd_new(int fd);
  * EINPROGRESS (it is open: no fcntl). As moor_wait_fd otherwise. */
 int moor__wait_fd_open(int fd, int events, int64_t deadline);
 
-/* Before libev looks at fds again (at a park; attached, before running tasks): pass an epoch
- * boundary if it is time, and check the waits that have lasted since the one before; in debug
- * builds also those started since the last look. Returns the park's timeout: 0 if it
- * completed a wait (its task is woken), else bounded while waits are listed so that they are
- * checked in time. */
+/* Before libev looks at fds again (at a park; attached, before its loop looks at fds): once
+ * an epoch boundary has passed, check the waits that have lasted since the one before; in
+ * debug builds also those started since the last look. Returns the park's timeout, 0 if a
+ * wait failed (its task is woken). */
 int64_t moor__reactor_check(moor__reactor *r, int64_t timeout_ms);
 /* Check every listed wait now (after fork, before the loop registers every fd again). */
 void moor__reactor_check_all(moor__reactor *r);
+/* The epoch timer: set up with the reactor, stopped at its teardown (io.c). */
+void moor__reactor_check_timer_init(moor__reactor *r);
+void moor__reactor_check_timer_stop(moor__reactor *r);
 
 static inline int64_t moor__reactor_before_look(moor__reactor *r, int64_t timeout_ms)
 {
-    if (r->check_head)
-        return moor__reactor_check(r, timeout_ms);
 #ifndef NDEBUG
-    r->nfresh = 0;
+    if (r->nfresh && !r->check_head)
+        r->nfresh = 0; /* their waits are over */
+    if (r->nfresh)
+        return moor__reactor_check(r, timeout_ms);
 #endif
+    if (r->check_due)
+        return moor__reactor_check(r, timeout_ms);
     return timeout_ms;
 }
 
