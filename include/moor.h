@@ -518,7 +518,8 @@ MOOR_API int moor_event_wait(moor_event *e, int64_t deadline);
  * spare system calls (they stay registered with the loop between waits, as libev's own
  * watchers do; a short read means the next read would find nothing): such a hint can go
  * stale when the fd is closed without moor_close and its number reused, and then costs a
- * system call or a delay of some 10-20 ms before the wait is checked, never a hang.
+ * system call or a delay of some 10-20 ms (more on an overloaded executor) before the wait
+ * is checked, never a hang.
  * ---------------------------------------------------------------------------------------- */
 
 struct ev_loop;

@@ -50,6 +50,9 @@ enum {
 #define CHECK_ALL 1
 #endif
 
+/* At most so many waits are checked at each epoch boundary (two system calls each). */
+#define CHECKS_PER_EPOCH 64u
+
 static inline ev_io *watcher_of(moor_io_future *io) { return (ev_io *)(void *)io->watcher; }
 
 static inline int ev_events_of(int events)
@@ -412,8 +415,12 @@ int64_t moor__reactor_check(moor__reactor *r, int64_t timeout_ms)
     if (r->check_due) {
         r->check_due = 0;
         moor_io_future *io;
-        /* Listed in order: those listed two boundaries ago have lasted >= 10 ms since. */
-        while ((io = r->check_head) && r->epoch - io->epoch >= 2)
+        /* Listed in order: those listed two boundaries ago have lasted >= 10 ms since. At
+         * most so many per epoch, so that an overloaded server, whose waits all last, pays
+         * a bounded price (the rest wait for the next boundaries). */
+        for (unsigned n = 0; n < CHECKS_PER_EPOCH && (io = r->check_head) &&
+                             r->epoch - io->epoch >= 2;
+             n++)
             completed |= check_wait(r, io);
     }
     return completed ? 0 : timeout_ms;

@@ -41,7 +41,8 @@ typedef struct moor__fd {
 /* Waits on the check list are checked once they have lasted from one epoch boundary to the
  * next. A repeating timer marks the boundaries while waits are listed, this far apart (ms;
  * closer only when the loop runs late) and ends a park, so a wait is checked after 10-20 ms
- * at the next park (later only while the executor runs tasks without a park). */
+ * at the next park (later while the executor runs tasks without a park, or when more waits
+ * than io.c checks per epoch are due). */
 #define MOOR__CHECK_EPOCH_MS 10
 
 typedef struct moor__reactor {
