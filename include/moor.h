@@ -577,7 +577,19 @@ MOOR_API int moor_event_wait(moor_event *e, int64_t deadline);
  * call first and waits only on EAGAIN; the libev watcher it waits with lives inside a future
  * on the calling fiber's pinned stack. All of them may suspend; from plain code they run the
  * executor meanwhile. Errors are -errno of the system call, -ETIMEDOUT once the deadline has
- * passed, -ECANCELED in a cancelled fiber.
+ * passed, -ECANCELED in a cancelled fiber (once the system call has been tried: data or room
+ * that is there is still used), -EBADF for an fd that is not open or that moor_close closed
+ * while the call waited, and -EMFILE/-ENFILE/-ENOMEM when the event loop could not be made.
+ *
+ * File descriptors belong to moor while it waits on them: close them with moor_close, which
+ * wakes their waiters first. Any fd may be closed with plain close() when no fiber waits on
+ * it, whether moor made it or not; a later wait on whatever new fd reuses the number works.
+ * For the fds it makes (moor_accept, moor_tcp_*, moor_unix_*) moor keeps per-fd hints that
+ * spare system calls (they stay registered with the loop between waits, as libev's own
+ * watchers do; a short read means the next read would find nothing): such a hint can go
+ * stale when the fd is closed without moor_close and its number reused, and then costs a
+ * system call or a delay of some 10-20 ms (more on an overloaded executor) before the wait
+ * is checked, never a hang.
  * ---------------------------------------------------------------------------------------- */
 
 struct ev_loop;
@@ -585,37 +597,50 @@ struct ev_loop;
 /* Run this executor inside an event loop the application owns and runs (ev_run): moor adds
  * prepare/idle/timer/async watchers (unreferenced: they do not keep ev_run alive) and runs
  * its tasks from them. Call before anything used the executor's own loop.
- * Errors: -EBUSY (the executor has a loop already), -ENOMEM. */
+ * Errors: -EBUSY (the executor has a loop already), -EMFILE/-ENFILE (no descriptor for the
+ * loop's async pipe, if it had none yet), -ENOMEM. */
 MOOR_API int moor_executor_attach(moor_executor *ex, struct ev_loop *loop);
 
 /* The executor's libev loop (made now if it has none), for adapters that own watchers.
- * NULL if it could not be made. */
+ * NULL if it could not be made (out of descriptors or memory). */
 MOOR_API struct ev_loop *moor_executor_loop(moor_executor *ex);
 
-/* In the child after fork(): re-arm the event loop (ev_loop_fork) and reset what other
- * threads of the parent held; blocking calls in flight in the parent's workers fail with
- * -ECANCELED in the child. */
-MOOR_API void moor_executor_after_fork(moor_executor *ex);
+/* In the child after fork(): re-arm the event loop (a loop moor owns is re-armed now, an
+ * attached loop at the application's next ev_run) and reset what other threads of the parent
+ * held; blocking calls in flight in the parent's workers fail with -ECANCELED in the child.
+ * Returns 0, or -EMFILE/-ENFILE if the child has no descriptor left for the loop's new async
+ * pipe: then nothing has been changed, and the call must be made again (once descriptors
+ * are free) before the executor is used, or the executor freed. */
+MOOR_API int moor_executor_after_fork(moor_executor *ex);
 
 #define MOOR_READABLE 0x1
 #define MOOR_WRITABLE 0x2
 
-/* A readiness future: output 0 once `fd` is ready for `events`, -ETIMEDOUT once `deadline`
- * passes, -ENOMEM. Caller owned; must not move once polled (its watcher is inside). */
+/* A readiness future: output 0 once `fd` is ready for `events`; -EBADF if fd is not open when
+ * it is first polled, or if moor_close closes it while the future waits (even if readiness
+ * had been reported but the future not yet polled: its owner never touches the number's
+ * next file); -ETIMEDOUT once `deadline` passes; -EMFILE, -ENFILE, -ENOMEM if the event loop
+ * could not be made or could not watch fd. Caller owned; must not move once polled (its
+ * watcher is inside). */
 typedef struct moor_io_future {
     moor_future base;      /* public: poll, await, select this */
     int fd;                /* read-only */
     int events;            /* read-only: MOOR_READABLE and/or MOOR_WRITABLE */
     int64_t deadline;      /* read-only */
-    int fired;             /* private */
+    int state;             /* private: not started, waiting, ready, failed (reactor/io.c) */
+    uint32_t epoch;        /* private: when it was put on the check list (10 ms epochs) */
     moor_waker waker;      /* private */
     moor_timer_node node;  /* private */
+    struct moor_io_future *fd_next, **fd_prev;       /* private: the fd's waiters */
+    struct moor_io_future *check_next, **check_prev; /* private: waits to check */
     _Alignas(16) unsigned char watcher[64]; /* private: an ev_io */
 } moor_io_future;
 
 MOOR_API void moor_io_init(moor_io_future *io, int fd, int events, int64_t deadline);
 
-/* Wait until fd is ready. Returns 0, -ETIMEDOUT, -ECANCELED, -ENOMEM. */
+/* Wait until fd is ready. Returns 0, -EBADF (fd not open, or closed by moor_close meanwhile),
+ * -ETIMEDOUT, -ECANCELED, -EMFILE/-ENFILE/-ENOMEM (no event loop). Costs one fcntl() to check
+ * that fd is open before the event loop sees it. */
 MOOR_API int moor_wait_fd(int fd, int events, int64_t deadline);
 
 MOOR_API ssize_t moor_read(int fd, void *buf, size_t len, int64_t deadline);
@@ -635,11 +660,13 @@ MOOR_API ssize_t moor_sendto(int fd, const void *buf, size_t len, int flags,
 MOOR_API ssize_t moor_write_all(int fd, const void *buf, size_t len, size_t *written,
                                 int64_t deadline);
 
-/* Close an fd and forget moor's state for it. The fds that moor makes (moor_accept,
- * moor_tcp_*, moor_unix_*) must be closed with moor_close: moor keeps them registered with
- * the event loop between waits (no system call per wait, as libev's own watchers), and must
- * hear of their close before the number is reused. Plain close() is fine for fds moor did
- * not make. No fiber may be waiting on the fd (cancel it first). Returns 0 or -errno. */
+/* Close an fd: first every io future of this thread's executor that waits on it (moor_read,
+ * moor_write, moor_wait_fd, ... in any fiber) completes with -EBADF, its watcher stopped and
+ * its fiber woken, so that no waiter ever acts on a later fd that reuses the number (as Go's
+ * netpoller does on Close); then moor forgets its hints for the fd and closes it. Plain
+ * close() is fine for any fd no fiber waits on; a plain close() under a waiter is misuse
+ * (debug builds report it on stderr within some 20 ms and fail the wait with -EBADF; release
+ * builds leave the waiter to its deadline). Returns 0 or -errno of close(). */
 MOOR_API int moor_close(int fd);
 
 /* Accept a connection: the new fd is non-blocking and close-on-exec. Under EMFILE/ENFILE it

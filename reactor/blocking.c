@@ -314,8 +314,11 @@ int moor_blocking(moor_blocking_fn fn, void *arg, intptr_t *result, int64_t dead
     moor_executor *ex = moor__tls_executor;
     moor__assert(ex, "moor_blocking: no executor on this thread");
     moor__assert(fn, "moor_blocking: fn is NULL");
-    moor__reactor *r = moor__reactor_get(ex);
-    moor__blocking_pool *p = r ? pool_get(r) : NULL;
+    moor__reactor *r;
+    int err = moor__reactor_get(ex, &r);
+    if (err < 0)
+        return err;
+    moor__blocking_pool *p = pool_get(r);
     if (!p)
         return -ENOMEM;
 

@@ -1,6 +1,14 @@
 #include <errno.h>
+#include <pthread.h>
+#include <setjmp.h>
 #include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/eventfd.h>
+#endif
 
 #include "fiber/alloc.h"
 #include "fiber/assert.h"
@@ -25,6 +33,7 @@ static void on_nothing_timer(struct ev_loop *loop, ev_timer *w, int revents)
 static void ev_park(void *self, int64_t timeout_ms)
 {
     moor__reactor *r = self;
+    timeout_ms = moor__reactor_before_look(r, timeout_ms);
     if (timeout_ms == 0) {
         ev_run(r->loop, EVRUN_NOWAIT);
         return;
@@ -63,7 +72,10 @@ static void attached_run(moor__reactor *r)
     else if (!pending && r->holds_ref)
         ev_unref(r->loop);
     r->holds_ref = pending;
-    if (more)
+    /* libev looks at fds right after this prepare watcher: check what is due first. A wait
+     * that fails wakes its task, which runs at the next turn (the loop must not block). */
+    moor__reactor_before_look(r, -1);
+    if (more || r->ex->run_head)
         ev_idle_start(r->loop, &r->idle);
     else
         ev_idle_stop(r->loop, &r->idle);
@@ -90,6 +102,43 @@ static void on_idle(struct ev_loop *loop, ev_idle *w, int revents)
     (void)loop, (void)w, (void)revents; /* while active, the loop does not block */
 }
 
+/* ---- libev's system errors -------------------------------------------------------------- */
+
+/* libev reports a system call it cannot do without (making its async pipe, epoll_create after
+ * fork, epoll_wait) through one process-wide callback, whose default prints and aborts, and
+ * some callers retry at once if it returns. moor's callback does the same as the default,
+ * unless the calling thread has armed a guard around a libev call that fails before it has
+ * changed anything: then it jumps back to the guard with errno. */
+static __thread jmp_buf *syserr_guard;
+static __thread int syserr_errno;
+
+static void on_syserr(const char *msg)
+{
+    jmp_buf *guard = syserr_guard;
+    if (guard) {
+        syserr_errno = errno;
+        syserr_guard = NULL;
+        longjmp(*guard, 1);
+    }
+    perror(msg);
+    abort();
+}
+
+static void syserr_install(void) { ev_set_syserr_cb(on_syserr); }
+
+/* ev_async_start makes the loop's async pipe (eventfd, else a pipe) if it has none yet; that
+ * is its only system call, and it fails before anything is started. 0 or -errno. */
+static int async_start(struct ev_loop *loop, ev_async *w)
+{
+    jmp_buf guard;
+    if (setjmp(guard))
+        return -(syserr_errno ? syserr_errno : EMFILE);
+    syserr_guard = &guard;
+    ev_async_start(loop, w);
+    syserr_guard = NULL;
+    return 0;
+}
+
 /* ---- lifecycle ------------------------------------------------------------------------- */
 
 static void reactor_free(moor_executor *ex)
@@ -99,6 +148,7 @@ static void reactor_free(moor_executor *ex)
     if (r->blocking)
         moor__blocking_pool_free(r->blocking);
     moor__driver_set(ex, NULL, NULL);
+    moor__reactor_check_timer_stop(r);
     if (r->owned) {
         ev_async_stop(r->loop, &r->unpark);
         ev_loop_destroy(r->loop);
@@ -115,25 +165,51 @@ static void reactor_free(moor_executor *ex)
     }
     ex->reactor = NULL;
     ex->reactor_free = NULL;
-    moor__free(r->fd_hints);
+    moor__free(r->fds);
+#ifndef NDEBUG
+    moor__free(r->fresh);
+#endif
     moor__free(r);
 }
 
-static moor__reactor *reactor_new(moor_executor *ex, struct ev_loop *loop)
+/* epoll explicitly where there is epoll: if epoll_create fails (EMFILE), making the loop
+ * fails with it, instead of libev falling back to poll() quietly. */
+#ifdef __linux__
+#define LOOP_FLAGS (EVBACKEND_EPOLL | EVFLAG_NOSIGMASK)
+#else
+#define LOOP_FLAGS (EVFLAG_AUTO | EVFLAG_NOSIGMASK)
+#endif
+
+static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **out)
 {
+    static pthread_once_t syserr_once = PTHREAD_ONCE_INIT;
+    pthread_once(&syserr_once, syserr_install);
     moor__reactor *r = moor__alloc(sizeof *r);
     if (!r)
-        return NULL;
+        return -ENOMEM;
     memset(r, 0, sizeof *r);
     r->owned = loop == NULL;
-    r->loop = loop ? loop : ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
-    if (!r->loop) {
-        moor__free(r);
-        return NULL;
+    if (r->owned) {
+        errno = 0;
+        loop = ev_loop_new(LOOP_FLAGS);
+        if (!loop) {
+            int err = errno ? errno : ENOMEM;
+            moor__free(r);
+            return -err;
+        }
     }
+    r->loop = loop;
     r->ex = ex;
+    r->check_tail = &r->check_head;
+    moor__reactor_check_timer_init(r);
     ev_async_init(&r->unpark, on_nothing_async);
-    ev_async_start(r->loop, &r->unpark);
+    int rc = async_start(r->loop, &r->unpark);
+    if (rc < 0) {
+        if (r->owned)
+            ev_loop_destroy(r->loop);
+        moor__free(r);
+        return rc;
+    }
     ev_timer_init(&r->park_timer, on_nothing_timer, 0., 0.);
     if (!r->owned) {
         /* The application's ev_run must end when nothing is left to do: moor's own async and
@@ -150,12 +226,13 @@ static moor__reactor *reactor_new(moor_executor *ex, struct ev_loop *loop)
     ex->reactor = r;
     ex->reactor_free = reactor_free;
     moor__driver_set(ex, &ev_driver, r);
-    return r;
+    *out = r;
+    return 0;
 }
 
-moor__reactor *moor__reactor_get(moor_executor *ex)
+int moor__reactor_make(moor_executor *ex, moor__reactor **out)
 {
-    return ex->reactor ? ex->reactor : reactor_new(ex, NULL);
+    return ex->reactor ? (*out = ex->reactor, 0) : reactor_new(ex, NULL, out);
 }
 
 int moor_executor_attach(moor_executor *ex, struct ev_loop *loop)
@@ -165,23 +242,56 @@ int moor_executor_attach(moor_executor *ex, struct ev_loop *loop)
     moor__assert(loop, "moor_executor_attach: loop is NULL");
     if (ex->reactor)
         return -EBUSY;
-    return reactor_new(ex, loop) ? 0 : -ENOMEM;
+    moor__reactor *r;
+    return reactor_new(ex, loop, &r);
 }
 
 struct ev_loop *moor_executor_loop(moor_executor *ex)
 {
-    moor__reactor *r = moor__reactor_get(ex);
-    return r ? r->loop : NULL;
+    moor__reactor *r;
+    return moor__reactor_get(ex, &r) == 0 ? r->loop : NULL;
 }
 
-void moor_executor_after_fork(moor_executor *ex)
+/* Whether a descriptor can be made now for libev's new async pipe (an eventfd on Linux). */
+static int fd_available(void)
 {
+#ifdef __linux__
+    int fd = eventfd(0, EFD_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    close(fd);
+#else
+    int p[2];
+    if (pipe(p) < 0)
+        return -errno;
+    close(p[0]);
+    close(p[1]);
+#endif
+    return 0;
+}
+
+int moor_executor_after_fork(moor_executor *ex)
+{
+    moor__reactor *r = ex->reactor;
+    /* libev re-arms a forked loop at its next ev_run: a new epoll fd in place of the old one
+     * (closed first), and a new async pipe, which needs a free descriptor; without one it
+     * aborts. The child has one thread now: what is free now stays free until the ev_run
+     * below, which re-arms the loop at once. */
+    if (r && r->owned) {
+        int rc = fd_available();
+        if (rc < 0)
+            return rc;
+    }
     moor__executor_after_fork(ex);
     moor__signal_after_fork(ex);
-    moor__reactor *r = ex->reactor;
     if (!r)
-        return;
+        return 0;
+    /* The loop registers every watched fd again: no wait may still be on a closed one. */
+    moor__reactor_check_all(r);
     ev_loop_fork(r->loop);
+    if (r->owned)
+        ev_run(r->loop, EVRUN_NOWAIT);
     if (r->blocking)
         moor__blocking_pool_after_fork(r->blocking);
+    return 0;
 }

@@ -10,6 +10,41 @@
 
 typedef struct moor__blocking_pool moor__blocking_pool;
 
+/* What the reactor knows of one fd number (io.c). */
+typedef struct moor__fd {
+    moor_io_future *waiters; /* io futures whose watcher is started on it: moor_close wakes them */
+    uint32_t nread, nwrite;  /* how many of them wait for reading, for writing */
+    unsigned seen_iter;      /* ev_iteration() when moor last changed its watchers on it */
+    uint8_t seen_mask;       /* libev's registration of it as of its last look before then:
+                                EV_READ|EV_WRITE bits, or MOOR__FD_SEEN_SET if a watcher
+                                started since makes libev register it again at its next look */
+    uint8_t flags;           /* MOOR__FD_* */
+} moor__fd;
+
+/* The file behind the number is the one moor made (accept, connect, listen); moor hears of
+ * its close (moor_close), but not of a plain close(). */
+#define MOOR__FD_OWNED 0x1u
+/* ...and a watcher for it was started with EV__IOFDSET since: later waits start their watcher
+ * without it, so that libev does not register the fd again (an epoll_ctl per wait). If the
+ * fd was closed with plain close() and the number reused, that is stale: the wait goes on
+ * the reactor's check list and is checked once it has lasted. */
+#define MOOR__FD_LIVE 0x2u
+/* Hints, kept for LIVE fds only: a short read means the receive buffer was emptied (the next
+ * read would fail with EAGAIN), a short write that the send buffer is full. The next call
+ * then waits first, but only if starting that wait makes libev do no system call at all, so
+ * that a stale hint can only leave a wait unregistered, which the check catches. */
+#define MOOR__FD_DRAINED 0x4u
+#define MOOR__FD_FULL 0x8u
+
+#define MOOR__FD_SEEN_SET 0xffu
+
+/* Waits on the check list are checked once they have lasted from one epoch boundary to the
+ * next. A repeating timer marks the boundaries while waits are listed, this far apart (ms;
+ * closer only when the loop runs late) and ends a park, so a wait is checked after 10-20 ms
+ * at the next park (later while the executor runs tasks without a park, or when more waits
+ * than io.c checks per epoch are due). */
+#define MOOR__CHECK_EPOCH_MS 10
+
 typedef struct moor__reactor {
     struct ev_loop *loop;
     moor_executor *ex;
@@ -20,29 +55,70 @@ typedef struct moor__reactor {
     ev_idle idle;         /* attached: keeps the loop from blocking while tasks are runnable */
     int holds_ref;        /* attached: one loop reference held while any task is pending */
     int64_t accept_backoff_until; /* after EMFILE/ENFILE, accepts wait until then (ms) */
-    uint8_t *fd_hints;    /* per fd: MOOR__FD_* readiness hints (io.c) */
-    size_t nfd_hints;
+    moor__fd *fds;        /* per fd number (io.c) */
+    size_t nfds;
+    /* Waits whose registration is to be checked (fcntl, then registered again) once they
+     * have lasted, oldest first: those that started without registering their fd (LIVE), and
+     * in debug builds all, so that a plain close() under a waiter is reported. */
+    moor_io_future *check_head, **check_tail;
+    ev_timer check_timer; /* unreferenced; repeats while waits are listed: epoch boundaries */
+    uint32_t epoch;       /* epoch boundaries passed */
+    int check_due;        /* a boundary has passed since the last check */
+#ifndef NDEBUG
+    /* Debug builds: fds whose waits started since libev last looked at fds, checked before
+     * it looks again, so that a plain close() in between is reported rather than aborting
+     * in libev (epoll_ctl: EBADF). */
+    int *fresh;
+    size_t nfresh, capfresh;
+#endif
     moor__blocking_pool *blocking;
 } moor__reactor;
 
-/* Readiness hints: a short read on a stream means the receive buffer was emptied, so the
- * next read would fail with EAGAIN; a short write, that the send buffer is full. The next
- * call then waits for readiness first instead of paying a system call to learn it. */
-#define MOOR__FD_DRAINED 0x1u
-#define MOOR__FD_FULL 0x2u
-/* moor made this fd (accept, connect, listen) and is told of its close (moor_close). */
-#define MOOR__FD_OWNED 0x4u
-/* ...and it is registered with the loop's backend since moor made it: a wait can start its
- * watcher without making libev register the fd again (an epoll_ctl per wait otherwise). */
-#define MOOR__FD_LIVE 0x8u
-
-/* The flags byte of fd (NULL if the table cannot grow). */
-uint8_t *moor__reactor_fd(moor__reactor *r, int fd);
-/* moor made fd: its state starts afresh, owned. */
+/* The entry of fd, growing the table as needed; NULL if it cannot grow (or fd < 0). */
+moor__fd *moor__reactor_fd(moor__reactor *r, int fd);
+/* moor made fd: what was known of its number is forgotten; it is owned. */
 void moor__reactor_fd_new(int fd);
 
-/* The executor's reactor, made with a loop of its own if it has none. NULL on ENOMEM. */
-moor__reactor *moor__reactor_get(moor_executor *ex);
+/* Wait until fd is ready, fd having just been used by a system call that returned EAGAIN or
+ * EINPROGRESS (it is open: no fcntl). As moor_wait_fd otherwise. */
+int moor__wait_fd_open(int fd, int events, int64_t deadline);
+
+/* Before libev looks at fds again (at a park; attached, before its loop looks at fds): once
+ * an epoch boundary has passed, check the waits that have lasted since the one before; in
+ * debug builds also those started since the last look. Returns the park's timeout, 0 if a
+ * wait failed (its task is woken). */
+int64_t moor__reactor_check(moor__reactor *r, int64_t timeout_ms);
+/* Check every listed wait now (after fork, before the loop registers every fd again). */
+void moor__reactor_check_all(moor__reactor *r);
+/* The epoch timer: set up with the reactor, stopped at its teardown (io.c). */
+void moor__reactor_check_timer_init(moor__reactor *r);
+void moor__reactor_check_timer_stop(moor__reactor *r);
+
+static inline int64_t moor__reactor_before_look(moor__reactor *r, int64_t timeout_ms)
+{
+#ifndef NDEBUG
+    if (r->nfresh && !r->check_head)
+        r->nfresh = 0; /* their waits are over */
+    if (r->nfresh)
+        return moor__reactor_check(r, timeout_ms);
+#endif
+    if (r->check_due)
+        return moor__reactor_check(r, timeout_ms);
+    return timeout_ms;
+}
+
+/* The executor's reactor in *out, made with a loop of its own if it has none. 0, or -EMFILE,
+ * -ENFILE (no descriptor for the loop), -ENOMEM. */
+int moor__reactor_make(moor_executor *ex, moor__reactor **out);
+
+static inline int moor__reactor_get(moor_executor *ex, moor__reactor **out)
+{
+    if (__builtin_expect(ex->reactor != NULL, 1)) {
+        *out = ex->reactor;
+        return 0;
+    }
+    return moor__reactor_make(ex, out);
+}
 
 /* Signals (signal.c): complete the waits for the signals caught for r (its unpark async's
  * callback); before r is freed, wait for signal handler calls that may still use it; in a

@@ -179,14 +179,13 @@ static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
     }
     sf->waker = cx->waker;
     if (!sf->counted) {
-        moor__reactor *r = moor__reactor_get(ex);
-        if (!r) {
-            fut->result = -ENOMEM;
-            return MOOR_READY;
+        moor__reactor *r;
+        int rc = moor__reactor_get(ex, &r);
+        if (rc == 0) {
+            /* Read before moor's handler may be installed: whatever it catches is this wait's. */
+            sf->seq = __atomic_load_n(&table[sf->signum].caught, __ATOMIC_SEQ_CST);
+            rc = table_join(sf->signum, r);
         }
-        /* Read before moor's handler may be installed: whatever it catches is this wait's. */
-        sf->seq = __atomic_load_n(&table[sf->signum].caught, __ATOMIC_SEQ_CST);
-        int rc = table_join(sf->signum, r);
         if (rc < 0) {
             fut->result = rc;
             return MOOR_READY;

@@ -15,18 +15,19 @@
 
 int moor_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int64_t deadline)
 {
-    moor__reactor *r = moor__reactor_get(moor__tls_executor);
-    if (!r)
-        return -ENOMEM;
+    moor__reactor *r;
+    int rc = moor__reactor_get(moor__tls_executor, &r);
+    if (rc < 0)
+        return rc;
     /* Out of descriptors last time: the listener stays readable, so accepting again at once
      * would spin. Wait a little first; descriptors may have been closed meanwhile. */
     if (r->accept_backoff_until > moor_now()) {
         int64_t until = r->accept_backoff_until;
         if (deadline >= 0 && deadline < until) {
-            int rc = moor_sleep(deadline);
+            rc = moor_sleep(deadline);
             return rc < 0 ? rc : -ETIMEDOUT;
         }
-        int rc = moor_sleep(until);
+        rc = moor_sleep(until);
         if (rc < 0)
             return rc;
     }
@@ -46,7 +47,7 @@ int moor_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int64_t deadl
         }
         if (err != EAGAIN && err != EWOULDBLOCK)
             return -err;
-        int w = moor_wait_fd(fd, MOOR_READABLE, deadline);
+        int w = moor__wait_fd_open(fd, MOOR_READABLE, deadline);
         if (w < 0)
             return w;
     }
@@ -59,7 +60,7 @@ int moor_connect(int fd, const struct sockaddr *addr, socklen_t addrlen, int64_t
             continue;
         if (errno != EINPROGRESS)
             return -errno;
-        int w = moor_wait_fd(fd, MOOR_WRITABLE, deadline);
+        int w = moor__wait_fd_open(fd, MOOR_WRITABLE, deadline);
         if (w < 0)
             return w;
         int err = 0;
