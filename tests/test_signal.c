@@ -365,6 +365,12 @@ static void *other_thread_wait(void *arg)
 static void test_signal_busy_other_executor(void **state)
 {
     (void)state;
+    if (UNDER_TSAN) {
+        /* TSan intercepts sigaction and keeps its own copy of the application's dispositions,
+         * which it reports with flags of its own: the exact comparison does not hold. */
+        print_message("skipped under TSan: sigaction is TSan's own\n");
+        skip();
+    }
     struct sigaction before = disposition(SIGUSR2);
     other_thread o = {SIGUSR2, 0};
     pthread_t t;
@@ -594,6 +600,11 @@ static int child_wait_raised(int signum)
 static void test_signal_after_fork(void **state)
 {
     (void)state;
+    if (UNDER_TSAN) {
+        /* TSan cannot follow a fork taken while other threads run (it hangs in the child). */
+        print_message("skipped under TSan: fork of a process with threads\n");
+        skip();
+    }
     struct sigaction usr1_before = disposition(SIGUSR1), usr2_before = disposition(SIGUSR2);
     moor_executor *ex;
     assert_int_equal(moor_executor_new(&ex, NULL), 0);
