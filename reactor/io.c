@@ -285,6 +285,10 @@ static moor_poll io_poll(moor_future *fut, moor_cx *cx)
 {
     moor_io_future *io = moor_container_of(fut, moor_io_future, base);
     moor_executor *ex = cx->waker.ex;
+    /* Its watcher is in one executor's loop: polled from another thread, or by another
+     * executor once started, it would race with that loop. */
+    moor__assert(ex && ex == moor__tls_executor && (!io->waker.ex || io->waker.ex == ex),
+                 "wait on fd %d polled from another thread than its executor's", io->fd);
     int rc;
     if (io->state == IO_READY) {
         rc = 0;
@@ -311,6 +315,7 @@ static moor_poll io_cancel(moor_future *fut)
     moor_io_future *io = moor_container_of(fut, moor_io_future, base);
     int state = io->state;
     io_stop(io, moor__tls_executor);
+    io->waker = (moor_waker){0}; /* as if fresh: any executor may start it again */
     if (state == IO_BADF || state == IO_FAILED) { /* it had completed: say how */
         fut->result = state == IO_BADF ? -EBADF : -ENOMEM;
         return MOOR_READY;

@@ -20,8 +20,9 @@ int moor_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int64_t deadl
     if (rc < 0)
         return rc;
     /* Out of descriptors last time: the listener stays readable, so accepting again at once
-     * would spin. Wait a little first; descriptors may have been closed meanwhile. */
-    if (r->accept_backoff_until > moor_now()) {
+     * would spin. Wait a little first; descriptors may have been closed meanwhile. (Not in
+     * a cancelled fiber: it tries once more, as every call tries before it gives up.) */
+    if (r->accept_backoff_until > moor_now() && !moor_cancelled()) {
         int64_t until = r->accept_backoff_until;
         if (deadline >= 0 && deadline < until) {
             rc = moor_sleep(deadline);

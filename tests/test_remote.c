@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "helpers.h"
@@ -307,12 +308,14 @@ enum misuse {
     MISUSE_CHAN_SEND,
     MISUSE_CHAN_TRY_RECV,
     MISUSE_SCOPE_SPAWN,
+    MISUSE_FD_WAIT,
     NMISUSES
 };
 
 static const char *const misuse_call[NMISUSES] = {
     "moor_event_set",        "moor_mutex_lock", "moor_sem_release",   "moor_cond_signal",
     "moor_waitgroup_done",   "moor_chan_send",  "moor_chan_try_recv", "moor_scope_spawn",
+    "wait on fd",
 };
 
 typedef struct misuse_ctx {
@@ -325,6 +328,8 @@ typedef struct misuse_ctx {
     moor_waitgroup wg;
     moor_chan *ch;
     moor_scope scope;
+    moor_io_future io; /* pending on the owner's loop */
+    int fds[2];
 } misuse_ctx;
 
 static intptr_t nothing(void *arg)
@@ -365,6 +370,11 @@ static void *foreign_thread(void *arg)
     case MISUSE_SCOPE_SPAWN:
         (void)moor_scope_spawn(&c->scope, nothing, NULL, NULL);
         break;
+    case MISUSE_FD_WAIT: {
+        moor_cx cx = {{own, NULL, 0}, NULL, NULL};
+        (void)moor_future_poll(&c->io.base, &cx);
+        break;
+    }
     case NMISUSES:
         break;
     }
@@ -392,6 +402,10 @@ static void misuse_child(void *arg)
     int v = 0;
     CHILD_REQUIRE(moor_chan_try_recv(c->ch, &v) == -EAGAIN);
     moor_scope_init(&c->scope);
+    CHILD_REQUIRE(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, c->fds) == 0);
+    moor_io_init(&c->io, c->fds[0], MOOR_READABLE, -1);
+    moor_cx cx = {{ex, NULL, 0}, NULL, NULL};
+    CHILD_REQUIRE(moor_future_poll(&c->io.base, &cx) == MOOR_PENDING);
     pthread_t th;
     CHILD_REQUIRE(pthread_create(&th, NULL, foreign_thread, c) == 0);
     CHILD_REQUIRE(pthread_join(th, NULL) == 0);
@@ -407,8 +421,11 @@ static void test_remote_objects_refuse_foreign_threads(void **state)
             child_report r;
             child_run(misuse_child, &c, &r);
             char expect[128];
-            snprintf(expect, sizeof expect, "moor: %s: called from another thread",
-                     misuse_call[i]);
+            if (i == MISUSE_FD_WAIT)
+                snprintf(expect, sizeof expect, "polled from another thread");
+            else
+                snprintf(expect, sizeof expect, "moor: %s: called from another thread",
+                         misuse_call[i]);
             expect_child_signal(&r, SIGABRT, expect);
         }
     }
