@@ -71,6 +71,7 @@ struct moor_executor {
     size_t ntasks;                   /* tasks started and not finished */
     int running;                     /* inside run/block_on */
     uint32_t plain_budget;           /* plain code's cooperative budget (fiber.h) */
+    unsigned plain_turns;            /* turns plain code has given the executor */
 
     moor_task *free_tasks;           /* free slots for plain tasks */
     void **task_chunks;              /* slabs of task slots, freed with the executor */

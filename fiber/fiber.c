@@ -100,8 +100,10 @@ static void fiber_release(moor_executor *ex, moor_fiber *f)
     moor__stack_put(&ex->pool, f->stack_base, f->map_size);
 }
 
-int moor__fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
-                      const moor_fiber_attr *attr, int detached)
+/* moor_spawn's body, inlined there (the hot path) and into moor__fiber_spawn. */
+static inline __attribute__((always_inline)) int
+fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
+            const moor_fiber_attr *attr, int detached)
 {
     size_t size = ex->stack_size;
     size_t map_size = ex->stack_map_size;
@@ -183,10 +185,16 @@ int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_a
     moor__assert(ex, "moor_spawn: no executor on this thread (call moor_executor_new first)");
     moor__assert(fn, "moor_spawn: fn is NULL");
     moor_fiber *f;
-    int rc = moor__fiber_spawn(ex, &f, fn, arg, attr, out == NULL);
+    int rc = fiber_spawn(ex, &f, fn, arg, attr, out == NULL);
     if (rc == 0 && out)
         *out = f;
     return rc;
+}
+
+int moor__fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
+                      const moor_fiber_attr *attr, int detached)
+{
+    return fiber_spawn(ex, out, fn, arg, attr, detached);
 }
 
 void moor__fibers_release_all(moor_executor *ex)
@@ -349,8 +357,9 @@ void moor__coop_yield(moor_executor *ex)
 {
     moor_fiber *f = ex->current;
     if (f) {
+        f->budget = MOOR__COOP_BUDGET;
         f->task.state = MOOR__TASK_NOTIFIED; /* to the back of the run queue */
-        moor__fiber_suspend(f);              /* which refills the budget */
+        moor__fiber_suspend(f);
         return;
     }
     ex->plain_budget = MOOR__COOP_BUDGET;
