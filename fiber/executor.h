@@ -70,7 +70,7 @@ struct moor_executor {
     uint64_t next_fiber_id;
     size_t ntasks;                   /* tasks started and not finished */
     int running;                     /* inside run/block_on */
-    uint32_t plain_budget;           /* plain code's cooperative budget (fiber.h) */
+    uint16_t plain_budget;           /* plain code's cooperative budget (fiber.h) */
     unsigned plain_turns;            /* turns plain code has given the executor */
 
     moor_task *free_tasks;           /* free slots for plain tasks */
