@@ -247,20 +247,6 @@ int moor_join(moor_fiber *f, intptr_t *result)
     return rc;
 }
 
-int moor_join_deadline(moor_fiber *f, intptr_t *result, int64_t deadline)
-{
-    check_handle(f, "moor_join_deadline");
-    moor_future *done = moor_fiber_future(f);
-    int rc = moor_select(&done, 1, deadline);
-    if (rc >= 0)
-        return moor_join(f, result);
-    /* Out of time, or the caller was cancelled (or no room for the timer): the child is
-     * cancelled too, and reaped. */
-    moor_cancel(f);
-    (void)moor_join(f, result);
-    return rc;
-}
-
 moor_future *moor_fiber_future(moor_fiber *f)
 {
     check_handle(f, "moor_fiber_future");

@@ -1,6 +1,7 @@
-/* moor_select and the combinators built from the same pieces: race, join_all, timeout,
- * retry. Each is a future over caller-owned futures, polled with the waker of whoever polls
- * it, so it works from a fiber (await) and from plain code (block_on) alike. */
+/* moor_select and the combinators built from the same pieces: race, join_all, timeout, retry,
+ * and a fiber's join with a deadline. Each is a future over caller-owned futures, polled with
+ * the waker of whoever polls it, so it works from a fiber (await) and from plain code
+ * (block_on) alike. */
 #include <errno.h>
 
 #include "assert.h"
@@ -138,6 +139,21 @@ intptr_t moor_timeout(moor_future *fut, int64_t deadline)
 {
     int i = moor_select(&fut, 1, deadline);
     return i < 0 ? i : fut->result;
+}
+
+/* ---- a fiber's join with a deadline ------------------------------------------------------ */
+
+int moor_join_deadline(moor_fiber *f, intptr_t *result, int64_t deadline)
+{
+    moor_future *done = moor_fiber_future(f); /* checks the handle */
+    int rc = moor_select(&done, 1, deadline);
+    if (rc >= 0)
+        return moor_join(f, result);
+    /* Out of time, or the caller was cancelled (or no room for the timer): the child is
+     * cancelled too, and reaped. */
+    moor_cancel(f);
+    (void)moor_join(f, result);
+    return rc;
 }
 
 /* ---- join_all ---------------------------------------------------------------------------- */
