@@ -552,12 +552,6 @@ int moor_executor_run(moor_executor *ex)
     return 0;
 }
 
-intptr_t moor__wait(moor_future *fut)
-{
-    moor_executor *ex = moor__tls_executor;
-    return ex && ex->current ? moor_await(fut) : moor_block_on(fut);
-}
-
 intptr_t moor_block_on(moor_future *fut)
 {
     moor_executor *ex = moor__tls_executor;

@@ -156,12 +156,6 @@ void moor__executor_run_until(moor_executor *ex, int (*done)(const void *arg), c
 /* In a forked child: the locks other threads of the parent may have held are new. */
 void moor__executor_after_fork(moor_executor *ex);
 
-/* Await in a fiber, block_on in plain code: how every call that can wait waits. */
-intptr_t moor__wait(moor_future *fut);
-/* The same, but not cut short if the calling fiber is cancelled (relocking a mutex after a
- * condition wait, closing a scope). */
-intptr_t moor__wait_uncancellable(moor_future *fut);
-
 /* Objects of one executor (channels, mutexes, events, scopes) belong to the executor of the
  * thread that made or first used them; a use from any other thread is misuse, caught in every
  * build by one thread-local compare. */

@@ -310,6 +310,12 @@ int moor__fiber_wait_completion(moor_fiber *f, const int *completed, const intpt
     return cancellable && f->cancelled ? -ECANCELED : -ETIMEDOUT;
 }
 
+intptr_t moor__wait(moor_future *fut)
+{
+    moor_executor *ex = moor__tls_executor;
+    return ex && ex->current ? moor_await(fut) : moor_block_on(fut);
+}
+
 intptr_t moor__wait_uncancellable(moor_future *fut)
 {
     moor_executor *ex = moor__tls_executor;

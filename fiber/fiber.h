@@ -145,6 +145,12 @@ static inline void moor__coop_spend(void)
         moor__coop_yield(ex);
 }
 
+/* Await in a fiber, block_on in plain code: how every call that can wait waits. */
+intptr_t moor__wait(moor_future *fut);
+/* The same, but not cut short if the calling fiber is cancelled (relocking a mutex after a
+ * condition wait, closing a scope). */
+intptr_t moor__wait_uncancellable(moor_future *fut);
+
 /* What a blocking call does in a fiber once it has queued a waiter that a counterpart will
  * complete: suspend until *completed is set (then return *result), the deadline passes
  * (-ETIMEDOUT) or the fiber is cancelled (-ECANCELED, unless it completed meanwhile);

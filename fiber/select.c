@@ -6,6 +6,7 @@
 
 #include "assert.h"
 #include "executor.h"
+#include "fiber.h"
 #include "future.h"
 #include "timer.h"
 

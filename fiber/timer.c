@@ -5,6 +5,7 @@
 
 #include "alloc.h"
 #include "executor.h"
+#include "fiber.h"
 
 int64_t moor_now(void)
 {
