@@ -29,6 +29,7 @@
 #include <sys/resource.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -241,6 +242,33 @@ __attribute__((unused)) static void wait_child_ok(pid_t pid)
         fail_msg("child killed by signal %d (%s)", WTERMSIG(status), strsignal(WTERMSIG(status)));
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
         fail_msg("child exited with status %d", WEXITSTATUS(status));
+}
+
+
+/* ---- plain waiting, and functions for moor_blocking's workers ----------------------------- */
+
+__attribute__((unused)) static void sleep_ms(int ms)
+{
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0)
+        ;
+}
+
+__attribute__((unused)) static int slow_done; /* atomic: a slow_fn ran to its end */
+
+/* A worker's job that blocks its thread for arg milliseconds, then returns 42. */
+__attribute__((unused)) static intptr_t slow_fn(void *arg)
+{
+    sleep_ms((int)(intptr_t)arg);
+    __atomic_add_fetch(&slow_done, 1, __ATOMIC_SEQ_CST);
+    return 42;
+}
+
+/* A worker's job that counts its runs in *(int *)arg and returns 7. */
+__attribute__((unused)) static intptr_t sentinel_fn(void *arg)
+{
+    *(int *)arg += 1;
+    return 7;
 }
 
 #endif

@@ -29,13 +29,6 @@
 #define FIXTURE_FCHECK_RETURNS
 #include "fixture.h"
 
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0)
-        ;
-}
-
 /* In a fiber: sleep in short steps until *flag reaches n (atomically read); 0, or -1 after
  * SAFETY_MS (a bug, not a slow machine). */
 static int fiber_wait_for(const int *flag, int n)
@@ -51,20 +44,6 @@ static int fiber_wait_for(const int *flag, int n)
 /* ---- calls to run ------------------------------------------------------------------------ */
 
 static int blocking_over; /* written by the executor's thread only */
-static int slow_done;     /* atomic: a slow fn ran to its end on its worker */
-
-static intptr_t slow_fn(void *arg)
-{
-    sleep_ms((int)(intptr_t)arg);
-    __atomic_add_fetch(&slow_done, 1, __ATOMIC_SEQ_CST);
-    return 42;
-}
-
-static intptr_t sentinel_fn(void *arg)
-{
-    *(int *)arg += 1;
-    return 7;
-}
 
 static int never_ran; /* atomic */
 

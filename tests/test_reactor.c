@@ -32,13 +32,6 @@
 #define FIXTURE_FCHECK_RETURNS
 #include "fixture.h"
 
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0)
-        ;
-}
-
 static void stream_pair(int sv[2])
 {
     assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
@@ -65,23 +58,6 @@ static intptr_t pp_fiber(void *arg)
             FCHECK(moor_write(p->fd, &b, 1, deadline) == 1);
     }
     return 0;
-}
-
-/* ---- calls for the worker pool (its own tests are in test_blocking.c) ------------------- */
-
-static int slow_done; /* atomic: a slow fn ran to its end on its worker */
-
-static intptr_t slow_fn(void *arg)
-{
-    sleep_ms((int)(intptr_t)arg);
-    __atomic_add_fetch(&slow_done, 1, __ATOMIC_SEQ_CST);
-    return 42;
-}
-
-static intptr_t sentinel_fn(void *arg)
-{
-    *(int *)arg += 1;
-    return 7;
 }
 
 

@@ -499,13 +499,11 @@ static void test_scope_close_timeout_wakes_waiters(void **state)
     moor_executor *ex = ex_new();
     abandoned_ctx a = {.wait_rc = 1};
     moor_fiber *owner;
-    int64_t start = moor_now();
     assert_int_equal(moor_spawn(&owner, abandoning_owner, &a, NULL), 0);
     assert_int_equal(moor_join(owner, NULL), 0);
     assert_int_equal(a.close_rc, -ETIMEDOUT);
     assert_true(a.wait_returned);
-    assert_int_equal(a.wait_rc, -EPIPE);
-    assert_true(moor_now() - start < SAFETY_MS); /* woken by the close, not its own deadline */
+    assert_int_equal(a.wait_rc, -EPIPE); /* woken by the close, not its own deadline */
     a.release = 1;
     assert_int_equal(moor_executor_run(ex), 0);
     ex_free(ex);

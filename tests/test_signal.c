@@ -31,13 +31,6 @@
 #define FIXTURE_FCHECK_RETURNS
 #include "fixture.h"
 
-static void sleep_ms(int ms)
-{
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0)
-        ;
-}
-
 static struct sigaction disposition(int signum)
 {
     struct sigaction sa;
