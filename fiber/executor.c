@@ -224,6 +224,16 @@ moor_executor *moor_executor_current(void) { return moor__tls_executor; }
 
 moor_guard_mode moor_executor_guard(const moor_executor *ex) { return ex->pool.mode; }
 
+void moor_executor_stats_get(const moor_executor *ex, moor_executor_stats *out)
+{
+    moor__assert(ex == moor__tls_executor,
+                 "moor_executor_stats_get: the executor belongs to another thread");
+    size_t fibers = 0;
+    for (const moor_fiber *f = ex->fibers; f; f = f->next)
+        fibers++;
+    *out = (moor_executor_stats){.tasks = ex->ntasks, .fibers = fibers, .timers = ex->timers.n};
+}
+
 void moor__owner_bind(moor_executor **owner, const char *what)
 {
     moor__assert(!*owner, "%s: called from another thread than the one whose executor owns it "

@@ -225,6 +225,17 @@ MOOR_API moor_executor *moor_executor_current(void);
 /* Which guard this executor's stacks use: MOOR_GUARD_MADVISE or MOOR_GUARD_MPROTECT. */
 MOOR_API moor_guard_mode moor_executor_guard(const moor_executor *ex);
 
+/* What an executor holds now: a program (or a test) checks with it that it left nothing
+ * behind before moor_executor_free. */
+typedef struct moor_executor_stats {
+    size_t tasks;  /* tasks started and not finished, fibers included */
+    size_t fibers; /* fibers not yet released: running, waiting, or returned and not joined */
+    size_t timers; /* deadlines queued (sleeps, waits with a deadline) */
+} moor_executor_stats;
+
+/* Fill *out with ex's figures. From ex's thread. */
+MOOR_API void moor_executor_stats_get(const moor_executor *ex, moor_executor_stats *out);
+
 /* Run `fut` as a task of its own on `ex` (a future need not be a fiber to be a task). The
  * future must stay where it is until it is done; its output is then in fut->result. The task
  * runs until its future completes: to stop it early, make the future complete (cancelling
