@@ -205,8 +205,9 @@ void moor_executor_free(moor_executor *ex)
                  "moor_executor_free: %zu fiber(s) spawned from other threads have not started "
                  "(they wait for memory for their stacks); run the executor until they have",
                  ex->spawns_kept);
-    if (ex->reactor_free)
-        ex->reactor_free(ex);
+    for (size_t i = MOOR__PARTS; i-- > 0;)
+        if (ex->parts[i].ops)
+            ex->parts[i].ops->free(ex, ex->parts[i].self);
     moor__fibers_release_all(ex);
     moor__stack_pool_destroy(&ex->pool);
     moor__timer_heap_free(&ex->timers);
@@ -539,14 +540,49 @@ void moor__executor_turn(moor_executor *ex)
     ex->running = 0;
 }
 
-void moor__executor_after_fork(moor_executor *ex)
+void moor__part_set(moor_executor *ex, enum moor__part_id id, const moor__part_ops *ops,
+                    void *self)
 {
-    pthread_mutex_init(&ex->remote_lock, NULL);
-    pthread_condattr_t ca;
-    pthread_condattr_init(&ca);
-    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-    pthread_cond_init(&ex->remote_cond, &ca);
-    pthread_condattr_destroy(&ca);
+    ex->parts[id] = (moor__part){ops, ops ? self : NULL};
+}
+
+#define FORK_HOOKS_MAX 4
+static pthread_mutex_t fork_hooks_lock = PTHREAD_MUTEX_INITIALIZER;
+static void (*fork_hooks[FORK_HOOKS_MAX])(moor_executor *ex);
+
+void moor__fork_hook_add(void (*hook)(moor_executor *ex))
+{
+    pthread_mutex_lock(&fork_hooks_lock);
+    size_t i = 0;
+    while (i < FORK_HOOKS_MAX && fork_hooks[i] && fork_hooks[i] != hook)
+        i++;
+    moor__assert(i < FORK_HOOKS_MAX, "moor__fork_hook_add: more than %d hooks", FORK_HOOKS_MAX);
+    fork_hooks[i] = hook;
+    pthread_mutex_unlock(&fork_hooks_lock);
+}
+
+int moor_executor_after_fork(moor_executor *ex)
+{
+    moor__assert(ex == moor__tls_executor,
+                 "moor_executor_after_fork: the executor belongs to another thread");
+    for (size_t i = 0; i < MOOR__PARTS; i++) {
+        const moor__part *p = &ex->parts[i];
+        int rc = p->ops && p->ops->fork_check ? p->ops->fork_check(ex, p->self) : 0;
+        if (rc < 0)
+            return rc;
+    }
+    /* The locks other threads of the parent may have held are new. */
+    remote_sync_init(ex);
+    /* The child has one thread: the hook list cannot be changing under us. */
+    pthread_mutex_init(&fork_hooks_lock, NULL);
+    for (size_t i = 0; i < FORK_HOOKS_MAX && fork_hooks[i]; i++)
+        fork_hooks[i](ex);
+    for (size_t i = 0; i < MOOR__PARTS; i++) {
+        const moor__part *p = &ex->parts[i];
+        if (p->ops && p->ops->after_fork)
+            p->ops->after_fork(ex, p->self);
+    }
+    return 0;
 }
 
 static int future_is_done(const void *fut) { return moor__future_done(fut); }

@@ -54,6 +54,32 @@ typedef struct moor__remote_req {
     void *arg;
 } moor__remote_req;
 
+/* Something an executor owns on behalf of a layer above it (reactor/'s event loop, its
+ * blocking pool): the layer attaches it when first needed, and the executor tells it of a
+ * fork and frees it with itself. So the executor never calls into those layers by name. */
+typedef struct moor__part_ops {
+    /* In a forked child, before anything is changed: 0, or -errno if the part cannot be made
+     * to work in the child now (moor_executor_after_fork then changes nothing and fails with
+     * it). May be NULL. */
+    int (*fork_check)(moor_executor *ex, void *self);
+    /* In a forked child, once every part passed its check. May be NULL. */
+    void (*after_fork)(moor_executor *ex, void *self);
+    /* At moor_executor_free, in the reverse order of the part ids. */
+    void (*free)(moor_executor *ex, void *self);
+} moor__part_ops;
+
+/* The parts, in the order they are told of a fork (and the reverse of their freeing). */
+enum moor__part_id {
+    MOOR__PART_REACTOR = 0, /* reactor/loop.c: the event loop, its driver, fds, signals */
+    MOOR__PART_BLOCKING,    /* reactor/blocking.c: moor_blocking's worker threads */
+    MOOR__PARTS
+};
+
+typedef struct moor__part {
+    const moor__part_ops *ops; /* NULL: not attached */
+    void *self;
+} moor__part;
+
 typedef struct moor__fiber_list {
     moor_fiber *head;
 } moor__fiber_list;
@@ -86,8 +112,7 @@ struct moor_executor {
 
     const moor__driver *driver;      /* read by other threads under remote_lock */
     void *driver_self;
-    void *reactor;                   /* reactor/'s state once it has installed its driver */
-    void (*reactor_free)(moor_executor *ex);
+    moor__part parts[MOOR__PARTS];   /* see moor__part_ops */
 
     /* Remote spawns (moor_executor_spawn_remote) are started a batch at a time: the next
      * batch only once the last one has started running (and, if it finished, given its
@@ -153,8 +178,19 @@ void moor__executor_turn(moor_executor *ex);
 /* From plain code: run the executor until done(arg) holds. Needs no allocation. */
 void moor__executor_run_until(moor_executor *ex, int (*done)(const void *arg), const void *arg);
 
-/* In a forked child: the locks other threads of the parent may have held are new. */
-void moor__executor_after_fork(moor_executor *ex);
+/* Attach (ops non-NULL) or detach a part. */
+void moor__part_set(moor_executor *ex, enum moor__part_id id, const moor__part_ops *ops,
+                    void *self);
+
+/* A process-wide fork hook, for state no single executor owns (the signal table): run by
+ * moor_executor_after_fork in any executor, after the executor's locks are renewed and before
+ * its parts are told. Adding the same hook again is a no-op; at most 4 hooks. */
+void moor__fork_hook_add(void (*hook)(moor_executor *ex));
+
+static inline void *moor__part_get(const moor_executor *ex, enum moor__part_id id)
+{
+    return ex->parts[id].self;
+}
 
 /* Objects of one executor (channels, mutexes, events, scopes) belong to the executor of the
  * thread that made or first used them; a use from any other thread is misuse, caught in every

@@ -195,7 +195,7 @@ static void on_ready(struct ev_loop *loop, ev_io *w, int revents)
 {
     (void)loop;
     moor_io_future *io = w->data;
-    moor__reactor *r = moor__tls_executor->reactor;
+    moor__reactor *r = (moor__reactor *)moor__part_get(moor__tls_executor, MOOR__PART_REACTOR);
     if (revents & EV_ERROR) {
         /* epoll_ctl failed (ENOMEM, ENOSPC: fs.epoll.max_user_watches) and libev stopped every
          * watcher of the fd. Failing the wait, rather than retrying it, cannot spin. */
@@ -276,7 +276,7 @@ static int io_start(moor_io_future *io, moor_executor *ex)
 static void io_stop(moor_io_future *io, moor_executor *ex)
 {
     if (io->state == IO_UNCHECKED || io->state == IO_WAITING || io->state == IO_READY)
-        io_detach(ex->reactor, io);
+        io_detach(moor__part_get(ex, MOOR__PART_REACTOR), io);
     io->state = IO_NEW;
     moor__timer_remove(&ex->timers, &io->node);
 }
@@ -483,7 +483,7 @@ void moor__reactor_fd_new(int fd)
 static inline int wait_if_hinted(int fd, int events, unsigned hint, int64_t deadline)
 {
     moor_executor *ex = moor__tls_executor;
-    moor__reactor *r = ex ? ex->reactor : NULL;
+    moor__reactor *r = ex ? moor__part_get(ex, MOOR__PART_REACTOR) : NULL;
     if (!r || fd < 0 || (size_t)fd >= r->nfds || !(r->fds[fd].flags & hint))
         return 0;
     moor__fd *e = &r->fds[fd];
@@ -500,7 +500,7 @@ static inline void note_hint(int fd, unsigned hint, ssize_t n, size_t len)
     if (n <= 0 || (size_t)n >= len)
         return;
     moor_executor *ex = moor__tls_executor;
-    moor__reactor *r = ex ? ex->reactor : NULL;
+    moor__reactor *r = ex ? moor__part_get(ex, MOOR__PART_REACTOR) : NULL;
     if (r && (size_t)fd < r->nfds && (r->fds[fd].flags & MOOR__FD_LIVE))
         r->fds[fd].flags |= (uint8_t)hint;
 }
@@ -636,7 +636,7 @@ ssize_t moor_sendto(int fd, const void *buf, size_t len, int flags, const struct
 int moor_close(int fd)
 {
     moor_executor *ex = moor__tls_executor;
-    moor__reactor *r = ex ? ex->reactor : NULL;
+    moor__reactor *r = ex ? moor__part_get(ex, MOOR__PART_REACTOR) : NULL;
     if (r && fd >= 0 && (size_t)fd < r->nfds) {
         moor__fd *e = &r->fds[fd];
         /* Before the number can be reused: its waiters fail, even one whose readiness was

@@ -141,9 +141,9 @@ static int async_start(struct ev_loop *loop, ev_async *w)
 
 /* ---- lifecycle ------------------------------------------------------------------------- */
 
-static void reactor_free(moor_executor *ex)
+static void reactor_free(moor_executor *ex, void *self)
 {
-    moor__reactor *r = ex->reactor;
+    moor__reactor *r = self;
     moor__signal_reactor_free(r);
     if (r->blocking)
         moor__blocking_pool_free(r->blocking);
@@ -163,8 +163,7 @@ static void reactor_free(moor_executor *ex)
         if (r->holds_ref)
             ev_unref(r->loop);
     }
-    ex->reactor = NULL;
-    ex->reactor_free = NULL;
+    moor__part_set(ex, MOOR__PART_REACTOR, NULL, NULL);
     moor__free(r->fds);
 #ifndef NDEBUG
     moor__free(r->fresh);
@@ -179,6 +178,10 @@ static void reactor_free(moor_executor *ex)
 #else
 #define LOOP_FLAGS (EVFLAG_AUTO | EVFLAG_NOSIGMASK)
 #endif
+
+static int reactor_fork_check(moor_executor *ex, void *self);
+static void reactor_after_fork(moor_executor *ex, void *self);
+static const moor__part_ops reactor_part = {reactor_fork_check, reactor_after_fork, reactor_free};
 
 static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **out)
 {
@@ -223,8 +226,8 @@ static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **
         ev_idle_init(&r->idle, on_idle);
         ev_idle_start(r->loop, &r->idle); /* tasks may be queued already */
     }
-    ex->reactor = r;
-    ex->reactor_free = reactor_free;
+    moor__part_set(ex, MOOR__PART_REACTOR, &reactor_part, r);
+    moor__fork_hook_add(moor__signal_after_fork);
     moor__driver_set(ex, &ev_driver, r);
     *out = r;
     return 0;
@@ -232,7 +235,8 @@ static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **
 
 int moor__reactor_make(moor_executor *ex, moor__reactor **out)
 {
-    return ex->reactor ? (*out = ex->reactor, 0) : reactor_new(ex, NULL, out);
+    moor__reactor *r = moor__part_get(ex, MOOR__PART_REACTOR);
+    return r ? (*out = r, 0) : reactor_new(ex, NULL, out);
 }
 
 int moor_executor_attach(moor_executor *ex, struct ev_loop *loop)
@@ -240,7 +244,7 @@ int moor_executor_attach(moor_executor *ex, struct ev_loop *loop)
     moor__assert(ex == moor__tls_executor,
                  "moor_executor_attach: the executor belongs to another thread");
     moor__assert(loop, "moor_executor_attach: loop is NULL");
-    if (ex->reactor)
+    if (moor__part_get(ex, MOOR__PART_REACTOR))
         return -EBUSY;
     moor__reactor *r;
     return reactor_new(ex, loop, &r);
@@ -270,22 +274,21 @@ static int fd_available(void)
     return 0;
 }
 
-int moor_executor_after_fork(moor_executor *ex)
+static int reactor_fork_check(moor_executor *ex, void *self)
 {
-    moor__reactor *r = ex->reactor;
+    (void)ex;
+    moor__reactor *r = self;
     /* libev re-arms a forked loop at its next ev_run: a new epoll fd in place of the old one
      * (closed first), and a new async pipe, which needs a free descriptor; without one it
      * aborts. The child has one thread now: what is free now stays free until the ev_run
-     * below, which re-arms the loop at once. */
-    if (r && r->owned) {
-        int rc = fd_available();
-        if (rc < 0)
-            return rc;
-    }
-    moor__executor_after_fork(ex);
-    moor__signal_after_fork(ex);
-    if (!r)
-        return 0;
+     * in reactor_after_fork, which re-arms the loop at once. */
+    return r->owned ? fd_available() : 0;
+}
+
+static void reactor_after_fork(moor_executor *ex, void *self)
+{
+    (void)ex;
+    moor__reactor *r = self;
     /* The loop registers every watched fd again: no wait may still be on a closed one. */
     moor__reactor_check_all(r);
     ev_loop_fork(r->loop);
@@ -293,5 +296,4 @@ int moor_executor_after_fork(moor_executor *ex)
         ev_run(r->loop, EVRUN_NOWAIT);
     if (r->blocking)
         moor__blocking_pool_after_fork(r->blocking);
-    return 0;
 }

@@ -113,8 +113,9 @@ int moor__reactor_make(moor_executor *ex, moor__reactor **out);
 
 static inline int moor__reactor_get(moor_executor *ex, moor__reactor **out)
 {
-    if (__builtin_expect(ex->reactor != NULL, 1)) {
-        *out = ex->reactor;
+    moor__reactor *r = moor__part_get(ex, MOOR__PART_REACTOR);
+    if (__builtin_expect(r != NULL, 1)) {
+        *out = r;
         return 0;
     }
     return moor__reactor_make(ex, out);

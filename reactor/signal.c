@@ -252,7 +252,7 @@ void moor__signal_after_fork(moor_executor *ex)
 {
     /* Another thread of the parent may have held it at the fork. */
     pthread_mutex_init(&table_lock, NULL);
-    moor__reactor *mine = ex->reactor;
+    moor__reactor *mine = moor__part_get(ex, MOOR__PART_REACTOR);
     for (int signum = 1; signum < NSIG; signum++) {
         /* Handler calls on threads that did not cross the fork never end here. */
         table[signum].in_handler = 0;

@@ -245,7 +245,7 @@ static void wake_from_thread_run(int with_loop)
     CCHECK(moor_executor_new(&ex, NULL) == 0);
     if (with_loop) {
         CCHECK(moor_executor_loop(ex) != NULL); /* park in libev, not on the condition variable */
-        CCHECK(ex->reactor != NULL);
+        CCHECK(moor__part_get(ex, MOOR__PART_REACTOR) != NULL);
     }
     remote_wait w;
     memset(&w, 0, sizeof w);
@@ -256,7 +256,7 @@ static void wake_from_thread_run(int with_loop)
     CCHECK(pthread_join(th, NULL) == 0);
     CCHECK(moor_executor_run(ex) == 0); /* a second queued wake would poll it again */
     CCHECK(w.polls == 2);
-    CCHECK((ex->reactor != NULL) == with_loop);
+    CCHECK((moor__part_get(ex, MOOR__PART_REACTOR) != NULL) == with_loop);
     moor_executor_free(ex);
 }
 

@@ -435,7 +435,7 @@ static void test_time_plain_driver_has_no_loop(void **state)
     assert_int_equal(sf.base.result, 0);
 
     /* White-box: nothing above needed libev; timers ran on the condition-variable driver. */
-    assert_null(ex->reactor);
+    assert_null(moor__part_get(ex, MOOR__PART_REACTOR));
     moor_executor_free(ex);
 }
 
