@@ -6,8 +6,7 @@
 
 #include "alloc.h"
 #include "assert.h"
-#include "fiber.h"
-#include "waitq.h"
+#include "wait.h"
 
 struct moor_chan {
     moor_executor *ex; /* the executor whose fibers use it (bound at first use if NULL) */
@@ -16,7 +15,7 @@ struct moor_chan {
     size_t head;       /* next slot to receive from */
     size_t count;      /* values in the ring */
     int closed;
-    moor_waitq senders, receivers;
+    moor__list senders, receivers; /* moor_chan_op waiters */
     unsigned char *ring;
 };
 
@@ -86,22 +85,12 @@ static inline void copy_elem(void *dst, const void *src, size_t size)
 }
 
 /* A counterpart finished `w`'s operation with `result`: record it and wake its fiber. */
-static inline void complete(moor_waiter *w, intptr_t result)
+static inline void complete(moor__waiter *w, intptr_t result)
 {
     moor_chan_op *op = moor_container_of(w, moor_chan_op, waiter);
     op->completed = 1;
     op->base.result = result;
     moor__wake(&w->waker);
-}
-
-/* In a select (cx set), may the op take something, i.e. has its select not been won by
- * another slot? It claims the select only once it has secured what it takes. */
-static inline int may_take(const moor_cx *cx) { return !cx || moor__claim_open(cx); }
-
-static inline void took(const moor_cx *cx)
-{
-    if (cx)
-        (void)moor__claim(cx);
 }
 
 /* Send now if it needs no waiting: to a waiting receiver, or into the ring. 0, -EAGAIN,
@@ -110,17 +99,17 @@ static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const v
 {
     if (ch->closed)
         return -EPIPE;
-    if (!may_take(cx))
+    if (!moor__claim_open(cx))
         return -EAGAIN;
-    moor_waiter *w = moor__waitq_take(&ch->receivers, cx ? cx->claim : NULL);
+    moor__waiter *w = moor__waitq_take(&ch->receivers, cx ? cx->claim : NULL);
     if (w) {
-        took(cx);
+        (void)moor__claim(cx);
         copy_elem(moor_container_of(w, moor_chan_op, waiter)->elem, elem, ch->elem_size);
         complete(w, 0);
         return 0;
     }
     if (ch->count < ch->cap) {
-        took(cx);
+        (void)moor__claim(cx);
         copy_elem(slot(ch, ch->count), elem, ch->elem_size);
         ch->count++;
         return 0;
@@ -130,15 +119,15 @@ static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const v
 
 static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *elem, const moor_cx *cx)
 {
-    if (!may_take(cx))
+    if (!moor__claim_open(cx))
         return -EAGAIN;
     if (ch->count) {
-        took(cx);
+        (void)moor__claim(cx);
         copy_elem(elem, slot(ch, 0), ch->elem_size);
         ch->head = (ch->head + 1) % ch->cap;
         ch->count--;
         /* A slot is free: the first waiting sender moves its value in. */
-        moor_waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
+        moor__waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
         if (w) {
             copy_elem(slot(ch, ch->count), moor_container_of(w, moor_chan_op, waiter)->elem,
                       ch->elem_size);
@@ -147,9 +136,9 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
         }
         return 0;
     }
-    moor_waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
+    moor__waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
     if (w) {
-        took(cx);
+        (void)moor__claim(cx);
         copy_elem(elem, moor_container_of(w, moor_chan_op, waiter)->elem, ch->elem_size);
         complete(w, 0);
         return 0;
@@ -174,7 +163,7 @@ void moor_chan_close(moor_chan *ch)
     owner_check(ch, "moor_chan_close");
     moor__assert(!ch->closed, "moor_chan_close: the channel is already closed");
     ch->closed = 1;
-    moor_waiter *w;
+    moor__waiter *w;
     while ((w = moor__waitq_take(&ch->senders, NULL)))
         complete(w, -EPIPE);
     /* Receivers wait only while the ring is empty: none of them will get a value now. */
@@ -184,51 +173,53 @@ void moor_chan_close(moor_chan *ch)
 
 /* ---- the operation future -------------------------------------------------------------- */
 
-static void op_unlink(moor_chan_op *op, moor_executor *ex)
+static inline moor__list *queue_of(moor_chan_op *op)
 {
-    moor_chan *ch = op->chan;
-    moor__waitq_remove(op->send ? &ch->senders : &ch->receivers, &op->waiter);
-    moor__timer_remove(&ex->timers, &op->node);
+    return op->send ? &op->chan->senders : &op->chan->receivers;
 }
+
+static int op_ready(moor_future *fut, moor_cx *cx)
+{
+    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    if (op->completed)
+        return 1; /* result set by the counterpart */
+    if (op->waiter.queued)
+        return 0; /* a counterpart completes it, none has yet */
+    int rc = op->send ? try_send(op->chan, op->elem, cx) : try_recv(op->chan, op->elem, cx);
+    if (rc == -EAGAIN)
+        return 0;
+    fut->result = rc;
+    return 1;
+}
+
+static int op_park(moor_future *fut, moor_cx *cx)
+{
+    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    moor__waitq_park(queue_of(op), &op->waiter, cx);
+    return 0;
+}
+
+/* Completed by a counterpart already: the value moved; the result must not be lost. */
+static int op_unpark(moor_future *fut)
+{
+    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    moor__waitq_remove(queue_of(op), &op->waiter);
+    return op->completed;
+}
+
+static const moor__wait_ops op_wait = {op_ready, op_park, op_unpark};
 
 static moor_poll op_poll(moor_future *fut, moor_cx *cx)
 {
     moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
-    moor_executor *ex = cx->waker.ex;
     owner_check(op->chan, op->send ? "chan send future" : "chan recv future");
-    if (op->completed) {
-        moor__timer_remove(&ex->timers, &op->node);
-        return MOOR_READY; /* result set by the counterpart */
-    }
-    if (!op->waiter.queued) {
-        int rc = op->send ? try_send(op->chan, op->elem, cx)
-                          : try_recv(op->chan, op->elem, cx);
-        if (rc != -EAGAIN) {
-            moor__timer_remove(&ex->timers, &op->node);
-            fut->result = rc;
-            return MOOR_READY;
-        }
-    }
-    if (op->deadline >= 0 && moor_now() >= op->deadline) {
-        op_unlink(op, ex);
-        fut->result = -ETIMEDOUT;
-        return MOOR_READY;
-    }
-    moor__waitq_park(op->send ? &op->chan->senders : &op->chan->receivers, &op->waiter, cx);
-    if (moor__timer_arm(&ex->timers, &op->node, op->deadline, &cx->waker) < 0) {
-        op_unlink(op, ex);
-        fut->result = -ENOMEM;
-        return MOOR_READY;
-    }
-    return MOOR_PENDING;
+    return moor__wait_poll(fut, &op->node, cx, &op_wait);
 }
 
 static moor_poll op_cancel(moor_future *fut)
 {
     moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
-    op_unlink(op, moor__tls_executor);
-    /* Completed by a counterpart already: the value moved; the result must not be lost. */
-    return op->completed ? MOOR_READY : MOOR_PENDING;
+    return moor__wait_cancel(fut, &op->node, &op_wait);
 }
 
 static const moor_future_ops send_ops = {"chan send", op_poll, op_cancel};
@@ -239,11 +230,10 @@ static void op_init(moor_chan_op *op, moor_chan *ch, void *elem, int64_t deadlin
     op->base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
     op->chan = ch;
     op->elem = elem;
-    op->deadline = deadline;
     op->send = send;
     op->completed = 0;
-    op->waiter.queued = 0;
-    moor__timer_node_init(&op->node);
+    moor__waiter_init(&op->waiter);
+    moor__deadline_init(&op->node, deadline);
 }
 
 void moor_chan_send_init(moor_chan_op *op, moor_chan *ch, const void *elem, int64_t deadline)
@@ -259,7 +249,7 @@ void moor_chan_recv_init(moor_chan_op *op, moor_chan *ch, void *elem, int64_t de
 static void waiter_unlink(void *arg)
 {
     moor_chan_op *op = arg;
-    moor__waitq_remove(op->send ? &op->chan->senders : &op->chan->receivers, &op->waiter);
+    moor__waitq_remove(queue_of(op), &op->waiter);
 }
 
 /* A send or receive that has to wait. In a fiber it queues its op and waits for the
@@ -275,7 +265,7 @@ static int wait_op(moor_chan *ch, void *elem, int64_t deadline, int send)
         return (int)moor_block_on(&op.base);
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     moor__waitq_push(send ? &ch->senders : &ch->receivers, &op.waiter, &cx);
-    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, deadline, &op.node,
+    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, &op.node,
                                        waiter_unlink, &op, 1);
 }
 

@@ -4,7 +4,6 @@
 #include "assert.h"
 #include "future.h"
 #include "moor.h"
-#include "waitq.h"
 
 
 void moor_future_init(moor_future *fut, const moor_future_ops *ops, uint32_t flags)
@@ -61,5 +60,3 @@ moor_poll moor_future_cancel(moor_future *fut)
 }
 
 int moor_future_done(const moor_future *fut) { return moor__future_done(fut); }
-
-int moor_cx_claim(const moor_cx *cx) { return moor__claim(cx); }

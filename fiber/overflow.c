@@ -9,11 +9,14 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "fiber.h"
+#include "executor.h"
 
 #define ALTSTACK_SIZE (64u * 1024u)
 
 static struct sigaction previous;
+
+/* The executor of this thread, as the handler needs it: set at its thread init. */
+static __thread moor_executor *thread_executor;
 static int installed;
 static pthread_once_t install_once = PTHREAD_ONCE_INIT;
 
@@ -62,15 +65,17 @@ static moor_fiber *guard_owner(const moor_executor *ex, const char *addr)
 {
     if (ex->current && in_guard(ex, ex->current, addr))
         return ex->current;
-    for (moor_fiber *f = ex->fibers; f; f = f->next)
+    for (const moor__node *n = ex->fibers.head; n; n = n->next) {
+        moor_fiber *f = moor_container_of(n, moor_fiber, link);
         if (in_guard(ex, f, addr))
             return f;
+    }
     return NULL;
 }
 
 static void on_segv(int sig, siginfo_t *info, void *uctx)
 {
-    moor_executor *ex = moor__tls_executor;
+    moor_executor *ex = thread_executor;
     moor_fiber *f = ex ? guard_owner(ex, info->si_addr) : NULL;
     if (!f) {
         chain(sig, info, uctx);
@@ -83,7 +88,7 @@ static void on_segv(int sig, siginfo_t *info, void *uctx)
     n = put_str(msg, n, sizeof msg, " \"");
     n = put_str(msg, n, sizeof msg, f->name[0] ? f->name : "fiber");
     n = put_str(msg, n, sizeof msg, "\" overflowed its ");
-    n = put_u64(msg, n, sizeof msg, f->stack_size / 1024);
+    n = put_u64(msg, n, sizeof msg, moor__fiber_stack_size(ex, f) / 1024);
     n = put_str(msg, n, sizeof msg, " KiB stack\n");
     ssize_t w = write(STDERR_FILENO, msg, n);
     (void)w;
@@ -106,8 +111,10 @@ int moor__overflow_thread_init(moor_executor *ex)
     if (!installed)
         return -errno;
     stack_t current;
-    if (sigaltstack(NULL, &current) == 0 && !(current.ss_flags & SS_DISABLE))
+    if (sigaltstack(NULL, &current) == 0 && !(current.ss_flags & SS_DISABLE)) {
+        thread_executor = ex;
         return 0; /* the thread has one already: use it */
+    }
     void *mem = mmap(NULL, ALTSTACK_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
                      -1, 0);
     if (mem == MAP_FAILED)
@@ -119,11 +126,13 @@ int moor__overflow_thread_init(moor_executor *ex)
         return -err;
     }
     ex->altstack = mem;
+    thread_executor = ex;
     return 0;
 }
 
 void moor__overflow_thread_fini(moor_executor *ex)
 {
+    thread_executor = NULL;
     if (!ex->altstack)
         return;
     stack_t ss = {.ss_sp = NULL, .ss_size = 0, .ss_flags = SS_DISABLE};

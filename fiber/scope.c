@@ -1,44 +1,21 @@
 /* Scopes: a list of running children, released as they return; closing cancels what is
- * left and waits for the list to empty. */
+ * left and waits for the list to empty. The scope hears of a child's return through the
+ * child's exit hook, so it never writes a fiber's fields. */
 #include <errno.h>
-#include <inttypes.h>
 
 #include "assert.h"
-#include "fiber.h"
-#include "timer.h"
-#include "waitq.h"
+#include "wait.h"
 
 void moor_scope_init(moor_scope *scope)
 {
     scope->ex = moor__tls_executor;
-    scope->children = NULL;
+    scope->children = (moor__list){NULL, NULL};
     scope->count = 0;
-    scope->waiters = (moor_waitq){NULL, NULL};
+    scope->waiters = (moor__list){NULL, NULL};
     scope->owner = moor_self();
     scope->closed = 0;
     if (scope->owner)
-        scope->owner->open_scopes++;
-}
-
-int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
-{
-    moor__owner_check(&scope->ex, "moor_scope_spawn");
-    moor__assert(scope->closed <= 0, "moor_scope_spawn: the scope is closed");
-    moor_fiber *f;
-    int rc = moor_spawn(&f, fn, arg, attr);
-    if (rc < 0)
-        return rc;
-    f->detached = 1; /* the scope, not a join, is what keeps track of it */
-    f->scope = scope;
-    f->scope_prev = NULL;
-    f->scope_next = scope->children;
-    if (scope->children)
-        scope->children->scope_prev = f;
-    scope->children = f;
-    scope->count++;
-    if (scope->closed < 0) /* being closed: it starts cancelled, so the close can finish */
-        moor_cancel(f);
-    return 0;
+        moor__fiber_scopes(scope->owner, +1);
 }
 
 /* A future that is ready once the scope has no running child. The scope completes its
@@ -47,15 +24,14 @@ int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg, const moor_
 typedef struct empty_future {
     moor_future base;
     moor_scope *scope;
-    int64_t deadline;
     int completed;        /* the scope took it off its queue; result set */
-    moor_waiter waiter;
-    moor_timer_node node;
+    moor__waiter waiter;
+    moor__deadline deadline;
 } empty_future;
 
 static void complete_waiters(moor_scope *scope, intptr_t result)
 {
-    moor_waiter *w;
+    moor__waiter *w;
     while ((w = moor__waitq_take(&scope->waiters, NULL))) {
         empty_future *ef = moor_container_of(w, empty_future, waiter);
         ef->completed = 1;
@@ -64,48 +40,75 @@ static void complete_waiters(moor_scope *scope, intptr_t result)
     }
 }
 
-void moor__scope_child_done(moor_fiber *f)
+/* A child's exit hook: it has returned. */
+static void child_done(moor__exit_hook *hook)
 {
-    moor_scope *scope = f->scope;
-    if (f->scope_prev)
-        f->scope_prev->scope_next = f->scope_next;
-    else
-        scope->children = f->scope_next;
-    if (f->scope_next)
-        f->scope_next->scope_prev = f->scope_prev;
-    f->scope = NULL;
+    moor_scope *scope = hook->arg;
+    moor__list_remove(&scope->children, &hook->node);
+    moor__fiber_on_exit(moor__exit_hook_fiber(hook), NULL, NULL);
     if (--scope->count == 0)
         complete_waiters(scope, 0);
 }
 
+int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
+{
+    moor__owner_check(&scope->ex, "moor_scope_spawn");
+    moor__assert(scope->closed <= 0, "moor_scope_spawn: the scope is closed");
+    moor__assert(fn, "moor_scope_spawn: fn is NULL");
+    moor__assert(scope->ex, "moor_scope_spawn: no executor on this thread");
+    moor_fiber *f;
+    /* Detached: the scope, not a join, is what keeps track of it. */
+    int rc = moor__fiber_spawn(scope->ex, &f, fn, arg, attr, 1);
+    if (rc < 0)
+        return rc;
+    moor__list_push_front(&scope->children, &moor__fiber_on_exit(f, child_done, scope)->node);
+    scope->count++;
+    if (scope->closed < 0) /* being closed: it starts cancelled, so the close can finish */
+        moor_cancel(f);
+    return 0;
+}
+
+static int empty_ready(moor_future *fut, moor_cx *cx)
+{
+    (void)cx;
+    empty_future *ef = moor_container_of(fut, empty_future, base);
+    if (ef->completed)
+        return 1; /* result set by the scope */
+    if (ef->scope->count)
+        return 0;
+    moor__waitq_remove(&ef->scope->waiters, &ef->waiter);
+    fut->result = 0;
+    return 1;
+}
+
+static int empty_park(moor_future *fut, moor_cx *cx)
+{
+    empty_future *ef = moor_container_of(fut, empty_future, base);
+    moor__waitq_park(&ef->scope->waiters, &ef->waiter, cx);
+    return 0;
+}
+
+static int empty_unpark(moor_future *fut)
+{
+    empty_future *ef = moor_container_of(fut, empty_future, base);
+    if (ef->completed)
+        return 1;
+    moor__waitq_remove(&ef->scope->waiters, &ef->waiter);
+    return 0;
+}
+
+static const moor__wait_ops empty_wait = {empty_ready, empty_park, empty_unpark};
+
 static moor_poll empty_poll(moor_future *fut, moor_cx *cx)
 {
     empty_future *ef = moor_container_of(fut, empty_future, base);
-    moor_executor *ex = cx->waker.ex;
-    if (ef->completed) {
-        moor__timer_remove(&ex->timers, &ef->node);
-        return MOOR_READY; /* result set by the scope */
-    }
-    if (ef->scope->count == 0 || (ef->deadline >= 0 && moor_now() >= ef->deadline)) {
-        moor__timer_remove(&ex->timers, &ef->node);
-        moor__waitq_remove(&ef->scope->waiters, &ef->waiter);
-        fut->result = ef->scope->count == 0 ? 0 : -ETIMEDOUT;
-        return MOOR_READY;
-    }
-    moor__waitq_park(&ef->scope->waiters, &ef->waiter, cx);
-    if (moor__timer_arm(&ex->timers, &ef->node, ef->deadline, &cx->waker) < 0)
-        ef->deadline = moor_now(); /* cannot time the wait: give up at the next poll */
-    return MOOR_PENDING;
+    return moor__wait_poll(fut, &ef->deadline, cx, &empty_wait);
 }
 
 static moor_poll empty_cancel(moor_future *fut)
 {
     empty_future *ef = moor_container_of(fut, empty_future, base);
-    moor__timer_remove(&moor__tls_executor->timers, &ef->node);
-    if (ef->completed)
-        return MOOR_READY;
-    moor__waitq_remove(&ef->scope->waiters, &ef->waiter);
-    return MOOR_PENDING;
+    return moor__wait_cancel(fut, &ef->deadline, &empty_wait);
 }
 
 static const moor_future_ops empty_ops = {"scope", empty_poll, empty_cancel};
@@ -117,10 +120,9 @@ static int wait_empty(moor_scope *scope, int64_t deadline, int cancellable)
     empty_future ef;
     moor_future_init(&ef.base, &empty_ops, 0);
     ef.scope = scope;
-    ef.deadline = deadline;
     ef.completed = 0;
-    ef.waiter.queued = 0;
-    moor__timer_node_init(&ef.node);
+    moor__waiter_init(&ef.waiter);
+    moor__deadline_init(&ef.deadline, deadline);
     return (int)(cancellable ? moor__wait(&ef.base) : moor__wait_uncancellable(&ef.base));
 }
 
@@ -135,22 +137,21 @@ int moor_scope_close(moor_scope *scope, int64_t deadline)
     moor__owner_check(&scope->ex, "moor_scope_close");
     moor__assert(!scope->closed, "moor_scope_close: the scope is already closed");
     scope->closed = -1; /* closing: children spawned from now on start cancelled */
-    for (moor_fiber *f = scope->children; f; f = f->scope_next)
-        moor_cancel(f);
+    for (moor__node *n = scope->children.head; n; n = n->next)
+        moor_cancel(moor__exit_hook_fiber(moor_container_of(n, moor__exit_hook, node)));
     int rc = wait_empty(scope, deadline, 0);
     if (rc < 0) {
         /* Still running at the deadline: they are cancelled, detached and released when
          * they return; the scope lets go of them, and of the fibers waiting for them. */
-        for (moor_fiber *f = scope->children; f; f = f->scope_next)
-            f->scope = NULL;
-        scope->children = NULL;
+        moor__node *n;
+        while ((n = moor__list_pop(&scope->children)))
+            moor__fiber_on_exit(moor__exit_hook_fiber(moor_container_of(n, moor__exit_hook, node)),
+                                NULL, NULL);
         scope->count = 0;
         complete_waiters(scope, -EPIPE);
     }
     scope->closed = 1;
-    if (scope->owner) {
-        moor__assert(scope->owner->open_scopes > 0, "moor_scope_close: scope bookkeeping broken");
-        scope->owner->open_scopes--;
-    }
+    if (scope->owner)
+        moor__fiber_scopes(scope->owner, -1);
     return rc;
 }

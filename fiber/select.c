@@ -5,32 +5,19 @@
 #include <errno.h>
 
 #include "assert.h"
-#include "executor.h"
-#include "fiber.h"
 #include "future.h"
-#include "timer.h"
-
-static int arm(moor_timer_node *node, int64_t deadline, const moor_cx *cx)
-{
-    return moor__timer_arm(&cx->waker.ex->timers, node, deadline, &cx->waker);
-}
-
-static void disarm(moor_timer_node *node)
-{
-    moor__timer_remove(&moor__tls_executor->timers, node);
-}
-
-static int expired(int64_t deadline) { return deadline >= 0 && moor_now() >= deadline; }
+#include "wait.h"
 
 /* ---- select ------------------------------------------------------------------------------ */
+
+int moor_cx_claim(const moor_cx *cx) { return moor__claim(cx); }
 
 typedef struct select_future {
     moor_future base;
     moor_future **futs;
     size_t n;
-    int64_t deadline;
-    moor_claim claim;
-    moor_timer_node node;
+    struct moor__claim claim;
+    moor__deadline deadline;
 } select_future;
 
 /* Cancel every pending future but `keep`. A cancel that reports the future had completed
@@ -47,7 +34,9 @@ static long cancel_all_but(select_future *sf, long keep)
     return completed;
 }
 
-static moor_poll select_poll(moor_future *fut, moor_cx *cx)
+/* Poll every future (each registers its own wake-up); the first ready one whose slot holds
+ * the claim wins, and the others are cancelled. */
+static int select_ready(moor_future *fut, moor_cx *cx)
 {
     select_future *sf = moor_container_of(fut, select_future, base);
     moor_cx inner = {cx->waker, &sf->claim, NULL};
@@ -55,60 +44,53 @@ static moor_poll select_poll(moor_future *fut, moor_cx *cx)
     for (size_t i = 0; i < sf->n && win < 0; i++) {
         moor_future *f = sf->futs[i];
         inner.slot = f; /* what f (or a future it wraps) claims the select for */
-        if (moor__future_done(f)) {
-            /* Done before the select began, or a non-taking future that finished while
-             * another won: the first is ready now, the second has lost. */
-            if (!sf->claim.claimed) {
-                sf->claim.claimed = 1;
-                sf->claim.winner = f;
-            }
-            if (sf->claim.winner == f)
-                win = (long)i;
-            continue;
-        }
-        if (moor_future_poll(f, &inner) == MOOR_READY) {
-            if (!sf->claim.claimed) { /* a future that takes nothing won: close the select */
-                sf->claim.claimed = 1;
-                sf->claim.winner = f;
-            }
-            if (sf->claim.winner == f)
-                win = (long)i;
-        }
+        /* Done before the select began, or ready now. A future that takes nothing never
+         * claimed: its being ready claims the select now, unless another won first. */
+        if ((moor__future_done(f) || moor_future_poll(f, &inner) == MOOR_READY) &&
+            moor__claim_slot(&sf->claim, f, 1))
+            win = (long)i;
     }
-    if (win < 0 && expired(sf->deadline)) {
-        sf->claim.claimed = 1; /* nothing may complete from here on */
-        win = cancel_all_but(sf, -1);
-        disarm(&sf->node);
-        fut->result = win >= 0 ? win : -ETIMEDOUT;
-        return MOOR_READY;
+    if (win < 0)
+        return 0;
+    cancel_all_but(sf, win);
+    fut->result = win;
+    return 1;
+}
+
+static int select_park(moor_future *fut, moor_cx *cx)
+{
+    (void)fut;
+    (void)cx;
+    return 0; /* its futures registered themselves when select_ready polled them */
+}
+
+/* Give up: nothing may complete from here on. One of them may have completed in the
+ * meantime (a cancel reports it): that one wins rather than its value being lost. */
+static int select_unpark(moor_future *fut)
+{
+    select_future *sf = moor_container_of(fut, select_future, base);
+    sf->claim.claimed = 1;
+    long win = cancel_all_but(sf, -1);
+    if (win < 0) {
+        sf->claim = (struct moor__claim){0, NULL}; /* as fresh, if polled again */
+        return 0;
     }
-    if (win >= 0) {
-        cancel_all_but(sf, win);
-        disarm(&sf->node);
-        fut->result = win;
-        return MOOR_READY;
-    }
-    if (arm(&sf->node, sf->deadline, cx) < 0) {
-        sf->claim.claimed = 1;
-        win = cancel_all_but(sf, -1);
-        fut->result = win >= 0 ? win : -ENOMEM;
-        return MOOR_READY;
-    }
-    return MOOR_PENDING;
+    fut->result = win;
+    return 1;
+}
+
+static const moor__wait_ops select_wait = {select_ready, select_park, select_unpark};
+
+static moor_poll select_poll(moor_future *fut, moor_cx *cx)
+{
+    select_future *sf = moor_container_of(fut, select_future, base);
+    return moor__wait_poll(fut, &sf->deadline, cx, &select_wait);
 }
 
 static moor_poll select_cancel(moor_future *fut)
 {
     select_future *sf = moor_container_of(fut, select_future, base);
-    disarm(&sf->node);
-    sf->claim.claimed = 1;
-    long win = cancel_all_but(sf, -1);
-    if (win < 0) {
-        sf->claim = (moor_claim){0, NULL};
-        return MOOR_PENDING;
-    }
-    fut->result = win; /* one of them had completed: report it rather than lose it */
-    return MOOR_READY;
+    return moor__wait_cancel(fut, &sf->deadline, &select_wait);
 }
 
 static const moor_future_ops select_ops = {"select", select_poll, select_cancel};
@@ -120,9 +102,8 @@ int moor_select(moor_future **futs, size_t n, int64_t deadline)
     moor_future_init(&sf.base, &select_ops, 0);
     sf.futs = futs;
     sf.n = n;
-    sf.deadline = deadline;
-    sf.claim = (moor_claim){0, NULL};
-    moor__timer_node_init(&sf.node);
+    sf.claim = (struct moor__claim){0, NULL};
+    moor__deadline_init(&sf.deadline, deadline);
     return (int)moor__wait(&sf.base);
 }
 
@@ -163,47 +144,53 @@ typedef struct join_all_future {
     moor_future base;
     moor_future **futs;
     size_t n;
-    int64_t deadline;
-    moor_timer_node node;
+    moor__deadline deadline;
 } join_all_future;
 
-static void cancel_pending(moor_future **futs, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (futs[i]->state == MOOR__FUTURE_PENDING)
-            (void)moor_future_cancel(futs[i]); /* a completed one keeps its output */
-}
-
-static moor_poll join_all_poll(moor_future *fut, moor_cx *cx)
+static int join_all_ready(moor_future *fut, moor_cx *cx)
 {
     join_all_future *jf = moor_container_of(fut, join_all_future, base);
+    /* Their completions are not wins of any select this one is in: no claim. */
     moor_cx inner = {cx->waker, NULL, NULL};
     size_t left = 0;
     for (size_t i = 0; i < jf->n; i++)
         if (!moor__future_done(jf->futs[i]) &&
             moor_future_poll(jf->futs[i], &inner) == MOOR_PENDING)
             left++;
-    if (left == 0 || expired(jf->deadline)) {
-        disarm(&jf->node);
-        if (left)
-            cancel_pending(jf->futs, jf->n);
-        fut->result = left ? -ETIMEDOUT : 0;
-        return MOOR_READY;
-    }
-    if (arm(&jf->node, jf->deadline, cx) < 0) {
-        cancel_pending(jf->futs, jf->n);
-        fut->result = -ENOMEM;
-        return MOOR_READY;
-    }
-    return MOOR_PENDING;
+    if (left)
+        return 0;
+    fut->result = 0;
+    return 1;
+}
+
+static int join_all_park(moor_future *fut, moor_cx *cx)
+{
+    (void)fut;
+    (void)cx;
+    return 0; /* each pending future registered itself when join_all_ready polled it */
+}
+
+static int join_all_unpark(moor_future *fut)
+{
+    join_all_future *jf = moor_container_of(fut, join_all_future, base);
+    for (size_t i = 0; i < jf->n; i++)
+        if (jf->futs[i]->state == MOOR__FUTURE_PENDING)
+            (void)moor_future_cancel(jf->futs[i]); /* a completed one keeps its output */
+    return 0;
+}
+
+static const moor__wait_ops join_all_wait = {join_all_ready, join_all_park, join_all_unpark};
+
+static moor_poll join_all_poll(moor_future *fut, moor_cx *cx)
+{
+    join_all_future *jf = moor_container_of(fut, join_all_future, base);
+    return moor__wait_poll(fut, &jf->deadline, cx, &join_all_wait);
 }
 
 static moor_poll join_all_cancel(moor_future *fut)
 {
     join_all_future *jf = moor_container_of(fut, join_all_future, base);
-    disarm(&jf->node);
-    cancel_pending(jf->futs, jf->n);
-    return MOOR_PENDING;
+    return moor__wait_cancel(fut, &jf->deadline, &join_all_wait);
 }
 
 static const moor_future_ops join_all_ops = {"join all", join_all_poll, join_all_cancel};
@@ -214,8 +201,7 @@ int moor_join_all(moor_future **futs, size_t n, int64_t deadline)
     moor_future_init(&jf.base, &join_all_ops, 0);
     jf.futs = futs;
     jf.n = n;
-    jf.deadline = deadline;
-    moor__timer_node_init(&jf.node);
+    moor__deadline_init(&jf.deadline, deadline);
     return (int)moor__wait(&jf.base);
 }
 
@@ -223,31 +209,20 @@ int moor_join_all(moor_future **futs, size_t n, int64_t deadline)
 
 #define BACKOFF_MAX_MS (60 * 1000)
 
-static moor_poll retry_poll(moor_future *fut, moor_cx *cx)
+/* Drive attempts and backoffs until one ends it (1) or one is pending (0). Past the deadline
+ * it starts nothing new: the wait skeleton then gives up (retry_unpark). */
+static int retry_ready(moor_future *fut, moor_cx *cx)
 {
     moor_retry_future *rf = moor_container_of(fut, moor_retry_future, base);
     for (;;) {
-        if (expired(rf->deadline)) {
-            if (rf->current && moor_future_cancel(rf->current) == MOOR_READY &&
-                rf->current->result >= 0) {
-                fut->result = rf->current->result; /* it made it after all */
-            } else {
-                fut->result = -ETIMEDOUT;
-            }
-            if (rf->pausing)
-                moor_future_cancel(&rf->pause.base);
-            disarm(&rf->node);
-            return MOOR_READY;
-        }
         if (rf->current) {
             if (moor_future_poll(rf->current, cx) == MOOR_PENDING)
-                break;
+                return 0;
             intptr_t r = rf->current->result;
             rf->current = NULL;
             if (r >= 0 || rf->attempt >= rf->attempts) {
-                disarm(&rf->node);
                 fut->result = r;
-                return MOOR_READY;
+                return 1;
             }
             int64_t delay = rf->backoff_ms;
             for (unsigned i = 1; i < rf->attempt && delay < BACKOFF_MAX_MS; i++)
@@ -257,42 +232,56 @@ static moor_poll retry_poll(moor_future *fut, moor_cx *cx)
         }
         if (rf->pausing) {
             if (moor_future_poll(&rf->pause.base, cx) == MOOR_PENDING)
-                break;
+                return 0;
             rf->pausing = 0;
         }
+        if (moor__deadline_passed(&rf->deadline))
+            return 0;
         rf->attempt++;
         rf->current = rf->make(rf->arg, rf->attempt);
         if (!rf->current) {
-            disarm(&rf->node);
             fut->result = -ENOMEM;
-            return MOOR_READY;
+            return 1;
         }
     }
-    if (arm(&rf->node, rf->deadline, cx) < 0) {
-        if (rf->current)
-            moor_future_cancel(rf->current);
-        if (rf->pausing)
-            moor_future_cancel(&rf->pause.base);
-        fut->result = -ENOMEM;
-        return MOOR_READY;
+}
+
+static int retry_park(moor_future *fut, moor_cx *cx)
+{
+    (void)fut;
+    (void)cx;
+    return 0; /* the attempt or the backoff in flight registered itself */
+}
+
+/* Give up on the attempt in flight, unless it made it after all. */
+static int retry_unpark(moor_future *fut)
+{
+    moor_retry_future *rf = moor_container_of(fut, moor_retry_future, base);
+    if (rf->pausing) {
+        moor_future_cancel(&rf->pause.base);
+        rf->pausing = 0;
     }
-    return MOOR_PENDING;
+    moor_future *current = rf->current;
+    rf->current = NULL;
+    if (current && moor_future_cancel(current) == MOOR_READY && current->result >= 0) {
+        fut->result = current->result;
+        return 1;
+    }
+    return 0;
+}
+
+static const moor__wait_ops retry_wait = {retry_ready, retry_park, retry_unpark};
+
+static moor_poll retry_poll(moor_future *fut, moor_cx *cx)
+{
+    moor_retry_future *rf = moor_container_of(fut, moor_retry_future, base);
+    return moor__wait_poll(fut, &rf->deadline, cx, &retry_wait);
 }
 
 static moor_poll retry_cancel(moor_future *fut)
 {
     moor_retry_future *rf = moor_container_of(fut, moor_retry_future, base);
-    disarm(&rf->node);
-    if (rf->pausing) {
-        moor_future_cancel(&rf->pause.base);
-        rf->pausing = 0;
-    }
-    if (rf->current && moor_future_cancel(rf->current) == MOOR_READY &&
-        rf->current->result >= 0) {
-        fut->result = rf->current->result;
-        return MOOR_READY;
-    }
-    return MOOR_PENDING;
+    return moor__wait_cancel(fut, &rf->deadline, &retry_wait);
 }
 
 static const moor_future_ops retry_ops = {"retry", retry_poll, retry_cancel};
@@ -307,10 +296,9 @@ void moor_retry_init(moor_retry_future *rf, moor_retry_make make, void *arg, uns
     rf->attempts = attempts;
     rf->attempt = 0;
     rf->backoff_ms = backoff_ms > 0 ? backoff_ms : 0;
-    rf->deadline = deadline;
     rf->current = NULL;
     rf->pausing = 0;
-    moor__timer_node_init(&rf->node);
+    moor__deadline_init(&rf->deadline, deadline);
 }
 
 intptr_t moor_retry(moor_retry_make make, void *arg, unsigned attempts, int64_t backoff_ms,

@@ -6,75 +6,72 @@
 #include <stdint.h>
 
 #include "assert.h"
-#include "fiber.h"
-#include "waitq.h"
+#include "wait.h"
 
 typedef struct wait_op wait_op;
 
 struct wait_op {
     moor_future base;
-    moor_waitq *q;
+    moor__list *q;
     void *obj;
     /* Take what is waited for now, if it can be had without waiting; non-zero if taken. */
     int (*take_now)(wait_op *op);
     moor_fiber *self;     /* the waiting fiber (becomes the mutex owner on hand-off) */
-    int64_t deadline;
     int completed;        /* a counterpart completed it (a lock or permit is now ours) */
-    moor_waiter waiter;
-    moor_timer_node node;
+    moor__waiter waiter;
+    moor__deadline deadline;
 };
 
-static void op_unlink(wait_op *op, moor_executor *ex)
+static int op_ready(moor_future *fut, moor_cx *cx)
 {
-    moor__waitq_remove(op->q, &op->waiter);
-    moor__timer_remove(&ex->timers, &op->node);
+    wait_op *op = moor_container_of(fut, wait_op, base);
+    if (op->completed || (!op->waiter.queued && moor__claim_open(cx) && op->take_now(op))) {
+        (void)moor__claim(cx);
+        moor__waitq_remove(op->q, &op->waiter);
+        fut->result = 0;
+        return 1;
+    }
+    return 0;
 }
+
+static int op_park(moor_future *fut, moor_cx *cx)
+{
+    wait_op *op = moor_container_of(fut, wait_op, base);
+    moor__waitq_park(op->q, &op->waiter, cx);
+    return 0;
+}
+
+/* Handed over already: the caller has it (a lock, a permit) and must release it. */
+static int op_unpark(moor_future *fut)
+{
+    wait_op *op = moor_container_of(fut, wait_op, base);
+    moor__waitq_remove(op->q, &op->waiter);
+    if (!op->completed)
+        return 0;
+    fut->result = 0;
+    return 1;
+}
+
+static const moor__wait_ops op_wait = {op_ready, op_park, op_unpark};
 
 static moor_poll wait_poll(moor_future *fut, moor_cx *cx)
 {
     wait_op *op = moor_container_of(fut, wait_op, base);
-    moor_executor *ex = cx->waker.ex;
-    if (op->completed) {
-        op_unlink(op, ex);
-        fut->result = 0;
-        return MOOR_READY;
-    }
-    if (!op->waiter.queued && moor__claim_open(cx) && op->take_now(op)) {
-        (void)moor__claim(cx);
-        op_unlink(op, ex);
-        fut->result = 0;
-        return MOOR_READY;
-    }
-    if (op->deadline >= 0 && moor_now() >= op->deadline) {
-        op_unlink(op, ex);
-        fut->result = -ETIMEDOUT;
-        return MOOR_READY;
-    }
-    moor__waitq_park(op->q, &op->waiter, cx);
-    if (moor__timer_arm(&ex->timers, &op->node, op->deadline, &cx->waker) < 0) {
-        op_unlink(op, ex);
-        fut->result = -ENOMEM;
-        return MOOR_READY;
-    }
-    return MOOR_PENDING;
+    return moor__wait_poll(fut, &op->deadline, cx, &op_wait);
 }
 
 static moor_poll wait_cancel(moor_future *fut)
 {
     wait_op *op = moor_container_of(fut, wait_op, base);
-    op_unlink(op, moor__tls_executor);
-    if (!op->completed)
-        return MOOR_PENDING;
-    fut->result = 0; /* handed over already: the caller has it and must release it */
-    return MOOR_READY;
+    return moor__wait_cancel(fut, &op->deadline, &op_wait);
 }
 
 static const moor_future_ops wait_ops = {"sync wait", wait_poll, wait_cancel};
 
 /* The counterpart's side: complete the first waiter that may be completed. */
-static wait_op *complete_first(moor_waitq *q)
+static wait_op *complete_first(moor__list *q)
 {
-    moor_waiter *w = moor__waitq_take(q, NULL);
+    moor__waiter *w = moor__waitq_take(q, NULL);
     if (!w)
         return NULL;
     wait_op *op = moor_container_of(w, wait_op, waiter);
@@ -83,7 +80,7 @@ static wait_op *complete_first(moor_waitq *q)
     return op;
 }
 
-static void complete_all(moor_waitq *q)
+static void complete_all(moor__list *q)
 {
     while (complete_first(q))
         ;
@@ -98,7 +95,7 @@ static void waiter_unlink(void *arg)
 /* Wait for a counterpart. The caller has found that it cannot take what it waits for now:
  * a fiber queues and waits for completion directly; plain code runs the executor on the
  * op as a future (whose first poll tries again). */
-static int wait_on(moor_waitq *q, void *obj, int (*take_now)(wait_op *), int64_t deadline,
+static int wait_on(moor__list *q, void *obj, int (*take_now)(wait_op *), int64_t deadline,
                    int cancellable)
 {
     wait_op op;
@@ -107,17 +104,16 @@ static int wait_on(moor_waitq *q, void *obj, int (*take_now)(wait_op *), int64_t
     op.obj = obj;
     op.take_now = take_now;
     op.self = moor_self();
-    op.deadline = deadline;
     op.completed = 0;
-    op.waiter.queued = 0;
-    moor__timer_node_init(&op.node);
+    moor__waiter_init(&op.waiter);
+    moor__deadline_init(&op.deadline, deadline);
     moor_fiber *f = op.self;
     if (!f)
         return (int)moor__wait_uncancellable(&op.base);
     moor_executor *ex = f->ex;
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     moor__waitq_push(q, &op.waiter, &cx);
-    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, deadline, &op.node,
+    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, &op.deadline,
                                        waiter_unlink, &op, cancellable);
 }
 

@@ -87,13 +87,8 @@ typedef struct moor_waker {
     uint64_t gen;      /* private: 0 means no task */
 } moor_waker;
 
-/* A select's one-winner token. Futures that take something when they complete (a channel
- * value, a lock, a permit) claim their select first (moor_cx_claim), so that at most one of a
- * select's futures takes anything; the others see it claimed and neither take nor complete. */
-typedef struct moor_claim {
-    int claimed;        /* private */
-    const void *winner; /* private: the slot that won */
-} moor_claim;
+/* A select's one-winner token, private to moor: see moor_cx_claim. */
+struct moor__claim;
 
 /* What a poll receives: the waker of the task being polled, and, inside a select, which
  * select and which of its slots the poll speaks for (claim NULL outside a select).
@@ -105,7 +100,7 @@ typedef struct moor_claim {
  * whose claim is NULL. */
 typedef struct moor_cx {
     moor_waker waker;  /* read-only */
-    moor_claim *claim; /* read-only */
+    struct moor__claim *claim; /* read-only */
     const void *slot;  /* private: the select's own future this poll is made for */
 } moor_cx;
 
@@ -114,19 +109,23 @@ typedef struct moor_cx {
  * or let the select cancel it). Outside a select always 1. */
 MOOR_API int moor_cx_claim(const moor_cx *cx);
 
-/* A place in a FIFO wait queue, embedded in futures that wait for a counterpart (channels,
- * mutexes, semaphores, events). Private throughout. */
-typedef struct moor_waiter {
-    struct moor_waiter *prev, *next;
+/* Private layouts, embedded in caller-owned structs: an intrusive list, and a place in a
+ * FIFO wait queue of moor's synchronisation objects. */
+typedef struct moor__node {
+    struct moor__node *prev, *next;
+} moor__node;
+
+typedef struct moor__list {
+    moor__node *head, *tail;
+} moor__list;
+
+typedef struct moor__waiter {
+    moor__node node;
     moor_waker waker;
-    moor_claim *claim;
+    struct moor__claim *claim;
     const void *slot;
     int queued;
-} moor_waiter;
-
-typedef struct moor_waitq {
-    moor_waiter *head, *tail; /* private */
-} moor_waitq;
+} moor__waiter;
 
 /* The ops of a future type. Both ops run on the thread of the executor that polls the
  * future. Of the moor_future they are given they may write `result` (the output, when they
@@ -273,19 +272,20 @@ MOOR_API int64_t moor_now(void);
 /* moor_now() + ms: a deadline `ms` from now (ms < 0 gives -1, no deadline). */
 MOOR_API int64_t moor_deadline_in(int64_t ms);
 
-/* A place in the executor's timer heap; embedded in futures that wait with a deadline. */
-typedef struct moor_timer_node {
-    int64_t deadline;  /* private */
-    uint64_t seq;      /* private: ties broken first-come first-served */
-    size_t index;      /* private: position in the heap; SIZE_MAX when not in it */
-    moor_waker waker;  /* private */
-} moor_timer_node;
+/* Private layout: a deadline (-1: none) and its place in the executor's timer heap;
+ * embedded in futures that wait with a deadline. */
+typedef struct moor__deadline {
+    int64_t at;
+    uint64_t seq;      /* ties broken first-come first-served */
+    size_t index;      /* position in the heap; SIZE_MAX when not in it */
+    moor_waker waker;
+} moor__deadline;
 
 /* A future that becomes ready (output 0) once moor_now() >= deadline; never earlier. Caller
  * owned; must not move once polled. Output -ENOMEM if the timer heap could not grow. */
 typedef struct moor_sleep_future {
     moor_future base;     /* public: poll, await, select this */
-    moor_timer_node node; /* private */
+    moor__deadline node; /* private */
 } moor_sleep_future;
 
 MOOR_API void moor_sleep_init(moor_sleep_future *sf, int64_t deadline);
@@ -422,11 +422,10 @@ typedef struct moor_chan_op {
     moor_future base;     /* public: poll, await, select this */
     moor_chan *chan;      /* read-only */
     void *elem;           /* private */
-    int64_t deadline;     /* private */
     int send;             /* private */
     int completed;        /* private: a counterpart finished it; output in base.result */
-    moor_waiter waiter;   /* private */
-    moor_timer_node node; /* private */
+    moor__waiter waiter;   /* private */
+    moor__deadline node; /* private */
 } moor_chan_op;
 
 MOOR_API void moor_chan_send_init(moor_chan_op *op, moor_chan *ch, const void *elem, int64_t deadline);
@@ -468,11 +467,10 @@ typedef struct moor_retry_future {
     unsigned attempts;      /* private */
     unsigned attempt;       /* read-only: attempts started so far */
     int64_t backoff_ms;     /* private */
-    int64_t deadline;       /* private */
     moor_future *current;   /* private: the attempt in flight, NULL while backing off */
     int pausing;            /* private */
     moor_sleep_future pause;/* private: the backoff */
-    moor_timer_node node;   /* private: the deadline */
+    moor__deadline deadline;/* private */
 } moor_retry_future;
 
 MOOR_API void moor_retry_init(moor_retry_future *rf, moor_retry_make make, void *arg,
@@ -488,9 +486,9 @@ MOOR_API intptr_t moor_retry(moor_retry_make make, void *arg, unsigned attempts,
  * ---------------------------------------------------------------------------------------- */
 
 typedef struct moor_scope {
-    moor_fiber *children;  /* private: running children */
+    moor__list children;   /* private: the exit hooks of its running children */
     size_t count;          /* read-only: children running */
-    moor_waitq waiters;    /* private: fibers waiting for count to reach 0 */
+    moor__list waiters;    /* private: fibers waiting for count to reach 0 */
     moor_fiber *owner;     /* private: the fiber that opened it, or NULL */
     int closed;            /* private: 0 open, -1 closing, 1 closed */
     moor_executor *ex;     /* private: the executor whose fibers use it */
@@ -526,7 +524,7 @@ MOOR_API int moor_scope_close(moor_scope *scope, int64_t deadline);
 typedef struct moor_mutex {
     moor_fiber *owner;  /* read-only: holder, or NULL (or the plain code marker) */
     int locked;         /* read-only */
-    moor_waitq waiters; /* private */
+    moor__list waiters; /* private */
     moor_executor *ex;  /* private: bound at first use */
 } moor_mutex;
 #define MOOR_MUTEX_INIT {.ex = NULL}
@@ -538,7 +536,7 @@ MOOR_API void moor_mutex_unlock(moor_mutex *m);
 /* A condition variable. wait unlocks m, waits for a signal and locks m again before it
  * returns, whatever it returns. */
 typedef struct moor_cond {
-    moor_waitq waiters; /* private */
+    moor__list waiters; /* private */
     moor_executor *ex;  /* private: bound at first use */
 } moor_cond;
 #define MOOR_COND_INIT {.ex = NULL}
@@ -549,7 +547,7 @@ MOOR_API void moor_cond_broadcast(moor_cond *c);
 /* A counting semaphore; release hands a permit to the first waiter. */
 typedef struct moor_sem {
     size_t permits;     /* read-only */
-    moor_waitq waiters; /* private */
+    moor__list waiters; /* private */
     moor_executor *ex;  /* private: bound at first use */
 } moor_sem;
 #define MOOR_SEM_INIT(n) {.permits = (n)}
@@ -560,7 +558,7 @@ MOOR_API void moor_sem_release(moor_sem *s);
 /* A wait group: wait returns once the count is back at zero. */
 typedef struct moor_waitgroup {
     size_t count;       /* read-only */
-    moor_waitq waiters; /* private */
+    moor__list waiters; /* private */
     moor_executor *ex;  /* private: bound at first use */
 } moor_waitgroup;
 #define MOOR_WAITGROUP_INIT {.ex = NULL}
@@ -572,7 +570,7 @@ MOOR_API int moor_waitgroup_wait(moor_waitgroup *wg, int64_t deadline);
 /* A one-shot event: once set, every wait returns at once. */
 typedef struct moor_event {
     int set;            /* read-only */
-    moor_waitq waiters; /* private */
+    moor__list waiters; /* private */
     moor_executor *ex;  /* private: bound at first use */
 } moor_event;
 #define MOOR_EVENT_INIT {.ex = NULL}
@@ -641,7 +639,7 @@ typedef struct moor_io_future {
     int state;             /* private: not started, waiting, ready, failed (reactor/io.c) */
     uint32_t epoch;        /* private: when it was put on the check list (10 ms epochs) */
     moor_waker waker;      /* private */
-    moor_timer_node node;  /* private */
+    moor__deadline node;  /* private */
     struct moor_io_future *fd_next, **fd_prev;       /* private: the fd's waiters */
     struct moor_io_future *check_next, **check_prev; /* private: waits to check */
     _Alignas(16) unsigned char watcher[64]; /* private: an ev_io */

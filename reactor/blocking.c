@@ -23,8 +23,9 @@
 
 #include "fiber/alloc.h"
 #include "fiber/assert.h"
-#include "fiber/fiber.h"
+#include "fiber/executor.h"
 #include "reactor.h"
+#include "fiber/wait.h"
 
 enum job_state { JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED };
 
@@ -213,7 +214,7 @@ typedef struct blocking_future {
                          * plain code */
     int submitted;      /* the job was queued (it may have run since) */
     job job;            /* shared with the worker once submitted */
-    moor_timer_node node; /* the deadline, armed only while the job is queued */
+    moor__deadline node; /* the deadline, armed only while the job is queued */
     int64_t deadline;
 } blocking_future;
 
@@ -229,7 +230,7 @@ static int give_up_reason(const blocking_future *bf)
 
 static moor_poll finish(blocking_future *bf, moor_executor *ex, intptr_t result)
 {
-    moor__timer_remove(&ex->timers, &bf->node);
+    moor__deadline_disarm(&bf->node);
     bf->base.result = result;
     return MOOR_READY;
 }
@@ -262,7 +263,7 @@ static moor_poll blocking_poll(moor_future *fut, moor_cx *cx)
     case JOB_QUEUED:
         if (reason < 0)
             return finish(bf, ex, reason);
-        if (moor__timer_arm(&ex->timers, &bf->node, bf->deadline, &cx->waker) < 0) {
+        if ((bf->node.at = bf->deadline, moor__deadline_arm(&bf->node, &cx->waker)) < 0) {
             /* No room for the deadline: withdraw it if no worker took it meanwhile. */
             pthread_mutex_lock(&p->lock);
             int still_queued = j->state == JOB_QUEUED;
@@ -275,7 +276,7 @@ static moor_poll blocking_poll(moor_future *fut, moor_cx *cx)
         return MOOR_PENDING;
     case JOB_RUNNING:
         /* Neither the deadline nor a cancel can end this wait: fn may be using arg. */
-        moor__timer_remove(&ex->timers, &bf->node);
+        moor__deadline_disarm(&bf->node);
         return MOOR_PENDING;
     case JOB_DONE:
         return finish(bf, ex, 0);
@@ -300,7 +301,7 @@ static moor_poll blocking_cancel(moor_future *fut)
     pthread_mutex_unlock(&p->lock);
     moor__assert(state != JOB_RUNNING,
                  "a blocking call was dropped while fn runs on a worker (fn may still use arg)");
-    moor__timer_remove(&moor__tls_executor->timers, &bf->node);
+    moor__deadline_disarm(&bf->node);
     if (state == JOB_QUEUED)
         return MOOR_PENDING;
     fut->result = state == JOB_DONE ? 0 : -ECANCELED;
@@ -331,7 +332,7 @@ int moor_blocking(moor_blocking_fn fn, void *arg, intptr_t *result, int64_t dead
     bf.job.fn = fn;
     bf.job.arg = arg;
     bf.deadline = deadline;
-    moor__timer_node_init(&bf.node);
+    moor__deadline_init(&bf.node, -1);
     /* Uncancellable: the poll itself withdraws a job still queued when the fiber is
      * cancelled, and waits out one that has started. */
     intptr_t rc = moor__wait_uncancellable(&bf.base);

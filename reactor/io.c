@@ -24,8 +24,9 @@
 
 #include "fiber/assert.h"
 #include "fiber/alloc.h"
-#include "fiber/fiber.h"
+#include "fiber/executor.h"
 #include "reactor.h"
+#include "fiber/wait.h"
 
 /* moor_io_future.state */
 enum {
@@ -278,7 +279,7 @@ static void io_stop(moor_io_future *io, moor_executor *ex)
     if (io->state == IO_UNCHECKED || io->state == IO_WAITING || io->state == IO_READY)
         io_detach(moor__part_get(ex, MOOR__PART_REACTOR), io);
     io->state = IO_NEW;
-    moor__timer_remove(&ex->timers, &io->node);
+    moor__deadline_disarm(&io->node);
 }
 
 static moor_poll io_poll(moor_future *fut, moor_cx *cx)
@@ -300,7 +301,7 @@ static moor_poll io_poll(moor_future *fut, moor_cx *cx)
         io->waker = cx->waker;
         int started = io->state == IO_UNCHECKED || io->state == IO_WAITING;
         if (started || (rc = io_start(io, ex)) == 0) {
-            if (moor__timer_arm(&ex->timers, &io->node, io->deadline, &cx->waker) == 0)
+            if ((io->node.at = io->deadline, moor__deadline_arm(&io->node, &cx->waker)) == 0)
                 return MOOR_PENDING;
             rc = -ENOMEM;
         }
@@ -338,7 +339,7 @@ void moor_io_init(moor_io_future *io, int fd, int events, int64_t deadline)
     io->fd_prev = NULL;
     io->check_next = NULL;
     io->check_prev = NULL;
-    moor__timer_node_init(&io->node);
+    moor__deadline_init(&io->node, -1);
     ev_init(watcher_of(io), on_ready); /* inactive until the first poll */
 }
 

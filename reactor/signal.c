@@ -25,13 +25,14 @@
 #include <signal.h>
 
 #include "fiber/assert.h"
-#include "fiber/fiber.h"
+#include "fiber/executor.h"
 #include "reactor.h"
+#include "fiber/wait.h"
 
 typedef struct signal_future {
     moor_future base;
     struct signal_future *next, *prev; /* the owner's waits for this signal */
-    moor_timer_node node;
+    moor__deadline node;
     moor_waker waker;
     int64_t deadline;
     unsigned long seq; /* table[signum].caught when the wait began: later catches are its */
@@ -150,7 +151,7 @@ void moor__signal_dispatch(moor__reactor *r)
 
 static void signal_stop(signal_future *sf, moor_executor *ex)
 {
-    moor__timer_remove(&ex->timers, &sf->node);
+    moor__deadline_disarm(&sf->node);
     if (!sf->counted)
         return;
     /* Off the list before the place is given back: the next owner starts with an empty one. */
@@ -197,7 +198,7 @@ static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
         table[sf->signum].waits = sf;
         sf->counted = 1;
     }
-    if (moor__timer_arm(&ex->timers, &sf->node, sf->deadline, &cx->waker) < 0) {
+    if ((sf->node.at = sf->deadline, moor__deadline_arm(&sf->node, &cx->waker)) < 0) {
         signal_stop(sf, ex);
         fut->result = sf->fired ? sf->signum : -ENOMEM;
         return MOOR_READY;
@@ -224,7 +225,7 @@ int moor_signal_wait(int signum, int64_t deadline)
     signal_future sf;
     moor_future_init(&sf.base, &signal_ops, 0);
     sf.next = sf.prev = NULL;
-    moor__timer_node_init(&sf.node);
+    moor__deadline_init(&sf.node, -1);
     sf.waker = (moor_waker){0};
     sf.deadline = deadline;
     sf.seq = 0;

@@ -8,7 +8,7 @@
 #include <unistd.h>
 
 #include "fiber/assert.h"
-#include "fiber/fiber.h"
+#include "fiber/executor.h"
 #include "reactor.h"
 
 #define ACCEPT_BACKOFF_MS 100

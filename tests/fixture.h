@@ -90,7 +90,7 @@ __attribute__((unused)) static moor_executor *ex_new(void)
  * combinator, operation or sleep left one behind), no failed check in a fiber. */
 __attribute__((unused)) static void ex_free(moor_executor *ex)
 {
-    int fibers_left = ex->fibers != NULL;
+    int fibers_left = ex->fibers.head != NULL;
     size_t timers_left = ex->timers.n;
     size_t tasks_left = ex->ntasks;
     if (tasks_left == 0)

@@ -16,7 +16,7 @@
 #include "moor.h"
 
 #include "fiber/executor.h"
-#include "fiber/fiber.h"
+#include "fiber/executor.h"
 
 #include "fixture.h"
 

@@ -13,7 +13,7 @@
 #include "moor.h"
 
 #include "fiber/executor.h"
-#include "fiber/fiber.h"
+#include "fiber/executor.h"
 #include "fiber/stack.h"
 
 static intptr_t return_arg(void *arg) { return (intptr_t)arg; }
@@ -46,7 +46,7 @@ static void test_fiber_join_returns_result(void **state)
     moor_fiber *g;
     assert_int_equal(moor_spawn(&g, return_arg, (void *)7, NULL), 0);
     assert_int_equal(moor_join(g, NULL), 0); /* the result may be ignored */
-    assert_null(ex->fibers);
+    assert_null(ex->fibers.head);
     moor_executor_free(ex);
 }
 
@@ -148,7 +148,7 @@ static void test_fiber_join_from_fiber(void **state)
     intptr_t r = 0;
     assert_int_equal(moor_join(parent, &r), 0);
     assert_int_equal(r, 45);
-    assert_null(ex->fibers);
+    assert_null(ex->fibers.head);
     moor_executor_free(ex);
 }
 
@@ -637,7 +637,7 @@ static void test_fiber_future_awaited(void **state)
         assert_int_equal(c.ticks_before_join, c.ticks_after_join);
         assert_true(c.ticks > 0);
     }
-    assert_null(ex->fibers);
+    assert_null(ex->fibers.head);
     moor_executor_free(ex);
 }
 
@@ -655,7 +655,7 @@ static void test_fiber_future_block_on(void **state)
     intptr_t r = 0;
     assert_int_equal(moor_join(f, &r), 0);
     assert_int_equal(r, 12);
-    assert_null(ex->fibers);
+    assert_null(ex->fibers.head);
     moor_executor_free(ex);
 }
 
@@ -849,10 +849,10 @@ static void test_fiber_detached_free_themselves(void **state)
     struct detached_count c = {.children = 3};
     for (int i = 0; i < 100; i++)
         assert_int_equal(moor_spawn(NULL, detached_parent, &c, NULL), 0);
-    assert_non_null(ex->fibers);
+    assert_non_null(ex->fibers.head);
     assert_int_equal(moor_executor_run(ex), 0);
     assert_int_equal(c.ran, 100 + 100 * 3);
-    assert_null(ex->fibers);
+    assert_null(ex->fibers.head);
     assert_int_equal(ex->ntasks, 0);
     assert_int_equal(pooled_stacks(ex), ex->pool.mapped); /* every stack back in the pool */
 
@@ -861,7 +861,7 @@ static void test_fiber_detached_free_themselves(void **state)
     assert_int_equal(moor_spawn(NULL, detached_leaf, &c, NULL), 0);
     assert_int_equal(moor_executor_run(ex), 0);
     assert_int_equal(c.ran, 1);
-    assert_null(ex->fibers);
+    assert_null(ex->fibers.head);
     assert_int_equal(pooled_stacks(ex), ex->pool.mapped);
     moor_executor_free(ex);
 }
@@ -922,11 +922,11 @@ static void test_fiber_100k_and_pool_reuse(void **state)
     assert_int_equal(spawn_join_many(fs), 0);
     size_t mapped = ex->pool.mapped;
     assert_true(mapped >= MANY);
-    assert_null(ex->fibers);
+    assert_null(ex->fibers.head);
 
     assert_int_equal(spawn_join_many(fs), 0);
     assert_int_equal(ex->pool.mapped, mapped); /* every stack came from the pool */
-    assert_null(ex->fibers);
+    assert_null(ex->fibers.head);
     assert_int_equal(pooled_stacks(ex), mapped);
 
     free(fs);

@@ -175,7 +175,7 @@ static void remote_spawn_run(int with_loop, int per_thread)
             fprintf(stderr, "remote fiber %d ran %d times\n", i, rs_ran[i]);
             CCHECK(rs_ran[i] == 1);
         }
-    CCHECK(ex->fibers == NULL); /* detached fibers released themselves */
+    CCHECK(ex->fibers.head == NULL); /* detached fibers released themselves */
     moor_executor_free(ex);
 }
 

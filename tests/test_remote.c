@@ -20,7 +20,7 @@
 #include "moor.h"
 
 #include "fiber/executor.h"
-#include "fiber/fiber.h"
+#include "fiber/executor.h"
 
 /* ---- a burst of remote spawns --------------------------------------------------------------- */
 

@@ -20,7 +20,7 @@
 #include "moor.h"
 
 #include "fiber/executor.h"
-#include "fiber/fiber.h"
+#include "fiber/executor.h"
 
 #include "fixture.h"
 
@@ -29,10 +29,9 @@
 /* Fibers the executor has not released (white-box: its list of fibers). */
 static size_t live_fibers(const moor_executor *ex)
 {
-    size_t n = 0;
-    for (const moor_fiber *f = ex->fibers; f; f = f->next)
-        n++;
-    return n;
+    moor_executor_stats st;
+    moor_executor_stats_get(ex, &st);
+    return st.fibers;
 }
 
 /* ---- close cancels 10,000 children ------------------------------------------------------- */

@@ -11,7 +11,7 @@
 #include "moor.h"
 
 #include "fiber/executor.h"
-#include "fiber/fiber.h"
+#include "fiber/executor.h"
 #include "fiber/stack.h"
 
 #ifndef MADV_GUARD_INSTALL
@@ -380,7 +380,7 @@ static intptr_t stack_use_fn(void *arg)
     moor_fiber *self = moor_self();
     u->stack_lo = self->stack_base + self->ex->pool.guard;
     u->stack_hi = (char *)self;
-    u->stack_size = self->stack_size;
+    u->stack_size = moor__fiber_stack_size(self->ex, self);
     touch_stack(u);
     return 0;
 }

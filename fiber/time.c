@@ -1,0 +1,68 @@
+/* Time for fibers: deadlines from now, and the sleep future. (The clock and the timer heap
+ * are timer.c's; a deadline's place in the heap is wait.h's.) */
+#include <errno.h>
+
+#include "wait.h"
+
+int64_t moor_deadline_in(int64_t ms)
+{
+    if (ms < 0)
+        return -1;
+    int64_t now = moor_now();
+    return ms > INT64_MAX - now ? INT64_MAX : now + ms; /* saturates: "never", not negative */
+}
+
+/* A sleep is a wait whose deadline is its completion: ready once the time has come, nothing
+ * to register but the deadline itself. */
+static int sleep_ready(moor_future *fut, moor_cx *cx)
+{
+    (void)cx;
+    moor_sleep_future *sf = moor_container_of(fut, moor_sleep_future, base);
+    if (moor_now() < sf->node.at)
+        return 0;
+    fut->result = 0;
+    return 1;
+}
+
+static int sleep_park(moor_future *fut, moor_cx *cx)
+{
+    (void)fut;
+    (void)cx;
+    return 0;
+}
+
+/* Nothing to undo; but once the time has come (a sleep's deadline passing is its
+ * completion, not a timeout) it has completed. */
+static int sleep_unpark(moor_future *fut)
+{
+    return sleep_ready(fut, NULL);
+}
+
+static const moor__wait_ops sleep_wait = {sleep_ready, sleep_park, sleep_unpark};
+
+static moor_poll sleep_poll(moor_future *fut, moor_cx *cx)
+{
+    moor_sleep_future *sf = moor_container_of(fut, moor_sleep_future, base);
+    return moor__wait_poll(fut, &sf->node, cx, &sleep_wait);
+}
+
+static moor_poll sleep_cancel(moor_future *fut)
+{
+    moor_sleep_future *sf = moor_container_of(fut, moor_sleep_future, base);
+    return moor__wait_cancel(fut, &sf->node, &sleep_wait);
+}
+
+static const moor_future_ops sleep_ops = {"sleep", sleep_poll, sleep_cancel};
+
+void moor_sleep_init(moor_sleep_future *sf, int64_t deadline)
+{
+    moor_future_init(&sf->base, &sleep_ops, 0);
+    moor__deadline_init(&sf->node, deadline < 0 ? INT64_MAX : deadline);
+}
+
+int moor_sleep(int64_t deadline)
+{
+    moor_sleep_future sf;
+    moor_sleep_init(&sf, deadline);
+    return (int)moor__wait(&sf.base);
+}
