@@ -15,7 +15,10 @@
 #define DEFAULT_STACK_SIZE (256u * 1024u)
 #define DEFAULT_GUARD_SIZE (64u * 1024u)
 #define DEFAULT_POOL_HOT 64u
+#define DEFAULT_BLOCKING_THREADS 4u
 #define TASKS_PER_CHUNK 64u
+/* ASan: how much of the top of a reused stack a new fiber clears of old redzones. */
+#define ASAN_UNPOISON_TOP 16384u
 
 __thread moor_executor *moor__tls_executor __attribute__((tls_model("initial-exec")));
 
@@ -153,7 +156,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     if (rc < 0)
         goto fail;
     ex->stack_map_size = moor__fiber_map_size(ex, ex->stack_size);
-    ex->blocking_threads = attr->blocking_threads ? attr->blocking_threads : 4;
+    ex->blocking_threads = attr->blocking_threads ? attr->blocking_threads : DEFAULT_BLOCKING_THREADS;
     /* The default size's bucket first: the inline fast path of the pool looks only there. */
     char *warm;
     rc = moor__stack_get(&ex->pool, ex->stack_map_size, &warm);
@@ -253,15 +256,14 @@ void moor__owner_bind(moor_executor **owner, const char *what)
 static moor_task *task_slot_get(moor_executor *ex)
 {
     if (!ex->free_tasks) {
-        void **chunks = moor__realloc(ex->task_chunks, (ex->ntask_chunks + 1) * sizeof *chunks);
-        if (!chunks)
+        if (moor__grow(&ex->task_chunks, &ex->cap_task_chunks, ex->ntask_chunks + 1,
+                       sizeof *ex->task_chunks) < 0)
             return NULL;
-        ex->task_chunks = chunks;
         moor_task *slab = moor__alloc(TASKS_PER_CHUNK * sizeof *slab);
         if (!slab)
             return NULL;
         memset(slab, 0, TASKS_PER_CHUNK * sizeof *slab);
-        chunks[ex->ntask_chunks++] = slab;
+        ex->task_chunks[ex->ntask_chunks++] = slab;
         for (size_t i = 0; i < TASKS_PER_CHUNK; i++) {
             slab[i].next = ex->free_tasks;
             ex->free_tasks = &slab[i];
@@ -324,16 +326,9 @@ static int remote_push(moor_executor *ex, moor__remote_req req)
         pthread_mutex_unlock(&ex->remote_lock);
         return -ESRCH;
     }
-    if (ex->nremote == ex->cap_remote) {
-        size_t ncap = ex->cap_remote ? ex->cap_remote * 2 : 64;
-        moor__remote_req *nv =
-            ncap <= SIZE_MAX / sizeof *nv ? moor__realloc(ex->remote, ncap * sizeof *nv) : NULL;
-        if (!nv) {
-            pthread_mutex_unlock(&ex->remote_lock);
-            return -ENOMEM;
-        }
-        ex->remote = nv;
-        ex->cap_remote = ncap;
+    if (moor__grow(&ex->remote, &ex->cap_remote, ex->nremote + 1, sizeof *ex->remote) < 0) {
+        pthread_mutex_unlock(&ex->remote_lock);
+        return -ENOMEM;
     }
     ex->remote[ex->nremote++] = req;
     __atomic_store_n(&ex->remote_pending, 1, __ATOMIC_RELEASE);
@@ -756,7 +751,8 @@ fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
          * this fiber's locals would look like overflows. Those are its first frames and its
          * last switch, at the top of the stack (every deeper frame returned): clearing the
          * top is enough, and touches 2 KiB of shadow rather than the whole stack's. */
-        size_t top = (size_t)((char *)f - lo) < 16384 ? (size_t)((char *)f - lo) : 16384;
+        size_t used = (size_t)((char *)f - lo);
+        size_t top = used < ASAN_UNPOISON_TOP ? used : ASAN_UNPOISON_TOP;
         __asan_unpoison_memory_region((char *)f - top, top);
     }
 #endif

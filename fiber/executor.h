@@ -100,7 +100,7 @@ struct moor_executor {
 
     moor_task *free_tasks;           /* free slots for plain tasks */
     void **task_chunks;              /* slabs of task slots, freed with the executor */
-    size_t ntask_chunks;
+    size_t ntask_chunks, cap_task_chunks;
 
     moor__stack_pool pool;
     moor__timer_heap timers;

@@ -109,14 +109,8 @@ static moor__stack_bucket *bucket_find(moor__stack_pool *pool, size_t map_size)
 
 static int push(char ***v, size_t *n, size_t *cap, char *base)
 {
-    if (*n == *cap) {
-        size_t ncap = *cap ? *cap * 2 : 16;
-        char **nv = moor__realloc(*v, ncap * sizeof *nv);
-        if (!nv)
-            return -ENOMEM;
-        *v = nv;
-        *cap = ncap;
-    }
+    if (moor__grow(v, cap, *n + 1, sizeof **v) < 0)
+        return -ENOMEM;
     (*v)[(*n)++] = base;
     return 0;
 }
@@ -155,24 +149,16 @@ int moor__stack_get_slow(moor__stack_pool *pool, size_t map_size, char **base)
     }
     if (!b) {
         /* Make the bucket now so that putting the stack back can never fail for want of one. */
-        moor__stack_bucket *nb =
-            moor__realloc(pool->buckets, (pool->nbuckets + 1) * sizeof *pool->buckets);
-        if (!nb)
+        if (moor__grow(&pool->buckets, &pool->cap_buckets, pool->nbuckets + 1,
+                       sizeof *pool->buckets) < 0)
             return -ENOMEM;
-        pool->buckets = nb;
         b = &pool->buckets[pool->nbuckets++];
         memset(b, 0, sizeof *b);
         b->map_size = map_size;
     }
     /* Reserve a pool slot for this stack too, for the same reason. */
-    if (b->total + 1 > b->cap_cold) {
-        size_t ncap = b->cap_cold ? b->cap_cold * 2 : 16;
-        char **nv = moor__realloc(b->cold, ncap * sizeof *nv);
-        if (!nv)
-            return -ENOMEM;
-        b->cold = nv;
-        b->cap_cold = ncap;
-    }
+    if (moor__grow(&b->cold, &b->cap_cold, b->total + 1, sizeof *b->cold) < 0)
+        return -ENOMEM;
     int rc = stack_map(pool, map_size, base);
     if (rc == 0)
         b->total++;

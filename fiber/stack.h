@@ -30,7 +30,7 @@ typedef struct moor__stack_pool {
     size_t hot_max;        /* pooled stacks kept resident, per size */
     moor_guard_mode mode;  /* MOOR_GUARD_MADVISE or MOOR_GUARD_MPROTECT */
     moor__stack_bucket *buckets;
-    size_t nbuckets;
+    size_t nbuckets, cap_buckets;
     size_t mapped;         /* stacks mapped, in use or pooled */
 } moor__stack_pool;
 
