@@ -15,7 +15,7 @@ struct moor_chan {
     size_t head;       /* next slot to receive from */
     size_t count;      /* values in the ring */
     int closed;
-    moor__list senders, receivers; /* moor_chan_op waiters */
+    moor__list senders, receivers; /* moor_chan_future waiters */
     unsigned char *ring;
 };
 
@@ -87,7 +87,7 @@ static inline void copy_elem(void *dst, const void *src, size_t size)
 /* A counterpart finished `w`'s operation with `result`: record it and wake its fiber. */
 static inline void complete(moor__waiter *w, intptr_t result)
 {
-    moor_chan_op *op = moor_container_of(w, moor_chan_op, waiter);
+    moor_chan_future *op = moor_container_of(w, moor_chan_future, waiter);
     op->completed = 1;
     op->base.result = result;
     moor__wake(&w->waker);
@@ -104,7 +104,7 @@ static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const v
     moor__waiter *w = moor__waitq_take(&ch->receivers, cx ? cx->claim : NULL);
     if (w) {
         (void)moor__claim(cx);
-        copy_elem(moor_container_of(w, moor_chan_op, waiter)->elem, elem, ch->elem_size);
+        copy_elem(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->elem_size);
         complete(w, 0);
         return 0;
     }
@@ -129,7 +129,7 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
         /* A slot is free: the first waiting sender moves its value in. */
         moor__waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
         if (w) {
-            copy_elem(slot(ch, ch->count), moor_container_of(w, moor_chan_op, waiter)->elem,
+            copy_elem(slot(ch, ch->count), moor_container_of(w, moor_chan_future, waiter)->elem,
                       ch->elem_size);
             ch->count++;
             complete(w, 0);
@@ -139,7 +139,7 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
     moor__waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
     if (w) {
         (void)moor__claim(cx);
-        copy_elem(elem, moor_container_of(w, moor_chan_op, waiter)->elem, ch->elem_size);
+        copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem, ch->elem_size);
         complete(w, 0);
         return 0;
     }
@@ -173,14 +173,14 @@ void moor_chan_close(moor_chan *ch)
 
 /* ---- the operation future -------------------------------------------------------------- */
 
-static inline moor__list *queue_of(moor_chan_op *op)
+static inline moor__list *queue_of(moor_chan_future *op)
 {
     return op->send ? &op->chan->senders : &op->chan->receivers;
 }
 
 static int op_ready(moor_future *fut, moor_cx *cx)
 {
-    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     if (op->completed)
         return 1; /* result set by the counterpart */
     if (op->waiter.queued)
@@ -194,7 +194,7 @@ static int op_ready(moor_future *fut, moor_cx *cx)
 
 static int op_park(moor_future *fut, moor_cx *cx)
 {
-    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     moor__waitq_park(queue_of(op), &op->waiter, cx);
     return 0;
 }
@@ -202,7 +202,7 @@ static int op_park(moor_future *fut, moor_cx *cx)
 /* Completed by a counterpart already: the value moved; the result must not be lost. */
 static int op_unpark(moor_future *fut)
 {
-    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     moor__waitq_remove(queue_of(op), &op->waiter);
     return op->completed;
 }
@@ -211,21 +211,21 @@ static const moor__wait_ops op_wait = {op_ready, op_park, op_unpark};
 
 static moor_poll op_poll(moor_future *fut, moor_cx *cx)
 {
-    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     owner_check(op->chan, op->send ? "chan send future" : "chan recv future");
     return moor__wait_poll(fut, &op->node, cx, &op_wait);
 }
 
 static moor_poll op_cancel(moor_future *fut)
 {
-    moor_chan_op *op = moor_container_of(fut, moor_chan_op, base);
+    moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     return moor__wait_cancel(fut, &op->node, &op_wait);
 }
 
 static const moor_future_ops send_ops = {"chan send", op_poll, op_cancel};
 static const moor_future_ops recv_ops = {"chan recv", op_poll, op_cancel};
 
-static void op_init(moor_chan_op *op, moor_chan *ch, void *elem, int64_t deadline, int send)
+static void op_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t deadline, int send)
 {
     op->base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
     op->chan = ch;
@@ -236,19 +236,19 @@ static void op_init(moor_chan_op *op, moor_chan *ch, void *elem, int64_t deadlin
     moor__deadline_init(&op->node, deadline);
 }
 
-void moor_chan_send_init(moor_chan_op *op, moor_chan *ch, const void *elem, int64_t deadline)
+void moor_chan_send_init(moor_chan_future *op, moor_chan *ch, const void *elem, int64_t deadline)
 {
     op_init(op, ch, (void *)elem, deadline, 1);
 }
 
-void moor_chan_recv_init(moor_chan_op *op, moor_chan *ch, void *elem, int64_t deadline)
+void moor_chan_recv_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t deadline)
 {
     op_init(op, ch, elem, deadline, 0);
 }
 
 static void waiter_unlink(void *arg)
 {
-    moor_chan_op *op = arg;
+    moor_chan_future *op = arg;
     moor__waitq_remove(queue_of(op), &op->waiter);
 }
 
@@ -257,7 +257,7 @@ static void waiter_unlink(void *arg)
  * executor on the op as a future. */
 static int wait_op(moor_chan *ch, void *elem, int64_t deadline, int send)
 {
-    moor_chan_op op;
+    moor_chan_future op;
     op_init(&op, ch, elem, deadline, send);
     moor_executor *ex = moor__tls_executor;
     moor_fiber *f = ex ? ex->current : NULL;

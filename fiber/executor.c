@@ -246,7 +246,7 @@ void moor__owner_bind(moor_executor **owner, const char *what)
 {
     moor__assert(!*owner, "%s: called from another thread than the one whose executor owns it "
                           "(objects of one executor are not thread-safe; other threads reach "
-                          "its fibers with moor_executor_spawn_remote or moor_waker_wake)",
+                          "its fibers with moor_spawn_remote or moor_waker_wake)",
                  what);
     *owner = moor__tls_executor;
 }
@@ -286,11 +286,11 @@ void moor__task_finish(moor_executor *ex, moor_task *t)
     }
 }
 
-int moor_executor_spawn(moor_executor *ex, moor_future *fut)
+int moor_spawn_future(moor_future *fut)
 {
-    moor__assert(ex == moor__tls_executor,
-                 "moor_executor_spawn: the executor belongs to another thread");
-    moor__assert(!moor_future_done(fut), "moor_executor_spawn: future %p is already done",
+    moor_executor *ex = moor__tls_executor;
+    moor__assert(ex, "moor_spawn_future: no executor on this thread (call moor_executor_new first)");
+    moor__assert(!moor_future_done(fut), "moor_spawn_future: future %p is already done",
                  (void *)fut);
     moor_task *t = task_slot_get(ex);
     if (!t)
@@ -346,9 +346,9 @@ static void wake_remote(moor_executor *ex, moor_task *t, uint64_t gen)
     moor__assert(rc == 0 || rc == -ESRCH, "out of memory queueing a wake from another thread");
 }
 
-int moor_executor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg)
+int moor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg)
 {
-    moor__assert(fn, "moor_executor_spawn_remote: fn is NULL");
+    moor__assert(fn, "moor_spawn_remote: fn is NULL");
     return remote_push(ex, (moor__remote_req){NULL, 0, fn, arg});
 }
 
@@ -602,7 +602,7 @@ intptr_t moor_block_on(moor_future *fut)
     moor_executor *ex = moor__tls_executor;
     moor__assert(ex, "moor_block_on: no executor on this thread (call moor_executor_new first)");
     moor__assert(!ex->current, "moor_block_on called from a fiber; a fiber uses moor_await");
-    int rc = moor_executor_spawn(ex, fut);
+    int rc = moor_spawn_future(fut);
     if (rc < 0)
         return rc;
     run(ex, future_is_done, fut);

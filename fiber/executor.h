@@ -113,7 +113,7 @@ struct moor_executor {
     void *driver_self;
     moor__part parts[MOOR__PARTS];   /* see moor__part_ops */
 
-    /* Remote spawns (moor_executor_spawn_remote) are started a batch at a time: the next
+    /* Remote spawns (moor_spawn_remote) are started a batch at a time: the next
      * batch only once the last one has started running (and, if it finished, given its
      * stacks back), so a burst of them never maps a stack per request at once. A spawn that
      * cannot get a stack waits in the queue and is retried; it is never dropped. */

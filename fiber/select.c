@@ -117,7 +117,7 @@ intptr_t moor_race(moor_future **futs, size_t n, size_t *winner, int64_t deadlin
     return futs[i]->result;
 }
 
-intptr_t moor_timeout(moor_future *fut, int64_t deadline)
+intptr_t moor_await_deadline(moor_future *fut, int64_t deadline)
 {
     int i = moor_select(&fut, 1, deadline);
     return i < 0 ? i : fut->result;
@@ -195,7 +195,7 @@ static moor_poll join_all_cancel(moor_future *fut)
 
 static const moor_future_ops join_all_ops = {"join all", join_all_poll, join_all_cancel};
 
-int moor_join_all(moor_future **futs, size_t n, int64_t deadline)
+int moor_await_all(moor_future **futs, size_t n, int64_t deadline)
 {
     join_all_future jf;
     moor_future_init(&jf.base, &join_all_ops, 0);

@@ -23,6 +23,12 @@
  *    timers. Plain code spends a budget of its own and runs a turn of the executor instead.
  *    The try_ variants never yield.
  *  - Struct fields are marked public (yours to set), read-only (yours to read) or private.
+ *    Types and fields named moor__ are private layouts: storage only.
+ *
+ * Contents, in the order a program meets them: executor; fibers and scopes; time; I/O
+ * (fds, sockets, signals, blocking calls); channels; synchronisation; select and
+ * combinators. For writing futures and adapters of your own: the future, waker and claim
+ * API in <moor/future.h>, which this header includes.
  */
 #ifndef MOOR_H
 #define MOOR_H
@@ -55,133 +61,15 @@ extern "C" {
 /* A static description of a negative errno value ("Connection timed out"). Never NULL. */
 MOOR_API const char *moor_strerror(int err);
 
-/* ------------------------------------------------------------------------------------------
- * Futures, wakers, contexts
- *
- * A future is a caller-owned struct with an ops table. The executor (or moor_await) calls
- * ops->poll: the future either finishes, stores its output in `result` and returns
- * MOOR_READY, or arranges for cx->waker to be woken when it can make progress and returns
- * MOOR_PENDING. A future that has returned PENDING once must not move (the C form of Rust's
- * Pin) unless it carries MOOR_UNPIN: every poll and cancel of a pending future checks its
- * address (a compare, under a nanosecond) and aborts with a message naming it if it moved.
- *
- * Embed a moor_future as the first member or anywhere in your own struct and recover the
- * outer struct in poll with moor_container_of.
- * ---------------------------------------------------------------------------------------- */
-
-typedef enum moor_poll { MOOR_PENDING = 0, MOOR_READY = 1 } moor_poll;
-
 typedef struct moor_executor moor_executor;
 typedef struct moor_task moor_task;
 typedef struct moor_future moor_future;
 typedef struct moor_fiber moor_fiber;
 typedef intptr_t (*moor_fiber_fn)(void *arg);
 
-/* A handle that makes a task runnable again. It is a task plus the generation the task had
- * when the handle was made: waking a task that has since finished (and whose slot may hold a
- * new task) is a harmless no-op, and waking a task twice queues it once. Plain data: copy it
- * freely. A zeroed waker is valid and wakes nothing. */
-typedef struct moor_waker {
-    moor_executor *ex; /* private */
-    moor_task *task;   /* private */
-    uint64_t gen;      /* private: 0 means no task */
-} moor_waker;
-
-/* A select's one-winner token, private to moor: see moor_cx_claim. */
-struct moor__claim;
-
-/* What a poll receives: the waker of the task being polled, and, inside a select, which
- * select and which of its slots the poll speaks for (claim NULL outside a select).
- *
- * A future that wraps others (a retry, a timeout of your own, an adapter) passes the cx it was
- * given down unchanged to the inner future whose completion is its own: the inner future then
- * claims the select on the wrapper's behalf, and the select sees the wrapper win. An inner
- * future whose completion must not count as a win (a helper timer) is polled with a copy of cx
- * whose claim is NULL. */
-typedef struct moor_cx {
-    moor_waker waker;  /* read-only */
-    struct moor__claim *claim; /* read-only */
-    const void *slot;  /* private: the select's own future this poll is made for */
-} moor_cx;
-
-/* For a future about to take something in its poll: 1 if it may (its select, if any, is now
- * won by its slot), 0 if the select was won by another future (take nothing, return PENDING
- * or let the select cancel it). Outside a select always 1. */
-MOOR_API int moor_cx_claim(const moor_cx *cx);
-
-/* Private layouts, embedded in caller-owned structs: an intrusive list, and a place in a
- * FIFO wait queue of moor's synchronisation objects. */
-typedef struct moor__node {
-    struct moor__node *prev, *next;
-} moor__node;
-
-typedef struct moor__list {
-    moor__node *head, *tail;
-} moor__list;
-
-typedef struct moor__waiter {
-    moor__node node;
-    moor_waker waker;
-    struct moor__claim *claim;
-    const void *slot;
-    int queued;
-} moor__waiter;
-
-/* The ops of a future type. Both ops run on the thread of the executor that polls the
- * future. Of the moor_future they are given they may write `result` (the output, when they
- * return MOOR_READY) and read `data` and `flags`; `ops`, `state` and `pinned_at` belong to
- * moor_future_poll/moor_future_cancel, which call the ops and keep the state. Everything
- * else in the outer struct (found with moor_container_of) is the type's own. */
-typedef struct moor_future_ops {
-    /* Short description for diagnostics ("sleep", "read", "countdown"). */
-    const char *label;
-    /* Make progress. On completion set self->result and return MOOR_READY; otherwise store
-     * cx->waker where the event source will find it and return MOOR_PENDING. A future that
-     * takes something (a value, a lock) asks moor_cx_claim(cx) first; one that wraps others
-     * passes cx down (see moor_cx). */
-    moor_poll (*poll)(moor_future *self, moor_cx *cx);
-    /* Called once if the future is dropped while pending: unregister wakers and watchers and
-     * release what the future holds, and return MOOR_PENDING (result is not read). If it
-     * turns out to have completed already (a counterpart handed it a value it must not
-     * lose), set self->result and return MOOR_READY instead: the future then counts as done.
-     * May be NULL if there is nothing to undo. */
-    moor_poll (*cancel)(moor_future *self);
-} moor_future_ops;
-
-/* moor_future.flags */
-#define MOOR_UNPIN 0x1u /* the future may be moved between polls */
-
-struct moor_future {
-    const moor_future_ops *ops; /* read-only: set by moor_future_init */
-    void *data;                 /* public: for the owner of the future */
-    intptr_t result;            /* read-only: the output, valid once moor_future_done() */
-    uint32_t flags;             /* public: MOOR_UNPIN */
-    uint32_t state;             /* private */
-    const moor_future *pinned_at; /* private: address at its first pending poll */
-};
-
-/* Prepare a future for its first poll. Does not allocate. */
-MOOR_API void moor_future_init(moor_future *fut, const moor_future_ops *ops, uint32_t flags);
-
-/* Poll a future once (what executors and combinators call; user code usually awaits).
- * Polling a finished or cancelled future is misuse and fails an assertion. */
-MOOR_API moor_poll moor_future_poll(moor_future *fut, moor_cx *cx);
-
-/* Drop a pending future: calls its cancel op once. Returns MOOR_READY if the future had in
- * fact completed (its output is in fut->result and it is done), else MOOR_PENDING; then it is
- * as if freshly initialised. No-op (MOOR_PENDING) on a future that was never polled, and
- * MOOR_READY on one that is done. */
-MOOR_API moor_poll moor_future_cancel(moor_future *fut);
-
-/* Non-zero once the future has returned MOOR_READY. */
-MOOR_API int moor_future_done(const moor_future *fut);
-
-/* Make the waker's task runnable. Idempotent; a no-op for a finished task, a zeroed waker,
- * or a task whose executor has been freed (an executor's memory is kept for reuse, never
- * given back, so a late wake from another thread finds it dead and does nothing). Callable
- * from any thread: from a thread that is not the task's, the wake is handed to the task's
- * executor, which is woken from its park. */
-MOOR_API void moor_waker_wake(const moor_waker *waker);
+/* Futures, wakers and select claims, for writing futures and adapters; and the private
+ * layouts the caller-owned structs below embed. */
+#include "moor/future.h"
 
 /* ------------------------------------------------------------------------------------------
  * Executor: one per thread. It owns the run queue (FIFO), the stack pool and the fibers.
@@ -235,20 +123,21 @@ typedef struct moor_executor_stats {
 /* Fill *out with ex's figures. From ex's thread. */
 MOOR_API void moor_executor_stats_get(const moor_executor *ex, moor_executor_stats *out);
 
-/* Run `fut` as a task of its own on `ex` (a future need not be a fiber to be a task). The
- * future must stay where it is until it is done; its output is then in fut->result. The task
- * runs until its future completes: to stop it early, make the future complete (cancelling
- * the future does not drop the task). Errors: -ENOMEM. */
-MOOR_API int moor_executor_spawn(moor_executor *ex, moor_future *fut);
+/* Run `fut` as a task of its own on the calling thread's executor (a future need not be a
+ * fiber to be a task; moor_spawn runs a function as a fiber). The future must stay where it
+ * is until it is done; its output is then in fut->result. The task runs until its future
+ * completes: to stop it early, make the future complete (cancelling the future does not drop
+ * the task). Errors: -ENOMEM. */
+MOOR_API int moor_spawn_future(moor_future *fut);
 
-/* From any thread: spawn a detached fiber fn(arg) on `ex`, which starts it on its own thread
+/* moor_spawn from any thread: spawn a detached fiber fn(arg) on `ex`, which starts it on its own thread
  * (waking it if it is parked). Requests are started in order, a batch of 64 at a time: the
  * next batch once the last has started running, so that a burst of them reuses the stacks of
  * fibers that have finished instead of mapping one per request. A request that finds no
  * memory for its stack waits in the queue and is tried again every 10 ms (said once on
  * stderr); it is never dropped, and moor_executor_run does not return before it has started.
  * Errors: -ENOMEM (no memory to queue the request), -ESRCH (the executor has been freed). */
-MOOR_API int moor_executor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg);
+MOOR_API int moor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg);
 
 /* Run tasks until none is left. Returns 0. Not from a fiber (assertion). */
 MOOR_API int moor_executor_run(moor_executor *ex);
@@ -257,42 +146,6 @@ MOOR_API int moor_executor_run(moor_executor *ex);
  * tasks run meanwhile and stay where they are when it returns), and return its output.
  * Not from a fiber (assertion): a fiber uses moor_await. Errors: -ENOMEM. */
 MOOR_API intptr_t moor_block_on(moor_future *fut);
-
-/* ------------------------------------------------------------------------------------------
- * Time
- *
- * Deadlines are absolute milliseconds on the monotonic clock (moor_now()), -1 meaning none,
- * so one deadline can bound a whole sequence of calls. Timers belong to the executor, not to
- * an event loop: they work on every executor.
- * ---------------------------------------------------------------------------------------- */
-
-/* Milliseconds on the monotonic clock. */
-MOOR_API int64_t moor_now(void);
-
-/* moor_now() + ms: a deadline `ms` from now (ms < 0 gives -1, no deadline). */
-MOOR_API int64_t moor_deadline_in(int64_t ms);
-
-/* Private layout: a deadline (-1: none) and its place in the executor's timer heap;
- * embedded in futures that wait with a deadline. */
-typedef struct moor__deadline {
-    int64_t at;
-    uint64_t seq;      /* ties broken first-come first-served */
-    size_t index;      /* position in the heap; SIZE_MAX when not in it */
-    moor_waker waker;
-} moor__deadline;
-
-/* A future that becomes ready (output 0) once moor_now() >= deadline; never earlier. Caller
- * owned; must not move once polled. Output -ENOMEM if the timer heap could not grow. */
-typedef struct moor_sleep_future {
-    moor_future base;     /* public: poll, await, select this */
-    moor__deadline node; /* private */
-} moor_sleep_future;
-
-MOOR_API void moor_sleep_init(moor_sleep_future *sf, int64_t deadline);
-
-/* Suspend the calling fiber until the deadline passes; returns 0 (or -ENOMEM). From plain
- * code it runs the executor meanwhile. */
-MOOR_API int moor_sleep(int64_t deadline);
 
 /* ------------------------------------------------------------------------------------------
  * Fibers
@@ -387,99 +240,6 @@ MOOR_API int moor_cancelled(void);
  * suspend, not after it. */
 
 /* ------------------------------------------------------------------------------------------
- * Channels
- *
- * A channel carries values of a fixed size between fibers of one executor, in order. With
- * capacity 0 a send waits for a receiver (rendezvous); with capacity N it waits only when N
- * values are buffered. Waiters are served first-come first-served. After moor_chan_close,
- * receivers still drain what is buffered, then get -EPIPE; senders get -EPIPE; fibers waiting
- * at the close are woken. Values are copied (elem_size bytes).
- * ---------------------------------------------------------------------------------------- */
-
-typedef struct moor_chan moor_chan;
-
-/* Errors: -ENOMEM, -EINVAL (elem_size 0). */
-MOOR_API int moor_chan_new(moor_chan **out, size_t elem_size, size_t capacity);
-/* Free a channel. Misuse: a fiber still waits on it. */
-MOOR_API void moor_chan_free(moor_chan *ch);
-/* Misuse: closing twice. */
-MOOR_API void moor_chan_close(moor_chan *ch);
-
-/* May suspend. Return 0, -EPIPE (closed; for recv: closed and drained), -ETIMEDOUT,
- * -ECANCELED. */
-MOOR_API int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline);
-MOOR_API int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline);
-/* Never suspend: 0, -EAGAIN (would wait), -EPIPE. */
-MOOR_API int moor_chan_try_send(moor_chan *ch, const void *elem);
-MOOR_API int moor_chan_try_recv(moor_chan *ch, void *elem);
-/* Buffered values now. */
-MOOR_API size_t moor_chan_len(const moor_chan *ch);
-
-/* A send or receive as a future (for moor_select and the combinators): output 0, -EPIPE,
- * -ETIMEDOUT. `elem` must stay valid until it is done or cancelled. Caller owned; must not
- * move once polled. */
-typedef struct moor_chan_op {
-    moor_future base;     /* public: poll, await, select this */
-    moor_chan *chan;      /* read-only */
-    void *elem;           /* private */
-    int send;             /* private */
-    int completed;        /* private: a counterpart finished it; output in base.result */
-    moor__waiter waiter;   /* private */
-    moor__deadline node; /* private */
-} moor_chan_op;
-
-MOOR_API void moor_chan_send_init(moor_chan_op *op, moor_chan *ch, const void *elem, int64_t deadline);
-MOOR_API void moor_chan_recv_init(moor_chan_op *op, moor_chan *ch, void *elem, int64_t deadline);
-
-/* ------------------------------------------------------------------------------------------
- * Select and combinators. Each is a call that may suspend (from plain code it runs the
- * executor); the futures passed in are caller owned and left done or cancelled.
- * ---------------------------------------------------------------------------------------- */
-
-/* Wait until one of the futures is ready; return its index (its output is in its result)
- * and cancel the others cleanly. At most one of several channel operations, locks or
- * permits completes. Returns -ETIMEDOUT (all cancelled) or -ECANCELED. */
-MOOR_API int moor_select(moor_future **futs, size_t n, int64_t deadline);
-
-/* The output of whichever future is ready first (its index in *winner if not NULL); the
- * others are cancelled. -ETIMEDOUT, -ECANCELED as moor_select. */
-MOOR_API intptr_t moor_race(moor_future **futs, size_t n, size_t *winner, int64_t deadline);
-
-/* Wait for all of them: 0 when all are done (outputs in their results). On -ETIMEDOUT or
- * -ECANCELED the unfinished ones are cancelled (moor_future_done tells which finished). */
-MOOR_API int moor_join_all(moor_future **futs, size_t n, int64_t deadline);
-
-/* Await fut with a deadline: its output, or -ETIMEDOUT with fut cancelled. */
-MOOR_API intptr_t moor_timeout(moor_future *fut, int64_t deadline);
-
-/* The classic retryable future: make(arg, attempt) returns a fresh future for attempt 1,
- * 2, ... (it may reuse one slot: the previous attempt is done by then). An attempt whose
- * output is >= 0 ends it; a negative output is retried after a backoff (backoff_ms, doubled
- * each time) up to `attempts` attempts. The output is the last attempt's, -ETIMEDOUT when
- * the deadline passes first (the attempt in flight cancelled), -ENOMEM if make returned NULL.
- * A future itself: await it, select on it or spawn it. Caller owned; must not move once polled. */
-typedef moor_future *(*moor_retry_make)(void *arg, unsigned attempt);
-
-typedef struct moor_retry_future {
-    moor_future base;       /* public */
-    moor_retry_make make;   /* private */
-    void *arg;              /* private */
-    unsigned attempts;      /* private */
-    unsigned attempt;       /* read-only: attempts started so far */
-    int64_t backoff_ms;     /* private */
-    moor_future *current;   /* private: the attempt in flight, NULL while backing off */
-    int pausing;            /* private */
-    moor_sleep_future pause;/* private: the backoff */
-    moor__deadline deadline;/* private */
-} moor_retry_future;
-
-MOOR_API void moor_retry_init(moor_retry_future *rf, moor_retry_make make, void *arg,
-                              unsigned attempts, int64_t backoff_ms, int64_t deadline);
-/* moor_retry_init and wait for it. */
-MOOR_API intptr_t moor_retry(moor_retry_make make, void *arg, unsigned attempts,
-                             int64_t backoff_ms, int64_t deadline);
-
-/* ------------------------------------------------------------------------------------------
  * Scopes (nurseries): fibers spawned into a scope cannot be forgotten. Children that return
  * are released at once; moor_scope_close cancels the ones still running and waits for them.
  * A fiber that returns with a scope of its own still open fails an assertion.
@@ -511,74 +271,34 @@ MOOR_API int moor_scope_wait(moor_scope *scope, int64_t deadline);
 MOOR_API int moor_scope_close(moor_scope *scope, int64_t deadline);
 
 /* ------------------------------------------------------------------------------------------
- * Synchronisation between fibers of one executor. Caller-owned structs, initialised with
- * their _INIT macro (all zero but a semaphore's permits); all waits are FIFO and take a
- * deadline; they return 0, -ETIMEDOUT or -ECANCELED. Each object belongs to the executor of
- * the thread that first uses it: using it from another thread (setting an event from a worker
- * thread, say) is misuse and fails an assertion; other threads reach fibers through
- * moor_executor_spawn_remote or moor_waker_wake.
+ * Time
+ *
+ * Deadlines are absolute milliseconds on the monotonic clock (moor_now()), -1 meaning none,
+ * so one deadline can bound a whole sequence of calls. Timers belong to the executor, not to
+ * an event loop: they work on every executor.
  * ---------------------------------------------------------------------------------------- */
 
-/* A mutex with FIFO hand-off: unlock gives the lock to the first waiter, so nobody barges
- * in ahead of a fiber that has waited. */
-typedef struct moor_mutex {
-    moor_fiber *owner;  /* read-only: holder, or NULL (or the plain code marker) */
-    int locked;         /* read-only */
-    moor__list waiters; /* private */
-    moor_executor *ex;  /* private: bound at first use */
-} moor_mutex;
-#define MOOR_MUTEX_INIT {.ex = NULL}
-MOOR_API int moor_mutex_lock(moor_mutex *m, int64_t deadline);
-MOOR_API int moor_mutex_trylock(moor_mutex *m); /* 0 or -EBUSY */
-/* Misuse: unlocking a mutex that is not locked, or from another fiber than its owner. */
-MOOR_API void moor_mutex_unlock(moor_mutex *m);
+/* Milliseconds on the monotonic clock. */
+MOOR_API int64_t moor_now(void);
 
-/* A condition variable. wait unlocks m, waits for a signal and locks m again before it
- * returns, whatever it returns. */
-typedef struct moor_cond {
-    moor__list waiters; /* private */
-    moor_executor *ex;  /* private: bound at first use */
-} moor_cond;
-#define MOOR_COND_INIT {.ex = NULL}
-MOOR_API int moor_cond_wait(moor_cond *c, moor_mutex *m, int64_t deadline);
-MOOR_API void moor_cond_signal(moor_cond *c);
-MOOR_API void moor_cond_broadcast(moor_cond *c);
+/* moor_now() + ms: a deadline `ms` from now (ms < 0 gives -1, no deadline). */
+MOOR_API int64_t moor_deadline_in(int64_t ms);
 
-/* A counting semaphore; release hands a permit to the first waiter. */
-typedef struct moor_sem {
-    size_t permits;     /* read-only */
-    moor__list waiters; /* private */
-    moor_executor *ex;  /* private: bound at first use */
-} moor_sem;
-#define MOOR_SEM_INIT(n) {.permits = (n)}
-MOOR_API int moor_sem_acquire(moor_sem *s, int64_t deadline);
-MOOR_API int moor_sem_try_acquire(moor_sem *s); /* 0 or -EAGAIN */
-MOOR_API void moor_sem_release(moor_sem *s);
+/* A future that becomes ready (output 0) once moor_now() >= deadline; never earlier. Caller
+ * owned; must not move once polled. Output -ENOMEM if the timer heap could not grow. */
+typedef struct moor_sleep_future {
+    moor_future base;     /* public: poll, await, select this */
+    moor__deadline node; /* private */
+} moor_sleep_future;
 
-/* A wait group: wait returns once the count is back at zero. */
-typedef struct moor_waitgroup {
-    size_t count;       /* read-only */
-    moor__list waiters; /* private */
-    moor_executor *ex;  /* private: bound at first use */
-} moor_waitgroup;
-#define MOOR_WAITGROUP_INIT {.ex = NULL}
-MOOR_API void moor_waitgroup_add(moor_waitgroup *wg, size_t n);
-/* Misuse: more done than add. */
-MOOR_API void moor_waitgroup_done(moor_waitgroup *wg);
-MOOR_API int moor_waitgroup_wait(moor_waitgroup *wg, int64_t deadline);
+MOOR_API void moor_sleep_init(moor_sleep_future *sf, int64_t deadline);
 
-/* A one-shot event: once set, every wait returns at once. */
-typedef struct moor_event {
-    int set;            /* read-only */
-    moor__list waiters; /* private */
-    moor_executor *ex;  /* private: bound at first use */
-} moor_event;
-#define MOOR_EVENT_INIT {.ex = NULL}
-MOOR_API void moor_event_set(moor_event *e);
-MOOR_API int moor_event_wait(moor_event *e, int64_t deadline);
+/* Suspend the calling fiber until the deadline passes; returns 0 (or -ENOMEM). From plain
+ * code it runs the executor meanwhile. */
+MOOR_API int moor_sleep(int64_t deadline);
 
 /* ------------------------------------------------------------------------------------------
- * Reactor: libev turns OS events into wakeups
+ * I/O: libev turns OS events into wakeups
  *
  * An executor gets its event loop when something first needs one (an fd wait, a signal), or
  * is attached to a loop the application already runs. File descriptors given to moor's I/O
@@ -740,6 +460,167 @@ MOOR_API int moor_signal_wait(int signum, int64_t deadline);
  * child runs it); -ENOMEM; -EAGAIN (no worker thread could be started). */
 typedef intptr_t (*moor_blocking_fn)(void *arg);
 MOOR_API int moor_blocking(moor_blocking_fn fn, void *arg, intptr_t *result, int64_t deadline);
+
+/* ------------------------------------------------------------------------------------------
+ * Channels
+ *
+ * A channel carries values of a fixed size between fibers of one executor, in order. With
+ * capacity 0 a send waits for a receiver (rendezvous); with capacity N it waits only when N
+ * values are buffered. Waiters are served first-come first-served. After moor_chan_close,
+ * receivers still drain what is buffered, then get -EPIPE; senders get -EPIPE; fibers waiting
+ * at the close are woken. Values are copied (elem_size bytes).
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct moor_chan moor_chan;
+
+/* Errors: -ENOMEM, -EINVAL (elem_size 0). */
+MOOR_API int moor_chan_new(moor_chan **out, size_t elem_size, size_t capacity);
+/* Free a channel. Misuse: a fiber still waits on it. */
+MOOR_API void moor_chan_free(moor_chan *ch);
+/* Misuse: closing twice. */
+MOOR_API void moor_chan_close(moor_chan *ch);
+
+/* May suspend. Return 0, -EPIPE (closed; for recv: closed and drained), -ETIMEDOUT,
+ * -ECANCELED. */
+MOOR_API int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline);
+MOOR_API int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline);
+/* Never suspend: 0, -EAGAIN (would wait), -EPIPE. */
+MOOR_API int moor_chan_try_send(moor_chan *ch, const void *elem);
+MOOR_API int moor_chan_try_recv(moor_chan *ch, void *elem);
+/* Buffered values now. */
+MOOR_API size_t moor_chan_len(const moor_chan *ch);
+
+/* A send or receive as a future (for moor_select and the combinators): output 0, -EPIPE,
+ * -ETIMEDOUT. `elem` must stay valid until it is done or cancelled. Caller owned; must not
+ * move once polled. */
+typedef struct moor_chan_future {
+    moor_future base;     /* public: poll, await, select this */
+    moor_chan *chan;      /* read-only */
+    void *elem;           /* private */
+    int send;             /* private */
+    int completed;        /* private: a counterpart finished it; output in base.result */
+    moor__waiter waiter;   /* private */
+    moor__deadline node; /* private */
+} moor_chan_future;
+
+MOOR_API void moor_chan_send_init(moor_chan_future *op, moor_chan *ch, const void *elem, int64_t deadline);
+MOOR_API void moor_chan_recv_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t deadline);
+
+/* ------------------------------------------------------------------------------------------
+ * Synchronisation between fibers of one executor. Caller-owned structs, initialised with
+ * their _INIT macro (all zero but a semaphore's permits); all waits are FIFO and take a
+ * deadline; they return 0, -ETIMEDOUT or -ECANCELED. Each object belongs to the executor of
+ * the thread that first uses it: using it from another thread (setting an event from a worker
+ * thread, say) is misuse and fails an assertion; other threads reach fibers through
+ * moor_spawn_remote or moor_waker_wake.
+ * ---------------------------------------------------------------------------------------- */
+
+/* A mutex with FIFO hand-off: unlock gives the lock to the first waiter, so nobody barges
+ * in ahead of a fiber that has waited. */
+typedef struct moor_mutex {
+    moor_fiber *owner;  /* read-only: holder, or NULL (or the plain code marker) */
+    int locked;         /* read-only */
+    moor__list waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
+} moor_mutex;
+#define MOOR_MUTEX_INIT {.ex = NULL}
+MOOR_API int moor_mutex_lock(moor_mutex *m, int64_t deadline);
+MOOR_API int moor_mutex_trylock(moor_mutex *m); /* 0 or -EBUSY */
+/* Misuse: unlocking a mutex that is not locked, or from another fiber than its owner. */
+MOOR_API void moor_mutex_unlock(moor_mutex *m);
+
+/* A condition variable. wait unlocks m, waits for a signal and locks m again before it
+ * returns, whatever it returns. */
+typedef struct moor_cond {
+    moor__list waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
+} moor_cond;
+#define MOOR_COND_INIT {.ex = NULL}
+MOOR_API int moor_cond_wait(moor_cond *c, moor_mutex *m, int64_t deadline);
+MOOR_API void moor_cond_signal(moor_cond *c);
+MOOR_API void moor_cond_broadcast(moor_cond *c);
+
+/* A counting semaphore; release hands a permit to the first waiter. */
+typedef struct moor_sem {
+    size_t permits;     /* read-only */
+    moor__list waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
+} moor_sem;
+#define MOOR_SEM_INIT(n) {.permits = (n)}
+MOOR_API int moor_sem_acquire(moor_sem *s, int64_t deadline);
+MOOR_API int moor_sem_try_acquire(moor_sem *s); /* 0 or -EAGAIN */
+MOOR_API void moor_sem_release(moor_sem *s);
+
+/* A wait group: wait returns once the count is back at zero. */
+typedef struct moor_waitgroup {
+    size_t count;       /* read-only */
+    moor__list waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
+} moor_waitgroup;
+#define MOOR_WAITGROUP_INIT {.ex = NULL}
+MOOR_API void moor_waitgroup_add(moor_waitgroup *wg, size_t n);
+/* Misuse: more done than add. */
+MOOR_API void moor_waitgroup_done(moor_waitgroup *wg);
+MOOR_API int moor_waitgroup_wait(moor_waitgroup *wg, int64_t deadline);
+
+/* A one-shot event: once set, every wait returns at once. */
+typedef struct moor_event {
+    int set;            /* read-only */
+    moor__list waiters; /* private */
+    moor_executor *ex;  /* private: bound at first use */
+} moor_event;
+#define MOOR_EVENT_INIT {.ex = NULL}
+MOOR_API void moor_event_set(moor_event *e);
+MOOR_API int moor_event_wait(moor_event *e, int64_t deadline);
+
+/* ------------------------------------------------------------------------------------------
+ * Select and combinators. Each is a call that may suspend (from plain code it runs the
+ * executor); the futures passed in are caller owned and left done or cancelled.
+ * ---------------------------------------------------------------------------------------- */
+
+/* Wait until one of the futures is ready; return its index (its output is in its result)
+ * and cancel the others cleanly. At most one of several channel operations, locks or
+ * permits completes. Returns -ETIMEDOUT (all cancelled) or -ECANCELED. */
+MOOR_API int moor_select(moor_future **futs, size_t n, int64_t deadline);
+
+/* The output of whichever future is ready first (its index in *winner if not NULL); the
+ * others are cancelled. -ETIMEDOUT, -ECANCELED as moor_select. */
+MOOR_API intptr_t moor_race(moor_future **futs, size_t n, size_t *winner, int64_t deadline);
+
+/* Await all of them at once: 0 when all are done (outputs in their results). On -ETIMEDOUT
+ * or -ECANCELED the unfinished ones are cancelled (moor_future_done tells which finished). */
+MOOR_API int moor_await_all(moor_future **futs, size_t n, int64_t deadline);
+
+/* moor_await with a deadline (from plain code too): fut's output, or -ETIMEDOUT with fut
+ * cancelled. */
+MOOR_API intptr_t moor_await_deadline(moor_future *fut, int64_t deadline);
+
+/* The classic retryable future: make(arg, attempt) returns a fresh future for attempt 1,
+ * 2, ... (it may reuse one slot: the previous attempt is done by then). An attempt whose
+ * output is >= 0 ends it; a negative output is retried after a backoff (backoff_ms, doubled
+ * each time) up to `attempts` attempts. The output is the last attempt's, -ETIMEDOUT when
+ * the deadline passes first (the attempt in flight cancelled), -ENOMEM if make returned NULL.
+ * A future itself: await it, select on it or spawn it. Caller owned; must not move once polled. */
+typedef moor_future *(*moor_retry_make)(void *arg, unsigned attempt);
+
+typedef struct moor_retry_future {
+    moor_future base;       /* public */
+    moor_retry_make make;   /* private */
+    void *arg;              /* private */
+    unsigned attempts;      /* private */
+    unsigned attempt;       /* read-only: attempts started so far */
+    int64_t backoff_ms;     /* private */
+    moor_future *current;   /* private: the attempt in flight, NULL while backing off */
+    int pausing;            /* private */
+    moor_sleep_future pause;/* private: the backoff */
+    moor__deadline deadline;/* private */
+} moor_retry_future;
+
+MOOR_API void moor_retry_init(moor_retry_future *rf, moor_retry_make make, void *arg,
+                              unsigned attempts, int64_t backoff_ms, int64_t deadline);
+/* moor_retry_init and wait for it. */
+MOOR_API intptr_t moor_retry(moor_retry_make make, void *arg, unsigned attempts,
+                             int64_t backoff_ms, int64_t deadline);
 
 #ifdef __cplusplus
 }

@@ -26,7 +26,7 @@
 typedef struct chan_call {
     moor_chan *ch;
     int send;           /* 1: send `value`; 0: receive into `got` */
-    int use_future;     /* await a moor_chan_op instead of calling send/recv */
+    int use_future;     /* await a moor_chan_future instead of calling send/recv */
     int64_t deadline;
     int value;
     int got;
@@ -39,7 +39,7 @@ static intptr_t chan_call_fn(void *arg)
 {
     chan_call *c = arg;
     if (c->use_future) {
-        moor_chan_op op;
+        moor_chan_future op;
         if (c->send)
             moor_chan_send_init(&op, c->ch, &c->value, c->deadline);
         else
@@ -296,7 +296,7 @@ static void test_chan_close_drains_then_epipe(void **state)
     assert_int_equal(moor_chan_try_recv(ch, &v), 0);
     assert_int_equal(v, 2);
     assert_int_equal(moor_chan_len(ch), 1);
-    moor_chan_op op;
+    moor_chan_future op;
     moor_chan_recv_init(&op, ch, &v, -1);
     assert_int_equal(moor_block_on(&op.base), 0);
     assert_int_equal(v, 3);
@@ -884,7 +884,7 @@ static intptr_t sized_fiber(void *arg)
 {
     sized_ctx *s = arg;
     for (int k = 0; k < SIZES_K; k++) {
-        moor_chan_op op;
+        moor_chan_future op;
         if (s->send) {
             pattern(s->buf[k], s->size, k);
             moor_chan_send_init(&op, s->ch, s->buf[k], k % 2 ? moor_deadline_in(SAFETY_MS) : -1);
@@ -931,7 +931,7 @@ static void test_chan_op_futures_and_sizes(void **state)
                 /* Plain code does the other side with block_on on operation futures. */
                 for (int k = 0; k < SIZES_K; k++) {
                     unsigned char buf[64];
-                    moor_chan_op op;
+                    moor_chan_future op;
                     if (fiber_sends) {
                         memset(buf, CANARY, sizeof buf);
                         moor_chan_recv_init(&op, s->ch, buf,
@@ -993,7 +993,7 @@ static void test_chan_struct_elements(void **state)
             memcpy(sent[i].name, "record-0", 9);
             sent[i].name[7] = (char)('0' + i);
             sent[i].delta = (int16_t)(-300 * (i + 1));
-            moor_chan_op op;
+            moor_chan_future op;
             moor_chan_send_init(&op, r.ch, &sent[i], -1);
             assert_int_equal(moor_block_on(&op.base), 0);
         }
@@ -1021,7 +1021,7 @@ static intptr_t await_timeout_then_reuse(void *arg)
 {
     reuse_ctx *c = arg;
     int v = -1;
-    moor_chan_op op;
+    moor_chan_future op;
     int64_t deadline = moor_deadline_in(WAIT_MS);
     moor_chan_recv_init(&op, c->ch, &v, deadline);
     FCHECK(moor_await(&op.base) == -ETIMEDOUT);

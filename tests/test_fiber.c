@@ -574,7 +574,7 @@ static void test_fiber_fifo_fairness(void **state)
         assert_int_equal(moor_spawn(&f[i], fifo_fiber, &m[i], NULL), 0);
     }
     moor_future_init(&t.fut, &fifo_task_ops, 0);
-    assert_int_equal(moor_executor_spawn(ex, &t.fut), 0);
+    assert_int_equal(moor_spawn_future(&t.fut), 0);
     assert_int_equal(moor_executor_run(ex), 0);
     for (int i = 0; i < 3; i++)
         assert_int_equal(moor_join(f[i], NULL), 0);
@@ -1086,7 +1086,7 @@ static void free_pending_child(void *arg)
         CHILD_REQUIRE(moor_spawn(&f, return_arg, NULL, NULL) == 0);
     } else {   /* a plain task that never ran */
         moor_future_init(&fut, &never_ops, 0);
-        CHILD_REQUIRE(moor_executor_spawn(ex, &fut) == 0);
+        CHILD_REQUIRE(moor_spawn_future(&fut) == 0);
     }
     moor_executor_free(ex);
 }
@@ -1208,7 +1208,7 @@ static void test_fiber_join_deadline(void **state)
 
     /* A timeout over the fiber's future lets go of the join only: the fiber keeps running. */
     assert_int_equal(moor_spawn(&f, sleep_forever_then, (void *)7, NULL), 0);
-    assert_int_equal(moor_timeout(moor_fiber_future(f), moor_deadline_in(10)), -ETIMEDOUT);
+    assert_int_equal(moor_await_deadline(moor_fiber_future(f), moor_deadline_in(10)), -ETIMEDOUT);
     assert_int_equal(ex->ntasks, 1);
     moor_cancel(f);
     assert_int_equal(moor_join(f, &r), -ECANCELED);

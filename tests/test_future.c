@@ -98,7 +98,7 @@ static void test_future_countdown_as_task(void **state)
     for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++) {
         countdown c;
         countdown_init(&c, counts[i], 1000 + counts[i]);
-        assert_int_equal(moor_executor_spawn(ex, &c.fut), 0);
+        assert_int_equal(moor_spawn_future(&c.fut), 0);
         assert_int_equal(c.polls, 0); /* spawning does not poll */
         assert_int_equal(moor_executor_run(ex), 0);
         assert_true(moor_future_done(&c.fut));
@@ -163,7 +163,7 @@ static void test_future_self_wake_twice_polls_once(void **state)
     countdown c;
     countdown_init(&c, 5, 1);
     c.wakes = 2;
-    assert_int_equal(moor_executor_spawn(ex, &c.fut), 0);
+    assert_int_equal(moor_spawn_future(&c.fut), 0);
     assert_int_equal(moor_executor_run(ex), 0);
     assert_int_equal(c.polls, 6);
 
@@ -337,7 +337,7 @@ static void test_future_stale_waker_of_plain_task(void **state)
 
     probe old;
     probe_init(&old, 1); /* READY at its first poll */
-    assert_int_equal(moor_executor_spawn(ex, &old.fut), 0);
+    assert_int_equal(moor_spawn_future(&old.fut), 0);
     assert_int_equal(moor_executor_run(ex), 0);
     assert_true(moor_future_done(&old.fut));
     moor_waker stale = old.waker;
@@ -349,7 +349,7 @@ static void test_future_stale_waker_of_plain_task(void **state)
     /* A new task in the slot the old one left (slots are reused last-in first-out). */
     probe fresh;
     probe_init(&fresh, 0);
-    assert_int_equal(moor_executor_spawn(ex, &fresh.fut), 0);
+    assert_int_equal(moor_spawn_future(&fresh.fut), 0);
     run_for(3);
     assert_int_equal(fresh.polls, 1);
     assert_ptr_equal(fresh.waker.task, stale.task); /* white-box: the slot was reused */
@@ -465,8 +465,8 @@ static void test_future_wake_twice_queues_once(void **state)
     probe p, b;
     probe_init(&p, 0);
     probe_init(&b, 0);
-    assert_int_equal(moor_executor_spawn(ex, &p.fut), 0);
-    assert_int_equal(moor_executor_spawn(ex, &b.fut), 0);
+    assert_int_equal(moor_spawn_future(&p.fut), 0);
+    assert_int_equal(moor_spawn_future(&b.fut), 0);
     struct double_waker d = {.target = &p, .bystander = &b};
     moor_fiber *w;
     assert_int_equal(moor_spawn(&w, double_wake_fn, &d, NULL), 0);
@@ -484,7 +484,7 @@ static void test_future_wake_twice_queues_once(void **state)
     probe_init(&b, 0);
     moor_fiber *awaiter;
     assert_int_equal(moor_spawn(&awaiter, await_probe_fn, &q.fut, NULL), 0);
-    assert_int_equal(moor_executor_spawn(ex, &b.fut), 0);
+    assert_int_equal(moor_spawn_future(&b.fut), 0);
     d = (struct double_waker){.target = &q, .bystander = &b};
     assert_int_equal(moor_spawn(&w, double_wake_fn, &d, NULL), 0);
     intptr_t r = 0;
@@ -674,7 +674,7 @@ static void remote_wake_child(void *arg)
     /* The executor has nothing to run and parks; the thread's wake ends the park. */
     remote r;
     remote_init(&r, 20 * 1000 * 1000);
-    CHILD_REQUIRE(moor_executor_spawn(ex, &r.fut) == 0);
+    CHILD_REQUIRE(moor_spawn_future(&r.fut) == 0);
     CHILD_REQUIRE(moor_executor_run(ex) == 0);
     CHILD_REQUIRE(moor_future_done(&r.fut));
     CHILD_REQUIRE(r.polls == 2);
@@ -683,7 +683,7 @@ static void remote_wake_child(void *arg)
     /* No delay: the wake races the poll's return and the park. It must never be lost. */
     for (int i = 0; i < 500; i++) {
         remote_init(&r, 0);
-        CHILD_REQUIRE(moor_executor_spawn(ex, &r.fut) == 0);
+        CHILD_REQUIRE(moor_spawn_future(&r.fut) == 0);
         CHILD_REQUIRE(moor_executor_run(ex) == 0);
         CHILD_REQUIRE(moor_future_done(&r.fut));
         CHILD_REQUIRE(r.polls == 2);
@@ -724,7 +724,7 @@ static void busy_remote_wake_child(void *arg)
     CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
     remote r;
     remote_init(&r, 5 * 1000 * 1000);
-    CHILD_REQUIRE(moor_executor_spawn(ex, &r.fut) == 0);
+    CHILD_REQUIRE(moor_spawn_future(&r.fut) == 0);
     struct spinner s1 = {.r = &r}, s2 = {.r = &r};
     moor_fiber *f1, *f2;
     CHILD_REQUIRE(moor_spawn(&f1, spin_until_done, &s1, NULL) == 0);

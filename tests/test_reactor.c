@@ -88,7 +88,7 @@ static void *rs_spawner(void *arg)
 {
     rs_thread *t = arg;
     for (int i = 0; i < t->n; i++)
-        if (moor_executor_spawn_remote(t->ex, rs_fiber, (void *)(uintptr_t)(t->first + i)) != 0)
+        if (moor_spawn_remote(t->ex, rs_fiber, (void *)(uintptr_t)(t->first + i)) != 0)
             __atomic_add_fetch(&rs_spawn_failed, 1, __ATOMIC_SEQ_CST);
         else
             __atomic_add_fetch(&rs_pushed, 1, __ATOMIC_SEQ_CST);

@@ -65,7 +65,7 @@ static void *burst_spawner(void *arg)
 {
     burst_thread *t = arg;
     for (int i = t->first; i < t->first + t->count; i++)
-        if (moor_executor_spawn_remote(t->b->ex, burst_fiber, (void *)(intptr_t)i) != 0)
+        if (moor_spawn_remote(t->b->ex, burst_fiber, (void *)(intptr_t)i) != 0)
             __atomic_add_fetch(&t->b->spawn_failures, 1, __ATOMIC_RELAXED);
     return NULL;
 }
@@ -134,7 +134,7 @@ static intptr_t holder_fiber(void *arg)
 static void *starved_spawner(void *arg)
 {
     (void)arg;
-    int rc = moor_executor_spawn_remote(the_starved.ex, starved_fiber, NULL);
+    int rc = moor_spawn_remote(the_starved.ex, starved_fiber, NULL);
     __atomic_store_n(&the_starved.pushed, rc == 0 ? 1 : -1, __ATOMIC_RELEASE);
     return NULL;
 }
@@ -260,7 +260,7 @@ static void late_wake_child(void *arg)
     CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
     parked p = {.finish = 0};
     moor_future_init(&p.base, &parked_ops, 0);
-    CHILD_REQUIRE(moor_executor_spawn(ex, &p.base) == 0);
+    CHILD_REQUIRE(moor_spawn_future(&p.base) == 0);
     CHILD_REQUIRE(moor_sleep(moor_deadline_in(1)) == 0); /* polled: the waker is in p */
     late_wake lw = {.waker = p.waker};
     p.finish = 1;
@@ -286,7 +286,7 @@ static void late_wake_child(void *arg)
     CHILD_REQUIRE(pthread_join(th, NULL) == 0);
     moor_executor_free(again);
     /* A remote spawn onto a freed executor is refused, not queued for nobody. */
-    CHILD_REQUIRE(moor_executor_spawn_remote(again, starved_fiber, NULL) == -ESRCH);
+    CHILD_REQUIRE(moor_spawn_remote(again, starved_fiber, NULL) == -ESRCH);
 }
 
 static void test_remote_wake_after_executor_freed(void **state)

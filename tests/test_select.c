@@ -94,7 +94,7 @@ static intptr_t sender_fn(void *arg)
 
 typedef struct sel_ctx {
     moor_chan *ch[NSEL];
-    moor_chan_op ops[NSEL];
+    moor_chan_future ops[NSEL];
     moor_future *futs[NSEL];
     int vals[NSEL];
     int rc;
@@ -230,7 +230,7 @@ typedef struct dl_ctx {
     moor_chan *empty0, *empty2, *full;
     int r0, r1;
     int s_val;
-    moor_chan_op ops[3];
+    moor_chan_future ops[3];
     moor_future *futs[3];
     int64_t deadline;
     int rc;
@@ -321,7 +321,7 @@ static void test_select_never_takes_two(void **state)
         send_arg sa = {a, 1, 0, 1, 0}, sb = {b, 2, 0, 1, 0};
         moor_fiber *fa, *fb;
         int va = -1, vb = -1;
-        moor_chan_op ops[2];
+        moor_chan_future ops[2];
         moor_chan_recv_init(&ops[0], a, &va, -1);
         moor_chan_recv_init(&ops[1], b, &vb, -1);
         moor_future *futs[2] = {&ops[0].base, &ops[1].base};
@@ -418,7 +418,7 @@ static void test_select_send_and_recv_same_channel(void **state)
     moor_executor *ex = ex_new();
     moor_chan *ch = chan_new(0);
     int in = -1, out = 5;
-    moor_chan_op r_op, s_op;
+    moor_chan_future r_op, s_op;
     moor_chan_recv_init(&r_op, ch, &in, -1);
     moor_chan_send_init(&s_op, ch, &out, -1);
     moor_future *futs[2] = {&r_op.base, &s_op.base};
@@ -445,7 +445,7 @@ static void test_select_sleep_and_chan(void **state)
 
     /* No sender: the sleep wins, no earlier than its deadline; the receive is withdrawn. */
     moor_sleep_future sl;
-    moor_chan_op op;
+    moor_chan_future op;
     int64_t deadline = moor_deadline_in(WAIT_MS);
     moor_sleep_init(&sl, deadline);
     moor_chan_recv_init(&op, ch, &v, -1);
@@ -539,7 +539,7 @@ static void test_select_race(void **state)
     /* A race that nobody wins in time. */
     moor_chan *ch = chan_new(0);
     int a = -1, b = -1;
-    moor_chan_op ops[2];
+    moor_chan_future ops[2];
     moor_chan_recv_init(&ops[0], ch, &a, -1);
     moor_chan_recv_init(&ops[1], ch, &b, -1);
     moor_future *of[2] = {&ops[0].base, &ops[1].base};
@@ -565,10 +565,10 @@ typedef struct timeout_ctx {
 static intptr_t timeout_fn(void *arg)
 {
     timeout_ctx *t = arg;
-    moor_chan_op op;
+    moor_chan_future op;
     t->value = -1;
     moor_chan_recv_init(&op, t->ch, &t->value, -1);
-    t->rc = moor_timeout(&op.base, t->deadline);
+    t->rc = moor_await_deadline(&op.base, t->deadline);
     t->returned_at = moor_now();
     t->done = moor_future_done(&op.base);
     return 0;
@@ -615,9 +615,9 @@ static void test_select_timeout(void **state)
     /* The future's own output comes through, negative or not. */
     val_future v;
     val_init(&v, 3, -ENOENT);
-    assert_int_equal(moor_timeout(&v.base, moor_deadline_in(SAFETY_MS)), -ENOENT);
+    assert_int_equal(moor_await_deadline(&v.base, moor_deadline_in(SAFETY_MS)), -ENOENT);
     val_init(&v, 0, 12345);
-    assert_int_equal(moor_timeout(&v.base, -1), 12345);
+    assert_int_equal(moor_await_deadline(&v.base, -1), 12345);
     moor_chan_free(ch);
     ex_free(ex);
 }
@@ -635,7 +635,7 @@ static void test_select_join_all(void **state)
     val_init(&v[0], 4, 1);
     val_init(&v[1], 0, -2);
     int got = -1;
-    moor_chan_op op;
+    moor_chan_future op;
     moor_chan_recv_init(&op, ch, &got, -1);
     moor_sleep_future sl;
     int64_t sleep_until = moor_deadline_in(WAIT_MS);
@@ -644,7 +644,7 @@ static void test_select_join_all(void **state)
     send_arg sa = {ch, 77, 3, 1, 0};
     moor_fiber *sf;
     assert_int_equal(moor_spawn(&sf, sender_fn, &sa, NULL), 0);
-    assert_int_equal(moor_join_all(futs, 4, moor_deadline_in(SAFETY_MS)), 0);
+    assert_int_equal(moor_await_all(futs, 4, moor_deadline_in(SAFETY_MS)), 0);
     assert_true(moor_now() >= sleep_until); /* it waited for the slowest */
     for (int i = 0; i < 4; i++)
         assert_true(moor_future_done(futs[i]));
@@ -663,7 +663,7 @@ static void test_select_join_all(void **state)
     futs[1] = &op.base;
     futs[2] = &sl.base;
     int64_t deadline = moor_deadline_in(WAIT_MS);
-    assert_int_equal(moor_join_all(futs, 3, deadline), -ETIMEDOUT);
+    assert_int_equal(moor_await_all(futs, 3, deadline), -ETIMEDOUT);
     assert_true(moor_now() >= deadline);
     assert_true(moor_future_done(&v[0].base));
     assert_int_equal(v[0].base.result, 5);
@@ -682,7 +682,7 @@ static intptr_t join_all_fn(void *arg)
 {
     val_future *v = arg;
     moor_future *futs[3] = {&v[0].base, &v[1].base, &v[2].base};
-    FCHECK(moor_join_all(futs, 3, -1) == 0);
+    FCHECK(moor_await_all(futs, 3, -1) == 0);
     return v[0].base.result + v[1].base.result + v[2].base.result;
 }
 
@@ -830,8 +830,8 @@ static void test_select_retry_spawned_as_task(void **state)
     moor_retry_init(&ra, factory_make, &fa, 4, BACKOFF_MS, -1);
     moor_retry_init(&rb, factory_make, &fb, 3, 1, moor_deadline_in(SAFETY_MS));
     int64_t start = moor_now();
-    assert_int_equal(moor_executor_spawn(ex, &ra.base), 0);
-    assert_int_equal(moor_executor_spawn(ex, &rb.base), 0);
+    assert_int_equal(moor_spawn_future(&ra.base), 0);
+    assert_int_equal(moor_spawn_future(&rb.base), 0);
     assert_int_equal(moor_executor_run(ex), 0);
     assert_true(moor_future_done(&ra.base));
     assert_true(moor_future_done(&rb.base));
@@ -848,7 +848,7 @@ static void test_select_retry_spawned_as_task(void **state)
 typedef struct csel_ctx {
     moor_chan *ch[3];
     int vals[3];
-    moor_chan_op ops[3];
+    moor_chan_future ops[3];
     moor_sleep_future sl;
     moor_future *futs[4];
     int rc;
@@ -958,7 +958,7 @@ static void test_select_cancelled_fiber(void **state)
 
 typedef struct recv_maker {
     moor_chan *ch;
-    moor_chan_op op;
+    moor_chan_future op;
     int value;
 } recv_maker;
 
@@ -980,7 +980,7 @@ static intptr_t timeout_of_retry_fn(void *arg)
 {
     wrapped_timeout *w = arg;
     moor_retry_init(&w->rf, make_recv, &w->m, 3, 1, -1);
-    w->out = moor_timeout(&w->rf.base, moor_deadline_in(SAFETY_MS));
+    w->out = moor_await_deadline(&w->rf.base, moor_deadline_in(SAFETY_MS));
     return 0;
 }
 
@@ -1037,7 +1037,7 @@ static void test_select_retry_of_recv_wins_select(void **state)
 /* A wrapper of the user's own: adds 1000 to the output of the receive it wraps. */
 typedef struct plus_future {
     moor_future base;
-    moor_chan_op inner;
+    moor_chan_future inner;
 } plus_future;
 
 static moor_poll plus_poll(moor_future *fut, moor_cx *cx)
@@ -1106,7 +1106,7 @@ static intptr_t ready_in_cancelled_fn(void *arg)
     ready_in_cancelled *c = arg;
     while (!moor_cancelled())
         moor_yield();
-    moor_chan_op op;
+    moor_chan_future op;
     moor_sleep_future sl;
     moor_chan_recv_init(&op, c->ch, &c->value, -1);
     moor_sleep_init(&sl, moor_deadline_in(SAFETY_MS));
@@ -1122,11 +1122,11 @@ static intptr_t ready_in_cancelled_fn(void *arg)
     c->race_winner = (int)w;
 
     val_init(&ready, 0, 66);
-    c->timeout_rc = moor_timeout(&ready.base, moor_deadline_in(SAFETY_MS));
+    c->timeout_rc = moor_await_deadline(&ready.base, moor_deadline_in(SAFETY_MS));
 
     /* Nothing ready: now the cancel shows. */
     val_init(&ready, 1000, 1);
-    c->after_rc = moor_timeout(&ready.base, moor_deadline_in(SAFETY_MS));
+    c->after_rc = moor_await_deadline(&ready.base, moor_deadline_in(SAFETY_MS));
     return 0;
 }
 

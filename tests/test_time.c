@@ -299,7 +299,7 @@ static void test_time_sleep_future_as_task(void **state)
     int64_t deadline = moor_deadline_in(40);
     moor_sleep_init(&sf, deadline);
     assert_false(moor_future_done(&sf.base));
-    assert_int_equal(moor_executor_spawn(ex, &sf.base), 0);
+    assert_int_equal(moor_spawn_future(&sf.base), 0);
     assert_int_equal(moor_executor_run(ex), 0);
     assert_true(moor_future_done(&sf.base));
     assert_int_equal(sf.base.result, 0);
@@ -361,7 +361,7 @@ static void test_time_sleep_future_polled_twice(void **state)
     moor_future_init(&c.base, &counted_ops, 0);
     int64_t deadline = moor_deadline_in(40);
     moor_sleep_init(&c.inner, deadline);
-    assert_int_equal(moor_executor_spawn(ex, &c.base), 0);
+    assert_int_equal(moor_spawn_future(&c.base), 0);
     assert_int_equal(moor_executor_run(ex), 0);
     assert_true(moor_future_done(&c.base));
     assert_int_equal(c.base.result, 0);
@@ -381,7 +381,7 @@ static void test_time_sleep_future_cancel(void **state)
     moor_future_init(&c.base, &counted_ops, 0);
     int64_t deadline = moor_deadline_in(80);
     moor_sleep_init(&c.inner, deadline);
-    assert_int_equal(moor_executor_spawn(ex, &c.base), 0);
+    assert_int_equal(moor_spawn_future(&c.base), 0);
 
     assert_int_equal(moor_sleep(moor_deadline_in(5)), 0); /* the task polls once: pending */
     assert_int_equal(c.polls, 1);
@@ -430,7 +430,7 @@ static void test_time_plain_driver_has_no_loop(void **state)
     }
     moor_sleep_future sf;
     moor_sleep_init(&sf, moor_deadline_in(10));
-    assert_int_equal(moor_executor_spawn(ex, &sf.base), 0);
+    assert_int_equal(moor_spawn_future(&sf.base), 0);
     assert_int_equal(moor_executor_run(ex), 0);
     assert_int_equal(sf.base.result, 0);
 

@@ -291,7 +291,7 @@ static void select_rounds(struct select_pair *p, uint64_t from, uint64_t to)
 {
     for (uint64_t i = from; i < to; i++) {
         int v[2] = {-1, -1};
-        moor_chan_op op[2];
+        moor_chan_future op[2];
         moor_future *futs[2] = {&op[0].base, &op[1].base};
         moor_chan_recv_init(&op[0], p->ch[0], &v[0], -1);
         moor_chan_recv_init(&op[1], p->ch[1], &v[1], -1);
