@@ -435,7 +435,7 @@ static inline void task_run(moor_executor *ex, moor_task *t)
         return;
     }
     moor_cx cx = {{ex, t, t->gen}, NULL, NULL};
-    if (moor_future_poll(t->fut, &cx) == MOOR_READY)
+    if (moor__future_poll(t->fut, &cx) == MOOR_READY)
         moor__task_finish(ex, t);
     else
         moor__task_pending(ex, t);
@@ -873,7 +873,7 @@ intptr_t moor_await(moor_future *fut)
     moor__assert(f, "moor_await(\"%s\") called outside a fiber; plain code uses moor_block_on",
                  label_of(fut));
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
-    if (moor_future_poll(fut, &cx) == MOOR_READY) {
+    if (moor__future_poll(fut, &cx) == MOOR_READY) {
         moor__coop_spend(); /* ready at once: it counts against the budget */
         return fut->result;
     }
@@ -884,7 +884,7 @@ intptr_t moor_await(moor_future *fut)
         if (__builtin_expect(f->cancelled, 0))
             return moor_future_cancel(fut) == MOOR_READY ? fut->result : -ECANCELED;
         moor__fiber_suspend(f);
-        if (moor_future_poll(fut, &cx) == MOOR_READY)
+        if (moor__future_poll(fut, &cx) == MOOR_READY)
             return fut->result;
     }
 }
@@ -930,7 +930,7 @@ intptr_t moor__wait_uncancellable(moor_future *fut)
     if (!f)
         return moor_block_on(fut);
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
-    while (moor_future_poll(fut, &cx) == MOOR_PENDING)
+    while (moor__future_poll(fut, &cx) == MOOR_PENDING)
         moor__fiber_suspend(f);
     return fut->result;
 }

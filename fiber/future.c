@@ -26,22 +26,14 @@ void moor__pin_violation(const moor_future *fut, const char *what)
     abort();
 }
 
-moor_poll moor_future_poll(moor_future *fut, moor_cx *cx)
+void moor__poll_after_done(const moor_future *fut)
 {
-    moor__assert(fut->state != MOOR__FUTURE_DONE,
-                 "future \"%s\" at %p polled again after it returned READY",
-                 fut->ops && fut->ops->label ? fut->ops->label : "?", (void *)fut);
-    if (fut->state == MOOR__FUTURE_PENDING)
-        moor__pin_check(fut, "polled");
-    moor_poll r = fut->ops->poll(fut, cx);
-    if (r == MOOR_READY) {
-        fut->state = MOOR__FUTURE_DONE;
-    } else if (fut->state == MOOR__FUTURE_INIT) {
-        fut->state = MOOR__FUTURE_PENDING;
-        fut->pinned_at = fut;
-    }
-    return r;
+    moor__assert(0, "future \"%s\" at %p polled again after it returned READY",
+                 fut->ops && fut->ops->label ? fut->ops->label : "?", (const void *)fut);
+    abort();
 }
+
+moor_poll moor_future_poll(moor_future *fut, moor_cx *cx) { return moor__future_poll(fut, cx); }
 
 moor_poll moor_future_cancel(moor_future *fut)
 {

@@ -28,4 +28,24 @@ static inline void moor__pin_check(const moor_future *fut, const char *what)
         moor__pin_violation(fut, what);
 }
 
+/* The body of moor_future_poll, inline for moor_await: the assert on a finished future, the
+ * pin check, the call, the state. */
+__attribute__((noinline, noreturn, cold)) void moor__poll_after_done(const moor_future *fut);
+
+static inline moor_poll moor__future_poll(moor_future *fut, moor_cx *cx)
+{
+    if (__builtin_expect(fut->state == MOOR__FUTURE_DONE, 0))
+        moor__poll_after_done(fut);
+    if (fut->state == MOOR__FUTURE_PENDING)
+        moor__pin_check(fut, "polled");
+    moor_poll r = fut->ops->poll(fut, cx);
+    if (r == MOOR_READY) {
+        fut->state = MOOR__FUTURE_DONE;
+    } else if (fut->state == MOOR__FUTURE_INIT) {
+        fut->state = MOOR__FUTURE_PENDING;
+        fut->pinned_at = fut;
+    }
+    return r;
+}
+
 #endif
