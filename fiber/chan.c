@@ -213,13 +213,13 @@ static moor_poll op_poll(moor_future *fut, moor_cx *cx)
 {
     moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     owner_check(op->chan, op->send ? "chan send future" : "chan recv future");
-    return moor__wait_poll(fut, &op->node, cx, &op_wait);
+    return moor__wait_poll(fut, &op->deadline, cx, &op_wait);
 }
 
 static moor_poll op_cancel(moor_future *fut)
 {
     moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
-    return moor__wait_cancel(fut, &op->node, &op_wait);
+    return moor__wait_cancel(fut, &op->deadline, &op_wait);
 }
 
 static const moor_future_ops send_ops = {"chan send", op_poll, op_cancel};
@@ -233,7 +233,7 @@ static void op_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t dea
     op->send = send;
     op->completed = 0;
     moor__waiter_init(&op->waiter);
-    moor__deadline_init(&op->node, deadline);
+    moor__deadline_init(&op->deadline, deadline);
 }
 
 void moor_chan_send_init(moor_chan_future *op, moor_chan *ch, const void *elem, int64_t deadline)
@@ -265,7 +265,7 @@ static int wait_op(moor_chan *ch, void *elem, int64_t deadline, int send)
         return (int)moor_block_on(&op.base);
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     moor__waitq_push(send ? &ch->senders : &ch->receivers, &op.waiter, &cx);
-    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, &op.node,
+    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, &op.deadline,
                                        waiter_unlink, &op, 1);
 }
 

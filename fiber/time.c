@@ -18,7 +18,7 @@ static int sleep_ready(moor_future *fut, moor_cx *cx)
 {
     (void)cx;
     moor_sleep_future *sf = moor_container_of(fut, moor_sleep_future, base);
-    if (moor_now() < sf->node.at)
+    if (moor_now() < sf->deadline.at)
         return 0;
     fut->result = 0;
     return 1;
@@ -43,13 +43,13 @@ static const moor__wait_ops sleep_wait = {sleep_ready, sleep_park, sleep_unpark}
 static moor_poll sleep_poll(moor_future *fut, moor_cx *cx)
 {
     moor_sleep_future *sf = moor_container_of(fut, moor_sleep_future, base);
-    return moor__wait_poll(fut, &sf->node, cx, &sleep_wait);
+    return moor__wait_poll(fut, &sf->deadline, cx, &sleep_wait);
 }
 
 static moor_poll sleep_cancel(moor_future *fut)
 {
     moor_sleep_future *sf = moor_container_of(fut, moor_sleep_future, base);
-    return moor__wait_cancel(fut, &sf->node, &sleep_wait);
+    return moor__wait_cancel(fut, &sf->deadline, &sleep_wait);
 }
 
 static const moor_future_ops sleep_ops = {"sleep", sleep_poll, sleep_cancel};
@@ -57,7 +57,7 @@ static const moor_future_ops sleep_ops = {"sleep", sleep_poll, sleep_cancel};
 void moor_sleep_init(moor_sleep_future *sf, int64_t deadline)
 {
     moor_future_init(&sf->base, &sleep_ops, 0);
-    moor__deadline_init(&sf->node, deadline < 0 ? INT64_MAX : deadline);
+    moor__deadline_init(&sf->deadline, deadline < 0 ? INT64_MAX : deadline);
 }
 
 int moor_sleep(int64_t deadline)

@@ -287,8 +287,8 @@ MOOR_API int64_t moor_deadline_in(int64_t ms);
 /* A future that becomes ready (output 0) once moor_now() >= deadline; never earlier. Caller
  * owned; must not move once polled. Output -ENOMEM if the timer heap could not grow. */
 typedef struct moor_sleep_future {
-    moor_future base;     /* public: poll, await, select this */
-    moor__deadline node; /* private */
+    moor_future base;        /* public: poll, await, select this */
+    moor__deadline deadline; /* private */
 } moor_sleep_future;
 
 MOOR_API void moor_sleep_init(moor_sleep_future *sf, int64_t deadline);
@@ -499,8 +499,8 @@ typedef struct moor_chan_future {
     void *elem;           /* private */
     int send;             /* private */
     int completed;        /* private: a counterpart finished it; output in base.result */
-    moor__waiter waiter;   /* private */
-    moor__deadline node; /* private */
+    moor__waiter waiter;     /* private */
+    moor__deadline deadline; /* private */
 } moor_chan_future;
 
 MOOR_API void moor_chan_send_init(moor_chan_future *op, moor_chan *ch, const void *elem, int64_t deadline);

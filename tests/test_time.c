@@ -207,10 +207,10 @@ static intptr_t order_sleeper(void *arg)
     int64_t deadline = os->base + os->delay[i];
     moor_sleep_future sf;
     moor_sleep_init(&sf, deadline);
-    sf.node.seq = UINT64_MAX; /* the heap gives every node it takes a real sequence number */
+    sf.deadline.seq = UINT64_MAX; /* the heap gives every node it takes a real sequence number */
     FCHECK(moor_await(&sf.base) == 0);
     FCHECK(moor_now() >= deadline);
-    os->queued[i] = sf.node.seq != UINT64_MAX;
+    os->queued[i] = sf.deadline.seq != UINT64_MAX;
     os->order[os->nwoken++] = (int)i;
     return 0;
 }
