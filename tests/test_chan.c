@@ -3,24 +3,18 @@
  * cancellation of a blocked fiber (and that a value already handed over is never lost), the
  * operation futures awaited and block_on'd, elements of many sizes, and misuse.
  *
- * Checks inside fibers only record what they see (FCHECK notes the first failed line); the
- * test function asserts once the fibers are joined, so that a failed assertion never unwinds
- * from a fiber's stack. Timing is asserted only as a lower bound. */
+ * Checks inside fibers are FCHECKs (fixture.h). Timing is asserted only as a lower bound. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "helpers.h"
 #include "moor.h"
-
-#include "fiber/executor.h"
-#include "fiber/fiber.h"
 
 #include "fixture.h"
 
-/* ---- scaffolding of this file (the executor fixture is in fixture.h) -------------------- */
+/* ---- scaffolding of this file (the shared fixture is in fixture.h) ---------------------- */
 
 /* A fiber that does one channel call and reports what it saw. */
 typedef struct chan_call {
@@ -52,14 +46,6 @@ static intptr_t chan_call_fn(void *arg)
     c->returned = 1;
     c->returned_at = moor_now();
     return c->rc;
-}
-
-static moor_chan *chan_new(size_t elem_size, size_t cap)
-{
-    moor_chan *ch = NULL;
-    assert_int_equal(moor_chan_new(&ch, elem_size, cap), 0);
-    assert_non_null(ch);
-    return ch;
 }
 
 /* ---- creation ---------------------------------------------------------------------------- */
@@ -635,13 +621,13 @@ static void test_chan_value_before_deadline(void **state)
     moor_fiber *f;
     assert_int_equal(moor_spawn(&f, chan_call_fn, &c, NULL), 0);
     settle();
-    assert_int_equal(ex->timers.n, 1); /* the receiver's deadline */
+    assert_int_equal(ex_stats(ex).timers, 1); /* the receiver's deadline */
     int v = 66;
     assert_int_equal(moor_chan_send(ch, &v, moor_deadline_in(SAFETY_MS)), 0);
     assert_int_equal(moor_join(f, NULL), 0);
     assert_int_equal(c.rc, 0);
     assert_int_equal(c.got, 66);
-    assert_int_equal(ex->timers.n, 0);
+    assert_int_equal(ex_stats(ex).timers, 0);
     moor_chan_free(ch);
     ex_free(ex);
 }
@@ -1120,5 +1106,5 @@ int main(void)
         TEST(test_chan_op_future_deadline),
         TEST(test_chan_misuse_asserts),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }
