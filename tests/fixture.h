@@ -31,15 +31,16 @@
  * - The executor of a test is made with ex_new (or ex_new_attr) and freed with ex_free, which
  *   checks with moor_executor_stats_get that the test left nothing behind.
  *
- * - TEST registers a case with fixture_teardown, which runs after every case, passed or
- *   failed. A case that failed half-way may have left its executor current. If it holds no
- *   task the teardown frees it, and the next case runs as usual. If tasks are still pending,
- *   their fibers may point into the unwound stack of the failed case and must never run
- *   again; an executor cannot be freed with tasks pending, and a thread has only one. So the
- *   teardown says which case left what and ends the process with a failing status (the
- *   failure itself has been reported already): later cases never run on a poisoned
- *   executor, and ctest reports the program as failed. A case that passed but left its
- *   executor, or an FCHECK failure, fails in the teardown.
+ * - TEST registers a case with fixture_setup and fixture_teardown, which run before and
+ *   after every case, passed or failed. A case that failed half-way may have left its
+ *   executor current. If it holds no task the teardown frees it, and the next case runs as
+ *   usual. If tasks are still pending, their fibers may point into the unwound stack of the
+ *   failed case and must never run again; an executor cannot be freed with tasks pending,
+ *   and a thread has only one. So the teardown says which case left what and fails it, and
+ *   once cmocka has reported that case (with its own failure message), the next setup ends
+ *   the process with a failing status: later cases never run on a poisoned executor (and
+ *   nothing ever runs it again), and ctest reports the program as failed. A case that passed
+ *   but left its executor, or in which an FCHECK failed, fails in the teardown.
  *
  * Crash paths (stack overflow, pin violation, assertions on misuse) are run in a forked child
  * whose exit status and stderr the parent checks:
@@ -179,17 +180,34 @@ __attribute__((unused)) static moor_executor_stats ex_stats(const moor_executor 
  * (every fiber joined or, if detached, finished), no timer queued (no combinator, operation
  * or sleep left one behind), no failed FCHECK. With tasks pending it cannot be freed: the
  * assertion fails first and the teardown deals with it. */
-__attribute__((unused)) static void ex_free(moor_executor *ex)
+#define ex_free(ex) ex_free_at(ex, __FILE__, __LINE__)
+
+__attribute__((unused)) static void ex_free_at(moor_executor *ex, const char *file, int line)
 {
     moor_executor_stats st = ex_stats(ex);
-    assert_int_equal(st.tasks, 0);
+    _assert_int_equal(st.tasks, 0, file, line);
     moor_executor_free(ex);
-    assert_int_equal(st.fibers, 0);
-    assert_int_equal(st.timers, 0);
-    assert_int_equal(fiber_failed(), 0);
+    _assert_int_equal(st.fibers, 0, file, line);
+    _assert_int_equal(st.timers, 0, file, line);
+    _assert_int_equal((unsigned)fiber_failed(), 0, file, line);
 }
 
-/* Runs after every TEST (state holds the case's name, see TEST): see the head of this file. */
+/* The case that left an executor with tasks pending, or NULL: see the head of this file. */
+__attribute__((unused)) static const char *fixture_poisoned_by;
+
+/* Runs before every TEST (state holds the case's name, see TEST). */
+__attribute__((unused)) static int fixture_setup(void **state)
+{
+    if (fixture_poisoned_by) {
+        print_message("%s is not run, nor any case after it: %s left an executor that can "
+                      "never be freed\n", (const char *)*state, fixture_poisoned_by);
+        fflush(NULL);
+        _exit(EXIT_FAILURE);
+    }
+    return 0;
+}
+
+/* Runs after every TEST, passed or failed: see the head of this file. */
 __attribute__((unused)) static int fixture_teardown(void **state)
 {
     const char *name = *state;
@@ -198,11 +216,10 @@ __attribute__((unused)) static int fixture_teardown(void **state)
     if (ex) {
         moor_executor_stats st = ex_stats(ex);
         if (st.tasks) {
-            print_message("%s left its executor with %zu tasks pending (%zu fibers, %zu timers):"
-                          " they must never run again, so the run ends here\n",
-                          name, st.tasks, st.fibers, st.timers);
-            fflush(NULL);
-            _exit(EXIT_FAILURE);
+            print_message("%s left its executor with %zu tasks pending (%zu fibers, %zu timers),"
+                          " which must never run again\n", name, st.tasks, st.fibers, st.timers);
+            fixture_poisoned_by = name;
+            return -1;
         }
         print_message("%s left its executor behind (%zu fibers, %zu timers); freeing it\n",
                       name, st.fibers, st.timers);
@@ -217,7 +234,8 @@ __attribute__((unused)) static int fixture_teardown(void **state)
     return ok ? 0 : -1;
 }
 
-#define TEST(fn) cmocka_unit_test_prestate_setup_teardown(fn, NULL, fixture_teardown, (void *)#fn)
+#define TEST(fn)                                                                              \
+    cmocka_unit_test_prestate_setup_teardown(fn, fixture_setup, fixture_teardown, (void *)#fn)
 
 /* With MOOR_TEST_FILTER set (e.g. "*pool*"), run only the cases it matches. */
 __attribute__((unused)) static void fixture_filter(void)
@@ -275,6 +293,38 @@ __attribute__((unused)) static moor_chan *chan_new(size_t elem_size, size_t capa
     assert_int_equal(moor_chan_new(&ch, elem_size, capacity), 0);
     assert_non_null(ch);
     return ch;
+}
+
+/* A fiber that does one channel call and reports what it saw. */
+typedef struct chan_call {
+    moor_chan *ch;
+    int send;           /* 1: send `value`; 0: receive into `got` */
+    int use_future;     /* await a moor_chan_op instead of calling send/recv */
+    int64_t deadline;
+    int value;
+    int got;
+    int rc;
+    int returned;       /* set once the call has returned */
+    int64_t returned_at;
+} chan_call;
+
+__attribute__((unused)) static intptr_t chan_call_fn(void *arg)
+{
+    chan_call *c = arg;
+    if (c->use_future) {
+        moor_chan_op op;
+        if (c->send)
+            moor_chan_send_init(&op, c->ch, &c->value, c->deadline);
+        else
+            moor_chan_recv_init(&op, c->ch, &c->got, c->deadline);
+        c->rc = (int)moor_await(&op.base);
+    } else {
+        c->rc = c->send ? moor_chan_send(c->ch, &c->value, c->deadline)
+                        : moor_chan_recv(c->ch, &c->got, c->deadline);
+    }
+    c->returned = 1;
+    c->returned_at = moor_now();
+    return c->rc;
 }
 
 /* A stream socketpair, both ends non-blocking. */
