@@ -7,7 +7,6 @@
  * Checks inside fibers are FCHECKs (fixture.h). */
 #include <errno.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 

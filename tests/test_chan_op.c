@@ -6,7 +6,6 @@
  * Timing is asserted only as a lower bound. Checks inside fibers are FCHECKs (fixture.h). */
 #include <errno.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
