@@ -5,8 +5,8 @@
  *
  * Timing is asserted only as a lower bound; progress is counted (ticks of another fiber).
  * A call that must still be running is held by a gate (a pipe the test writes to), never by
- * hoping a sleep is long enough. Checks inside fibers are FCHECKs
- * (fixture.h). Forked children check with CCHECK and exit non-zero on a failure. */
+ * hoping a sleep is long enough. Checks inside fibers are FCHECKs (fixture.h). Forked
+ * children check with CCHECK and exit non-zero on a failure. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>

@@ -4,8 +4,8 @@
  * slow reader, EPIPE without SIGPIPE, vectored and datagram calls, unix sockets, connect
  * errors, and accept under EMFILE.
  *
- * Checks inside fibers are FCHECKs (fixture.h). Tests that
- * change process-wide state (signal dispositions, RLIMIT_NOFILE) run in a forked child. */
+ * Checks inside fibers are FCHECKs (fixture.h). Tests that change process-wide state (signal
+ * dispositions, RLIMIT_NOFILE) run in a forked child. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>

@@ -3,8 +3,8 @@
  * are tested in test_blocking.c, signals in test_signal.c.
  *
  * Timing is asserted only as a lower bound; progress is counted (ticks of another fiber,
- * callbacks of the application's watchers). Checks inside fibers are FCHECKs
- * (fixture.h). Forked children check with CCHECK and exit non-zero on a failure. */
+ * callbacks of the application's watchers). Checks inside fibers are FCHECKs (fixture.h).
+ * Forked children check with CCHECK and exit non-zero on a failure. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>

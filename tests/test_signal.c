@@ -4,8 +4,8 @@
  *
  * Tests that change a disposition for good, or that must survive a signal which would kill
  * the process, run in forked children. Timing is asserted only as a lower bound. Checks inside
- * fibers are FCHECKs (fixture.h). Children check with
- * CHILD_REQUIRE (child_run) or CCHECK (fork_child) and exit non-zero on a failure. */
+ * fibers are FCHECKs (fixture.h). Children check with CHILD_REQUIRE (child_run) or CCHECK
+ * (fork_child) and exit non-zero on a failure. */
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
