@@ -13,6 +13,8 @@
 
 #include "moor.h"
 
+#include "fixture.h"
+
 /* While failing is set, every allocation (not frees) fails. */
 static int failing;
 static unsigned long refused;
@@ -38,8 +40,7 @@ static intptr_t add_one(void *arg) { return (intptr_t)arg + 1; }
 static void test_alloc_join_from_plain_code_needs_no_memory(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     moor_fiber *f;
     assert_int_equal(moor_spawn(&f, add_one, (void *)41, NULL), 0); /* a warm stack: no malloc */
     failing = 1;
@@ -47,7 +48,7 @@ static void test_alloc_join_from_plain_code_needs_no_memory(void **state)
     assert_int_equal(moor_join(f, &r), 0);
     failing = 0;
     assert_int_equal(r, 42);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 typedef struct ready_future {
@@ -68,8 +69,7 @@ static const moor_future_ops ready_ops = {"ready", ready_poll, NULL};
 static void test_alloc_task_spawn_and_block_on(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     ready_future a;
     moor_future_init(&a.base, &ready_ops, 0);
     failing = 1;
@@ -77,7 +77,7 @@ static void test_alloc_task_spawn_and_block_on(void **state)
     assert_int_equal(moor_block_on(&a.base), -ENOMEM);
     failing = 0;
     assert_int_equal(moor_block_on(&a.base), 7);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static void test_alloc_chan_new(void **state)
@@ -102,8 +102,7 @@ static intptr_t sleeper(void *arg)
 static void test_alloc_timer_heap(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     moor_fiber *f;
     assert_int_equal(moor_spawn(&f, sleeper, (void *)(intptr_t)60000, NULL), 0);
     failing = 1;
@@ -115,15 +114,14 @@ static void test_alloc_timer_heap(void **state)
     assert_int_equal(moor_spawn(&f, sleeper, (void *)(intptr_t)1, NULL), 0);
     assert_int_equal(moor_join(f, &r), 0);
     assert_int_equal(r, 0);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* A fiber stack of a new size needs its pool bucket: refused, spawn says -ENOMEM. */
 static void test_alloc_spawn_new_stack_size(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     moor_fiber *f;
     moor_fiber_attr attr = {.stack_size = 512 * 1024};
     failing = 1;
@@ -133,17 +131,17 @@ static void test_alloc_spawn_new_stack_size(void **state)
     intptr_t r;
     assert_int_equal(moor_join(f, &r), 0);
     assert_int_equal(r, 2);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_alloc_join_from_plain_code_needs_no_memory),
-        cmocka_unit_test(test_alloc_task_spawn_and_block_on),
-        cmocka_unit_test(test_alloc_chan_new),
-        cmocka_unit_test(test_alloc_timer_heap),
-        cmocka_unit_test(test_alloc_spawn_new_stack_size),
+        TEST(test_alloc_join_from_plain_code_needs_no_memory),
+        TEST(test_alloc_task_spawn_and_block_on),
+        TEST(test_alloc_chan_new),
+        TEST(test_alloc_timer_heap),
+        TEST(test_alloc_spawn_new_stack_size),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

@@ -5,9 +5,8 @@
  *
  * Timing is asserted only as a lower bound; progress is counted (ticks of another fiber).
  * A call that must still be running is held by a gate (a pipe the test writes to), never by
- * hoping a sleep is long enough. Checks inside fibers only record what they see (a fiber
- * returns the line of its first failed check, or 0); the test function asserts once the
- * fibers are joined. Forked children check with CCHECK and exit non-zero on a failure. */
+ * hoping a sleep is long enough. Checks inside fibers are FCHECKs (fixture.h). Forked
+ * children check with CCHECK and exit non-zero on a failure. */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
@@ -26,8 +25,11 @@
 
 #include "moor.h"
 
-#define FIXTURE_FCHECK_RETURNS
 #include "fixture.h"
+
+/* White-box: test_blocking_pool_size_overflow sets the executor's thread count behind its
+ * back. */
+#include "fiber/executor.h"
 
 /* In a fiber: sleep in short steps until *flag reaches n (atomically read); 0, or -1 after
  * SAFETY_MS (a bug, not a slow machine). */
@@ -129,8 +131,7 @@ static intptr_t progress_ticker(void *arg)
 static void test_blocking_others_progress(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     blocking_over = 0;
     slow_done = 0;
     moor_fiber *caller, *ticker;
@@ -144,14 +145,13 @@ static void test_blocking_others_progress(void **state)
     print_message("ticks during a 200 ms blocking call: %ld\n", (long)ticks);
     assert_true(ticks >= 5);
     assert_int_equal(__atomic_load_n(&slow_done, __ATOMIC_SEQ_CST), 1);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static void test_blocking_from_plain_code(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     static int calls;
     calls = 0;
     intptr_t result = 0;
@@ -160,7 +160,7 @@ static void test_blocking_from_plain_code(void **state)
     assert_int_equal(calls, 1);
     assert_int_equal(moor_blocking(sentinel_fn, &calls, NULL, moor_deadline_in(SAFETY_MS)), 0);
     assert_int_equal(calls, 2);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- arg on the caller's stack ------------------------------------------------------------ */
@@ -265,8 +265,7 @@ static intptr_t stack_reuser(void *arg)
  * withdrawn before fn started (only possible with a deadline). */
 static int stack_arg_case(int64_t deadline_ms, int cancel)
 {
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     /* A worker waits already, so that fn normally starts well within a short deadline. */
     static int warm;
     assert_int_equal(moor_blocking(sentinel_fn, &warm, NULL, -1), 0);
@@ -292,7 +291,7 @@ static int stack_arg_case(int64_t deadline_ms, int cancel)
         overlapping += ru[i].lo < c.slot_hi && c.slot_lo < ru[i].hi; /* the ranges overlap */
         intact += rr[i] == 0;
     }
-    moor_executor_free(ex); /* waits for the workers */
+    ex_free(ex); /* waits for the workers */
     print_message("moor_blocking returned %d%s; %d of %d fibers reusing the stack overlap the "
                   "caller's slot; %d of them found their frame intact\n",
                   c.rc, c.withdrawn ? " (withdrawn before fn started)" : "", overlapping,
@@ -369,8 +368,7 @@ static intptr_t release_after(void *arg)
 static int running_case(int from_fiber)
 {
     gate_init();
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     static int warm;
     assert_int_equal(moor_blocking(sentinel_fn, &warm, NULL, -1), 0);
     running_call c = {moor_deadline_in(RUNNING_DEADLINE_MS), 1, 0, 0, 0};
@@ -386,7 +384,7 @@ static int running_case(int from_fiber)
     }
     assert_int_equal(moor_join(g, &r), 0);
     assert_int_equal(r, 0);
-    moor_executor_free(ex);
+    ex_free(ex);
     int entered = __atomic_load_n(&gate_entered, __ATOMIC_SEQ_CST);
     gate_fini();
     if (c.rc == -ETIMEDOUT && entered == 0) {
@@ -444,7 +442,7 @@ static void test_blocking_queued_timeout(void **state)
     gate_init();
     moor_executor *ex;
     moor_executor_attr attr = {.blocking_threads = 1};
-    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    ex = ex_new_attr(&attr);
     never_ran = 0;
     moor_fiber *a, *b;
     assert_int_equal(moor_spawn(&a, gated_caller, (void *)5, NULL), 0);
@@ -455,7 +453,7 @@ static void test_blocking_queued_timeout(void **state)
     gate_release(1);
     assert_int_equal(moor_join(a, &r), 0);
     assert_int_equal(r, 0);
-    moor_executor_free(ex);
+    ex_free(ex);
     assert_int_equal(__atomic_load_n(&gate_done, __ATOMIC_SEQ_CST), 1);
     assert_int_equal(__atomic_load_n(&never_ran, __ATOMIC_SEQ_CST), 0);
     gate_fini();
@@ -474,8 +472,7 @@ static intptr_t call_when_cancelled(void *arg)
 static void test_blocking_never_started(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     never_ran = 0;
     intptr_t result = -5;
     assert_int_equal(moor_blocking(must_not_run, NULL, &result, moor_now() - 1), -ETIMEDOUT);
@@ -486,7 +483,7 @@ static void test_blocking_never_started(void **state)
     intptr_t r = -1;
     assert_int_equal(moor_join(f, &r), -ECANCELED);
     assert_int_equal(r, 0);
-    moor_executor_free(ex);
+    ex_free(ex);
     assert_int_equal(__atomic_load_n(&never_ran, __ATOMIC_SEQ_CST), 0);
 }
 
@@ -508,8 +505,7 @@ static void test_blocking_cancel_while_running(void **state)
 {
     (void)state;
     gate_init();
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int rc = 1;
     moor_fiber *f;
     assert_int_equal(moor_spawn(&f, cancelled_caller, &rc, NULL), 0);
@@ -523,7 +519,7 @@ static void test_blocking_cancel_while_running(void **state)
     assert_int_equal(moor_join(f, &r), -ECANCELED);
     assert_int_equal(r, 0);
     assert_int_equal(rc, 0);
-    moor_executor_free(ex);
+    ex_free(ex);
     assert_int_equal(__atomic_load_n(&gate_done, __ATOMIC_SEQ_CST), 1);
     gate_fini();
 }
@@ -545,7 +541,7 @@ static void test_blocking_queued_cancel(void **state)
     gate_init();
     moor_executor *ex;
     moor_executor_attr attr = {.blocking_threads = 1};
-    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    ex = ex_new_attr(&attr);
     never_ran = 0;
     int rc = 1;
     moor_fiber *a, *b;
@@ -564,7 +560,7 @@ static void test_blocking_queued_cancel(void **state)
     gate_release(1);
     assert_int_equal(moor_join(a, &r), 0);
     assert_int_equal(r, 0);
-    moor_executor_free(ex);
+    ex_free(ex);
     assert_int_equal(__atomic_load_n(&never_ran, __ATOMIC_SEQ_CST), 0);
     gate_fini();
 }
@@ -619,7 +615,7 @@ static void test_blocking_many_concurrent(void **state)
     (void)state;
     moor_executor *ex;
     moor_executor_attr attr = {.blocking_threads = MANY_THREADS};
-    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    ex = ex_new_attr(&attr);
     memset(many_runs, 0, sizeof many_runs);
     static moor_fiber *f[MANY];
     for (int i = 0; i < MANY; i++)
@@ -631,7 +627,7 @@ static void test_blocking_many_concurrent(void **state)
         if (r != 0 && !failed)
             failed = (int)r;
     }
-    moor_executor_free(ex); /* the workers are joined: a withdrawn call can no longer run */
+    ex_free(ex); /* the workers are joined: a withdrawn call can no longer run */
     assert_int_equal(failed, 0);
     int timed_out = 0;
     for (int i = 0; i < MANY; i++) {
@@ -675,8 +671,7 @@ static intptr_t meet_caller(void *arg)
 static void test_blocking_pool_size_overflow(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     ex->blocking_threads = SIZE_MAX / sizeof(pthread_t) + 2;
     meet_count = 0;
     moor_fiber *f[MEET];
@@ -687,7 +682,7 @@ static void test_blocking_pool_size_overflow(void **state)
         assert_int_equal(moor_join(f[i], &r), 0);
         assert_int_equal(r, 0);
     }
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* A thread count no machine could start is refused up front. The executor's validation of
@@ -733,7 +728,7 @@ static void test_blocking_fork_in_flight(void **state)
     gate_init();
     moor_executor *ex;
     moor_executor_attr attr = {.blocking_threads = 1};
-    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    ex = ex_new_attr(&attr);
     inflight_rc[0] = inflight_rc[1] = 1;
     moor_fiber *f[2];
     assert_int_equal(moor_spawn(&f[0], inflight_caller, (void *)0, NULL), 0);
@@ -750,7 +745,7 @@ static void test_blocking_fork_in_flight(void **state)
         CCHECK(inflight_rc[1] == -ECANCELED);
         CCHECK(moor_join(f[0], &r) == 0);
         CCHECK(inflight_rc[0] == -ECANCELED);
-        _exit(0);
+        child_exit();
     }
     /* The parent's own calls complete normally once let go. */
     gate_release(2);
@@ -760,7 +755,7 @@ static void test_blocking_fork_in_flight(void **state)
         assert_int_equal(r, 42);
         assert_int_equal(inflight_rc[i], 0);
     }
-    moor_executor_free(ex);
+    ex_free(ex);
     gate_fini();
     wait_child_ok(pid);
 }
@@ -782,8 +777,5 @@ int main(void)
         TEST(test_blocking_huge_thread_count),
         TEST(test_blocking_fork_in_flight),
     };
-    const char *filter = getenv("MOOR_TEST_FILTER"); /* e.g. "*cancel*": run only those */
-    if (filter)
-        cmocka_set_test_filter(filter);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

@@ -1,17 +1,16 @@
 /* Futures, wakers and the executor's task loop, on the plain driver (no event loop).
  *
- * Checks inside fibers only record what they see; the test function asserts once the fibers
- * are joined, so that a failed assertion never unwinds from a fiber's stack. */
+ * Fibers and poll functions record what they see; the test function asserts once they are
+ * done (fixture.h). */
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
 #include <string.h>
 #include <time.h>
 
-#include "helpers.h"
 #include "moor.h"
 
-#include "fiber/executor.h"
+#include "fixture.h"
 
 /* ---- a countdown: PENDING `left` times, waking itself each time, then READY with `value` */
 
@@ -93,8 +92,7 @@ static void test_future_countdown_as_task(void **state)
 {
     (void)state;
     static const int counts[] = {0, 1, 5, 100};
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     for (size_t i = 0; i < sizeof counts / sizeof counts[0]; i++) {
         countdown c;
         countdown_init(&c, counts[i], 1000 + counts[i]);
@@ -105,20 +103,19 @@ static void test_future_countdown_as_task(void **state)
         assert_int_equal(c.fut.result, 1000 + counts[i]);
         assert_int_equal(c.polls, counts[i] + 1);
     }
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static void test_future_countdown_block_on(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     countdown c;
     countdown_init(&c, 7, -42);
     assert_int_equal(moor_block_on(&c.fut), -42);
     assert_true(moor_future_done(&c.fut));
     assert_int_equal(c.polls, 8);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 struct await_countdown {
@@ -141,8 +138,7 @@ static intptr_t await_countdown_fn(void *arg)
 static void test_future_countdown_awaited_in_fiber(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     struct await_countdown a = {.n = 9};
     moor_fiber *f;
     assert_int_equal(moor_spawn(&f, await_countdown_fn, &a, NULL), 0);
@@ -151,15 +147,14 @@ static void test_future_countdown_awaited_in_fiber(void **state)
     assert_int_equal(r, 4242);
     assert_int_equal(a.polls, 10);
     assert_true(a.done);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* A task that wakes itself twice during one poll is queued once: still n + 1 polls. */
 static void test_future_self_wake_twice_polls_once(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     countdown c;
     countdown_init(&c, 5, 1);
     c.wakes = 2;
@@ -172,7 +167,7 @@ static void test_future_self_wake_twice_polls_once(void **state)
     assert_int_equal(moor_spawn(&f, await_countdown_fn, &a, NULL), 0);
     assert_int_equal(moor_join(f, NULL), 0);
     assert_int_equal(a.polls, 6);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- block_on returns with other tasks left where they are ------------------------------ */
@@ -195,8 +190,7 @@ static intptr_t busy_fn(void *arg)
 static void test_future_block_on_leaves_other_tasks(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     struct busy b = {.target = 1000};
     moor_fiber *f;
     assert_int_equal(moor_spawn(&f, busy_fn, &b, NULL), 0);
@@ -209,7 +203,7 @@ static void test_future_block_on_leaves_other_tasks(void **state)
     intptr_t r = 0;
     assert_int_equal(moor_join(f, &r), 0);
     assert_int_equal(r, 1000);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- pinning ----------------------------------------------------------------------------- */
@@ -332,8 +326,7 @@ static void test_future_cancelled_future_may_move(void **state)
 static void test_future_stale_waker_of_plain_task(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
 
     probe old;
     probe_init(&old, 1); /* READY at its first poll */
@@ -364,7 +357,7 @@ static void test_future_stale_waker_of_plain_task(void **state)
     assert_int_equal(moor_executor_run(ex), 0);
     assert_int_equal(fresh.polls, 2);
     assert_int_equal(fresh.fut.result, 2);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static intptr_t await_probe_fn(void *arg) { return moor_await(arg); }
@@ -372,8 +365,7 @@ static intptr_t await_probe_fn(void *arg) { return moor_await(arg); }
 static void test_future_stale_waker_of_fiber(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
 
     /* A fiber that hands out its waker (through a probe it awaits) and returns. */
     probe grab;
@@ -408,7 +400,7 @@ static void test_future_stale_waker_of_fiber(void **state)
     assert_int_equal(moor_join(fresh, &r), 0);
     assert_int_equal(r, 2);
     assert_int_equal(wait.polls, 2);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- waking twice queues once ---------------------------------------------------------- */
@@ -458,8 +450,7 @@ static intptr_t double_wake_fn(void *arg)
 static void test_future_wake_twice_queues_once(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
 
     /* The pending future as a task of its own. */
     probe p, b;
@@ -495,7 +486,7 @@ static void test_future_wake_twice_queues_once(void **state)
     assert_int_equal(d.polls_apart, 3);
     assert_int_equal(r, 4);
     assert_int_equal(b.polls, 3);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- cancel ---------------------------------------------------------------------------- */
@@ -664,7 +655,7 @@ static void remote_init(remote *r, long delay_ns)
 }
 
 /* The wakes from other threads run in a forked child: a lost wake or a deadlock there is
- * reported by the watchdog (helpers.h) instead of hanging the whole suite. */
+ * reported by the watchdog (fixture.h) instead of hanging the whole suite. */
 static void remote_wake_child(void *arg)
 {
     (void)arg;
@@ -769,7 +760,7 @@ static void test_future_executor_one_per_thread(void **state)
     (void)state;
     assert_null(moor_executor_current());
     moor_executor *ex, *again = NULL;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    ex = ex_new();
     assert_ptr_equal(moor_executor_current(), ex);
     assert_int_equal(moor_executor_new(&again, NULL), -EEXIST);
     assert_null(again);
@@ -780,10 +771,10 @@ static void test_future_executor_one_per_thread(void **state)
     assert_int_equal(pthread_join(t, &ret), 0);
     assert_null(ret);
 
-    moor_executor_free(ex);
+    ex_free(ex);
     assert_null(moor_executor_current());
-    assert_int_equal(moor_executor_new(&ex, NULL), 0); /* free makes room for a new one */
-    moor_executor_free(ex);
+    ex = ex_new(); /* free makes room for a new one */
+    ex_free(ex);
 }
 
 /* ---- errors ------------------------------------------------------------------------------ */
@@ -821,8 +812,6 @@ static void test_future_strerror_int_min(void **state)
     expect_child_ok(&r);
 }
 
-#define TEST(f) TEST_FORGETTING(f)
-
 int main(void)
 {
     child_signals_save();
@@ -848,8 +837,5 @@ int main(void)
         TEST(test_future_strerror),
         TEST(test_future_strerror_int_min),
     };
-    const char *filter = getenv("MOOR_TEST_FILTER"); /* e.g. "*pool*": run only those */
-    if (filter)
-        cmocka_set_test_filter(filter);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

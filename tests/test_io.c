@@ -4,9 +4,8 @@
  * slow reader, EPIPE without SIGPIPE, vectored and datagram calls, unix sockets, connect
  * errors, and accept under EMFILE.
  *
- * Checks inside fibers only record what they see (a fiber returns the line of its first
- * failed check, or 0); the test function asserts once the fibers are joined. Tests that
- * change process-wide state (signal dispositions, RLIMIT_NOFILE) run in a forked child. */
+ * Checks inside fibers are FCHECKs (fixture.h). Tests that change process-wide state (signal
+ * dispositions, RLIMIT_NOFILE) run in a forked child. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -30,9 +29,6 @@
 
 #include "moor.h"
 
-#include "fiber/executor.h"
-
-#define FIXTURE_FCHECK_RETURNS
 #include "fixture.h"
 
 static void make_nonblocking(int fd)
@@ -43,7 +39,7 @@ static void make_nonblocking(int fd)
 }
 
 /* A stream socketpair, both ends made O_NONBLOCK with fcntl as a user would. */
-static void stream_pair(int sv[2])
+static void stream_pair_fcntl(int sv[2])
 {
     assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
     make_nonblocking(sv[0]);
@@ -70,7 +66,7 @@ static pid_t run_in_child(void (*fn)(void *), void *arg)
     pid_t pid = fork_child(60);
     if (pid == 0) {
         fn(arg);
-        _exit(0);
+        child_exit();
     }
     return pid;
 }
@@ -122,15 +118,14 @@ static intptr_t ponger(void *arg)
 static void test_io_pingpong_many_pairs(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     pp_end *ends = calloc(2 * PP_PAIRS, sizeof *ends);
     moor_fiber **f = calloc(2 * PP_PAIRS, sizeof *f);
     assert_non_null(ends);
     assert_non_null(f);
     for (uint32_t i = 0; i < PP_PAIRS; i++) {
         int sv[2];
-        stream_pair(sv);
+        stream_pair_fcntl(sv);
         ends[2 * i] = (pp_end){sv[0], i};
         ends[2 * i + 1] = (pp_end){sv[1], i};
         assert_int_equal(moor_spawn(&f[2 * i], pinger, &ends[2 * i], NULL), 0);
@@ -146,7 +141,7 @@ static void test_io_pingpong_many_pairs(void **state)
         close(ends[i].fd);
     free(ends);
     free(f);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- TCP echo over loopback: 1,000 clients, a fiber per connection ------------------------ */
@@ -235,8 +230,7 @@ static intptr_t echo_client(void *arg)
 static void test_io_tcp_echo_many_clients(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     echo_server *s = calloc(1, sizeof *s);
     assert_non_null(s);
     s->lfd = moor_tcp_listen("127.0.0.1", 0, 2048);
@@ -270,7 +264,7 @@ static void test_io_tcp_echo_many_clients(void **state)
     assert_int_equal(moor_close(s->lfd), 0);
     free(clients);
     free(s);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- deadlines ---------------------------------------------------------------------------- */
@@ -291,10 +285,9 @@ static intptr_t read_times_out(void *arg)
 static void test_io_read_times_out(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int sv[2];
-    stream_pair(sv);
+    stream_pair_fcntl(sv);
     /* From a fiber... */
     moor_fiber *f;
     assert_int_equal(moor_spawn(&f, read_times_out, (void *)(intptr_t)sv[0], NULL), 0);
@@ -312,16 +305,15 @@ static void test_io_read_times_out(void **state)
     assert_memory_equal(buf, "hi", 2);
     close(sv[0]);
     close(sv[1]);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static void test_io_write_to_full_socket_times_out(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int sv[2];
-    stream_pair(sv);
+    stream_pair_fcntl(sv);
     static char chunk[65536];
     size_t filled = 0;
     for (;;) {
@@ -346,18 +338,17 @@ static void test_io_write_to_full_socket_times_out(void **state)
     assert_true(moor_now() >= deadline);
     close(sv[0]);
     close(sv[1]);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static void test_io_wait_fd_ready_returns_at_once(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     struct ev_loop *loop = moor_executor_loop(ex);
     assert_non_null(loop);
     int sv[2];
-    stream_pair(sv);
+    stream_pair_fcntl(sv);
     /* "At once" as a count, not a time: one turn of the event loop sees a ready fd. */
     unsigned before = ev_iteration(loop);
     assert_int_equal(moor_wait_fd(sv[0], MOOR_WRITABLE, moor_deadline_in(SAFETY_MS)), 0);
@@ -376,7 +367,7 @@ static void test_io_wait_fd_ready_returns_at_once(void **state)
     assert_int_equal(moor_wait_fd(sv[0], MOOR_READABLE, moor_deadline_in(SAFETY_MS)), 0);
     assert_int_equal(moor_read(sv[0], &c, 1, -1), 0);
     close(sv[0]);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* "Each call tries the system call first and waits only on EAGAIN": what is there is read
@@ -385,10 +376,9 @@ static void test_io_wait_fd_ready_returns_at_once(void **state)
 static void test_io_ready_fd_with_passed_deadline(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int sv[2];
-    stream_pair(sv);
+    stream_pair_fcntl(sv);
     char buf[64];
     assert_int_equal(write(sv[1], "abc", 3), 3);
     assert_int_equal(moor_read(sv[0], buf, sizeof buf, moor_now() - 1), 3); /* short read */
@@ -404,7 +394,7 @@ static void test_io_ready_fd_with_passed_deadline(void **state)
     assert_int_equal(moor_write(sv[0], "x", 1, moor_now() - 1), 1);
     close(sv[0]);
     close(sv[1]);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- cancelling a blocked read ------------------------------------------------------------ */
@@ -424,10 +414,9 @@ static intptr_t blocked_reader(void *arg)
 static void test_io_cancel_blocked_read(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int sv[2];
-    stream_pair(sv);
+    stream_pair_fcntl(sv);
     reader_entered = 0;
     reader_rc = 1;
     moor_fiber *f;
@@ -448,7 +437,7 @@ static void test_io_cancel_blocked_read(void **state)
      * moor's own unpark async (white-box: ev_run returns the count of active referenced
      * watchers; taking the async's reference away leaves the io watchers alone). */
     assert_int_equal(moor_executor_run(ex), 0);
-    assert_int_equal(ex->ntasks, 0);
+    assert_int_equal(ex_stats(ex).tasks, 0);
     struct ev_loop *loop = moor_executor_loop(ex);
     ev_unref(loop);
     int active = ev_run(loop, EVRUN_NOWAIT);
@@ -457,13 +446,13 @@ static void test_io_cancel_blocked_read(void **state)
 
     /* The fd number is reused at once: a stale watcher on it would fire into a dead stack. */
     int sv2[2];
-    stream_pair(sv2);
+    stream_pair_fcntl(sv2);
     assert_int_equal(write(sv2[1], "ok", 2), 2);
     char buf[4];
     assert_int_equal(moor_read(sv2[0], buf, sizeof buf, moor_deadline_in(SAFETY_MS)), 2);
     close(sv2[0]);
     close(sv2[1]);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- write_all against a slow reader; EPIPE ----------------------------------------------- */
@@ -516,10 +505,9 @@ static intptr_t big_writer(void *arg)
 static void test_io_write_all_slow_reader(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int sv[2];
-    stream_pair(sv);
+    stream_pair_fcntl(sv);
     slow_reader s = {sv[1], 0, 0};
     moor_fiber *w, *rd;
     assert_int_equal(moor_spawn(&w, big_writer, &sv[0], NULL), 0);
@@ -533,7 +521,7 @@ static void test_io_write_all_slow_reader(void **state)
     assert_true(s.reads > 1);
     close(sv[0]);
     close(sv[1]);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* The writes to a peer that has gone, each -EPIPE. Runs in a child whose SIGPIPE is SIG_DFL,
@@ -591,10 +579,9 @@ static intptr_t quitting_reader(void *arg)
 static void test_io_write_all_peer_quits(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int sv[2];
-    stream_pair(sv);
+    stream_pair_fcntl(sv);
     moor_fiber *rd;
     assert_int_equal(moor_spawn(&rd, quitting_reader, &sv[1], NULL), 0);
     unsigned char *data = calloc(1, BIG);
@@ -608,7 +595,7 @@ static void test_io_write_all_peer_quits(void **state)
     assert_int_equal(sv[1], -1);
     free(data);
     close(sv[0]);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- readv/writev, datagrams, unix sockets ------------------------------------------------ */
@@ -645,10 +632,9 @@ static intptr_t vector_writer(void *arg)
 static void test_io_readv_writev(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int sv[2];
-    stream_pair(sv);
+    stream_pair_fcntl(sv);
     moor_fiber *rd, *wr;
     assert_int_equal(moor_spawn(&rd, vector_reader, &sv[0], NULL), 0);
     assert_int_equal(moor_spawn(&wr, vector_writer, &sv[1], NULL), 0);
@@ -659,7 +645,7 @@ static void test_io_readv_writev(void **state)
     assert_int_equal(r, 0);
     close(sv[0]);
     close(sv[1]);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static int udp_socket(struct sockaddr_in *addr)
@@ -724,8 +710,7 @@ static intptr_t udp_client(void *arg)
 static void test_io_udp_recvfrom_sendto(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     udp_end srv, cli;
     srv.fd = udp_socket(&srv.self);
     cli.fd = udp_socket(&cli.self);
@@ -741,7 +726,7 @@ static void test_io_udp_recvfrom_sendto(void **state)
     assert_int_equal(r, 0);
     close(srv.fd);
     close(cli.fd);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static const char *unix_path;
@@ -779,8 +764,7 @@ static intptr_t unix_client(void *arg)
 static void test_io_unix_listen_connect(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     char dir[] = "/tmp/moor-test-io-XXXXXX";
     assert_non_null(mkdtemp(dir));
     char path[128];
@@ -810,7 +794,7 @@ static void test_io_unix_listen_connect(void **state)
     assert_int_equal(moor_unix_listen(longpath, 16), -EINVAL);
     assert_int_equal(moor_unix_connect("", -1), -EINVAL);
     assert_int_equal(rmdir(dir), 0);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- connect and listen errors ------------------------------------------------------------ */
@@ -825,8 +809,7 @@ static intptr_t refused_in_fiber(void *arg)
 static void test_io_connect_refused_and_bad_address(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     /* A port the kernel just gave out and nobody listens on any more. */
     int lfd = moor_tcp_listen("127.0.0.1", 0, 1);
     assert_true(lfd >= 0);
@@ -855,7 +838,7 @@ static void test_io_connect_refused_and_bad_address(void **state)
     assert_true(fl & O_NONBLOCK);
     assert_int_equal(moor_tcp_listen("127.0.0.1", moor_socket_port(lfd), 16), -EADDRINUSE);
     assert_int_equal(moor_close(lfd), 0);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- accept under EMFILE ------------------------------------------------------------------ */
@@ -991,5 +974,5 @@ int main(void)
         TEST(test_io_connect_refused_and_bad_address),
         TEST(test_io_accept_emfile_backs_off),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

@@ -3,9 +3,8 @@
  * are tested in test_blocking.c, signals in test_signal.c.
  *
  * Timing is asserted only as a lower bound; progress is counted (ticks of another fiber,
- * callbacks of the application's watchers). Checks inside fibers only record what they see
- * (a fiber returns the line of its first failed check, or 0); the test function asserts once
- * the fibers are joined. Forked children check with CCHECK and exit non-zero on a failure. */
+ * callbacks of the application's watchers). Checks inside fibers are FCHECKs (fixture.h).
+ * Forked children check with CCHECK and exit non-zero on a failure. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -26,16 +25,10 @@
 
 #include "moor.h"
 
-#include "fiber/executor.h"
-#include "reactor/reactor.h"
-
-#define FIXTURE_FCHECK_RETURNS
 #include "fixture.h"
 
-static void stream_pair(int sv[2])
-{
-    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
-}
+/* White-box: moor__part_get tells whether the reactor was made (no public call says). */
+#include "fiber/executor.h"
 
 /* Ping-pong `rounds` one-byte messages over a socketpair between two fibers. */
 typedef struct pp {
@@ -59,7 +52,6 @@ static intptr_t pp_fiber(void *arg)
     }
     return 0;
 }
-
 
 /* ---- spawning from other threads --------------------------------------------------------- */
 
@@ -175,7 +167,7 @@ static void remote_spawn_run(int with_loop, int per_thread)
             fprintf(stderr, "remote fiber %d ran %d times\n", i, rs_ran[i]);
             CCHECK(rs_ran[i] == 1);
         }
-    CCHECK(ex->fibers.head == NULL); /* detached fibers released themselves */
+    CCHECK(ex_stats(ex).fibers == 0); /* detached fibers released themselves */
     moor_executor_free(ex);
 }
 
@@ -185,7 +177,7 @@ static void test_reactor_spawn_remote_many(void **state)
     pid_t pid = fork_child(120);
     if (pid == 0) {
         remote_spawn_run(0, RS_PER_THREAD); /* the plain driver: no event loop */
-        _exit(0);
+        child_exit();
     }
     wait_child_ok(pid);
 }
@@ -196,7 +188,7 @@ static void test_reactor_spawn_remote_to_loop(void **state)
     pid_t pid = fork_child(120);
     if (pid == 0) {
         remote_spawn_run(1, RS_PER_THREAD / 4); /* parked in libev */
-        _exit(0);
+        child_exit();
     }
     wait_child_ok(pid);
 }
@@ -266,7 +258,7 @@ static void test_reactor_wake_from_thread(void **state)
     pid_t pid = fork_child(20);
     if (pid == 0) {
         wake_from_thread_run(1);
-        _exit(0);
+        child_exit();
     }
     wait_child_ok(pid);
 }
@@ -278,7 +270,7 @@ static void test_reactor_wake_from_thread_plain_driver(void **state)
     pid_t pid = fork_child(5);
     if (pid == 0) {
         wake_from_thread_run(0);
-        _exit(0);
+        child_exit();
     }
     wait_child_ok(pid);
 }
@@ -362,8 +354,7 @@ static void test_reactor_attach_app_loop(void **state)
     a.io.data = &a;
     ev_io_start(loop, &a.io);
 
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     assert_int_equal(moor_executor_attach(ex, loop), 0);
     assert_int_equal(moor_executor_attach(ex, loop), -EBUSY);
     assert_ptr_equal(moor_executor_loop(ex), loop);
@@ -388,7 +379,7 @@ static void test_reactor_attach_app_loop(void **state)
         assert_int_equal(moor_join(f[i], &r), 0);
         assert_int_equal(r, 0);
     }
-    assert_int_equal(ex->ntasks, 0);
+    assert_int_equal(ex_stats(ex).tasks, 0);
 
     /* Work spawned later runs in a later ev_run. */
     tracked later = {attached_sleeper, NULL, 0};
@@ -400,7 +391,7 @@ static void test_reactor_attach_app_loop(void **state)
     assert_int_equal(moor_join(g, &r), 0);
     assert_int_equal(r, 0);
 
-    moor_executor_free(ex);
+    ex_free(ex);
     /* moor's watchers are gone and their references given back: the loop is the app's. */
     assert_int_equal(ev_run(loop, EVRUN_NOWAIT), 0);
     ev_loop_destroy(loop);
@@ -418,14 +409,13 @@ static void test_reactor_attach_app_loop(void **state)
 static void test_reactor_attach_busy(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     assert_non_null(moor_executor_loop(ex)); /* it has its own loop now */
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     assert_non_null(loop);
     assert_int_equal(moor_executor_attach(ex, loop), -EBUSY);
     ev_loop_destroy(loop);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static intptr_t attached_blocking(void *arg)
@@ -444,8 +434,7 @@ static void test_reactor_attach_waits_for_blocking_call(void **state)
     (void)state;
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     assert_non_null(loop);
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     assert_int_equal(moor_executor_attach(ex, loop), 0);
     slow_done = 0;
     tracked t = {attached_blocking, NULL, 0};
@@ -456,7 +445,7 @@ static void test_reactor_attach_waits_for_blocking_call(void **state)
     intptr_t r = -1;
     assert_int_equal(moor_join(f, &r), 0); /* finishes it from plain code if ev_run did not */
     assert_int_equal(r, 0);
-    moor_executor_free(ex);
+    ex_free(ex);
     ev_loop_destroy(loop);
     if (!done_in_run)
         fail_msg("ev_run returned while a fiber was still waiting in moor_blocking");
@@ -484,8 +473,7 @@ static int roundtrip(int rounds)
 static void test_reactor_fork(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     /* The parent's loop and blocking pool are in use before the fork. */
     assert_int_equal(roundtrip(10), 0);
     static int calls;
@@ -506,8 +494,8 @@ static void test_reactor_fork(void **state)
             CCHECK(moor_blocking(sentinel_fn, &calls, &result, moor_deadline_in(SAFETY_MS)) == 0);
             CCHECK(result == 7);
         }
-        moor_executor_free(ex);
-        _exit(0);
+        ex_free(ex);
+        child_exit();
     }
     wait_child_ok(pid);
     if (UNDER_TSAN)
@@ -516,9 +504,8 @@ static void test_reactor_fork(void **state)
     assert_int_equal(roundtrip(10), 0);
     assert_int_equal(moor_blocking(sentinel_fn, &calls, NULL, -1), 0);
     assert_int_equal(calls, 2);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
-
 
 int main(void)
 {
@@ -532,5 +519,5 @@ int main(void)
         TEST(test_reactor_attach_waits_for_blocking_call),
         TEST(test_reactor_fork),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

@@ -16,10 +16,12 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "helpers.h"
 #include "moor.h"
 
-#include "fiber/executor.h"
+#include "fixture.h"
+
+/* White-box: the stacks the pool has mapped, and the remote spawns left queued, which the
+ * bounds on a burst and on a starved spawn are about. */
 #include "fiber/executor.h"
 
 /* ---- a burst of remote spawns --------------------------------------------------------------- */
@@ -435,10 +437,10 @@ int main(void)
 {
     child_signals_save();
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_remote_spawn_burst_maps_few_stacks),
-        cmocka_unit_test(test_remote_spawn_waits_for_memory),
-        cmocka_unit_test(test_remote_wake_after_executor_freed),
-        cmocka_unit_test(test_remote_objects_refuse_foreign_threads),
+        TEST(test_remote_spawn_burst_maps_few_stacks),
+        TEST(test_remote_spawn_waits_for_memory),
+        TEST(test_remote_wake_after_executor_freed),
+        TEST(test_remote_objects_refuse_foreign_threads),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

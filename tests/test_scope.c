@@ -4,9 +4,7 @@
  * children blocked in I/O and in locks, nested scopes, several waiters on one scope, and
  * misuse.
  *
- * Checks inside fibers only record what they see (FCHECK notes the first failed line); the
- * test function asserts once the fibers are joined. Timing is asserted only as a lower
- * bound. */
+ * Checks inside fibers are FCHECKs (fixture.h). Timing is asserted only as a lower bound. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
@@ -16,23 +14,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include "helpers.h"
 #include "moor.h"
-
-#include "fiber/executor.h"
-#include "fiber/executor.h"
 
 #include "fixture.h"
 
-/* ---- scaffolding of this file (the executor fixture is in fixture.h) -------------------- */
-
-/* Fibers the executor has not released (white-box: its list of fibers). */
-static size_t live_fibers(const moor_executor *ex)
-{
-    moor_executor_stats st;
-    moor_executor_stats_get(ex, &st);
-    return st.fibers;
-}
+/* ---- scaffolding of this file (the shared fixture is in fixture.h) ---------------------- */
 
 /* ---- close cancels 10,000 children ------------------------------------------------------- */
 
@@ -79,10 +65,10 @@ static intptr_t many_owner(void *arg)
         FCHECK(moor_scope_spawn(&m->scope, many_kid, m, NULL) == 0);
     moor_yield(); /* every child runs once and blocks */
     m->count_before = m->scope.count;
-    m->live_before = live_fibers(ex);
+    m->live_before = ex_stats(ex).fibers;
     m->close_rc = moor_scope_close(&m->scope, -1);
     m->count_after = m->scope.count;
-    m->live_after = live_fibers(ex);
+    m->live_after = ex_stats(ex).fibers;
     return 0;
 }
 
@@ -128,7 +114,7 @@ static void test_scope_close_from_plain_code(void **state)
     assert_int_equal(m.scope.count, 0);
     assert_int_equal(m.alive, 0);
     assert_int_equal(m.cancelled_rcs, 100);
-    assert_int_equal(live_fibers(ex), 0);
+    assert_int_equal(ex_stats(ex).fibers, 0);
     /* Closing a scope whose children have all returned: 0 at once. */
     moor_scope s2;
     moor_scope_init(&s2);
@@ -164,7 +150,7 @@ static intptr_t early_owner(void *arg)
     while (e->nsamples < EARLY_KIDS + 4) {
         moor_yield();
         e->counts[e->nsamples] = e->scope.count;
-        e->lives[e->nsamples] = live_fibers(ex);
+        e->lives[e->nsamples] = ex_stats(ex).fibers;
         e->nsamples++;
     }
     e->close_rc = moor_scope_close(&e->scope, -1);
@@ -416,7 +402,7 @@ static intptr_t stubborn_owner(void *arg)
     s->close_rc = moor_scope_close(&scope, s->close_deadline);
     s->close_returned_at = moor_now();
     s->count_after = scope.count;
-    s->live_after = live_fibers(moor_executor_current());
+    s->live_after = ex_stats(moor_executor_current()).fibers;
     return 0;
 }
 
@@ -436,7 +422,7 @@ static void test_scope_close_deadline_stubborn_child(void **state)
     if (!s.stubborn_done) {
         /* Still running: owner + stubborn child at the close, now only the child. */
         assert_int_equal(s.live_after, 2);
-        assert_int_equal(live_fibers(ex), 1);
+        assert_int_equal(ex_stats(ex).fibers, 1);
     }
     /* Run the executor until the stubborn child returns: it is released then (its scope
      * is long gone with the owner's stack). */
@@ -444,7 +430,7 @@ static void test_scope_close_deadline_stubborn_child(void **state)
     assert_true(s.stubborn_done);
     assert_true(s.stubborn_saw_cancel); /* it had been cancelled */
     assert_true(moor_now() >= s.start + STUBBORN_MS);
-    assert_int_equal(live_fibers(ex), 0);
+    assert_int_equal(ex_stats(ex).fibers, 0);
     ex_free(ex);
 }
 
@@ -645,12 +631,12 @@ static void test_scope_nested_cancellation(void **state)
         assert_int_equal(moor_scope_spawn(&outer, nested_child, &n, NULL), 0);
     settle();
     assert_int_equal(outer.count, 3);
-    assert_int_equal(live_fibers(ex), 3 + 3 * GRANDKIDS);
+    assert_int_equal(ex_stats(ex).fibers, 3 + 3 * GRANDKIDS);
     assert_int_equal(moor_scope_close(&outer, -1), 0);
     assert_int_equal(n.child_sleep_rc, -ECANCELED);
     assert_int_equal(n.inner_close_rc, 0);
     assert_int_equal(n.grand_cancelled, 3 * GRANDKIDS);
-    assert_int_equal(live_fibers(ex), 0);
+    assert_int_equal(ex_stats(ex).fibers, 0);
     ex_free(ex);
 }
 
@@ -775,5 +761,5 @@ int main(void)
         TEST(test_scope_close_cancels_children_spawned_while_closing),
         TEST(test_scope_misuse_asserts),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

@@ -4,9 +4,8 @@
  *
  * Tests that change a disposition for good, or that must survive a signal which would kill
  * the process, run in forked children. Timing is asserted only as a lower bound. Checks inside
- * fibers only record what they see (a fiber returns the line of its first failed check, or
- * 0); the test function asserts once the fibers are joined. Children check with
- * CHILD_REQUIRE (child_run) or CCHECK (fork_child) and exit non-zero on a failure. */
+ * fibers are FCHECKs (fixture.h). Children check with CHILD_REQUIRE (child_run) or CCHECK
+ * (fork_child) and exit non-zero on a failure. */
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -26,9 +25,6 @@
 
 #include "moor.h"
 
-#include "fiber/executor.h"
-
-#define FIXTURE_FCHECK_RETURNS
 #include "fixture.h"
 
 static struct sigaction disposition(int signum)
@@ -102,8 +98,7 @@ static intptr_t signal_raiser(void *arg)
 static void test_signal_wait(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     moor_fiber *w, *k;
     assert_int_equal(moor_spawn(&w, signal_waiter, NULL, NULL), 0);
     assert_int_equal(moor_spawn(&k, signal_raiser, NULL, NULL), 0);
@@ -112,14 +107,13 @@ static void test_signal_wait(void **state)
     assert_int_equal(r, 0);
     assert_int_equal(moor_join(w, &r), 0);
     assert_int_equal(r, SIGUSR1);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static void test_signal_timeout_and_bad_signal(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int64_t deadline = moor_deadline_in(40);
     assert_int_equal(moor_signal_wait(SIGUSR1, deadline), -ETIMEDOUT);
     assert_true(moor_now() >= deadline);
@@ -129,7 +123,7 @@ static void test_signal_timeout_and_bad_signal(void **state)
     assert_int_equal(moor_signal_wait(1000, -1), -EINVAL);
     assert_int_equal(moor_signal_wait(SIGKILL, -1), -EINVAL);
     assert_int_equal(moor_signal_wait(SIGSTOP, -1), -EINVAL);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static intptr_t signal_waiter_forever(void *arg)
@@ -141,8 +135,7 @@ static intptr_t signal_waiter_forever(void *arg)
 static void test_signal_wait_cancel(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     moor_fiber *w;
     assert_int_equal(moor_spawn(&w, signal_waiter_forever, NULL, NULL), 0);
     assert_int_equal(moor_sleep(moor_deadline_in(5)), 0);
@@ -151,7 +144,7 @@ static void test_signal_wait_cancel(void **state)
     assert_int_equal(moor_join(w, &r), -ECANCELED);
     assert_int_equal(r, -ECANCELED);
     assert_int_equal(moor_executor_run(ex), 0);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* A deadline at the far end of the clock neither overflows nor ends the wait early. */
@@ -163,8 +156,7 @@ static intptr_t far_waiter(void *arg)
 static void test_signal_far_deadline(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     static const int64_t far[] = {INT64_MAX, INT64_MAX - 1, INT64_MAX / 2};
     for (size_t i = 0; i < sizeof far / sizeof far[0]; i++) {
         /* Cancelled while it waits. */
@@ -182,7 +174,7 @@ static void test_signal_far_deadline(void **state)
         assert_int_equal(moor_join(w, &r), 0);
         assert_int_equal(r, SIGUSR1);
     }
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 typedef struct in_run {
@@ -205,8 +197,7 @@ static void test_signal_attached_loop(void **state)
     (void)state;
     struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
     assert_non_null(loop);
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     assert_int_equal(moor_executor_attach(ex, loop), 0);
     in_run w = {0, 0};
     moor_fiber *f, *k;
@@ -220,7 +211,7 @@ static void test_signal_attached_loop(void **state)
     assert_int_equal(moor_join(f, &r), 0);
     assert_int_equal(w.result, SIGUSR1);
     assert_true(finished_in_run);
-    moor_executor_free(ex);
+    ex_free(ex);
     ev_loop_destroy(loop);
 }
 
@@ -266,8 +257,7 @@ static intptr_t one_by_one_raiser(void *arg)
 static void test_signal_each_delivered_once(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     counted c = {MOOR_SEM_INIT(0), 0};
     moor_fiber *w, *k;
     assert_int_equal(moor_spawn(&w, counting_waiter, &c, NULL), 0);
@@ -279,7 +269,7 @@ static void test_signal_each_delivered_once(void **state)
     assert_int_equal(rk, 0);
     assert_int_equal(rw, 0);
     assert_int_equal(c.got, ONE_BY_ONE);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* A fiber is cancelled as its signal arrives, in every order: before the signal is raised,
@@ -290,8 +280,7 @@ static void test_signal_each_delivered_once(void **state)
 static void test_signal_cancel_as_it_arrives(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int reported = 0, cancelled = 0;
     for (int i = 0; i < 300; i++) {
         moor_fiber *victim, *other;
@@ -330,7 +319,7 @@ static void test_signal_cancel_as_it_arrives(void **state)
     assert_int_equal(reported + cancelled, 300);
     /* Nothing is left over for a later wait. */
     assert_int_equal(moor_signal_wait(SIGUSR1, moor_deadline_in(20)), -ETIMEDOUT);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- one executor at a time ----------------------------------------------------------------- */
@@ -373,8 +362,7 @@ static void test_signal_busy_other_executor(void **state)
     assert_int_equal(pthread_create(&t, NULL, other_thread_wait, &o), 0);
     wait_disposition_change(SIGUSR2, &before);
 
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     assert_int_equal(moor_signal_wait(SIGUSR2, moor_deadline_in(10)), -EBUSY);
     assert_int_equal(moor_signal_wait(SIGUSR1, moor_deadline_in(10)), -ETIMEDOUT);
     assert_int_equal(kill(getpid(), SIGUSR2), 0);
@@ -387,7 +375,7 @@ static void test_signal_busy_other_executor(void **state)
     intptr_t r = -1;
     assert_int_equal(moor_join(k, &r), 0);
     assert_int_equal(r, 0);
-    moor_executor_free(ex);
+    ex_free(ex);
     struct sigaction after = disposition(SIGUSR2);
     assert_true(same_disposition(&after, &before));
 }
@@ -411,10 +399,9 @@ static void test_signal_restores_disposition(void **state)
     sa.sa_handler = usr2_handler;
     sigemptyset(&sa.sa_mask);
     assert_int_equal(sigaction(SIGUSR2, &sa, &old), 0);
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     assert_int_equal(moor_signal_wait(SIGUSR2, moor_deadline_in(10)), -ETIMEDOUT);
-    moor_executor_free(ex);
+    ex_free(ex);
     assert_int_equal(sigaction(SIGUSR2, &old, &now), 0);
     if (now.sa_handler != usr2_handler)
         fail_msg("SIGUSR2's handler after moor_signal_wait is %s, not the application's",
@@ -616,8 +603,7 @@ static void test_signal_after_fork(void **state)
         skip();
     }
     struct sigaction usr1_before = disposition(SIGUSR1), usr2_before = disposition(SIGUSR2);
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     moor_fiber *mine;
     assert_int_equal(moor_spawn(&mine, wait_usr, (void *)(intptr_t)SIGUSR1, NULL), 0);
     settle();
@@ -639,12 +625,12 @@ static void test_signal_after_fork(void **state)
         intptr_t rm = -1;
         CCHECK(moor_join(mine, &rm) == 0);
         CCHECK(rm == SIGUSR1);
-        moor_executor_free(ex);
+        ex_free(ex);
         struct sigaction now;
         memset(&now, 0, sizeof now);
         CCHECK(sigaction(SIGUSR1, NULL, &now) == 0 && same_disposition(&now, &usr1_before));
         CCHECK(sigaction(SIGUSR2, NULL, &now) == 0 && same_disposition(&now, &usr2_before));
-        _exit(0);
+        child_exit();
     }
     /* The parent's waits are untouched by the child's. */
     assert_int_equal(raise(SIGUSR1), 0);
@@ -654,7 +640,7 @@ static void test_signal_after_fork(void **state)
     assert_int_equal(kill(getpid(), SIGUSR2), 0);
     assert_int_equal(pthread_join(t, NULL), 0);
     assert_int_equal(o.result, SIGUSR2);
-    moor_executor_free(ex);
+    ex_free(ex);
     wait_child_ok(pid);
 }
 
@@ -675,5 +661,5 @@ int main(void)
         TEST(test_signal_handler_survives_stops),
         TEST(test_signal_after_fork),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

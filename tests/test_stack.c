@@ -7,9 +7,11 @@
 #include <string.h>
 #include <sys/mman.h>
 
-#include "helpers.h"
 #include "moor.h"
 
+#include "fixture.h"
+
+/* White-box: the pool's buckets, guard size and a fiber's stack bounds are what this tests. */
 #include "fiber/executor.h"
 #include "fiber/executor.h"
 #include "fiber/stack.h"
@@ -19,8 +21,6 @@
 #endif
 
 #define KiB 1024u
-
-static intptr_t return_arg(void *arg) { return (intptr_t)arg; }
 
 #ifdef MOOR_TEST_ASAN
 /* The guard-page fault must reach moor's handler, not ASan's: what ctest sets in
@@ -137,22 +137,21 @@ static void test_stack_guard_mode(void **state)
 {
     (void)state;
     int have = kernel_has_guard_install();
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0); /* AUTO */
+    moor_executor *ex = ex_new(); /* AUTO */
     assert_int_equal(moor_executor_guard(ex), have ? MOOR_GUARD_MADVISE : MOOR_GUARD_MPROTECT);
-    moor_executor_free(ex);
+    ex_free(ex);
 
     moor_executor_attr attr = {.guard = MOOR_GUARD_MPROTECT};
-    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    ex = ex_new_attr(&attr);
     assert_int_equal(moor_executor_guard(ex), MOOR_GUARD_MPROTECT);
-    moor_executor_free(ex);
+    ex_free(ex);
 
     attr.guard = MOOR_GUARD_MADVISE;
     int rc = moor_executor_new(&ex, &attr);
     if (have) {
         assert_int_equal(rc, 0);
         assert_int_equal(moor_executor_guard(ex), MOOR_GUARD_MADVISE);
-        moor_executor_free(ex);
+        ex_free(ex);
     } else {
         assert_int_equal(rc, -EINVAL);
         assert_null(moor_executor_current());
@@ -291,7 +290,7 @@ static void test_stack_impossible_sizes_refused(void **state)
     assert_int_equal(moor_executor_new(&ex, &attr), -ENOMEM);
     assert_null(moor_executor_current());
 
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    ex = ex_new();
     moor_fiber *f;
     const size_t sizes[] = {SIZE_MAX, SIZE_MAX - 1, SIZE_MAX / 2, SIZE_MAX / 2 - 4096};
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
@@ -307,7 +306,7 @@ static void test_stack_impossible_sizes_refused(void **state)
     assert_int_equal(moor_join(f, &r), 0);
     assert_int_equal(r, 3);
     assert_true(ex->pool.guard >= 64 * KiB);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- a fault that is not an overflow ------------------------------------------------------- */
@@ -389,8 +388,7 @@ static void test_stack_size_per_fiber(void **state)
 {
     (void)state;
     moor_executor_attr attr = {.stack_size = 128 * KiB};
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    moor_executor *ex = ex_new_attr(&attr);
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
 
     /* A 1 MiB stack holds 900 KiB of locals. */
@@ -419,21 +417,20 @@ static void test_stack_size_per_fiber(void **state)
     assert_int_equal(u.stack_size, (100000 + page - 1) / page * page);
     assert_true((size_t)(u.stack_hi - u.stack_lo) >= 100000);
     assert_true(u.used_lo >= u.stack_lo && u.used_hi <= u.stack_hi);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static void test_stack_guard_size_rounded(void **state)
 {
     (void)state;
     size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     assert_int_equal(ex->pool.guard, 64 * KiB);
-    moor_executor_free(ex);
+    ex_free(ex);
     moor_executor_attr attr = {.guard_size = 10000};
-    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    ex = ex_new_attr(&attr);
     assert_int_equal(ex->pool.guard, (10000 + page - 1) / page * page);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- reuse under ASan ------------------------------------------------------------------------ */
@@ -488,8 +485,7 @@ static void test_stack_reuse_leaves_no_asan_poison(void **state)
 static void test_stack_pool_lifo(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     moor_fiber *a, *b, *x, *y;
     assert_int_equal(moor_spawn(&a, return_arg, NULL, NULL), 0);
     assert_int_equal(moor_join(a, NULL), 0);
@@ -518,7 +514,7 @@ static void test_stack_pool_lifo(void **state)
     assert_int_equal(moor_spawn(&b, return_arg, NULL, &other), 0);
     assert_ptr_equal(b, a);
     assert_int_equal(moor_join(b, NULL), 0);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 #define TRIM_FIBERS 16
@@ -548,8 +544,7 @@ static void test_stack_pool_gives_memory_back(void **state)
 {
     (void)state;
     moor_executor_attr attr = {.pool_hot = TRIM_HOT};
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    moor_executor *ex = ex_new_attr(&attr);
     spawn_touch_join();
 
     moor__stack_bucket *b = default_bucket(ex);
@@ -562,7 +557,7 @@ static void test_stack_pool_gives_memory_back(void **state)
         assert_int_equal(resident_pages(b->cold[i] + ex->pool.guard, usable), 0);
     for (size_t i = 0; i < b->nhot; i++)
         assert_true(resident_pages(b->hot[i] + ex->pool.guard, usable) >= TRIM_TOUCH / page);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* After the pool has gone cold, a fiber on a cold stack overflows into a guard still there. */
@@ -611,8 +606,6 @@ static void test_stack_cold_stack_keeps_guard_mprotect(void **state)
     check_cold_stack_keeps_guard(MOOR_GUARD_MPROTECT);
 }
 
-#define TEST(f) TEST_FORGETTING(f)
-
 int main(void)
 {
     /* The first executor of a process installs moor's SIGSEGV handler, once. cmocka swaps
@@ -641,8 +634,5 @@ int main(void)
         TEST(test_stack_cold_stack_keeps_guard_madvise),
         TEST(test_stack_cold_stack_keeps_guard_mprotect),
     };
-    const char *filter = getenv("MOOR_TEST_FILTER"); /* e.g. "*pool*": run only those */
-    if (filter)
-        cmocka_set_test_filter(filter);
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

@@ -2,24 +2,18 @@
  * hand-off without barging, trylock, deadlines, cancellation), condition variable, semaphore,
  * wait group, one-shot event, and misuse.
  *
- * Checks inside fibers only record what they see (FCHECK notes the first failed line); the
- * test function asserts once the fibers are joined. Timing is asserted only as a lower
- * bound. */
+ * Checks inside fibers are FCHECKs (fixture.h). Timing is asserted only as a lower bound. */
 #include <errno.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "helpers.h"
 #include "moor.h"
-
-#include "fiber/executor.h"
-#include "fiber/executor.h"
 
 #include "fixture.h"
 
-/* ---- scaffolding of this file (the executor fixture is in fixture.h) -------------------- */
+/* ---- scaffolding of this file (the shared fixture is in fixture.h) ---------------------- */
 
 /* In a fiber returning intptr_t: a wait that should succeed but did not (a bug, or the
  * clean-up after a failed test cancelling it) is noted and the fiber gives up, rather than
@@ -989,5 +983,5 @@ int main(void)
         TEST(test_sync_event),
         TEST(test_sync_misuse_asserts),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }

@@ -3,9 +3,7 @@
  * executor that never made an event loop.
  *
  * Timing is asserted only as a lower bound ("not before the deadline"). Checks inside fibers
- * only record what they see (a fiber returns the line of its first failed check, or 0); the
- * test function asserts once the fibers are joined, so that a failed assertion never unwinds
- * from a fiber's stack. */
+ * are FCHECKs (fixture.h). */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -19,10 +17,10 @@
 
 #include "moor.h"
 
-#include "fiber/executor.h"
-
-#define FIXTURE_FCHECK_RETURNS
 #include "fixture.h"
+
+/* White-box: moor__part_get tells whether the reactor was made (no public call says). */
+#include "fiber/executor.h"
 
 /* ---- the clock --------------------------------------------------------------------------- */
 
@@ -75,8 +73,7 @@ static intptr_t sleep_fiber(void *arg)
 static void test_time_sleep_from_fiber(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     moor_fiber *f[3];
     static const int ms[3] = {60, 10, 30};
     for (int i = 0; i < 3; i++)
@@ -86,7 +83,7 @@ static void test_time_sleep_from_fiber(void **state)
         assert_int_equal(moor_join(f[i], &r), 0);
         assert_int_equal(r, 0);
     }
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static int ticks;
@@ -107,8 +104,7 @@ static intptr_t ticker(void *arg)
 static void test_time_sleep_from_plain_code(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int64_t deadline = moor_deadline_in(50);
     assert_int_equal(moor_sleep(deadline), 0);
     assert_true(moor_now() >= deadline);
@@ -127,7 +123,7 @@ static void test_time_sleep_from_plain_code(void **state)
     assert_int_equal(r, -ECANCELED); /* the ticker saw its sleep cancelled */
 
     assert_int_equal(moor_sleep(moor_now() - 1), 0); /* passed: at once */
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* A fiber cancelled in its sleep gets -ECANCELED and its timer leaves the heap. */
@@ -140,20 +136,19 @@ static intptr_t long_sleeper(void *arg)
 static void test_time_sleep_cancelled(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int64_t deadline = moor_deadline_in(60 * 1000);
     moor_fiber *f;
     assert_int_equal(moor_spawn(&f, long_sleeper, &deadline, NULL), 0);
     assert_int_equal(moor_sleep(moor_now()), 0); /* runs what is queued: f starts sleeping */
-    assert_int_equal(ex->timers.n, 1);
+    assert_int_equal(ex_stats(ex).timers, 1);
     moor_cancel(f);
     intptr_t r = 0;
     assert_int_equal(moor_join(f, &r), -ECANCELED);
     assert_int_equal(r, -ECANCELED);
-    assert_int_equal(ex->timers.n, 0);
+    assert_int_equal(ex_stats(ex).timers, 0);
     assert_true(moor_now() < deadline);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- many timers: they fire in deadline order, ties first-come first-served -------------- */
@@ -249,7 +244,7 @@ static void test_time_many_sleepers_wake_in_deadline_order(void **state)
 
     moor_executor *ex;
     moor_executor_attr attr = {.stack_size = 64 * 1024};
-    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    ex = ex_new_attr(&attr);
     static moor_fiber *f[ORDER_N];
     for (size_t i = 0; i < ORDER_N; i++)
         assert_int_equal(moor_spawn(&f[i], order_sleeper, (void *)(uintptr_t)i, NULL), 0);
@@ -262,7 +257,7 @@ static void test_time_many_sleepers_wake_in_deadline_order(void **state)
         assert_int_equal(r, 0);
     }
     assert_int_equal(os->nwoken, ORDER_N);
-    moor_executor_free(ex);
+    ex_free(ex);
 
     /* A sleeper that found its deadline already passed on its first poll returns at once,
      * whatever the heap holds; the order is a promise about the timers that were queued. On
@@ -293,8 +288,7 @@ static void test_time_many_sleepers_wake_in_deadline_order(void **state)
 static void test_time_sleep_future_as_task(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     moor_sleep_future sf;
     int64_t deadline = moor_deadline_in(40);
     moor_sleep_init(&sf, deadline);
@@ -311,7 +305,7 @@ static void test_time_sleep_future_as_task(void **state)
     moor_sleep_init(&sf2, deadline);
     assert_int_equal(moor_block_on(&sf2.base), 0);
     assert_true(moor_now() >= deadline);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* A sleep inside a task of its own that counts how often it is polled. */
@@ -354,8 +348,7 @@ static const moor_future_ops counted_ops = {"counted sleep", counted_poll, count
 static void test_time_sleep_future_polled_twice(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     counted_sleep c;
     memset(&c, 0, sizeof c);
     moor_future_init(&c.base, &counted_ops, 0);
@@ -368,14 +361,13 @@ static void test_time_sleep_future_polled_twice(void **state)
     assert_true(moor_now() >= deadline);
     /* Once pending, once ready: the timer woke it exactly once. */
     assert_int_equal(c.polls, 2);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 static void test_time_sleep_future_cancel(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     counted_sleep c;
     memset(&c, 0, sizeof c);
     moor_future_init(&c.base, &counted_ops, 0);
@@ -386,10 +378,10 @@ static void test_time_sleep_future_cancel(void **state)
     assert_int_equal(moor_sleep(moor_deadline_in(5)), 0); /* the task polls once: pending */
     assert_int_equal(c.polls, 1);
     assert_false(moor_future_done(&c.inner.base));
-    assert_int_equal(ex->timers.n, 1);
+    assert_int_equal(ex_stats(ex).timers, 1);
 
     assert_int_equal(moor_future_cancel(&c.inner.base), MOOR_PENDING);
-    assert_int_equal(ex->timers.n, 0);
+    assert_int_equal(ex_stats(ex).timers, 0);
     assert_int_equal(moor_future_cancel(&c.inner.base), MOOR_PENDING); /* idempotent */
 
     /* Well past its deadline: nothing wakes the task, the sleep never completes. */
@@ -405,7 +397,7 @@ static void test_time_sleep_future_cancel(void **state)
     assert_int_equal(moor_executor_run(ex), 0);
     assert_int_equal(c.polls, 2);
     assert_int_equal(c.base.result, -ECANCELED);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- timers without an event loop -------------------------------------------------------- */
@@ -413,8 +405,7 @@ static void test_time_sleep_future_cancel(void **state)
 static void test_time_plain_driver_has_no_loop(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     int64_t deadline = moor_deadline_in(20);
     assert_int_equal(moor_sleep(deadline), 0);
     assert_true(moor_now() >= deadline);
@@ -436,7 +427,7 @@ static void test_time_plain_driver_has_no_loop(void **state)
 
     /* White-box: nothing above needed libev; timers ran on the condition-variable driver. */
     assert_null(moor__part_get(ex, MOOR__PART_REACTOR));
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 /* ---- deadlines near INT64_MAX ---------------------------------------------------------- */
@@ -476,20 +467,19 @@ static intptr_t sleep_in_cancelled(void *arg)
 static void test_time_extreme_deadlines(void **state)
 {
     (void)state;
-    moor_executor *ex;
-    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    moor_executor *ex = ex_new();
     const int64_t far[] = {INT64_MAX, INT64_MAX - 1, moor_deadline_in(INT64_MAX)};
     for (size_t i = 0; i < sizeof far / sizeof far[0]; i++) {
         moor_fiber *f;
         assert_int_equal(moor_spawn(&f, far_sleeper, (void *)&far[i], NULL), 0);
         /* Let it start sleeping; its timer must not have fired. */
         assert_int_equal(moor_sleep(moor_deadline_in(5)), 0);
-        assert_int_equal(ex->timers.n, 1);
+        assert_int_equal(ex_stats(ex).timers, 1);
         moor_cancel(f);
         intptr_t r = -1;
         assert_int_equal(moor_join(f, &r), -ECANCELED);
         assert_int_equal(r, -ECANCELED);
-        assert_int_equal(ex->timers.n, 0);
+        assert_int_equal(ex_stats(ex).timers, 0);
     }
     past_sleep p = {1, 1, 1};
     moor_fiber *f;
@@ -499,7 +489,7 @@ static void test_time_extreme_deadlines(void **state)
     assert_int_equal(p.rc_past, 0);
     assert_int_equal(p.rc_zero, 0);
     assert_int_equal(p.rc_far, -ECANCELED);
-    moor_executor_free(ex);
+    ex_free(ex);
 }
 
 int main(void)
@@ -518,5 +508,5 @@ int main(void)
         TEST(test_time_deadline_in_saturates),
         TEST(test_time_extreme_deadlines),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return RUN_TESTS(tests);
 }
