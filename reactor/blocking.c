@@ -230,6 +230,7 @@ static int give_up_reason(const blocking_future *bf)
 
 static moor_poll finish(blocking_future *bf, moor_executor *ex, intptr_t result)
 {
+    (void)ex;
     moor__deadline_disarm(&bf->node);
     bf->base.result = result;
     return MOOR_READY;

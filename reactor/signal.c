@@ -151,6 +151,7 @@ void moor__signal_dispatch(moor__reactor *r)
 
 static void signal_stop(signal_future *sf, moor_executor *ex)
 {
+    (void)ex;
     moor__deadline_disarm(&sf->node);
     if (!sf->counted)
         return;
