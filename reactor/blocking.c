@@ -1,5 +1,7 @@
-/* The pool of worker threads for calls that would block the loop. One pool per executor,
- * started on first use and grown on demand up to its cap.
+/* moor_blocking and the pool of worker threads it runs calls on. One pool per executor,
+ * attached to it as a part (MOOR__PART_BLOCKING) on first use and grown on demand up to its
+ * cap. It needs no event loop: a worker wakes the waiting task with moor_waker_wake, which
+ * is thread-safe, whatever the executor parks on.
  *
  * The rule that makes moor_blocking memory-safe: the call never returns while fn may still
  * use arg. Its arg usually points into the caller's stack, which another fiber gets once the
@@ -23,8 +25,11 @@
 
 #include "fiber/alloc.h"
 #include "fiber/assert.h"
+#include "fiber/executor.h"
 #include "fiber/fiber.h"
-#include "reactor.h"
+
+/* Room for so many thread handles at first; it doubles as workers start, up to the cap. */
+#define THREADS_ROOM_MIN 4u
 
 enum job_state { JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED };
 
@@ -37,7 +42,7 @@ typedef struct job {
     moor_waker waker;  /* the waiting task, woken at DONE/FAILED; under the pool lock */
 } job;
 
-struct moor__blocking_pool {
+typedef struct worker_pool {
     pthread_mutex_t lock;
     pthread_cond_t work;
     job *head, *tail;  /* queued, oldest first */
@@ -48,11 +53,11 @@ struct moor__blocking_pool {
     size_t max_threads; /* the executor's blocking_threads: a cap, never an allocation size */
     size_t idle;       /* workers waiting for a job */
     int stopping;
-};
+} worker_pool;
 
 static void *worker(void *arg)
 {
-    moor__blocking_pool *p = arg;
+    worker_pool *p = arg;
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (!p->head && !p->stopping) {
@@ -91,28 +96,13 @@ static void *worker(void *arg)
     return NULL;
 }
 
-static moor__blocking_pool *pool_get(moor__reactor *r)
-{
-    if (r->blocking)
-        return r->blocking;
-    moor__blocking_pool *p = moor__alloc(sizeof *p);
-    if (!p)
-        return NULL;
-    memset(p, 0, sizeof *p);
-    p->max_threads = r->ex->blocking_threads;
-    pthread_mutex_init(&p->lock, NULL);
-    pthread_cond_init(&p->work, NULL);
-    r->blocking = p;
-    return p;
-}
-
 /* With the lock held: room for one more thread handle. The array grows with the threads
  * actually started, so a huge cap costs nothing and no size computation can overflow. */
-static int reserve_thread(moor__blocking_pool *p)
+static int reserve_thread(worker_pool *p)
 {
     if (p->nthreads < p->cap_threads)
         return 0;
-    size_t cap = p->cap_threads ? p->cap_threads * 2 : 4;
+    size_t cap = p->cap_threads ? p->cap_threads * 2 : THREADS_ROOM_MIN;
     if (cap > p->max_threads)
         cap = p->max_threads;
     if (cap <= p->cap_threads || cap > SIZE_MAX / sizeof *p->threads)
@@ -128,7 +118,7 @@ static int reserve_thread(moor__blocking_pool *p)
 /* With the lock held: queue the job, starting a worker if the idle ones are all spoken for
  * (each queued job will take one) and the pool may grow. If it cannot grow, the job waits
  * for a busy worker; with no worker at all it would wait for ever, so that fails. */
-static int submit(moor__blocking_pool *p, job *j)
+static int submit(worker_pool *p, job *j)
 {
     int rc = -EAGAIN;
     if (p->queued >= p->idle && p->nthreads < p->max_threads) {
@@ -153,7 +143,7 @@ static int submit(moor__blocking_pool *p, job *j)
 }
 
 /* With the lock held: take a job out of the queue before any worker has started it. */
-static void withdraw(moor__blocking_pool *p, job *j)
+static void withdraw(worker_pool *p, job *j)
 {
     job **link = &p->head;
     job *prev = NULL;
@@ -167,8 +157,10 @@ static void withdraw(moor__blocking_pool *p, job *j)
     p->queued--;
 }
 
-void moor__blocking_pool_free(moor__blocking_pool *p)
+static void pool_free(moor_executor *ex, void *self)
 {
+    worker_pool *p = self;
+    moor__part_set(ex, MOOR__PART_BLOCKING, NULL, NULL);
     pthread_mutex_lock(&p->lock);
     /* Every job belongs to a call that waits for it, and the executor is freed only with no
      * task pending: nothing is queued or running. */
@@ -184,8 +176,10 @@ void moor__blocking_pool_free(moor__blocking_pool *p)
     moor__free(p);
 }
 
-void moor__blocking_pool_after_fork(moor__blocking_pool *p)
+static void pool_after_fork(moor_executor *ex, void *self)
 {
+    (void)ex;
+    worker_pool *p = self;
     /* The workers did not cross the fork: in the child, queued and running jobs fail and
      * their calls return -ECANCELED. No thread of the child runs fn, so nothing can still
      * use their args. */
@@ -206,9 +200,30 @@ void moor__blocking_pool_after_fork(moor__blocking_pool *p)
     p->idle = 0;
 }
 
+static const moor__part_ops pool_part = {NULL, pool_after_fork, pool_free};
+
+/* The executor's pool, made if it has none; NULL if out of memory. */
+static worker_pool *pool_get(moor_executor *ex)
+{
+    worker_pool *p = moor__part_get(ex, MOOR__PART_BLOCKING);
+    if (p)
+        return p;
+    p = moor__alloc(sizeof *p);
+    if (!p)
+        return NULL;
+    memset(p, 0, sizeof *p);
+    p->max_threads = ex->blocking_threads;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->work, NULL);
+    moor__part_set(ex, MOOR__PART_BLOCKING, &pool_part, p);
+    return p;
+}
+
 typedef struct blocking_future {
     moor_future base;
-    moor__blocking_pool *pool;
+    moor_executor *ex;  /* the caller's, whose pool runs the job and whose heap has the
+                         * deadline */
+    worker_pool *pool;
     moor_fiber *fiber;  /* the calling fiber, whose cancel withdraws a queued job; NULL in
                          * plain code */
     int submitted;      /* the job was queued (it may have run since) */
@@ -238,7 +253,7 @@ static moor_poll blocking_poll(moor_future *fut, moor_cx *cx)
 {
     blocking_future *bf = moor_container_of(fut, blocking_future, base);
     moor_executor *ex = cx->waker.ex;
-    moor__blocking_pool *p = bf->pool;
+    worker_pool *p = bf->pool;
     job *j = &bf->job;
     int reason = 0;
     pthread_mutex_lock(&p->lock);
@@ -291,7 +306,7 @@ static moor_poll blocking_poll(moor_future *fut, moor_cx *cx)
 static moor_poll blocking_cancel(moor_future *fut)
 {
     blocking_future *bf = moor_container_of(fut, blocking_future, base);
-    moor__blocking_pool *p = bf->pool;
+    worker_pool *p = bf->pool;
     job *j = &bf->job;
     pthread_mutex_lock(&p->lock);
     int state = bf->submitted ? j->state : JOB_QUEUED;
@@ -300,7 +315,7 @@ static moor_poll blocking_cancel(moor_future *fut)
     pthread_mutex_unlock(&p->lock);
     moor__assert(state != JOB_RUNNING,
                  "a blocking call was dropped while fn runs on a worker (fn may still use arg)");
-    moor__timer_remove(&moor__tls_executor->timers, &bf->node);
+    moor__timer_remove(&bf->ex->timers, &bf->node);
     if (state == JOB_QUEUED)
         return MOOR_PENDING;
     fut->result = state == JOB_DONE ? 0 : -ECANCELED;
@@ -314,16 +329,13 @@ int moor_blocking(moor_blocking_fn fn, void *arg, intptr_t *result, int64_t dead
     moor_executor *ex = moor__tls_executor;
     moor__assert(ex, "moor_blocking: no executor on this thread");
     moor__assert(fn, "moor_blocking: fn is NULL");
-    moor__reactor *r;
-    int err = moor__reactor_get(ex, &r);
-    if (err < 0)
-        return err;
-    moor__blocking_pool *p = pool_get(r);
+    worker_pool *p = pool_get(ex);
     if (!p)
         return -ENOMEM;
 
     blocking_future bf;
     moor_future_init(&bf.base, &blocking_ops, 0);
+    bf.ex = ex;
     bf.pool = p;
     bf.fiber = ex->current;
     bf.submitted = 0;

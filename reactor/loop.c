@@ -145,8 +145,6 @@ static void reactor_free(moor_executor *ex, void *self)
 {
     moor__reactor *r = self;
     moor__signal_reactor_free(r);
-    if (r->blocking)
-        moor__blocking_pool_free(r->blocking);
     moor__driver_set(ex, NULL, NULL);
     moor__reactor_check_timer_stop(r);
     if (r->owned) {
@@ -294,6 +292,4 @@ static void reactor_after_fork(moor_executor *ex, void *self)
     ev_loop_fork(r->loop);
     if (r->owned)
         ev_run(r->loop, EVRUN_NOWAIT);
-    if (r->blocking)
-        moor__blocking_pool_after_fork(r->blocking);
 }

@@ -8,8 +8,6 @@
 
 #include "fiber/executor.h"
 
-typedef struct moor__blocking_pool moor__blocking_pool;
-
 /* What the reactor knows of one fd number (io.c). */
 typedef struct moor__fd {
     moor_io_future *waiters; /* io futures whose watcher is started on it: moor_close wakes them */
@@ -71,7 +69,6 @@ typedef struct moor__reactor {
     int *fresh;
     size_t nfresh, capfresh;
 #endif
-    moor__blocking_pool *blocking;
 } moor__reactor;
 
 /* The entry of fd, growing the table as needed; NULL if it cannot grow (or fd < 0). */
@@ -127,9 +124,5 @@ static inline int moor__reactor_get(moor_executor *ex, moor__reactor **out)
 void moor__signal_dispatch(moor__reactor *r);
 void moor__signal_reactor_free(moor__reactor *r);
 void moor__signal_after_fork(moor_executor *ex);
-
-/* Blocking pool teardown and fork handling (blocking.c). */
-void moor__blocking_pool_free(moor__blocking_pool *pool);
-void moor__blocking_pool_after_fork(moor__blocking_pool *pool);
 
 #endif
