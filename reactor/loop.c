@@ -17,13 +17,31 @@
 _Static_assert(sizeof(ev_io) <= sizeof(((moor_io_future *)0)->watcher),
                "moor_io_future.watcher must hold an ev_io");
 
-/* ---- the libev driver ------------------------------------------------------------------ */
+/* ---- the hooks -------------------------------------------------------------------------- */
 
-static void on_nothing_async(struct ev_loop *loop, ev_async *w, int revents)
+static int64_t before_look(moor__reactor *r, int64_t timeout_ms)
 {
-    (void)loop, (void)revents; /* ends ev_run; signals caught for this executor (signal.c) */
-    moor__signal_dispatch(moor_container_of(w, moor__reactor, unpark));
+    timeout_ms = moor__reactor_before_look(r, timeout_ms); /* the fd checks (io.c) */
+    for (size_t i = 0; i < MOOR__REACTOR_HOOKS; i++) {
+        const moor__reactor_hook *h = &r->hooks[i];
+        if (h->ops && h->ops->before_look)
+            timeout_ms = h->ops->before_look(r, h->self, timeout_ms);
+    }
+    return timeout_ms;
 }
+
+static void on_unpark(struct ev_loop *loop, ev_async *w, int revents)
+{
+    (void)loop, (void)revents; /* it ends ev_run; the hooks see what it was sent for */
+    moor__reactor *r = moor_container_of(w, moor__reactor, unpark);
+    for (size_t i = 0; i < MOOR__REACTOR_HOOKS; i++) {
+        const moor__reactor_hook *h = &r->hooks[i];
+        if (h->ops && h->ops->unparked)
+            h->ops->unparked(r, h->self);
+    }
+}
+
+/* ---- the libev driver ------------------------------------------------------------------ */
 
 static void on_nothing_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -33,7 +51,7 @@ static void on_nothing_timer(struct ev_loop *loop, ev_timer *w, int revents)
 static void ev_park(void *self, int64_t timeout_ms)
 {
     moor__reactor *r = self;
-    timeout_ms = moor__reactor_before_look(r, timeout_ms);
+    timeout_ms = before_look(r, timeout_ms);
     if (timeout_ms == 0) {
         ev_run(r->loop, EVRUN_NOWAIT);
         return;
@@ -74,7 +92,7 @@ static void attached_run(moor__reactor *r)
     r->holds_ref = pending;
     /* libev looks at fds right after this prepare watcher: check what is due first. A wait
      * that fails wakes its task, which runs at the next turn (the loop must not block). */
-    moor__reactor_before_look(r, -1);
+    before_look(r, -1);
     if (more || r->ex->run_head)
         ev_idle_start(r->loop, &r->idle);
     else
@@ -144,7 +162,11 @@ static int async_start(struct ev_loop *loop, ev_async *w)
 static void reactor_free(moor_executor *ex, void *self)
 {
     moor__reactor *r = self;
-    moor__signal_reactor_free(r);
+    for (size_t i = MOOR__REACTOR_HOOKS; i-- > 0;) {
+        const moor__reactor_hook *h = &r->hooks[i];
+        if (h->ops && h->ops->free)
+            h->ops->free(r, h->self);
+    }
     moor__driver_set(ex, NULL, NULL);
     moor__reactor_check_timer_stop(r);
     if (r->owned) {
@@ -203,7 +225,7 @@ static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **
     r->ex = ex;
     r->check_tail = &r->check_head;
     moor__reactor_check_timer_init(r);
-    ev_async_init(&r->unpark, on_nothing_async);
+    ev_async_init(&r->unpark, on_unpark);
     int rc = async_start(r->loop, &r->unpark);
     if (rc < 0) {
         if (r->owned)
@@ -225,7 +247,6 @@ static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **
         ev_idle_start(r->loop, &r->idle); /* tasks may be queued already */
     }
     moor__part_set(ex, MOOR__PART_REACTOR, &reactor_part, r);
-    moor__fork_hook_add(moor__signal_after_fork);
     moor__driver_set(ex, &ev_driver, r);
     *out = r;
     return 0;
@@ -289,6 +310,11 @@ static void reactor_after_fork(moor_executor *ex, void *self)
     moor__reactor *r = self;
     /* The loop registers every watched fd again: no wait may still be on a closed one. */
     moor__reactor_check_all(r);
+    for (size_t i = 0; i < MOOR__REACTOR_HOOKS; i++) {
+        const moor__reactor_hook *h = &r->hooks[i];
+        if (h->ops && h->ops->after_fork)
+            h->ops->after_fork(r, h->self);
+    }
     ev_loop_fork(r->loop);
     if (r->owned)
         ev_run(r->loop, EVRUN_NOWAIT);

@@ -8,6 +8,34 @@
 
 #include "fiber/executor.h"
 
+typedef struct moor__reactor moor__reactor;
+
+/* What a file above loop.c needs done at the reactor's turns. Each hook may be NULL; self is
+ * what the file attached with them. */
+typedef struct moor__reactor_hook_ops {
+    /* Before libev looks at fds: at each park (timeout_ms is the park's, -1 for none), and
+     * attached, in the prepare watcher just before the application's loop looks (-1).
+     * Returns the timeout to park with: timeout_ms, or 0 if it woke a task. */
+    int64_t (*before_look)(moor__reactor *r, void *self, int64_t timeout_ms);
+    /* The unpark async fired: another thread, or a signal handler, sent it. */
+    void (*unparked)(moor__reactor *r, void *self);
+    /* In a forked child, before the loop registers its fds again. */
+    void (*after_fork)(moor__reactor *r, void *self);
+    /* At the reactor's teardown, while its loop still runs; in the reverse order of the ids. */
+    void (*free)(moor__reactor *r, void *self);
+} moor__reactor_hook_ops;
+
+/* The hooks, in the order they are called (and the reverse of their freeing). */
+enum moor__reactor_hook_id {
+    MOOR__REACTOR_HOOK_SIGNAL = 0, /* signal.c: the signals caught for this reactor */
+    MOOR__REACTOR_HOOKS
+};
+
+typedef struct moor__reactor_hook {
+    const moor__reactor_hook_ops *ops; /* NULL: not attached */
+    void *self;
+} moor__reactor_hook;
+
 /* What the reactor knows of one fd number (io.c). */
 typedef struct moor__fd {
     moor_io_future *waiters; /* io futures whose watcher is started on it: moor_close wakes them */
@@ -43,15 +71,17 @@ typedef struct moor__fd {
  * than io.c checks per epoch are due). */
 #define MOOR__CHECK_EPOCH_MS 10
 
-typedef struct moor__reactor {
+struct moor__reactor {
     struct ev_loop *loop;
     moor_executor *ex;
     int owned;            /* moor made the loop (and destroys it) */
-    ev_async unpark;      /* other threads end a park, or wake an attached executor */
+    ev_async unpark;      /* other threads end a park, or wake an attached executor; signal
+                             handlers send it too (signal.c) */
     ev_timer park_timer;  /* bounds a park by the next timer deadline */
     ev_prepare prepare;   /* attached: run tasks before the loop blocks */
     ev_idle idle;         /* attached: keeps the loop from blocking while tasks are runnable */
     int holds_ref;        /* attached: one loop reference held while any task is pending */
+    moor__reactor_hook hooks[MOOR__REACTOR_HOOKS];
     int64_t accept_backoff_until; /* after EMFILE/ENFILE, accepts wait until then (ms) */
     moor__fd *fds;        /* per fd number (io.c) */
     size_t nfds;
@@ -69,7 +99,7 @@ typedef struct moor__reactor {
     int *fresh;
     size_t nfresh, capfresh;
 #endif
-} moor__reactor;
+};
 
 /* The entry of fd, growing the table as needed; NULL if it cannot grow (or fd < 0). */
 moor__fd *moor__reactor_fd(moor__reactor *r, int fd);
@@ -118,11 +148,21 @@ static inline int moor__reactor_get(moor_executor *ex, moor__reactor **out)
     return moor__reactor_make(ex, out);
 }
 
-/* Signals (signal.c): complete the waits for the signals caught for r (its unpark async's
- * callback); before r is freed, wait for signal handler calls that may still use it; in a
- * forked child, free the signals that other executors of the parent waited for. */
-void moor__signal_dispatch(moor__reactor *r);
-void moor__signal_reactor_free(moor__reactor *r);
-void moor__signal_after_fork(moor_executor *ex);
+/* Attach a file's hooks (once, at its first use of r). */
+static inline void moor__reactor_hook_set(moor__reactor *r, enum moor__reactor_hook_id id,
+                                          const moor__reactor_hook_ops *ops, void *self)
+{
+    r->hooks[id] = (moor__reactor_hook){ops, self};
+}
+
+static inline int moor__reactor_hooked(const moor__reactor *r, enum moor__reactor_hook_id id)
+{
+    return r->hooks[id].ops != NULL;
+}
+
+static inline void *moor__reactor_hook_self(const moor__reactor *r, enum moor__reactor_hook_id id)
+{
+    return r->hooks[id].self;
+}
 
 #endif

@@ -12,13 +12,17 @@
  *
  * The handler is async-signal-safe: it counts the signal in `caught`, sets its bit in
  * `pending` and sends the owner reactor's `unpark` ev_async. On the owner's thread the
- * async's callback calls moor__signal_dispatch, which completes each listed wait that began
- * before the catch (a wait records `caught` as it begins). The waits are listed in the
- * entry and only the owner's thread touches the list.
+ * async's callback calls this file's `unparked` hook (dispatch), which completes each listed
+ * wait that began before the catch (a wait records `caught` as it begins). The waits are
+ * listed in the entry and only the owner's thread touches the list.
  *
  * A handler call still running when the owner is cleared may use the owner's reactor: the
- * reactor waits for such calls before it is freed (moor__signal_reactor_free), not every
- * last stop, which would wait for a whole time slice whenever such a call was preempted. */
+ * reactor waits for such calls before it is freed (drain_handlers, the `free` hook), not
+ * every last stop, which would wait for a whole time slice whenever such a call was
+ * preempted.
+ *
+ * The hooks are attached to a reactor at its first signal wait, and the process-wide fork
+ * hook (after_fork) at the first wait in the process. */
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
@@ -111,7 +115,7 @@ static void table_leave(int signum)
     if (--table[signum].waiters == 0) {
         /* From here on no new handler call starts, on any thread, and the signal never meets
          * SIG_DFL unless that was its disposition. Calls already running may still use the
-         * owner's reactor: moor__signal_reactor_free waits for them before it can go. */
+         * owner's reactor: drain_handlers waits for them before it can go. */
         sigaction(signum, &table[signum].saved, NULL);
         __atomic_store_n(&table[signum].owner, NULL, __ATOMIC_SEQ_CST);
         __atomic_fetch_and(&pending[signum / WORD_BITS], ~(1ul << (signum % WORD_BITS)),
@@ -125,8 +129,9 @@ static int caught_since(const signal_future *sf)
     return __atomic_load_n(&table[sf->signum].caught, __ATOMIC_SEQ_CST) != sf->seq;
 }
 
-void moor__signal_dispatch(moor__reactor *r)
+static void dispatch(moor__reactor *r, void *self)
 {
+    (void)self;
     for (size_t w = 0; w < sizeof pending / sizeof pending[0]; w++) {
         unsigned long bits = __atomic_load_n(&pending[w], __ATOMIC_SEQ_CST);
         while (bits) {
@@ -146,6 +151,22 @@ void moor__signal_dispatch(moor__reactor *r)
             }
         }
     }
+}
+
+static void drain_handlers(moor__reactor *r, void *self);
+static void after_fork(moor_executor *ex);
+
+static const moor__reactor_hook_ops signal_hooks = {NULL, dispatch, NULL, drain_handlers};
+
+/* The executor's reactor, with this file's hooks attached. 0 or -errno (moor__reactor_get). */
+static int reactor_of(moor_executor *ex, moor__reactor **out)
+{
+    int rc = moor__reactor_get(ex, out);
+    if (rc == 0 && !moor__reactor_hooked(*out, MOOR__REACTOR_HOOK_SIGNAL)) {
+        moor__reactor_hook_set(*out, MOOR__REACTOR_HOOK_SIGNAL, &signal_hooks, NULL);
+        moor__fork_hook_add(after_fork); /* the same hook again is a no-op */
+    }
+    return rc;
 }
 
 static void signal_stop(signal_future *sf, moor_executor *ex)
@@ -180,7 +201,7 @@ static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
     sf->waker = cx->waker;
     if (!sf->counted) {
         moor__reactor *r;
-        int rc = moor__reactor_get(ex, &r);
+        int rc = reactor_of(ex, &r);
         if (rc == 0) {
             /* Read before moor's handler may be installed: whatever it catches is this wait's. */
             sf->seq = __atomic_load_n(&table[sf->signum].caught, __ATOMIC_SEQ_CST);
@@ -208,7 +229,8 @@ static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
 static moor_poll signal_cancel(moor_future *fut)
 {
     signal_future *sf = moor_container_of(fut, signal_future, base);
-    signal_stop(sf, moor__tls_executor);
+    /* Pending, so polled: its waker names the executor whose heap has its deadline. */
+    signal_stop(sf, sf->waker.ex);
     if (!sf->fired)
         return MOOR_PENDING;
     fut->result = sf->signum; /* it arrived: do not lose it */
@@ -234,8 +256,9 @@ int moor_signal_wait(int signum, int64_t deadline)
     return (int)moor__wait(&sf.base);
 }
 
-void moor__signal_reactor_free(moor__reactor *r)
+static void drain_handlers(moor__reactor *r, void *self)
 {
+    (void)self;
     /* r waits for no signal now, so no entry names it and no handler call that starts can
      * reach it. One that read it earlier has counted itself in in_handler since before the
      * owner was cleared: seeing each count at zero once is enough. Calls are short and never
@@ -248,7 +271,7 @@ void moor__signal_reactor_free(moor__reactor *r)
     }
 }
 
-void moor__signal_after_fork(moor_executor *ex)
+static void after_fork(moor_executor *ex)
 {
     /* Another thread of the parent may have held it at the fork. */
     pthread_mutex_init(&table_lock, NULL);
