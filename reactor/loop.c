@@ -1,3 +1,8 @@
+/* The bottom of reactor/: making the reactor (a loop of moor's own, or the application's
+ * loop it is attached to), the park/unpark driver on libev, the watchers that run an attached
+ * executor from the application's loop, libev's system errors, teardown and fork. What the
+ * files above it keep on the reactor they hook into it (reactor.h); this file calls none of
+ * them by name. */
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -14,14 +19,10 @@
 #include "fiber/assert.h"
 #include "reactor.h"
 
-_Static_assert(sizeof(ev_io) <= sizeof(((moor_io_future *)0)->watcher),
-               "moor_io_future.watcher must hold an ev_io");
-
 /* ---- the hooks -------------------------------------------------------------------------- */
 
 static int64_t before_look(moor__reactor *r, int64_t timeout_ms)
 {
-    timeout_ms = moor__reactor_before_look(r, timeout_ms); /* the fd checks (io.c) */
     for (size_t i = 0; i < MOOR__REACTOR_HOOKS; i++) {
         const moor__reactor_hook *h = &r->hooks[i];
         if (h->ops && h->ops->before_look)
@@ -76,6 +77,7 @@ static const moor__driver ev_driver = {ev_park, ev_unpark};
 
 /* ---- attached to a loop the application runs ------------------------------------------- */
 
+/* Tasks run per turn of the application's loop, so that its own watchers get their turn. */
 #define ATTACHED_BUDGET 256u
 
 static void attached_run(moor__reactor *r)
@@ -168,7 +170,6 @@ static void reactor_free(moor_executor *ex, void *self)
             h->ops->free(r, h->self);
     }
     moor__driver_set(ex, NULL, NULL);
-    moor__reactor_check_timer_stop(r);
     if (r->owned) {
         ev_async_stop(r->loop, &r->unpark);
         ev_loop_destroy(r->loop);
@@ -184,10 +185,6 @@ static void reactor_free(moor_executor *ex, void *self)
             ev_unref(r->loop);
     }
     moor__part_set(ex, MOOR__PART_REACTOR, NULL, NULL);
-    moor__free(r->fds);
-#ifndef NDEBUG
-    moor__free(r->fresh);
-#endif
     moor__free(r);
 }
 
@@ -223,8 +220,6 @@ static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **
     }
     r->loop = loop;
     r->ex = ex;
-    r->check_tail = &r->check_head;
-    moor__reactor_check_timer_init(r);
     ev_async_init(&r->unpark, on_unpark);
     int rc = async_start(r->loop, &r->unpark);
     if (rc < 0) {
@@ -308,8 +303,8 @@ static void reactor_after_fork(moor_executor *ex, void *self)
 {
     (void)ex;
     moor__reactor *r = self;
-    /* The loop registers every watched fd again: no wait may still be on a closed one. */
-    moor__reactor_check_all(r);
+    /* The loop registers every watched fd again: the hooks make sure first that no wait is
+     * still on a closed one. */
     for (size_t i = 0; i < MOOR__REACTOR_HOOKS; i++) {
         const moor__reactor_hook *h = &r->hooks[i];
         if (h->ops && h->ops->after_fork)
