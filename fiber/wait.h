@@ -6,6 +6,7 @@
 #ifndef MOOR_FIBER_WAIT_H
 #define MOOR_FIBER_WAIT_H
 
+#include "assert.h"
 #include "executor.h"
 #include "list.h"
 #include "timer.h"
@@ -156,7 +157,9 @@ typedef struct moor__wait_ops {
      * registration's waker. 0, or -errno: the wait fails with it. */
     int (*park)(moor_future *fut, moor_cx *cx);
     /* Undo park (no-op if nothing is registered). 1 if the future turns out to have completed
-     * meanwhile (result set: what a counterpart handed over must not be lost), else 0. */
+     * meanwhile (result set: what a counterpart handed over must not be lost), else 0; -1 if
+     * it cannot be given up now (it started something that must finish, as a blocking call
+     * whose function runs): it stays registered and the wait goes on without its deadline. */
     int (*unpark)(moor_future *fut);
 } moor__wait_ops;
 
@@ -177,9 +180,14 @@ moor__wait_poll(moor_future *fut, moor__deadline *dl, moor_cx *cx, const moor__w
         if (err == 0)
             return MOOR_PENDING;
     }
-    if (!ops->unpark(fut))
-        fut->result = err;
+    int undone = ops->unpark(fut);
     moor__deadline_disarm(dl);
+    if (undone < 0) {
+        dl->at = -1; /* cannot be given up: wait on, unbounded */
+        return MOOR_PENDING;
+    }
+    if (!undone)
+        fut->result = err;
     return MOOR_READY;
 }
 
@@ -188,7 +196,11 @@ static inline moor_poll moor__wait_cancel(moor_future *fut, moor__deadline *dl,
                                           const moor__wait_ops *ops)
 {
     moor__deadline_disarm(dl);
-    return ops->unpark(fut) ? MOOR_READY : MOOR_PENDING;
+    int undone = ops->unpark(fut);
+    moor__assert(undone >= 0, "future \"%s\" dropped while it cannot be given up (it started "
+                              "something that must finish, which may still use its memory)",
+                 fut->ops->label);
+    return undone ? MOOR_READY : MOOR_PENDING;
 }
 
 #endif

@@ -355,11 +355,10 @@ typedef struct moor_io_future {
     moor_future base;      /* public: poll, await, select this */
     int fd;                /* read-only */
     int events;            /* read-only: MOOR_READABLE and/or MOOR_WRITABLE */
-    int64_t deadline;      /* read-only */
-    int state;             /* private: not started, waiting, ready, failed (reactor/io.c) */
+    int state;             /* private: enum moor__io_state (reactor/fd.h) */
     uint32_t epoch;        /* private: when it was put on the check list (10 ms epochs) */
     moor_waker waker;      /* private */
-    moor__deadline node;  /* private */
+    moor__deadline deadline; /* private */
     struct moor_io_future *fd_next, **fd_prev;       /* private: the fd's waiters */
     struct moor_io_future *check_next, **check_prev; /* private: waits to check */
     _Alignas(16) unsigned char watcher[64]; /* private: an ev_io */

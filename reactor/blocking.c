@@ -1,5 +1,7 @@
-/* The pool of worker threads for calls that would block the loop. One pool per executor,
- * started on first use and grown on demand up to its cap.
+/* moor_blocking and the pool of worker threads it runs calls on. One pool per executor,
+ * attached to it as a part (MOOR__PART_BLOCKING) on first use and grown on demand up to its
+ * cap. It needs no event loop: a worker wakes the waiting task with moor_waker_wake, which
+ * is thread-safe, whatever the executor parks on.
  *
  * The rule that makes moor_blocking memory-safe: the call never returns while fn may still
  * use arg. Its arg usually points into the caller's stack, which another fiber gets once the
@@ -24,8 +26,10 @@
 #include "fiber/alloc.h"
 #include "fiber/assert.h"
 #include "fiber/executor.h"
-#include "reactor.h"
 #include "fiber/wait.h"
+
+/* Room for so many thread handles at first; it doubles as workers start, up to the cap. */
+#define THREADS_ROOM_MIN 4u
 
 enum job_state { JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED };
 
@@ -38,7 +42,7 @@ typedef struct job {
     moor_waker waker;  /* the waiting task, woken at DONE/FAILED; under the pool lock */
 } job;
 
-struct moor__blocking_pool {
+typedef struct worker_pool {
     pthread_mutex_t lock;
     pthread_cond_t work;
     job *head, *tail;  /* queued, oldest first */
@@ -49,11 +53,11 @@ struct moor__blocking_pool {
     size_t max_threads; /* the executor's blocking_threads: a cap, never an allocation size */
     size_t idle;       /* workers waiting for a job */
     int stopping;
-};
+} worker_pool;
 
 static void *worker(void *arg)
 {
-    moor__blocking_pool *p = arg;
+    worker_pool *p = arg;
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (!p->head && !p->stopping) {
@@ -92,28 +96,13 @@ static void *worker(void *arg)
     return NULL;
 }
 
-static moor__blocking_pool *pool_get(moor__reactor *r)
-{
-    if (r->blocking)
-        return r->blocking;
-    moor__blocking_pool *p = moor__alloc(sizeof *p);
-    if (!p)
-        return NULL;
-    memset(p, 0, sizeof *p);
-    p->max_threads = r->ex->blocking_threads;
-    pthread_mutex_init(&p->lock, NULL);
-    pthread_cond_init(&p->work, NULL);
-    r->blocking = p;
-    return p;
-}
-
 /* With the lock held: room for one more thread handle. The array grows with the threads
  * actually started, so a huge cap costs nothing and no size computation can overflow. */
-static int reserve_thread(moor__blocking_pool *p)
+static int reserve_thread(worker_pool *p)
 {
     if (p->nthreads < p->cap_threads)
         return 0;
-    size_t cap = p->cap_threads ? p->cap_threads * 2 : 4;
+    size_t cap = p->cap_threads ? p->cap_threads * 2 : THREADS_ROOM_MIN;
     if (cap > p->max_threads)
         cap = p->max_threads;
     if (cap <= p->cap_threads || cap > SIZE_MAX / sizeof *p->threads)
@@ -129,7 +118,7 @@ static int reserve_thread(moor__blocking_pool *p)
 /* With the lock held: queue the job, starting a worker if the idle ones are all spoken for
  * (each queued job will take one) and the pool may grow. If it cannot grow, the job waits
  * for a busy worker; with no worker at all it would wait for ever, so that fails. */
-static int submit(moor__blocking_pool *p, job *j)
+static int submit(worker_pool *p, job *j)
 {
     int rc = -EAGAIN;
     if (p->queued >= p->idle && p->nthreads < p->max_threads) {
@@ -154,7 +143,7 @@ static int submit(moor__blocking_pool *p, job *j)
 }
 
 /* With the lock held: take a job out of the queue before any worker has started it. */
-static void withdraw(moor__blocking_pool *p, job *j)
+static void withdraw(worker_pool *p, job *j)
 {
     job **link = &p->head;
     job *prev = NULL;
@@ -168,8 +157,10 @@ static void withdraw(moor__blocking_pool *p, job *j)
     p->queued--;
 }
 
-void moor__blocking_pool_free(moor__blocking_pool *p)
+static void pool_free(moor_executor *ex, void *self)
 {
+    worker_pool *p = self;
+    moor__part_set(ex, MOOR__PART_BLOCKING, NULL, NULL);
     pthread_mutex_lock(&p->lock);
     /* Every job belongs to a call that waits for it, and the executor is freed only with no
      * task pending: nothing is queued or running. */
@@ -185,8 +176,10 @@ void moor__blocking_pool_free(moor__blocking_pool *p)
     moor__free(p);
 }
 
-void moor__blocking_pool_after_fork(moor__blocking_pool *p)
+static void pool_after_fork(moor_executor *ex, void *self)
 {
+    (void)ex;
+    worker_pool *p = self;
     /* The workers did not cross the fork: in the child, queued and running jobs fail and
      * their calls return -ECANCELED. No thread of the child runs fn, so nothing can still
      * use their args. */
@@ -207,106 +200,135 @@ void moor__blocking_pool_after_fork(moor__blocking_pool *p)
     p->idle = 0;
 }
 
+static const moor__part_ops pool_part = {NULL, pool_after_fork, pool_free};
+
+/* The executor's pool, made if it has none; NULL if out of memory. */
+static worker_pool *pool_get(moor_executor *ex)
+{
+    worker_pool *p = moor__part_get(ex, MOOR__PART_BLOCKING);
+    if (p)
+        return p;
+    p = moor__alloc(sizeof *p);
+    if (!p)
+        return NULL;
+    memset(p, 0, sizeof *p);
+    p->max_threads = ex->blocking_threads;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->work, NULL);
+    moor__part_set(ex, MOOR__PART_BLOCKING, &pool_part, p);
+    return p;
+}
+
 typedef struct blocking_future {
     moor_future base;
-    moor__blocking_pool *pool;
+    moor_executor *ex;  /* the caller's, whose pool runs the job */
+    worker_pool *pool;
     moor_fiber *fiber;  /* the calling fiber, whose cancel withdraws a queued job; NULL in
                          * plain code */
     int submitted;      /* the job was queued (it may have run since) */
     job job;            /* shared with the worker once submitted */
-    moor__deadline node; /* the deadline, armed only while the job is queued */
-    int64_t deadline;
+    moor__deadline deadline; /* bounds the wait for a worker only: dropped once fn starts */
 } blocking_future;
 
-/* Why a queued job should be withdrawn now: -ECANCELED, -ETIMEDOUT, or 0 to keep waiting. */
-static int give_up_reason(const blocking_future *bf)
-{
-    if (bf->fiber && bf->fiber->cancelled)
-        return -ECANCELED;
-    if (bf->deadline >= 0 && moor_now() >= bf->deadline)
-        return -ETIMEDOUT;
-    return 0;
-}
-
-static moor_poll finish(blocking_future *bf, moor_executor *ex, intptr_t result)
-{
-    (void)ex;
-    moor__deadline_disarm(&bf->node);
-    bf->base.result = result;
-    return MOOR_READY;
-}
-
-static moor_poll blocking_poll(moor_future *fut, moor_cx *cx)
+/* Done, or to be withdrawn now? Submits the job the first time. Registration happens here
+ * too, under the pool's lock (the job's waker), so that no worker finishing it is missed. */
+static int blocking_ready(moor_future *fut, moor_cx *cx)
 {
     blocking_future *bf = moor_container_of(fut, blocking_future, base);
-    moor_executor *ex = cx->waker.ex;
-    moor__blocking_pool *p = bf->pool;
+    worker_pool *p = bf->pool;
     job *j = &bf->job;
-    int reason = 0;
+    int cancelled = bf->fiber && bf->fiber->cancelled;
     pthread_mutex_lock(&p->lock);
     if (!bf->submitted) {
-        reason = give_up_reason(bf);
-        if (reason == 0)
-            reason = submit(p, j);
-        if (reason < 0) {
+        if (!cancelled && moor__deadline_passed(&bf->deadline)) {
             pthread_mutex_unlock(&p->lock);
-            return finish(bf, ex, reason); /* fn never started */
+            return 0; /* the skeleton times it out: fn never started */
+        }
+        int rc = cancelled ? -ECANCELED : submit(p, j);
+        if (rc < 0) {
+            pthread_mutex_unlock(&p->lock);
+            fut->result = rc; /* fn never started */
+            return 1;
         }
         bf->submitted = 1;
     }
     int state = j->state;
-    if (state == JOB_QUEUED && (reason = give_up_reason(bf)) < 0)
+    if (state == JOB_QUEUED && cancelled)
         withdraw(p, j); /* under the lock: no worker can have taken it meanwhile */
     j->waker = cx->waker;
     pthread_mutex_unlock(&p->lock);
 
     switch (state) {
     case JOB_QUEUED:
-        if (reason < 0)
-            return finish(bf, ex, reason);
-        if ((bf->node.at = bf->deadline, moor__deadline_arm(&bf->node, &cx->waker)) < 0) {
-            /* No room for the deadline: withdraw it if no worker took it meanwhile. */
-            pthread_mutex_lock(&p->lock);
-            int still_queued = j->state == JOB_QUEUED;
-            if (still_queued)
-                withdraw(p, j);
-            pthread_mutex_unlock(&p->lock);
-            if (still_queued)
-                return finish(bf, ex, -ENOMEM);
-        }
-        return MOOR_PENDING;
+        if (!cancelled)
+            return 0;
+        fut->result = -ECANCELED;
+        return 1;
     case JOB_RUNNING:
         /* Neither the deadline nor a cancel can end this wait: fn may be using arg. */
-        moor__deadline_disarm(&bf->node);
-        return MOOR_PENDING;
+        moor__deadline_disarm(&bf->deadline);
+        bf->deadline.at = -1;
+        return 0;
     case JOB_DONE:
-        return finish(bf, ex, 0);
+        fut->result = 0;
+        return 1;
     default: /* JOB_FAILED: no worker crossed the fork */
-        return finish(bf, ex, -ECANCELED);
+        fut->result = -ECANCELED;
+        return 1;
     }
+}
+
+static int blocking_park(moor_future *fut, moor_cx *cx)
+{
+    (void)fut;
+    (void)cx;
+    return 0; /* blocking_ready set the job's waker under the pool's lock */
+}
+
+/* Withdraw the job if no worker has taken it; one that has started cannot be given up
+ * (-1: keep waiting), and one that finished meanwhile has completed. */
+static int blocking_unpark(moor_future *fut)
+{
+    blocking_future *bf = moor_container_of(fut, blocking_future, base);
+    if (!bf->submitted)
+        return 0;
+    worker_pool *p = bf->pool;
+    job *j = &bf->job;
+    pthread_mutex_lock(&p->lock);
+    int state = j->state;
+    if (state == JOB_QUEUED)
+        withdraw(p, j);
+    pthread_mutex_unlock(&p->lock);
+    switch (state) {
+    case JOB_QUEUED:
+        return 0;
+    case JOB_RUNNING:
+        return -1;
+    case JOB_DONE:
+        fut->result = 0;
+        return 1;
+    default:
+        fut->result = -ECANCELED;
+        return 1;
+    }
+}
+
+static const moor__wait_ops blocking_wait = {blocking_ready, blocking_park, blocking_unpark};
+
+static moor_poll blocking_poll(moor_future *fut, moor_cx *cx)
+{
+    blocking_future *bf = moor_container_of(fut, blocking_future, base);
+    return moor__wait_poll(fut, &bf->deadline, cx, &blocking_wait);
 }
 
 /* moor_blocking waits with moor__wait_uncancellable and withdraws a queued job itself when its
  * fiber is cancelled, so nothing ever drops this future while it is pending. Were that to
  * change, dropping a running call could let fn write into a frame that is no longer the
- * caller's: refuse loudly rather than let it happen. */
+ * caller's: moor__wait_cancel refuses loudly (blocking_unpark says it cannot be given up). */
 static moor_poll blocking_cancel(moor_future *fut)
 {
     blocking_future *bf = moor_container_of(fut, blocking_future, base);
-    moor__blocking_pool *p = bf->pool;
-    job *j = &bf->job;
-    pthread_mutex_lock(&p->lock);
-    int state = bf->submitted ? j->state : JOB_QUEUED;
-    if (bf->submitted && state == JOB_QUEUED)
-        withdraw(p, j);
-    pthread_mutex_unlock(&p->lock);
-    moor__assert(state != JOB_RUNNING,
-                 "a blocking call was dropped while fn runs on a worker (fn may still use arg)");
-    moor__deadline_disarm(&bf->node);
-    if (state == JOB_QUEUED)
-        return MOOR_PENDING;
-    fut->result = state == JOB_DONE ? 0 : -ECANCELED;
-    return MOOR_READY;
+    return moor__wait_cancel(fut, &bf->deadline, &blocking_wait);
 }
 
 static const moor_future_ops blocking_ops = {"blocking call", blocking_poll, blocking_cancel};
@@ -316,24 +338,20 @@ int moor_blocking(moor_blocking_fn fn, void *arg, intptr_t *result, int64_t dead
     moor_executor *ex = moor__tls_executor;
     moor__assert(ex, "moor_blocking: no executor on this thread");
     moor__assert(fn, "moor_blocking: fn is NULL");
-    moor__reactor *r;
-    int err = moor__reactor_get(ex, &r);
-    if (err < 0)
-        return err;
-    moor__blocking_pool *p = pool_get(r);
+    worker_pool *p = pool_get(ex);
     if (!p)
         return -ENOMEM;
 
     blocking_future bf;
     moor_future_init(&bf.base, &blocking_ops, 0);
+    bf.ex = ex;
     bf.pool = p;
     bf.fiber = ex->current;
     bf.submitted = 0;
     memset(&bf.job, 0, sizeof bf.job);
     bf.job.fn = fn;
     bf.job.arg = arg;
-    bf.deadline = deadline;
-    moor__deadline_init(&bf.node, -1);
+    moor__deadline_init(&bf.deadline, deadline);
     /* Uncancellable: the poll itself withdraws a job still queued when the fiber is
      * cancelled, and waits out one that has started. */
     intptr_t rc = moor__wait_uncancellable(&bf.base);

@@ -1,3 +1,8 @@
+/* The bottom of reactor/: making the reactor (a loop of moor's own, or the application's
+ * loop it is attached to), the park/unpark driver on libev, the watchers that run an attached
+ * executor from the application's loop, libev's system errors, teardown and fork. What the
+ * files above it keep on the reactor they hook into it (reactor.h); this file calls none of
+ * them by name. */
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -14,16 +19,30 @@
 #include "fiber/assert.h"
 #include "reactor.h"
 
-_Static_assert(sizeof(ev_io) <= sizeof(((moor_io_future *)0)->watcher),
-               "moor_io_future.watcher must hold an ev_io");
+/* ---- the hooks -------------------------------------------------------------------------- */
+
+static int64_t before_look(moor__reactor *r, int64_t timeout_ms)
+{
+    for (size_t i = 0; i < MOOR__REACTOR_HOOKS; i++) {
+        const moor__reactor_hook *h = &r->hooks[i];
+        if (h->ops && h->ops->before_look)
+            timeout_ms = h->ops->before_look(r, h->self, timeout_ms);
+    }
+    return timeout_ms;
+}
+
+static void on_unpark(struct ev_loop *loop, ev_async *w, int revents)
+{
+    (void)loop, (void)revents; /* it ends ev_run; the hooks see what it was sent for */
+    moor__reactor *r = moor_container_of(w, moor__reactor, unpark);
+    for (size_t i = 0; i < MOOR__REACTOR_HOOKS; i++) {
+        const moor__reactor_hook *h = &r->hooks[i];
+        if (h->ops && h->ops->unparked)
+            h->ops->unparked(r, h->self);
+    }
+}
 
 /* ---- the libev driver ------------------------------------------------------------------ */
-
-static void on_nothing_async(struct ev_loop *loop, ev_async *w, int revents)
-{
-    (void)loop, (void)revents; /* ends ev_run; signals caught for this executor (signal.c) */
-    moor__signal_dispatch(moor_container_of(w, moor__reactor, unpark));
-}
 
 static void on_nothing_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
@@ -33,7 +52,7 @@ static void on_nothing_timer(struct ev_loop *loop, ev_timer *w, int revents)
 static void ev_park(void *self, int64_t timeout_ms)
 {
     moor__reactor *r = self;
-    timeout_ms = moor__reactor_before_look(r, timeout_ms);
+    timeout_ms = before_look(r, timeout_ms);
     if (timeout_ms == 0) {
         ev_run(r->loop, EVRUN_NOWAIT);
         return;
@@ -58,6 +77,7 @@ static const moor__driver ev_driver = {ev_park, ev_unpark};
 
 /* ---- attached to a loop the application runs ------------------------------------------- */
 
+/* Tasks run per turn of the application's loop, so that its own watchers get their turn. */
 #define ATTACHED_BUDGET 256u
 
 static void attached_run(moor__reactor *r)
@@ -74,7 +94,7 @@ static void attached_run(moor__reactor *r)
     r->holds_ref = pending;
     /* libev looks at fds right after this prepare watcher: check what is due first. A wait
      * that fails wakes its task, which runs at the next turn (the loop must not block). */
-    moor__reactor_before_look(r, -1);
+    before_look(r, -1);
     if (more || r->ex->run_head)
         ev_idle_start(r->loop, &r->idle);
     else
@@ -144,11 +164,12 @@ static int async_start(struct ev_loop *loop, ev_async *w)
 static void reactor_free(moor_executor *ex, void *self)
 {
     moor__reactor *r = self;
-    moor__signal_reactor_free(r);
-    if (r->blocking)
-        moor__blocking_pool_free(r->blocking);
+    for (size_t i = MOOR__REACTOR_HOOKS; i-- > 0;) {
+        const moor__reactor_hook *h = &r->hooks[i];
+        if (h->ops && h->ops->free)
+            h->ops->free(r, h->self);
+    }
     moor__driver_set(ex, NULL, NULL);
-    moor__reactor_check_timer_stop(r);
     if (r->owned) {
         ev_async_stop(r->loop, &r->unpark);
         ev_loop_destroy(r->loop);
@@ -164,10 +185,6 @@ static void reactor_free(moor_executor *ex, void *self)
             ev_unref(r->loop);
     }
     moor__part_set(ex, MOOR__PART_REACTOR, NULL, NULL);
-    moor__free(r->fds);
-#ifndef NDEBUG
-    moor__free(r->fresh);
-#endif
     moor__free(r);
 }
 
@@ -203,9 +220,7 @@ static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **
     }
     r->loop = loop;
     r->ex = ex;
-    r->check_tail = &r->check_head;
-    moor__reactor_check_timer_init(r);
-    ev_async_init(&r->unpark, on_nothing_async);
+    ev_async_init(&r->unpark, on_unpark);
     int rc = async_start(r->loop, &r->unpark);
     if (rc < 0) {
         if (r->owned)
@@ -227,7 +242,6 @@ static int reactor_new(moor_executor *ex, struct ev_loop *loop, moor__reactor **
         ev_idle_start(r->loop, &r->idle); /* tasks may be queued already */
     }
     moor__part_set(ex, MOOR__PART_REACTOR, &reactor_part, r);
-    moor__fork_hook_add(moor__signal_after_fork);
     moor__driver_set(ex, &ev_driver, r);
     *out = r;
     return 0;
@@ -289,11 +303,14 @@ static void reactor_after_fork(moor_executor *ex, void *self)
 {
     (void)ex;
     moor__reactor *r = self;
-    /* The loop registers every watched fd again: no wait may still be on a closed one. */
-    moor__reactor_check_all(r);
+    /* The loop registers every watched fd again: the hooks make sure first that no wait is
+     * still on a closed one. */
+    for (size_t i = 0; i < MOOR__REACTOR_HOOKS; i++) {
+        const moor__reactor_hook *h = &r->hooks[i];
+        if (h->ops && h->ops->after_fork)
+            h->ops->after_fork(r, h->self);
+    }
     ev_loop_fork(r->loop);
     if (r->owned)
         ev_run(r->loop, EVRUN_NOWAIT);
-    if (r->blocking)
-        moor__blocking_pool_after_fork(r->blocking);
 }

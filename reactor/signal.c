@@ -12,13 +12,17 @@
  *
  * The handler is async-signal-safe: it counts the signal in `caught`, sets its bit in
  * `pending` and sends the owner reactor's `unpark` ev_async. On the owner's thread the
- * async's callback calls moor__signal_dispatch, which completes each listed wait that began
- * before the catch (a wait records `caught` as it begins). The waits are listed in the
- * entry and only the owner's thread touches the list.
+ * async's callback calls this file's `unparked` hook (dispatch), which completes each listed
+ * wait that began before the catch (a wait records `caught` as it begins). The waits are
+ * listed in the entry and only the owner's thread touches the list.
  *
  * A handler call still running when the owner is cleared may use the owner's reactor: the
- * reactor waits for such calls before it is freed (moor__signal_reactor_free), not every
- * last stop, which would wait for a whole time slice whenever such a call was preempted. */
+ * reactor waits for such calls before it is freed (drain_handlers, the `free` hook), not
+ * every last stop, which would wait for a whole time slice whenever such a call was
+ * preempted.
+ *
+ * The hooks are attached to a reactor at its first signal wait, and the process-wide fork
+ * hook (after_fork) at the first wait in the process. */
 #include <errno.h>
 #include <pthread.h>
 #include <sched.h>
@@ -32,9 +36,8 @@
 typedef struct signal_future {
     moor_future base;
     struct signal_future *next, *prev; /* the owner's waits for this signal */
-    moor__deadline node;
+    moor__deadline deadline;
     moor_waker waker;
-    int64_t deadline;
     unsigned long seq; /* table[signum].caught when the wait began: later catches are its */
     int signum;
     int fired;
@@ -112,7 +115,7 @@ static void table_leave(int signum)
     if (--table[signum].waiters == 0) {
         /* From here on no new handler call starts, on any thread, and the signal never meets
          * SIG_DFL unless that was its disposition. Calls already running may still use the
-         * owner's reactor: moor__signal_reactor_free waits for them before it can go. */
+         * owner's reactor: drain_handlers waits for them before it can go. */
         sigaction(signum, &table[signum].saved, NULL);
         __atomic_store_n(&table[signum].owner, NULL, __ATOMIC_SEQ_CST);
         __atomic_fetch_and(&pending[signum / WORD_BITS], ~(1ul << (signum % WORD_BITS)),
@@ -126,8 +129,9 @@ static int caught_since(const signal_future *sf)
     return __atomic_load_n(&table[sf->signum].caught, __ATOMIC_SEQ_CST) != sf->seq;
 }
 
-void moor__signal_dispatch(moor__reactor *r)
+static void dispatch(moor__reactor *r, void *self)
 {
+    (void)self;
     for (size_t w = 0; w < sizeof pending / sizeof pending[0]; w++) {
         unsigned long bits = __atomic_load_n(&pending[w], __ATOMIC_SEQ_CST);
         while (bits) {
@@ -149,10 +153,24 @@ void moor__signal_dispatch(moor__reactor *r)
     }
 }
 
-static void signal_stop(signal_future *sf, moor_executor *ex)
+static void drain_handlers(moor__reactor *r, void *self);
+static void after_fork(moor_executor *ex);
+
+static const moor__reactor_hook_ops signal_hooks = {NULL, dispatch, NULL, drain_handlers};
+
+/* The executor's reactor, with this file's hooks attached. 0 or -errno (moor__reactor_get). */
+static int reactor_of(moor_executor *ex, moor__reactor **out)
 {
-    (void)ex;
-    moor__deadline_disarm(&sf->node);
+    int rc = moor__reactor_get(ex, out);
+    if (rc == 0 && !moor__reactor_hooked(*out, MOOR__REACTOR_HOOK_SIGNAL)) {
+        moor__reactor_hook_set(*out, MOOR__REACTOR_HOOK_SIGNAL, &signal_hooks, NULL);
+        moor__fork_hook_add(after_fork); /* the same hook again is a no-op */
+    }
+    return rc;
+}
+
+static void signal_stop(signal_future *sf)
+{
     if (!sf->counted)
         return;
     /* Off the list before the place is given back: the next owner starts with an empty one. */
@@ -170,51 +188,66 @@ static void signal_stop(signal_future *sf, moor_executor *ex)
     sf->counted = 0;
 }
 
+static int signal_ready(moor_future *fut, moor_cx *cx)
+{
+    (void)cx;
+    signal_future *sf = moor_container_of(fut, signal_future, base);
+    if (!sf->fired)
+        return 0;
+    signal_stop(sf);
+    fut->result = sf->signum;
+    return 1;
+}
+
+/* Join the signal's table entry the first time (installing moor's handler if it is the
+ * first wait for it), point the wait at the current waker after. */
+static int signal_park(moor_future *fut, moor_cx *cx)
+{
+    signal_future *sf = moor_container_of(fut, signal_future, base);
+    sf->waker = cx->waker;
+    if (sf->counted)
+        return 0;
+    moor__reactor *r;
+    int rc = reactor_of(cx->waker.ex, &r);
+    if (rc == 0) {
+        /* Read before moor's handler may be installed: whatever it catches is this wait's. */
+        sf->seq = __atomic_load_n(&table[sf->signum].caught, __ATOMIC_SEQ_CST);
+        rc = table_join(sf->signum, r);
+    }
+    if (rc < 0)
+        return rc;
+    sf->prev = NULL;
+    sf->next = table[sf->signum].waits;
+    if (sf->next)
+        sf->next->prev = sf;
+    table[sf->signum].waits = sf;
+    sf->counted = 1;
+    return 0;
+}
+
+/* Given up on: but a signal that arrived meanwhile is reported, not lost. */
+static int signal_unpark(moor_future *fut)
+{
+    signal_future *sf = moor_container_of(fut, signal_future, base);
+    signal_stop(sf);
+    if (!sf->fired)
+        return 0;
+    fut->result = sf->signum;
+    return 1;
+}
+
+static const moor__wait_ops signal_wait = {signal_ready, signal_park, signal_unpark};
+
 static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
 {
     signal_future *sf = moor_container_of(fut, signal_future, base);
-    moor_executor *ex = cx->waker.ex;
-    if (sf->fired || (sf->deadline >= 0 && moor_now() >= sf->deadline)) {
-        signal_stop(sf, ex);
-        fut->result = sf->fired ? sf->signum : -ETIMEDOUT;
-        return MOOR_READY;
-    }
-    sf->waker = cx->waker;
-    if (!sf->counted) {
-        moor__reactor *r;
-        int rc = moor__reactor_get(ex, &r);
-        if (rc == 0) {
-            /* Read before moor's handler may be installed: whatever it catches is this wait's. */
-            sf->seq = __atomic_load_n(&table[sf->signum].caught, __ATOMIC_SEQ_CST);
-            rc = table_join(sf->signum, r);
-        }
-        if (rc < 0) {
-            fut->result = rc;
-            return MOOR_READY;
-        }
-        sf->prev = NULL;
-        sf->next = table[sf->signum].waits;
-        if (sf->next)
-            sf->next->prev = sf;
-        table[sf->signum].waits = sf;
-        sf->counted = 1;
-    }
-    if ((sf->node.at = sf->deadline, moor__deadline_arm(&sf->node, &cx->waker)) < 0) {
-        signal_stop(sf, ex);
-        fut->result = sf->fired ? sf->signum : -ENOMEM;
-        return MOOR_READY;
-    }
-    return MOOR_PENDING;
+    return moor__wait_poll(fut, &sf->deadline, cx, &signal_wait);
 }
 
 static moor_poll signal_cancel(moor_future *fut)
 {
     signal_future *sf = moor_container_of(fut, signal_future, base);
-    signal_stop(sf, moor__tls_executor);
-    if (!sf->fired)
-        return MOOR_PENDING;
-    fut->result = sf->signum; /* it arrived: do not lose it */
-    return MOOR_READY;
+    return moor__wait_cancel(fut, &sf->deadline, &signal_wait);
 }
 
 static const moor_future_ops signal_ops = {"signal", signal_poll, signal_cancel};
@@ -226,9 +259,8 @@ int moor_signal_wait(int signum, int64_t deadline)
     signal_future sf;
     moor_future_init(&sf.base, &signal_ops, 0);
     sf.next = sf.prev = NULL;
-    moor__deadline_init(&sf.node, -1);
+    moor__deadline_init(&sf.deadline, deadline);
     sf.waker = (moor_waker){0};
-    sf.deadline = deadline;
     sf.seq = 0;
     sf.signum = signum;
     sf.fired = 0;
@@ -236,8 +268,9 @@ int moor_signal_wait(int signum, int64_t deadline)
     return (int)moor__wait(&sf.base);
 }
 
-void moor__signal_reactor_free(moor__reactor *r)
+static void drain_handlers(moor__reactor *r, void *self)
 {
+    (void)self;
     /* r waits for no signal now, so no entry names it and no handler call that starts can
      * reach it. One that read it earlier has counted itself in in_handler since before the
      * owner was cleared: seeing each count at zero once is enough. Calls are short and never
@@ -250,7 +283,7 @@ void moor__signal_reactor_free(moor__reactor *r)
     }
 }
 
-void moor__signal_after_fork(moor_executor *ex)
+static void after_fork(moor_executor *ex)
 {
     /* Another thread of the parent may have held it at the fork. */
     pthread_mutex_init(&table_lock, NULL);

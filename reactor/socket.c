@@ -9,8 +9,12 @@
 
 #include "fiber/assert.h"
 #include "fiber/executor.h"
+#include "fd.h"
+#include "io.h"
 #include "reactor.h"
 
+/* After accept failed for want of descriptors or memory, the next accepts wait this long
+ * (ms) first. */
 #define ACCEPT_BACKOFF_MS 100
 
 int moor_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int64_t deadline)
@@ -35,7 +39,7 @@ int moor_accept(int fd, struct sockaddr *addr, socklen_t *addrlen, int64_t deadl
     for (;;) {
         int c = accept4(fd, addr, addrlen, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (c >= 0) {
-            moor__reactor_fd_new(c);
+            moor__fd_new(c);
             moor__coop_spend();
             return c;
         }
@@ -125,7 +129,7 @@ static int listen_on(const struct sockaddr *addr, socklen_t len, int backlog)
         close(fd);
         return -err;
     }
-    moor__reactor_fd_new(fd);
+    moor__fd_new(fd);
     return fd;
 }
 
@@ -134,7 +138,7 @@ static int connect_to(const struct sockaddr *addr, socklen_t len, int64_t deadli
     int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return -errno;
-    moor__reactor_fd_new(fd);
+    moor__fd_new(fd);
     int rc = moor_connect(fd, addr, len, deadline);
     if (rc < 0) {
         moor_close(fd);

@@ -163,6 +163,50 @@ static void test_blocking_from_plain_code(void **state)
     ex_free(ex);
 }
 
+static intptr_t blocking_in_fiber(void *arg)
+{
+    intptr_t result = 0;
+    FCHECK(moor_blocking(sentinel_fn, arg, &result, moor_deadline_in(SAFETY_MS)) == 0);
+    FCHECK(result == 7);
+    return 0;
+}
+
+/* The pool needs no event loop: workers wake their callers with the thread-safe
+ * moor_waker_wake. So blocking calls work with no descriptor to spare (making a loop would
+ * fail with EMFILE), and leave the executor without a reactor (white-box). */
+static void test_blocking_needs_no_loop(void **state)
+{
+    (void)state;
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, NULL), 0);
+    int lowest = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    assert_true(lowest >= 0);
+    close(lowest);
+    struct rlimit saved, tight;
+    assert_int_equal(getrlimit(RLIMIT_NOFILE, &saved), 0);
+    tight = saved;
+    tight.rlim_cur = (rlim_t)lowest; /* the next descriptor made fails with EMFILE */
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &tight), 0);
+    static int calls;
+    calls = 0;
+    intptr_t result = 0;
+    int plain_rc = moor_blocking(sentinel_fn, &calls, &result, moor_deadline_in(SAFETY_MS));
+    moor_fiber *f;
+    int spawn_rc = moor_spawn(&f, blocking_in_fiber, &calls, NULL);
+    intptr_t fiber_rc = -1;
+    int join_rc = spawn_rc == 0 ? moor_join(f, &fiber_rc) : -1;
+    assert_int_equal(setrlimit(RLIMIT_NOFILE, &saved), 0);
+    assert_int_equal(plain_rc, 0);
+    assert_int_equal(result, 7);
+    assert_int_equal(spawn_rc, 0);
+    assert_int_equal(join_rc, 0);
+    assert_int_equal(fiber_rc, 0);
+    assert_int_equal(calls, 2);
+    assert_null(moor__part_get(ex, MOOR__PART_REACTOR));
+    assert_non_null(moor__part_get(ex, MOOR__PART_BLOCKING));
+    moor_executor_free(ex);
+}
+
 /* ---- arg on the caller's stack ------------------------------------------------------------ */
 
 /* The point of the rule "the call never returns while fn may use arg": a caller keeps arg in
@@ -765,6 +809,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         TEST(test_blocking_others_progress),
         TEST(test_blocking_from_plain_code),
+        TEST(test_blocking_needs_no_loop),
         TEST(test_blocking_arg_on_stack_deadline),
         TEST(test_blocking_arg_on_stack_cancel),
         TEST(test_blocking_deadline_while_running),
