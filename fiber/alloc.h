@@ -14,12 +14,13 @@ void *moor__realloc(void *ptr, size_t size);
 static inline void *moor__alloc(size_t size) { return moor__realloc(NULL, size); }
 static inline void moor__free(void *ptr) { (void)moor__realloc(ptr, 0); }
 
-
-/* Make room for `need` elements of `size` bytes in the array whose pointer is at `items`
- * (a T **) and whose capacity is *cap: the capacity doubles, from MOOR__GROW_FIRST. 0, or
- * -ENOMEM (no memory, or a size that would overflow), the array unchanged. */
+/* The capacity every growing array starts with. */
 #define MOOR__GROW_FIRST 16u
-/* (Inline, so that a test can interpose moor__realloc: alloc.c holds nothing else.) */
+
+/* Make room for `need` elements of `size` (> 0) bytes in the array whose pointer is at
+ * `items` (a T **) and whose capacity is *cap: the capacity doubles, from MOOR__GROW_FIRST.
+ * 0, or -ENOMEM (no memory, or a size that would overflow), the array unchanged. Inline, so
+ * that a test can interpose moor__realloc: alloc.c holds nothing else. */
 static inline int moor__grow(void *items, size_t *cap, size_t need, size_t size)
 {
     if (need <= *cap)

@@ -178,7 +178,7 @@ static inline moor__list *queue_of(moor_chan_future *op)
     return op->send ? &op->chan->senders : &op->chan->receivers;
 }
 
-static int op_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int op_ready(moor_future *fut, moor_cx *cx)
 {
     moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     if (op->completed)
@@ -192,7 +192,7 @@ static int op_ready(moor_future *fut, moor_cx *cx)
     return 1;
 }
 
-static int op_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int op_park(moor_future *fut, moor_cx *cx)
 {
     moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     moor__waitq_park(queue_of(op), &op->waiter, cx);
@@ -200,14 +200,14 @@ static int op_park(moor_future *fut, moor_cx *cx)
 }
 
 /* Completed by a counterpart already: the value moved; the result must not be lost. */
-static int op_unpark(moor_future *fut)
+MOOR__WAIT_OP int op_unpark(moor_future *fut)
 {
     moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     moor__waitq_remove(queue_of(op), &op->waiter);
     return op->completed;
 }
 
-static const moor__wait_ops op_wait = {op_ready, op_park, op_unpark};
+static const moor__wait_ops op_wait = {op_ready, op_park, op_unpark, -ETIMEDOUT};
 
 static moor_poll op_poll(moor_future *fut, moor_cx *cx)
 {

@@ -156,6 +156,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     if (rc < 0)
         goto fail;
     ex->stack_map_size = moor__fiber_map_size(ex, ex->stack_size);
+    ex->stack_overhead = moor__fiber_map_size(ex, 0);
     ex->blocking_threads = attr->blocking_threads ? attr->blocking_threads : DEFAULT_BLOCKING_THREADS;
     /* The default size's bucket first: the inline fast path of the pool looks only there. */
     char *warm;
@@ -410,7 +411,7 @@ static void drain_remote(moor_executor *ex)
     }
     ex->nremote = kept;
     ex->spawns_kept = kept;
-    /* What is kept is looked at again when the batch has started (moor__remote_started) or
+    /* What is kept is looked at again when the batch has started (remote_started) or
      * the retry time has come (events), not before every task. */
     __atomic_store_n(&ex->remote_pending, 0, __ATOMIC_RELAXED);
     pthread_mutex_unlock(&ex->remote_lock);

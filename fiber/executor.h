@@ -95,7 +95,7 @@ struct moor_executor {
     uint64_t next_fiber_id;
     size_t ntasks;                   /* tasks started and not finished */
     int running;                     /* inside run/block_on */
-    uint16_t plain_budget;           /* plain code's cooperative budget (fiber.h) */
+    uint16_t plain_budget;           /* plain code's cooperative budget (moor__coop_spend) */
     unsigned plain_turns;            /* turns plain code has given the executor */
 
     moor_task *free_tasks;           /* free slots for plain tasks */
@@ -106,6 +106,7 @@ struct moor_executor {
     moor__timer_heap timers;
     size_t stack_size;               /* default usable size of a fiber stack */
     size_t stack_map_size;           /* its mapping: guard, stack, control block */
+    size_t stack_overhead;           /* what a mapping holds beyond the usable stack */
     size_t blocking_threads;         /* worker threads of reactor/'s blocking pool */
     moor__list fibers;               /* every fiber not yet released (moor_fiber.link) */
 
@@ -297,6 +298,8 @@ struct moor_fiber {
  * fiber touches all of it, and the bytes past a 64-byte boundary cost spawn time. */
 #define MOOR__FIBER_CTL_SIZE \
     ((sizeof(struct moor_fiber) + MOOR__STACK_RESERVED + 63) & ~(size_t)63)
+_Static_assert(MOOR__FIBER_CTL_SIZE <= 320, "the fiber control block grew past 320 bytes: a "
+                                            "fresh fiber would touch another cache line");
 
 /* The mapping of a fiber stack with `size` usable bytes: guard, stack, control block. */
 static inline size_t moor__fiber_map_size(const moor_executor *ex, size_t size)
@@ -309,7 +312,7 @@ static inline size_t moor__fiber_map_size(const moor_executor *ex, size_t size)
  * guard and the pages of the control block. */
 static inline size_t moor__fiber_stack_size(const moor_executor *ex, const moor_fiber *f)
 {
-    return moor__fiber_map_size(ex, 0) > f->map_size ? 0 : f->map_size - moor__fiber_map_size(ex, 0);
+    return f->map_size - ex->stack_overhead; /* no call: the overflow handler uses it */
 }
 
 /* Spawn a fiber on ex (moor_spawn's body): *out is set on success, detached or not.

@@ -16,7 +16,7 @@
 static struct sigaction previous;
 
 /* The executor of this thread, as the handler needs it: set at its thread init. */
-static __thread moor_executor *thread_executor;
+static __thread moor_executor *thread_executor __attribute__((tls_model("initial-exec")));
 static int installed;
 static pthread_once_t install_once = PTHREAD_ONCE_INIT;
 

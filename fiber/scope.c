@@ -68,7 +68,7 @@ int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg, const moor_
     return 0;
 }
 
-static int empty_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int empty_ready(moor_future *fut, moor_cx *cx)
 {
     (void)cx;
     empty_future *ef = moor_container_of(fut, empty_future, base);
@@ -81,14 +81,14 @@ static int empty_ready(moor_future *fut, moor_cx *cx)
     return 1;
 }
 
-static int empty_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int empty_park(moor_future *fut, moor_cx *cx)
 {
     empty_future *ef = moor_container_of(fut, empty_future, base);
     moor__waitq_park(&ef->scope->waiters, &ef->waiter, cx);
     return 0;
 }
 
-static int empty_unpark(moor_future *fut)
+MOOR__WAIT_OP int empty_unpark(moor_future *fut)
 {
     empty_future *ef = moor_container_of(fut, empty_future, base);
     if (ef->completed)
@@ -97,7 +97,7 @@ static int empty_unpark(moor_future *fut)
     return 0;
 }
 
-static const moor__wait_ops empty_wait = {empty_ready, empty_park, empty_unpark};
+static const moor__wait_ops empty_wait = {empty_ready, empty_park, empty_unpark, -ETIMEDOUT};
 
 static moor_poll empty_poll(moor_future *fut, moor_cx *cx)
 {
@@ -140,6 +140,8 @@ int moor_scope_close(moor_scope *scope, int64_t deadline)
     for (moor__node *n = scope->children.head; n; n = n->next)
         moor_cancel(moor__exit_hook_fiber(moor_container_of(n, moor__exit_hook, node)));
     int rc = wait_empty(scope, deadline, 0);
+    if (rc == -ENOMEM) /* no room to time the wait: the children are cancelled, wait them out */
+        rc = wait_empty(scope, -1, 0);
     if (rc < 0) {
         /* Still running at the deadline: they are cancelled, detached and released when
          * they return; the scope lets go of them, and of the fibers waiting for them. */

@@ -36,7 +36,7 @@ static long cancel_all_but(select_future *sf, long keep)
 
 /* Poll every future (each registers its own wake-up); the first ready one whose slot holds
  * the claim wins, and the others are cancelled. */
-static int select_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int select_ready(moor_future *fut, moor_cx *cx)
 {
     select_future *sf = moor_container_of(fut, select_future, base);
     moor_cx inner = {cx->waker, &sf->claim, NULL};
@@ -57,7 +57,7 @@ static int select_ready(moor_future *fut, moor_cx *cx)
     return 1;
 }
 
-static int select_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int select_park(moor_future *fut, moor_cx *cx)
 {
     (void)fut;
     (void)cx;
@@ -66,7 +66,7 @@ static int select_park(moor_future *fut, moor_cx *cx)
 
 /* Give up: nothing may complete from here on. One of them may have completed in the
  * meantime (a cancel reports it): that one wins rather than its value being lost. */
-static int select_unpark(moor_future *fut)
+MOOR__WAIT_OP int select_unpark(moor_future *fut)
 {
     select_future *sf = moor_container_of(fut, select_future, base);
     sf->claim.claimed = 1;
@@ -79,7 +79,7 @@ static int select_unpark(moor_future *fut)
     return 1;
 }
 
-static const moor__wait_ops select_wait = {select_ready, select_park, select_unpark};
+static const moor__wait_ops select_wait = {select_ready, select_park, select_unpark, -ETIMEDOUT};
 
 static moor_poll select_poll(moor_future *fut, moor_cx *cx)
 {
@@ -147,7 +147,7 @@ typedef struct join_all_future {
     moor__deadline deadline;
 } join_all_future;
 
-static int join_all_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int join_all_ready(moor_future *fut, moor_cx *cx)
 {
     join_all_future *jf = moor_container_of(fut, join_all_future, base);
     /* Their completions are not wins of any select this one is in: no claim. */
@@ -163,14 +163,14 @@ static int join_all_ready(moor_future *fut, moor_cx *cx)
     return 1;
 }
 
-static int join_all_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int join_all_park(moor_future *fut, moor_cx *cx)
 {
     (void)fut;
     (void)cx;
     return 0; /* each pending future registered itself when join_all_ready polled it */
 }
 
-static int join_all_unpark(moor_future *fut)
+MOOR__WAIT_OP int join_all_unpark(moor_future *fut)
 {
     join_all_future *jf = moor_container_of(fut, join_all_future, base);
     for (size_t i = 0; i < jf->n; i++)
@@ -179,7 +179,7 @@ static int join_all_unpark(moor_future *fut)
     return 0;
 }
 
-static const moor__wait_ops join_all_wait = {join_all_ready, join_all_park, join_all_unpark};
+static const moor__wait_ops join_all_wait = {join_all_ready, join_all_park, join_all_unpark, -ETIMEDOUT};
 
 static moor_poll join_all_poll(moor_future *fut, moor_cx *cx)
 {
@@ -211,7 +211,7 @@ int moor_await_all(moor_future **futs, size_t n, int64_t deadline)
 
 /* Drive attempts and backoffs until one ends it (1) or one is pending (0). Past the deadline
  * it starts nothing new: the wait skeleton then gives up (retry_unpark). */
-static int retry_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int retry_ready(moor_future *fut, moor_cx *cx)
 {
     moor_retry_future *rf = moor_container_of(fut, moor_retry_future, base);
     for (;;) {
@@ -246,7 +246,7 @@ static int retry_ready(moor_future *fut, moor_cx *cx)
     }
 }
 
-static int retry_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int retry_park(moor_future *fut, moor_cx *cx)
 {
     (void)fut;
     (void)cx;
@@ -254,7 +254,7 @@ static int retry_park(moor_future *fut, moor_cx *cx)
 }
 
 /* Give up on the attempt in flight, unless it made it after all. */
-static int retry_unpark(moor_future *fut)
+MOOR__WAIT_OP int retry_unpark(moor_future *fut)
 {
     moor_retry_future *rf = moor_container_of(fut, moor_retry_future, base);
     if (rf->pausing) {
@@ -270,7 +270,7 @@ static int retry_unpark(moor_future *fut)
     return 0;
 }
 
-static const moor__wait_ops retry_wait = {retry_ready, retry_park, retry_unpark};
+static const moor__wait_ops retry_wait = {retry_ready, retry_park, retry_unpark, -ETIMEDOUT};
 
 static moor_poll retry_poll(moor_future *fut, moor_cx *cx)
 {

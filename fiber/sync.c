@@ -22,7 +22,7 @@ struct wait_op {
     moor__deadline deadline;
 };
 
-static int op_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int op_ready(moor_future *fut, moor_cx *cx)
 {
     wait_op *op = moor_container_of(fut, wait_op, base);
     if (op->completed || (!op->waiter.queued && moor__claim_open(cx) && op->take_now(op))) {
@@ -34,7 +34,7 @@ static int op_ready(moor_future *fut, moor_cx *cx)
     return 0;
 }
 
-static int op_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int op_park(moor_future *fut, moor_cx *cx)
 {
     wait_op *op = moor_container_of(fut, wait_op, base);
     moor__waitq_park(op->q, &op->waiter, cx);
@@ -42,7 +42,7 @@ static int op_park(moor_future *fut, moor_cx *cx)
 }
 
 /* Handed over already: the caller has it (a lock, a permit) and must release it. */
-static int op_unpark(moor_future *fut)
+MOOR__WAIT_OP int op_unpark(moor_future *fut)
 {
     wait_op *op = moor_container_of(fut, wait_op, base);
     moor__waitq_remove(op->q, &op->waiter);
@@ -52,7 +52,7 @@ static int op_unpark(moor_future *fut)
     return 1;
 }
 
-static const moor__wait_ops op_wait = {op_ready, op_park, op_unpark};
+static const moor__wait_ops op_wait = {op_ready, op_park, op_unpark, -ETIMEDOUT};
 
 static moor_poll wait_poll(moor_future *fut, moor_cx *cx)
 {

@@ -14,7 +14,7 @@ int64_t moor_deadline_in(int64_t ms)
 
 /* A sleep is a wait whose deadline is its completion: ready once the time has come, nothing
  * to register but the deadline itself. */
-static int sleep_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int sleep_ready(moor_future *fut, moor_cx *cx)
 {
     (void)cx;
     moor_sleep_future *sf = moor_container_of(fut, moor_sleep_future, base);
@@ -24,21 +24,22 @@ static int sleep_ready(moor_future *fut, moor_cx *cx)
     return 1;
 }
 
-static int sleep_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int sleep_park(moor_future *fut, moor_cx *cx)
 {
     (void)fut;
     (void)cx;
     return 0;
 }
 
-/* Nothing to undo; but once the time has come (a sleep's deadline passing is its
- * completion, not a timeout) it has completed. */
-static int sleep_unpark(moor_future *fut)
+/* Nothing to undo. (A sleep's deadline passing is its completion: sleep_wait's expired
+ * result is 0, not -ETIMEDOUT.) */
+MOOR__WAIT_OP int sleep_unpark(moor_future *fut)
 {
-    return sleep_ready(fut, NULL);
+    (void)fut;
+    return 0;
 }
 
-static const moor__wait_ops sleep_wait = {sleep_ready, sleep_park, sleep_unpark};
+static const moor__wait_ops sleep_wait = {sleep_ready, sleep_park, sleep_unpark, 0};
 
 static moor_poll sleep_poll(moor_future *fut, moor_cx *cx)
 {

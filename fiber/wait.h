@@ -146,6 +146,10 @@ static inline moor__waiter *moor__waitq_take(moor__list *q, const struct moor__c
 
 /* ---- the poll of a waiting future ------------------------------------------------------ */
 
+/* How a waiting future's ops are declared: inlined into moor__wait_poll with it, so that the
+ * skeleton costs no call (their address in the ops table is only a constant to it). */
+#define MOOR__WAIT_OP static inline __attribute__((always_inline))
+
 /* What makes a future a waiting one. Each op gets the future itself (recover the outer
  * struct with moor_container_of). */
 typedef struct moor__wait_ops {
@@ -161,6 +165,9 @@ typedef struct moor__wait_ops {
      * it cannot be given up now (it started something that must finish, as a blocking call
      * whose function runs): it stays registered and the wait goes on without its deadline. */
     int (*unpark)(moor_future *fut);
+    /* What the future completes with when its deadline passes: -ETIMEDOUT, or 0 for a
+     * sleep (whose deadline is its completion). */
+    intptr_t expired;
 } moor__wait_ops;
 
 /* The poll every waiting future makes: done? the deadline passed? register, arm the
@@ -172,7 +179,7 @@ moor__wait_poll(moor_future *fut, moor__deadline *dl, moor_cx *cx, const moor__w
         moor__deadline_disarm(dl);
         return MOOR_READY;
     }
-    intptr_t err = -ETIMEDOUT;
+    intptr_t err = ops->expired;
     if (!moor__deadline_passed(dl)) {
         err = ops->park(fut, cx);
         if (err == 0)

@@ -262,8 +262,9 @@ MOOR_API void moor_scope_init(moor_scope *scope);
 MOOR_API int moor_scope_spawn(moor_scope *scope, moor_fiber_fn fn, void *arg,
                               const moor_fiber_attr *attr);
 /* Wait until every child has returned, without cancelling them. Returns 0, -ETIMEDOUT,
- * -ECANCELED (the children keep running), or -EPIPE if the scope was closed meanwhile with
- * children still running (moor_scope_close timed out and let go of them). */
+ * -ECANCELED (the children keep running), -EPIPE if the scope was closed meanwhile with
+ * children still running (moor_scope_close timed out and let go of them), or -ENOMEM (no
+ * room to time the wait). */
 MOOR_API int moor_scope_wait(moor_scope *scope, int64_t deadline);
 /* Cancel every child still running and wait for them to return; the scope is closed after.
  * Returns 0, or -ETIMEDOUT if some child has not returned by the deadline (it has been
@@ -597,8 +598,10 @@ MOOR_API intptr_t moor_await_deadline(moor_future *fut, int64_t deadline);
 /* The classic retryable future: make(arg, attempt) returns a fresh future for attempt 1,
  * 2, ... (it may reuse one slot: the previous attempt is done by then). An attempt whose
  * output is >= 0 ends it; a negative output is retried after a backoff (backoff_ms, doubled
- * each time) up to `attempts` attempts. The output is the last attempt's, -ETIMEDOUT when
- * the deadline passes first (the attempt in flight cancelled), -ENOMEM if make returned NULL.
+ * each time) up to `attempts` attempts. The output is the last attempt's; -ETIMEDOUT when
+ * the deadline passes before an attempt ends it (the attempt in flight is cancelled, and no
+ * new one starts; an attempt found finished when the retry is polled counts, as a ready
+ * future wins a select); -ENOMEM if make returned NULL.
  * A future itself: await it, select on it or spawn it. Caller owned; must not move once polled. */
 typedef moor_future *(*moor_retry_make)(void *arg, unsigned attempt);
 
@@ -611,8 +614,8 @@ typedef struct moor_retry_future {
     int64_t backoff_ms;     /* private */
     moor_future *current;   /* private: the attempt in flight, NULL while backing off */
     int pausing;            /* private */
-    moor_sleep_future pause;/* private: the backoff */
-    moor__deadline deadline;/* private */
+    moor_sleep_future pause; /* private: the backoff */
+    moor__deadline deadline; /* private */
 } moor_retry_future;
 
 MOOR_API void moor_retry_init(moor_retry_future *rf, moor_retry_make make, void *arg,

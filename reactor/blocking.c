@@ -232,7 +232,7 @@ typedef struct blocking_future {
 
 /* Done, or to be withdrawn now? Submits the job the first time. Registration happens here
  * too, under the pool's lock (the job's waker), so that no worker finishing it is missed. */
-static int blocking_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int blocking_ready(moor_future *fut, moor_cx *cx)
 {
     blocking_future *bf = moor_container_of(fut, blocking_future, base);
     worker_pool *p = bf->pool;
@@ -278,7 +278,7 @@ static int blocking_ready(moor_future *fut, moor_cx *cx)
     }
 }
 
-static int blocking_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int blocking_park(moor_future *fut, moor_cx *cx)
 {
     (void)fut;
     (void)cx;
@@ -287,7 +287,7 @@ static int blocking_park(moor_future *fut, moor_cx *cx)
 
 /* Withdraw the job if no worker has taken it; one that has started cannot be given up
  * (-1: keep waiting), and one that finished meanwhile has completed. */
-static int blocking_unpark(moor_future *fut)
+MOOR__WAIT_OP int blocking_unpark(moor_future *fut)
 {
     blocking_future *bf = moor_container_of(fut, blocking_future, base);
     if (!bf->submitted)
@@ -313,7 +313,7 @@ static int blocking_unpark(moor_future *fut)
     }
 }
 
-static const moor__wait_ops blocking_wait = {blocking_ready, blocking_park, blocking_unpark};
+static const moor__wait_ops blocking_wait = {blocking_ready, blocking_park, blocking_unpark, -ETIMEDOUT};
 
 static moor_poll blocking_poll(moor_future *fut, moor_cx *cx)
 {

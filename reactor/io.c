@@ -27,7 +27,7 @@ static void io_unwatch(moor_io_future *io)
     io->state = MOOR__IO_NEW;
 }
 
-static int io_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int io_ready(moor_future *fut, moor_cx *cx)
 {
     (void)cx;
     moor_io_future *io = moor_container_of(fut, moor_io_future, base);
@@ -49,7 +49,7 @@ static int io_ready(moor_future *fut, moor_cx *cx)
 }
 
 /* Start the watcher the first time (fd.c's), point it at the current waker after. */
-static int io_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int io_park(moor_future *fut, moor_cx *cx)
 {
     moor_io_future *io = moor_container_of(fut, moor_io_future, base);
     io->waker = cx->waker;
@@ -64,7 +64,7 @@ static int io_park(moor_future *fut, moor_cx *cx)
 
 /* Readiness is level-triggered: a wait given up on is seen again by the next one. But one
  * that had failed (closed under it) completed: say how. */
-static int io_unpark(moor_future *fut)
+MOOR__WAIT_OP int io_unpark(moor_future *fut)
 {
     moor_io_future *io = moor_container_of(fut, moor_io_future, base);
     int state = io->state;
@@ -76,7 +76,7 @@ static int io_unpark(moor_future *fut)
     return 1;
 }
 
-static const moor__wait_ops io_wait = {io_ready, io_park, io_unpark};
+static const moor__wait_ops io_wait = {io_ready, io_park, io_unpark, -ETIMEDOUT};
 
 static moor_poll io_poll(moor_future *fut, moor_cx *cx)
 {

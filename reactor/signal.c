@@ -188,7 +188,7 @@ static void signal_stop(signal_future *sf)
     sf->counted = 0;
 }
 
-static int signal_ready(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int signal_ready(moor_future *fut, moor_cx *cx)
 {
     (void)cx;
     signal_future *sf = moor_container_of(fut, signal_future, base);
@@ -201,7 +201,7 @@ static int signal_ready(moor_future *fut, moor_cx *cx)
 
 /* Join the signal's table entry the first time (installing moor's handler if it is the
  * first wait for it), point the wait at the current waker after. */
-static int signal_park(moor_future *fut, moor_cx *cx)
+MOOR__WAIT_OP int signal_park(moor_future *fut, moor_cx *cx)
 {
     signal_future *sf = moor_container_of(fut, signal_future, base);
     sf->waker = cx->waker;
@@ -226,7 +226,7 @@ static int signal_park(moor_future *fut, moor_cx *cx)
 }
 
 /* Given up on: but a signal that arrived meanwhile is reported, not lost. */
-static int signal_unpark(moor_future *fut)
+MOOR__WAIT_OP int signal_unpark(moor_future *fut)
 {
     signal_future *sf = moor_container_of(fut, signal_future, base);
     signal_stop(sf);
@@ -236,7 +236,7 @@ static int signal_unpark(moor_future *fut)
     return 1;
 }
 
-static const moor__wait_ops signal_wait = {signal_ready, signal_park, signal_unpark};
+static const moor__wait_ops signal_wait = {signal_ready, signal_park, signal_unpark, -ETIMEDOUT};
 
 static moor_poll signal_poll(moor_future *fut, moor_cx *cx)
 {

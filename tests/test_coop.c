@@ -1,6 +1,6 @@
 /* Fairness: a task whose calls keep completing without waiting (a channel that is never
  * empty, a free mutex, an fd that always has data) spends a budget of such operations
- * (fiber.h's MOOR__COOP_BUDGET, Tokio's 128); when it is spent, the next one yields first. A
+ * (executor.h's MOOR__COOP_BUDGET, Tokio's 128); when it is spent, the next one yields first. A
  * busy fiber therefore cannot starve the others or the timers.
  *
  * Counted, not timed: a flood runs until a 10 ms sleeper has woken, with a generous cap on its
