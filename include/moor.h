@@ -360,8 +360,9 @@ typedef struct moor_io_future {
     uint32_t epoch;        /* private: when it was put on the check list (10 ms epochs) */
     moor_waker waker;      /* private */
     moor__deadline deadline; /* private */
-    struct moor_io_future *fd_next, **fd_prev;       /* private: the fd's waiters */
-    struct moor_io_future *check_next, **check_prev; /* private: waits to check */
+    moor__node fd_link;    /* private: in its fd's waiters */
+    moor__node check_link; /* private: in the waits to check */
+    int checked;           /* private: on the check list */
     _Alignas(16) unsigned char watcher[64]; /* private: an ev_io */
 } moor_io_future;
 

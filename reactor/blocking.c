@@ -28,13 +28,10 @@
 #include "fiber/executor.h"
 #include "fiber/wait.h"
 
-/* Room for so many thread handles at first; it doubles as workers start, up to the cap. */
-#define THREADS_ROOM_MIN 4u
-
 enum job_state { JOB_QUEUED, JOB_RUNNING, JOB_DONE, JOB_FAILED };
 
 typedef struct job {
-    struct job *next;  /* the queue, or the list of running jobs; under the pool lock */
+    moor__node link;   /* in the queue, or the list of running jobs; under the pool lock */
     moor_blocking_fn fn;
     void *arg;
     intptr_t result;   /* fn's return value, once DONE */
@@ -45,9 +42,9 @@ typedef struct job {
 typedef struct worker_pool {
     pthread_mutex_t lock;
     pthread_cond_t work;
-    job *head, *tail;  /* queued, oldest first */
+    moor__list queue;  /* jobs queued, oldest first */
     size_t queued;     /* jobs in the queue */
-    job *running;      /* being run by a worker */
+    moor__list running; /* jobs being run by a worker */
     pthread_t *threads; /* the workers started, to join at the end */
     size_t nthreads, cap_threads; /* started; room in threads */
     size_t max_threads; /* the executor's blocking_threads: a cap, never an allocation size */
@@ -60,32 +57,23 @@ static void *worker(void *arg)
     worker_pool *p = arg;
     pthread_mutex_lock(&p->lock);
     for (;;) {
-        while (!p->head && !p->stopping) {
+        while (!p->queue.head && !p->stopping) {
             p->idle++;
             pthread_cond_wait(&p->work, &p->lock);
             p->idle--;
         }
-        if (!p->head)
+        if (!p->queue.head)
             break; /* stopping, and nothing left to run */
-        job *j = p->head;
-        p->head = j->next;
-        if (!p->head)
-            p->tail = NULL;
+        job *j = moor_container_of(moor__list_pop(&p->queue), job, link);
         p->queued--;
         j->state = JOB_RUNNING;
-        j->next = p->running;
-        p->running = j;
+        moor__list_push(&p->running, &j->link);
         moor_blocking_fn fn = j->fn;
         void *fn_arg = j->arg;
         pthread_mutex_unlock(&p->lock);
         intptr_t result = fn(fn_arg);
         pthread_mutex_lock(&p->lock);
-        for (job **link = &p->running; *link; link = &(*link)->next) {
-            if (*link == j) {
-                *link = j->next;
-                break;
-            }
-        }
+        moor__list_remove(&p->running, &j->link);
         j->result = result;
         j->state = JOB_DONE;
         /* The last touch of j: its caller reads DONE only after this unlock, and may return
@@ -97,22 +85,10 @@ static void *worker(void *arg)
 }
 
 /* With the lock held: room for one more thread handle. The array grows with the threads
- * actually started, so a huge cap costs nothing and no size computation can overflow. */
+ * actually started (doubling), so a huge cap costs nothing. */
 static int reserve_thread(worker_pool *p)
 {
-    if (p->nthreads < p->cap_threads)
-        return 0;
-    size_t cap = p->cap_threads ? p->cap_threads * 2 : THREADS_ROOM_MIN;
-    if (cap > p->max_threads)
-        cap = p->max_threads;
-    if (cap <= p->cap_threads || cap > SIZE_MAX / sizeof *p->threads)
-        return -ENOMEM;
-    pthread_t *threads = moor__realloc(p->threads, cap * sizeof *threads);
-    if (!threads)
-        return -ENOMEM;
-    p->threads = threads;
-    p->cap_threads = cap;
-    return 0;
+    return moor__grow(&p->threads, &p->cap_threads, p->nthreads + 1, sizeof *p->threads);
 }
 
 /* With the lock held: queue the job, starting a worker if the idle ones are all spoken for
@@ -130,13 +106,8 @@ static int submit(worker_pool *p, job *j)
     }
     if (p->nthreads == 0)
         return rc;
-    j->next = NULL;
     j->state = JOB_QUEUED;
-    if (p->tail)
-        p->tail->next = j;
-    else
-        p->head = j;
-    p->tail = j;
+    moor__list_push(&p->queue, &j->link);
     p->queued++;
     pthread_cond_signal(&p->work);
     return 0;
@@ -145,15 +116,7 @@ static int submit(worker_pool *p, job *j)
 /* With the lock held: take a job out of the queue before any worker has started it. */
 static void withdraw(worker_pool *p, job *j)
 {
-    job **link = &p->head;
-    job *prev = NULL;
-    while (*link != j) {
-        prev = *link;
-        link = &(*link)->next;
-    }
-    *link = j->next;
-    if (p->tail == j)
-        p->tail = prev;
+    moor__list_remove(&p->queue, &j->link);
     p->queued--;
 }
 
@@ -164,7 +127,7 @@ static void pool_free(moor_executor *ex, void *self)
     pthread_mutex_lock(&p->lock);
     /* Every job belongs to a call that waits for it, and the executor is freed only with no
      * task pending: nothing is queued or running. */
-    moor__assert(!p->head && !p->running, "blocking pool freed with calls in flight");
+    moor__assert(!p->queue.head && !p->running.head, "blocking pool freed with calls in flight");
     p->stopping = 1;
     pthread_cond_broadcast(&p->work);
     pthread_mutex_unlock(&p->lock);
@@ -185,16 +148,15 @@ static void pool_after_fork(moor_executor *ex, void *self)
      * use their args. */
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->work, NULL);
-    for (int list = 0; list < 2; list++) {
-        job *j = list ? p->running : p->head;
-        while (j) {
-            job *next = j->next;
+    moor__list *lists[] = {&p->queue, &p->running};
+    for (size_t i = 0; i < 2; i++) {
+        moor__node *n;
+        while ((n = moor__list_pop(lists[i]))) {
+            job *j = moor_container_of(n, job, link);
             j->state = JOB_FAILED;
             moor_waker_wake(&j->waker);
-            j = next;
         }
     }
-    p->head = p->tail = p->running = NULL;
     p->queued = 0;
     p->nthreads = 0;
     p->idle = 0;

@@ -45,11 +45,6 @@ _Static_assert(sizeof(ev_io) <= sizeof(((moor_io_future *)0)->watcher),
  * lasted at least one whole epoch. */
 #define CHECK_AFTER_EPOCHS 2u
 
-/* The first sizes of the fd table (entries) and of the debug builds' list of fresh fds;
- * both double as they grow. */
-#define FD_TABLE_MIN 64u
-#define FRESH_MIN 64u
-
 static inline ev_io *watcher_of(moor_io_future *io) { return (ev_io *)(void *)io->watcher; }
 
 static inline moor_io_future *io_of(ev_io *w)
@@ -66,20 +61,12 @@ static moor__fd *fd_get(moor__fd_table *t, int fd)
         return NULL;
     if ((size_t)fd < t->nfds)
         return &t->fds[fd];
-    size_t n = t->nfds ? t->nfds : FD_TABLE_MIN;
-    while (n <= (size_t)fd)
-        n *= 2;
-    moor__fd *nv = moor__realloc(t->fds, n * sizeof *nv);
-    if (!nv)
+    size_t old = t->nfds;
+    if (moor__grow(&t->fds, &t->nfds, (size_t)fd + 1, sizeof *t->fds) < 0)
         return NULL;
-    memset(nv + t->nfds, 0, (n - t->nfds) * sizeof *nv);
-    /* The lists of waiters point into the table: move their heads' back links. */
-    for (size_t i = 0; i < t->nfds; i++)
-        if (nv[i].waiters)
-            nv[i].waiters->fd_prev = &nv[i].waiters;
-    t->fds = nv;
-    t->nfds = n;
-    return &nv[fd];
+    /* (No waiter points into the table: its lists are NULL-terminated at both ends.) */
+    memset(t->fds + old, 0, (t->nfds - old) * sizeof *t->fds);
+    return &t->fds[fd];
 }
 
 /* Before moor changes its watchers on the fd: at the first change since libev's last look,
@@ -96,11 +83,7 @@ static inline void fd_touch(moor__fd_table *t, moor__fd *e)
 static void fd_link(moor__fd_table *t, moor__fd *e, moor_io_future *io, int events)
 {
     fd_touch(t, e);
-    io->fd_next = e->waiters;
-    if (e->waiters)
-        e->waiters->fd_prev = &io->fd_next;
-    io->fd_prev = &e->waiters;
-    e->waiters = io;
+    moor__list_push(&e->waiters, &io->fd_link);
     e->nread += (events & EV_READ) != 0;
     e->nwrite += (events & EV_WRITE) != 0;
 }
@@ -108,9 +91,7 @@ static void fd_link(moor__fd_table *t, moor__fd *e, moor_io_future *io, int even
 static void fd_unlink(moor__fd_table *t, moor__fd *e, moor_io_future *io, int events)
 {
     fd_touch(t, e);
-    *io->fd_prev = io->fd_next;
-    if (io->fd_next)
-        io->fd_next->fd_prev = io->fd_prev;
+    moor__list_remove(&e->waiters, &io->fd_link);
     e->nread -= (events & EV_READ) != 0;
     e->nwrite -= (events & EV_WRITE) != 0;
 }
@@ -123,7 +104,7 @@ static void on_check_timer(struct ev_loop *loop, ev_timer *w, int revents)
     moor__fd_table *t = w->data;
     t->epoch++;
     t->check_due = 1;
-    if (!t->check_head) { /* nothing listed for a whole epoch: rest */
+    if (!t->check.head) { /* nothing listed for a whole epoch: rest */
         ev_ref(loop);
         ev_timer_stop(loop, w);
     }
@@ -137,22 +118,21 @@ static void check_push(moor__fd_table *t, moor_io_future *io)
         ev_unref(t->reactor->loop);
     }
     io->epoch = t->epoch;
-    io->check_next = NULL;
-    io->check_prev = t->check_tail;
-    *t->check_tail = io;
-    t->check_tail = &io->check_next;
+    moor__list_push(&t->check, &io->check_link);
+    io->checked = 1;
+}
+
+static moor_io_future *check_first(const moor__fd_table *t)
+{
+    return t->check.head ? moor_container_of(t->check.head, moor_io_future, check_link) : NULL;
 }
 
 static void check_remove(moor__fd_table *t, moor_io_future *io)
 {
-    if (!io->check_prev)
+    if (!io->checked)
         return;
-    *io->check_prev = io->check_next;
-    if (io->check_next)
-        io->check_next->check_prev = io->check_prev;
-    else
-        t->check_tail = io->check_prev;
-    io->check_prev = NULL;
+    moor__list_remove(&t->check, &io->check_link);
+    io->checked = 0;
 }
 
 /* ---- the watchers ------------------------------------------------------------------------ */
@@ -205,14 +185,8 @@ static void note_fresh(moor__fd_table *t, int fd)
 {
     if (t->nfresh && t->fresh[t->nfresh - 1] == fd)
         return;
-    if (t->nfresh == t->capfresh) {
-        size_t cap = t->capfresh ? 2 * t->capfresh : FRESH_MIN;
-        int *nv = moor__realloc(t->fresh, cap * sizeof *nv);
-        if (!nv)
-            return; /* not checked early: only the report is lost */
-        t->fresh = nv;
-        t->capfresh = cap;
-    }
+    if (moor__grow(&t->fresh, &t->capfresh, t->nfresh + 1, sizeof *t->fresh) < 0)
+        return; /* not checked early: only the report is lost */
     t->fresh[t->nfresh++] = fd;
 }
 #endif
@@ -263,8 +237,8 @@ static void fd_found_closed(moor__fd_table *t, int fd)
 #endif
     moor__fd *e = &t->fds[fd];
     e->flags = 0;
-    while (e->waiters)
-        io_fail(t, e->waiters, MOOR__IO_BADF);
+    while (e->waiters.head)
+        io_fail(t, moor_container_of(e->waiters.head, moor_io_future, fd_link), MOOR__IO_BADF);
 }
 
 /* Is the fd still open, and is the file now behind the number registered? Returns 1 if it
@@ -304,7 +278,7 @@ static int64_t check(moor__fd_table *t, int64_t timeout_ms)
 #ifndef NDEBUG
     for (size_t i = 0; i < t->nfresh; i++) {
         int fd = t->fresh[i];
-        if (t->fds[fd].waiters && fcntl(fd, F_GETFD) < 0) {
+        if (t->fds[fd].waiters.head && fcntl(fd, F_GETFD) < 0) {
             fd_found_closed(t, fd);
             completed = 1;
         }
@@ -317,7 +291,7 @@ static int64_t check(moor__fd_table *t, int64_t timeout_ms)
         /* Listed in order: those listed two boundaries ago have lasted >= 10 ms since. At
          * most so many per epoch, so that an overloaded server, whose waits all last, pays
          * a bounded price (the rest wait for the next boundaries). */
-        for (unsigned n = 0; n < CHECKS_PER_EPOCH && (io = t->check_head) &&
+        for (unsigned n = 0; n < CHECKS_PER_EPOCH && (io = check_first(t)) &&
                              t->epoch - io->epoch >= CHECK_AFTER_EPOCHS;
              n++)
             completed |= check_wait(t, io);
@@ -332,7 +306,7 @@ static int64_t table_before_look(moor__reactor *r, void *self, int64_t timeout_m
     (void)r;
     moor__fd_table *t = self;
 #ifndef NDEBUG
-    if (t->nfresh && !t->check_head)
+    if (t->nfresh && !t->check.head)
         t->nfresh = 0; /* their waits are over */
     if (t->nfresh)
         return check(t, timeout_ms);
@@ -348,10 +322,10 @@ static void table_after_fork(moor__reactor *r, void *self)
     (void)r;
     moor__fd_table *t = self;
     size_t n = 0; /* those listed now: debug builds list a checked wait again */
-    for (moor_io_future *io = t->check_head; io; io = io->check_next)
+    for (const moor__node *node = t->check.head; node; node = node->next)
         n++;
-    while (n-- && t->check_head)
-        check_wait(t, t->check_head);
+    while (n-- && t->check.head)
+        check_wait(t, check_first(t));
 }
 
 static void table_free(moor__reactor *r, void *self)
@@ -385,7 +359,6 @@ int moor__fd_table_make(moor_executor *ex, moor__fd_table **out)
             return -ENOMEM;
         memset(t, 0, sizeof *t);
         t->reactor = r;
-        t->check_tail = &t->check_head;
         ev_timer_init(&t->check_timer, on_check_timer, MOOR__CHECK_EPOCH_MS / 1000.,
                       MOOR__CHECK_EPOCH_MS / 1000.);
         t->check_timer.data = t;
@@ -416,8 +389,9 @@ int moor_close(int fd)
         moor__fd *e = &t->fds[fd];
         /* Before the number can be reused: its waiters fail, even one whose readiness was
          * reported and that has not run yet, so that none acts on the next file. */
-        while (e->waiters)
-            io_fail(t, e->waiters, MOOR__IO_BADF);
+        while (e->waiters.head)
+            io_fail(t, moor_container_of(e->waiters.head, moor_io_future, fd_link),
+                    MOOR__IO_BADF);
         e->flags = 0;
     }
     /* Not retried on EINTR: on Linux the fd is gone either way. */

@@ -8,7 +8,8 @@
 
 /* What the reactor knows of one fd number. */
 typedef struct moor__fd {
-    moor_io_future *waiters; /* io futures whose watcher is started on it: moor_close wakes them */
+    moor__list waiters;      /* io futures whose watcher is started on it (fd_link): moor_close
+                                wakes them */
     uint32_t nread, nwrite;  /* how many of them wait for reading, for writing */
     unsigned seen_iter;      /* ev_iteration() when moor last changed its watchers on it */
     uint8_t seen_mask;       /* libev's registration of it as of its last look before then:
@@ -66,7 +67,7 @@ typedef struct moor__fd_table {
     /* Waits whose registration is to be checked (fcntl, then registered again) once they
      * have lasted, oldest first: those that started without registering their fd (LIVE), and
      * in debug builds all, so that a plain close() under a waiter is reported. */
-    moor_io_future *check_head, **check_tail;
+    moor__list check;     /* moor_io_future.check_link */
     ev_timer check_timer; /* unreferenced; repeats while waits are listed: epoch boundaries */
     uint32_t epoch;       /* epoch boundaries passed */
     int check_due;        /* a boundary has passed since the last check */

@@ -105,10 +105,9 @@ void moor_io_init(moor_io_future *io, int fd, int events, int64_t deadline)
     io->state = MOOR__IO_NEW; /* its watcher is set up when it starts (fd.c) */
     io->epoch = 0;
     io->waker = (moor_waker){0};
-    io->fd_next = NULL;
-    io->fd_prev = NULL;
-    io->check_next = NULL;
-    io->check_prev = NULL;
+    io->fd_link = (moor__node){NULL, NULL};
+    io->check_link = (moor__node){NULL, NULL};
+    io->checked = 0;
     moor__deadline_init(&io->deadline, deadline);
 }
 

@@ -35,7 +35,7 @@
 
 typedef struct signal_future {
     moor_future base;
-    struct signal_future *next, *prev; /* the owner's waits for this signal */
+    moor__node link;   /* in the owner's waits for this signal */
     moor__deadline deadline;
     moor_waker waker;
     unsigned long seq; /* table[signum].caught when the wait began: later catches are its */
@@ -49,7 +49,7 @@ static struct {
     moor__reactor *owner;     /* atomic: whose fibers wait; NULL while none does */
     size_t waiters;           /* table_lock */
     struct sigaction saved;   /* table_lock: the disposition before the first wait */
-    signal_future *waits;     /* the owner's thread only */
+    moor__list waits;         /* signal_future.link; the owner's thread only */
     unsigned long caught;     /* atomic: times the handler caught it for an owner */
     int in_handler;           /* atomic: handler calls that may still use the owner */
 } table[NSIG];
@@ -143,7 +143,8 @@ static void dispatch(moor__reactor *r, void *self)
             /* Cleared before `caught` is read: a catch counted after that read sets the bit
              * again and sends another async. */
             __atomic_fetch_and(&pending[w], ~(1ul << bit), __ATOMIC_SEQ_CST);
-            for (signal_future *sf = table[signum].waits; sf; sf = sf->next) {
+            for (moor__node *n = table[signum].waits.head; n; n = n->next) {
+                signal_future *sf = moor_container_of(n, signal_future, link);
                 if (!sf->fired && caught_since(sf)) {
                     sf->fired = 1;
                     moor_waker_wake(&sf->waker);
@@ -174,12 +175,7 @@ static void signal_stop(signal_future *sf)
     if (!sf->counted)
         return;
     /* Off the list before the place is given back: the next owner starts with an empty one. */
-    if (sf->prev)
-        sf->prev->next = sf->next;
-    else
-        table[sf->signum].waits = sf->next;
-    if (sf->next)
-        sf->next->prev = sf->prev;
+    moor__list_remove(&table[sf->signum].waits, &sf->link);
     table_leave(sf->signum);
     /* A signal caught while this wait was listed but not yet dispatched is its too: it is
      * reported, not lost to a cancel or a deadline. */
@@ -216,11 +212,7 @@ MOOR__WAIT_OP int signal_park(moor_future *fut, moor_cx *cx)
     }
     if (rc < 0)
         return rc;
-    sf->prev = NULL;
-    sf->next = table[sf->signum].waits;
-    if (sf->next)
-        sf->next->prev = sf;
-    table[sf->signum].waits = sf;
+    moor__list_push_front(&table[sf->signum].waits, &sf->link);
     sf->counted = 1;
     return 0;
 }
@@ -258,7 +250,7 @@ int moor_signal_wait(int signum, int64_t deadline)
         return -EINVAL;
     signal_future sf;
     moor_future_init(&sf.base, &signal_ops, 0);
-    sf.next = sf.prev = NULL;
+    sf.link = (moor__node){NULL, NULL};
     moor__deadline_init(&sf.deadline, deadline);
     sf.waker = (moor_waker){0};
     sf.seq = 0;
@@ -299,7 +291,7 @@ static void after_fork(moor_executor *ex)
         sigaction(signum, &table[signum].saved, NULL);
         table[signum].owner = NULL;
         table[signum].waiters = 0;
-        table[signum].waits = NULL;
+        table[signum].waits = (moor__list){NULL, NULL};
         pending[signum / WORD_BITS] &= ~(1ul << (signum % WORD_BITS));
     }
 }
