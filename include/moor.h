@@ -139,6 +139,14 @@ MOOR_API int moor_spawn_future(moor_future *fut);
  * Errors: -ENOMEM (no memory to queue the request), -ESRCH (the executor has been freed). */
 MOOR_API int moor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg);
 
+/* In the child after fork(): re-arm the event loop (a loop moor owns is re-armed now, an
+ * attached loop at the application's next ev_run) and reset what other threads of the parent
+ * held; blocking calls in flight in the parent's workers fail with -ECANCELED in the child.
+ * Returns 0, or -EMFILE/-ENFILE if the child has no descriptor left for the loop's new async
+ * pipe: then nothing has been changed, and the call must be made again (once descriptors
+ * are free) before the executor is used, or the executor freed. */
+MOOR_API int moor_executor_after_fork(moor_executor *ex);
+
 /* Run tasks until none is left. Returns 0. Not from a fiber (assertion). */
 MOOR_API int moor_executor_run(moor_executor *ex);
 
@@ -334,14 +342,6 @@ MOOR_API int moor_executor_attach(moor_executor *ex, struct ev_loop *loop);
 /* The executor's libev loop (made now if it has none), for adapters that own watchers.
  * NULL if it could not be made (out of descriptors or memory). */
 MOOR_API struct ev_loop *moor_executor_loop(moor_executor *ex);
-
-/* In the child after fork(): re-arm the event loop (a loop moor owns is re-armed now, an
- * attached loop at the application's next ev_run) and reset what other threads of the parent
- * held; blocking calls in flight in the parent's workers fail with -ECANCELED in the child.
- * Returns 0, or -EMFILE/-ENFILE if the child has no descriptor left for the loop's new async
- * pipe: then nothing has been changed, and the call must be made again (once descriptors
- * are free) before the executor is used, or the executor freed. */
-MOOR_API int moor_executor_after_fork(moor_executor *ex);
 
 #define MOOR_READABLE 0x1
 #define MOOR_WRITABLE 0x2
