@@ -117,6 +117,81 @@ static void test_alloc_timer_heap(void **state)
     ex_free(ex);
 }
 
+/* A child of a scope that waits on an event until cancelled. */
+typedef struct event_kid {
+    moor_event *ev;
+    int rc;
+    int returned;
+} event_kid;
+
+static intptr_t event_kid_fn(void *arg)
+{
+    event_kid *k = arg;
+    k->rc = moor_event_wait(k->ev, -1);
+    k->returned = 1;
+    return k->rc;
+}
+
+#define SCOPE_KIDS 3
+
+typedef struct scope_owner {
+    moor_event ev;
+    event_kid kids[SCOPE_KIDS];
+    size_t count_before, count_after;
+    int kids_returned_before; /* children that had returned when the close began */
+    int kids_returned_after;  /* ...and when it returned */
+    int close_rc;
+} scope_owner;
+
+/* The scope's owner is a fiber: its wait needs no task slot (plain code's would), so the
+ * one allocation the close asks for is the deadline's timer. */
+static intptr_t scope_owner_fn(void *arg)
+{
+    scope_owner *o = arg;
+    moor_scope scope;
+    moor_scope_init(&scope);
+    for (int i = 0; i < SCOPE_KIDS; i++) {
+        o->kids[i] = (event_kid){.ev = &o->ev, .rc = 1};
+        FCHECK(moor_scope_spawn(&scope, event_kid_fn, &o->kids[i], NULL) == 0);
+    }
+    moor_yield(); /* every child runs and waits on the event */
+    o->count_before = scope.count;
+    for (int i = 0; i < SCOPE_KIDS; i++)
+        o->kids_returned_before += o->kids[i].returned;
+    failing = 1;
+    o->close_rc = moor_scope_close(&scope, moor_deadline_in(SAFETY_MS));
+    failing = 0;
+    o->count_after = scope.count;
+    for (int i = 0; i < SCOPE_KIDS; i++)
+        o->kids_returned_after += o->kids[i].returned;
+    return 0;
+}
+
+/* moor_scope_close with a deadline, when the deadline's timer cannot be had (the timer heap
+ * of a fresh executor is empty, and growing it is refused): the children are cancelled
+ * anyway, so the close waits them out without the deadline and returns 0, each child having
+ * returned with -ECANCELED and the scope empty. It does not give up on them with -ENOMEM. */
+static void test_alloc_scope_close_without_timer(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    scope_owner o = {.ev = MOOR_EVENT_INIT};
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, scope_owner_fn, &o, NULL), 0);
+    refused = 0;
+    assert_int_equal(moor_join(f, NULL), 0);
+    assert_int_equal(failing, 0);
+    assert_true(refused > 0); /* the deadline's timer was refused */
+    assert_int_equal(o.count_before, SCOPE_KIDS);
+    assert_int_equal(o.kids_returned_before, 0);
+    assert_int_equal(o.close_rc, 0);
+    assert_int_equal(o.count_after, 0);
+    assert_int_equal(o.kids_returned_after, SCOPE_KIDS); /* waited out, not let go */
+    for (int i = 0; i < SCOPE_KIDS; i++)
+        assert_int_equal(o.kids[i].rc, -ECANCELED);
+    ex_free(ex);
+}
+
 /* A fiber stack of a new size needs its pool bucket: refused, spawn says -ENOMEM. */
 static void test_alloc_spawn_new_stack_size(void **state)
 {
@@ -141,6 +216,7 @@ int main(void)
         TEST(test_alloc_task_spawn_and_block_on),
         TEST(test_alloc_chan_new),
         TEST(test_alloc_timer_heap),
+        TEST(test_alloc_scope_close_without_timer),
         TEST(test_alloc_spawn_new_stack_size),
     };
     return RUN_TESTS(tests);

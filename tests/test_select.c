@@ -477,6 +477,71 @@ static void test_select_sleep_and_chan(void **state)
     ex_free(ex);
 }
 
+/* The receive wins, but the sleep's time had come too by the time the select cancelled it
+ * (the sender spins past the sleep's deadline before it sends, so nothing runs meanwhile and
+ * no timer fires). The losing sleep was cancelled, not completed: it is not done, as if
+ * freshly initialised, and awaiting it afterwards returns 0 (at once). */
+typedef struct late_sel {
+    moor_chan *ch;
+    int64_t tick_at;     /* the sleep's deadline */
+    int v;
+    int rc;
+    int tick_done;       /* moor_future_done of the losing sleep right after the select */
+    int await_rc;
+    int returned;
+    int64_t sent_at;
+} late_sel;
+
+static intptr_t late_selector_fn(void *arg)
+{
+    late_sel *l = arg;
+    moor_chan_future rf;
+    moor_sleep_future tick;
+    moor_chan_recv_init(&rf, l->ch, &l->v, -1);
+    moor_sleep_init(&tick, l->tick_at);
+    moor_future *futs[2] = {&rf.base, &tick.base};
+    l->rc = moor_select(futs, 2, moor_deadline_in(SAFETY_MS));
+    l->tick_done = moor_future_done(&tick.base);
+    if (!l->tick_done) /* awaiting a done future again would fail an assertion */
+        l->await_rc = (int)moor_await(&tick.base);
+    l->returned = 1;
+    return 0;
+}
+
+static intptr_t late_sender_fn(void *arg)
+{
+    late_sel *l = arg;
+    while (moor_now() < l->tick_at)
+        ; /* hold the thread: the selector is not polled, no timer fires */
+    l->sent_at = moor_now();
+    int v = 808;
+    return moor_chan_send(l->ch, &v, moor_deadline_in(SAFETY_MS));
+}
+
+static void test_select_losing_sleep_cancelled_past_deadline(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    late_sel l = {.ch = chan_new(sizeof(int), 0), .v = -1, .rc = -1, .await_rc = -1};
+    l.tick_at = moor_deadline_in(WAIT_MS);
+    moor_fiber *sel, *snd;
+    assert_int_equal(moor_spawn(&sel, late_selector_fn, &l, NULL), 0);
+    settle(); /* the select waits on both */
+    assert_false(l.returned);
+    assert_int_equal(moor_spawn(&snd, late_sender_fn, &l, NULL), 0);
+    intptr_t r = -1;
+    assert_int_equal(moor_join(snd, &r), 0);
+    assert_int_equal(r, 0);
+    assert_true(l.sent_at >= l.tick_at); /* the sleep's time had come before the select ran */
+    assert_int_equal(moor_join(sel, NULL), 0);
+    assert_int_equal(l.rc, 0);
+    assert_int_equal(l.v, 808);
+    assert_int_equal(l.tick_done, 0);
+    assert_int_equal(l.await_rc, 0);
+    moor_chan_free(l.ch);
+    ex_free(ex);
+}
+
 /* ---- race, timeout ------------------------------------------------------------------------ */
 
 static intptr_t sleep_then_return(void *arg)
@@ -830,6 +895,143 @@ static void test_select_retry_spawned_as_task(void **state)
     ex_free(ex);
 }
 
+/* ---- retry: what the deadline counts ------------------------------------------------------
+ * The one attempt is a gate: pending until opened, then ready with its value; its cancel
+ * reports nothing completed (it takes nothing that could be lost), so only a poll finds it
+ * finished. The retry's fiber waits in its attempt; a hog fiber opens the gate (or not) and
+ * wakes the retry, then holds the thread until past the retry's deadline: the retry is
+ * polled again only after its deadline has passed. */
+
+typedef struct gate_future {
+    moor_future base;
+    int open;
+    intptr_t value;
+    moor_waker waker;   /* from the last pending poll */
+    int polls;
+    int cancels;
+    int64_t polled_at;  /* when it was last polled */
+} gate_future;
+
+static moor_poll gate_poll(moor_future *fut, moor_cx *cx)
+{
+    gate_future *g = moor_container_of(fut, gate_future, base);
+    g->polls++;
+    g->polled_at = moor_now();
+    if (g->open) {
+        fut->result = g->value;
+        return MOOR_READY;
+    }
+    g->waker = cx->waker;
+    return MOOR_PENDING;
+}
+
+static moor_poll gate_cancel(moor_future *fut)
+{
+    moor_container_of(fut, gate_future, base)->cancels++;
+    return MOOR_PENDING;
+}
+
+static const moor_future_ops gate_ops = {"gate", gate_poll, gate_cancel};
+
+typedef struct gated_retry {
+    gate_future gate;
+    intptr_t value;     /* the attempt's output once opened */
+    int open_it;        /* the hog opens the gate (before the deadline) */
+    int64_t deadline;   /* the retry's */
+    unsigned made;
+    intptr_t out;
+    int returned;
+    int64_t returned_at;
+} gated_retry;
+
+static moor_future *make_gate(void *arg, unsigned attempt)
+{
+    (void)attempt;
+    gated_retry *gr = arg;
+    gr->made++;
+    moor_future_init(&gr->gate.base, &gate_ops, 0);
+    gr->gate.open = 0;
+    gr->gate.value = gr->value;
+    gr->gate.polls = 0;
+    gr->gate.cancels = 0;
+    return &gr->gate.base;
+}
+
+static intptr_t gated_retry_fn(void *arg)
+{
+    gated_retry *gr = arg;
+    gr->out = moor_retry(make_gate, gr, 1, 0, gr->deadline);
+    gr->returned = 1;
+    gr->returned_at = moor_now();
+    return 0;
+}
+
+static intptr_t gate_hog_fn(void *arg)
+{
+    gated_retry *gr = arg;
+    if (gr->open_it) {
+        gr->gate.open = 1;
+        moor_waker_wake(&gr->gate.waker);
+    }
+    while (moor_now() < gr->deadline)
+        ; /* hold the thread past the retry's deadline */
+    return 0;
+}
+
+/* Run the retry of gr in a fiber against the hog; return once both have returned. */
+static void run_gated_retry(moor_executor *ex, gated_retry *gr)
+{
+    gr->deadline = moor_deadline_in(WAIT_MS);
+    moor_fiber *rt, *hog;
+    assert_int_equal(moor_spawn(&rt, gated_retry_fn, gr, NULL), 0);
+    settle(); /* the retry waits in its one attempt */
+    assert_false(gr->returned);
+    assert_int_equal(gr->made, 1);
+    assert_int_equal(gr->gate.polls, 1);
+    assert_int_equal(moor_spawn(&hog, gate_hog_fn, gr, NULL), 0);
+    assert_int_equal(moor_join(hog, NULL), 0);
+    assert_int_equal(moor_join(rt, NULL), 0);
+    assert_true(gr->returned);
+    assert_int_equal(gr->made, 1);
+    assert_int_equal(ex_stats(ex).timers, 0);
+}
+
+/* The attempt finished before the deadline, but the retry is polled only after it: an
+ * attempt found finished when the retry is polled counts (as a ready future wins a select),
+ * so the retry returns its output, not -ETIMEDOUT. With one attempt, a negative output is
+ * the last attempt's and is returned as well. */
+static void test_select_retry_attempt_finished_before_deadline_counts(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    static const intptr_t values[] = {7, -EIO};
+    for (size_t i = 0; i < sizeof values / sizeof values[0]; i++) {
+        gated_retry gr = {.value = values[i], .open_it = 1, .out = 1};
+        run_gated_retry(ex, &gr);
+        assert_int_equal(gr.out, values[i]);
+        assert_int_equal(gr.gate.polls, 2);
+        assert_true(gr.gate.polled_at >= gr.deadline); /* polled again only past it... */
+        assert_int_equal(gr.gate.cancels, 0); /* ...found finished, not cancelled */
+        assert_true(moor_future_done(&gr.gate.base));
+    }
+    ex_free(ex);
+}
+
+/* The complement: the attempt never finishes; the retry is polled after its deadline and
+ * times out, no earlier than the deadline, its attempt cancelled and not done. */
+static void test_select_retry_attempt_pending_at_deadline_times_out(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    gated_retry gr = {.value = 7, .open_it = 0, .out = 1};
+    run_gated_retry(ex, &gr);
+    assert_int_equal(gr.out, -ETIMEDOUT);
+    assert_true(gr.returned_at >= gr.deadline);
+    assert_int_equal(gr.gate.cancels, 1);
+    assert_false(moor_future_done(&gr.gate.base));
+    ex_free(ex);
+}
+
 /* ---- a cancelled fiber in a select ---------------------------------------------------- */
 
 typedef struct csel_ctx {
@@ -1149,6 +1351,7 @@ int main(void)
         TEST(test_select_many_senders_one_taken),
         TEST(test_select_send_and_recv_same_channel),
         TEST(test_select_sleep_and_chan),
+        TEST(test_select_losing_sleep_cancelled_past_deadline),
         TEST(test_select_race),
         TEST(test_select_timeout),
         TEST(test_select_join_all),
@@ -1156,6 +1359,8 @@ int main(void)
         TEST(test_select_retry_succeeds_on_third),
         TEST(test_select_retry_outcomes),
         TEST(test_select_retry_spawned_as_task),
+        TEST(test_select_retry_attempt_finished_before_deadline_counts),
+        TEST(test_select_retry_attempt_pending_at_deadline_times_out),
         TEST(test_select_cancelled_fiber),
         TEST(test_select_already_done_future_wins),
         TEST(test_select_timeout_of_retry_keeps_value),

@@ -400,6 +400,45 @@ static void test_time_sleep_future_cancel(void **state)
     ex_free(ex);
 }
 
+/* A sleep polled once (pending, its timer queued) whose deadline then passes with nothing
+ * run: no timer has fired, nobody polled it, so it has not completed. Cancelled now, it is
+ * as if freshly initialised (moor_future_cancel's contract): the cancel says MOOR_PENDING,
+ * it is not done, its timer is gone; and awaited afterwards it completes at once with 0. */
+static void test_time_sleep_cancel_past_deadline(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    counted_sleep c;
+    memset(&c, 0, sizeof c);
+    moor_future_init(&c.base, &counted_ops, 0);
+    int64_t deadline = moor_deadline_in(WAIT_MS);
+    moor_sleep_init(&c.inner, deadline);
+    assert_int_equal(moor_spawn_future(&c.base), 0);
+    settle(); /* the task polls once: pending */
+    assert_int_equal(c.polls, 1);
+    assert_false(moor_future_done(&c.inner.base));
+    assert_int_equal(ex_stats(ex).timers, 1);
+
+    while (moor_now() < deadline)
+        ; /* plain code runs nothing: the timer is due, but does not fire */
+    assert_int_equal(moor_future_cancel(&c.inner.base), MOOR_PENDING);
+    assert_false(moor_future_done(&c.inner.base));
+    assert_int_equal(ex_stats(ex).timers, 0);
+    assert_int_equal(c.polls, 1);
+
+    /* Fresh: it may be awaited again, and its time has come. */
+    assert_int_equal(moor_block_on(&c.inner.base), 0);
+    assert_true(moor_future_done(&c.inner.base));
+
+    /* Finish the task, which let go of its sleep, through its own waker. */
+    c.dropped = 1;
+    moor_waker_wake(&c.waker);
+    assert_int_equal(moor_executor_run(ex), 0);
+    assert_int_equal(c.polls, 2);
+    assert_int_equal(c.base.result, -ECANCELED);
+    ex_free(ex);
+}
+
 /* ---- timers without an event loop -------------------------------------------------------- */
 
 static void test_time_plain_driver_has_no_loop(void **state)
@@ -504,6 +543,7 @@ int main(void)
         TEST(test_time_sleep_future_as_task),
         TEST(test_time_sleep_future_polled_twice),
         TEST(test_time_sleep_future_cancel),
+        TEST(test_time_sleep_cancel_past_deadline),
         TEST(test_time_plain_driver_has_no_loop),
         TEST(test_time_deadline_in_saturates),
         TEST(test_time_extreme_deadlines),
