@@ -603,9 +603,11 @@ intptr_t moor_block_on(moor_future *fut)
     moor_executor *ex = moor__tls_executor;
     moor__assert(ex, "moor_block_on: no executor on this thread (call moor_executor_new first)");
     moor__assert(!ex->current, "moor_block_on called from a fiber; a fiber uses moor_await");
-    int rc = moor_spawn_future(fut);
-    if (rc < 0)
-        return rc;
+    moor__assert(!ex->running, "moor_block_on from inside a poll: the executor is running");
+    moor__assert(!moor_future_done(fut), "moor_block_on: future %p is already done", (void *)fut);
+    /* Its own slot, free again: the last block_on ran until its future was done. */
+    ex->block_on_task.kind = MOOR__TASK_BLOCK_ON;
+    moor__task_start(ex, &ex->block_on_task, fut);
     run(ex, future_is_done, fut);
     return fut->result;
 }

@@ -28,6 +28,7 @@ enum moor__task_state {
 enum moor__task_kind {
     MOOR__TASK_PLAIN = 0,  /* a future spawned as a task; its slot is the executor's */
     MOOR__TASK_FIBER,      /* a fiber; the task lives in its control block, fut is unused */
+    MOOR__TASK_BLOCK_ON,   /* moor_block_on's future: the executor's own slot (block_on_task) */
 };
 
 struct moor_task {
@@ -99,6 +100,8 @@ struct moor_executor {
     unsigned plain_turns;            /* turns plain code has given the executor */
 
     moor_task *free_tasks;           /* free slots for plain tasks */
+    moor_task block_on_task;         /* moor_block_on's: plain code blocks on one future at a
+                                        time, so it needs no allocation */
     void **task_chunks;              /* slabs of task slots, freed with the executor */
     size_t ntask_chunks, cap_task_chunks;
 

@@ -152,7 +152,7 @@ MOOR_API int moor_executor_run(moor_executor *ex);
 
 /* From plain code on a thread with an executor: run the executor until `fut` is done (other
  * tasks run meanwhile and stay where they are when it returns), and return its output.
- * Not from a fiber (assertion): a fiber uses moor_await. Errors: -ENOMEM. */
+ * Not from a fiber (assertion): a fiber uses moor_await. Needs no memory: it cannot fail. */
 MOOR_API intptr_t moor_block_on(moor_future *fut);
 
 /* ------------------------------------------------------------------------------------------
