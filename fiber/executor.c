@@ -951,7 +951,7 @@ void moor_cancel(moor_fiber *f)
 
 int moor_cancelled(void)
 {
-    moor_fiber *f = moor_self();
+    moor_fiber *f = moor__self();
     return f && f->cancelled;
 }
 
@@ -979,11 +979,7 @@ void moor_yield(void)
     moor__fiber_suspend(f);
 }
 
-moor_fiber *moor_self(void)
-{
-    moor_executor *ex = moor__tls_executor;
-    return ex ? ex->current : NULL;
-}
+moor_fiber *moor_self(void) { return moor__self(); }
 
 uint64_t moor_fiber_id(const moor_fiber *f) { return f->id; }
 

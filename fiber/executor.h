@@ -393,6 +393,13 @@ static inline void moor__fiber_suspend(moor_fiber *f)
     *ex->errno_ptr = saved_errno;
 }
 
+/* moor_self, inline: the calling fiber, or NULL from plain code. */
+static inline moor_fiber *moor__self(void)
+{
+    moor_executor *ex = moor__tls_executor;
+    return ex ? ex->current : NULL;
+}
+
 /* Out of line: the budget is spent; let every other runnable task run once first. */
 void moor__coop_yield(moor_executor *ex);
 

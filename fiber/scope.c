@@ -12,7 +12,7 @@ void moor_scope_init(moor_scope *scope)
     scope->children = (moor__list){NULL, NULL};
     scope->count = 0;
     scope->waiters = (moor__list){NULL, NULL};
-    scope->owner = moor_self();
+    scope->owner = moor__self();
     scope->closed = 0;
     if (scope->owner)
         moor__fiber_scopes(scope->owner, +1);

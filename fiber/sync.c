@@ -103,7 +103,7 @@ static int wait_on(moor__list *q, void *obj, int (*take_now)(wait_op *), int64_t
     op.q = q;
     op.obj = obj;
     op.take_now = take_now;
-    op.self = moor_self();
+    op.self = moor__self();
     op.completed = 0;
     moor__waiter_init(&op.waiter);
     moor__deadline_init(&op.deadline, deadline);
@@ -132,7 +132,7 @@ static int mutex_take(wait_op *op)
 static int mutex_lock(moor_mutex *m, int64_t deadline, int cancellable)
 {
     moor__owner_check(&m->ex, "moor_mutex_lock");
-    moor_fiber *self = moor_self();
+    moor_fiber *self = moor__self();
     if (!m->locked && !m->waiters.head) {
         m->locked = 1;
         m->owner = self;
@@ -155,7 +155,7 @@ int moor_mutex_trylock(moor_mutex *m)
     if (m->locked)
         return -EBUSY;
     m->locked = 1;
-    m->owner = moor_self();
+    m->owner = moor__self();
     return 0;
 }
 
@@ -163,7 +163,7 @@ void moor_mutex_unlock(moor_mutex *m)
 {
     moor__owner_check(&m->ex, "moor_mutex_unlock");
     moor__assert(m->locked, "moor_mutex_unlock: the mutex is not locked");
-    moor__assert(m->owner == moor_self(), "moor_mutex_unlock: called by a fiber that does not hold it");
+    moor__assert(m->owner == moor__self(), "moor_mutex_unlock: called by a fiber that does not hold it");
     /* FIFO hand-off: the lock stays locked and passes to the first waiter. */
     wait_op *next = m->waiters.head ? complete_first(&m->waiters) : NULL;
     if (next) {
