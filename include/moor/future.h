@@ -119,6 +119,67 @@ MOOR_API int moor_future_done(const moor_future *fut);
 MOOR_API void moor_waker_wake(const moor_waker *waker);
 
 /* ------------------------------------------------------------------------------------------
+ * Promises: how a callback library is made awaitable
+ *
+ * A promise is a one-shot value handed from a callback (the resolver, on any thread) to a
+ * fiber or plain code of one executor (the awaiter). The pattern, whole:
+ *
+ *     static void on_reply(void *arg, int status, void *reply)      (the library's callback)
+ *     {
+ *         moor_promise_resolve(arg, status < 0 ? status : (intptr_t)reply);
+ *     }
+ *     ...
+ *     moor_promise *p;
+ *     if (moor_promise_new(&p, free_reply) < 0)
+ *         return -ENOMEM;
+ *     lib_request(..., on_reply, p);                     (the library holds the resolver's half)
+ *     intptr_t r = moor_promise_await(p, deadline);      (the awaiter's half, let go on return)
+ *
+ * Ownership, in two sentences: moor_promise_new allocates the promise on the heap holding two
+ * references, the awaiter's (dropped when moor_promise_await returns, or when a
+ * moor_promise_future completes or is cancelled, or by moor_promise_drop if it is never
+ * awaited) and the resolver's (dropped by the one moor_promise_resolve); the promise is freed
+ * when both are gone, so a callback that comes after the awaiter has given up (cancelled,
+ * timed out, its stack long reused) touches only the promise, which frees the value it was
+ * given with the promise's drop function. The awaiter's half belongs to the executor of the
+ * thread that made the promise, and moor_executor_free fails an assertion while any awaiter's
+ * half is held; the resolver's half may outlive the executor (its resolve then only frees).
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct moor_promise moor_promise;
+
+/* A new promise on the calling thread's executor. drop (may be NULL) frees a value that no
+ * awaiter received: resolved after the awaiter gave up, or never awaited. Errors: -ENOMEM. */
+MOOR_API int moor_promise_new(moor_promise **out, void (*drop)(intptr_t value));
+
+/* Resolve with value (a negative value is an error code by convention) and drop the
+ * resolver's half. Any thread, at most once: a second resolve while the awaiter still holds
+ * the promise is refused with -EALREADY (value untouched, not dropped); after both halves
+ * are gone the pointer dangles like any freed one. Returns 0, or -EALREADY. Never blocks
+ * for long (a short lock), never suspends, never calls back into the library. */
+MOOR_API int moor_promise_resolve(moor_promise *p, intptr_t value);
+
+/* Await the value and drop the awaiter's half: the value, or -ETIMEDOUT / -ECANCELED (the
+ * awaiter gave up; a value resolved later is dropped). May suspend; from plain code it runs
+ * the executor. A value that was already there is returned even in a cancelled fiber. */
+MOOR_API intptr_t moor_promise_await(moor_promise *p, int64_t deadline);
+
+/* The awaiter's half as a future, for select and the combinators: output the value. It takes
+ * over the awaiter's half, dropped when the future completes or is cancelled (its output is
+ * then in pf->base.result; a value that lands after the cancel is dropped). Caller owned;
+ * must not move once polled. */
+typedef struct moor_promise_future {
+    moor_future base;      /* public: poll, await, select this */
+    moor_promise *promise; /* private: NULL once the awaiter's half is dropped */
+} moor_promise_future;
+
+MOOR_API void moor_promise_future_init(moor_promise_future *pf, moor_promise *p);
+
+/* Drop the awaiter's half without awaiting (the request was never made, say). The value, if
+ * one comes, is dropped. */
+MOOR_API void moor_promise_drop(moor_promise *p);
+
+/* ------------------------------------------------------------------------------------------
  * Private layouts (moor__ names): storage for caller-owned structs. Do not touch.
  * ---------------------------------------------------------------------------------------- */
 
