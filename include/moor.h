@@ -466,6 +466,18 @@ MOOR_API int moor_resolve(const char *host, const char *service, const struct ad
 /* Free a list from moor_resolve (NULL is fine). Not for lists from getaddrinfo(3). */
 MOOR_API void moor_resolve_free(struct addrinfo *res);
 
+/* Connect to host:port over TCP, host a name or a numeric address: moor_tcp_connect for
+ * names. A name is resolved with moor_resolve, then its addresses are tried as RFC 8305
+ * (happy eyeballs) and Go's net.Dial do: IPv6 and IPv4 addresses interleaved, starting with
+ * the family of the first address; each attempt 250 ms after the previous one started, or
+ * at once when the previous one fails sooner; the first to connect wins and the others are
+ * closed. One deadline bounds the lookup and every attempt. Returns a non-blocking,
+ * close-on-exec fd with TCP_NODELAY (close it with moor_close), or: a lookup error (above);
+ * the last attempt's error when every address failed (-ECONNREFUSED, -ENETUNREACH, ...);
+ * -ETIMEDOUT; -ECANCELED; -EINVAL (port out of range, host NULL or empty); -ENOMEM. May
+ * suspend the calling fiber. */
+MOOR_API int moor_tcp_dial(const char *host, int port, int64_t deadline);
+
 /* Wait for a signal (SIGTERM for a graceful shutdown, ...). May suspend the calling fiber.
  *
  * Disposition: when the first wait for signum begins, moor's own handler replaces the
