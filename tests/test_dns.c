@@ -623,6 +623,69 @@ static void test_dns_dial_second_address(void **state)
     ex_free(ex);
 }
 
+static int open_fds(void)
+{
+    int n = 0;
+    for (int fd = 0; fd < 1024; fd++)
+        n += fcntl(fd, F_GETFD) >= 0;
+    return n;
+}
+
+/* The first address hangs (a listener whose backlog is full: its SYNs go unanswered), the
+ * second listens: the second attempt starts 250 ms after the first, wins, and the first is
+ * closed. The addresses come IPv6 first here (c-ares sorts ::1 before 127.0.0.1, RFC 6724);
+ * if they do not, only the win is checked. */
+static void test_dns_dial_after_attempt_delay(void **state)
+{
+    (void)state;
+    server_start("::1 slow.test\n127.0.0.1 slow.test\n127.0.0.1 probe.test\n", "probe.test");
+    moor_executor *ex = ex_new();
+    int hang = moor_tcp_listen("::1", 0, 0);
+    if (hang < 0) {
+        ex_free(ex);
+        skip_msg("skipped: no IPv6 loopback here");
+    }
+    int port = moor_socket_port(hang);
+    int lfd = moor_tcp_listen("127.0.0.1", port, 16);
+    if (lfd < 0) {
+        moor_close(hang);
+        ex_free(ex);
+        skip_msg("skipped: the port taken on ::1 is in use on 127.0.0.1");
+    }
+    /* One connection fills the backlog of 0; the next ones hang. */
+    int fill = socket(AF_INET6, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    struct sockaddr_in6 in6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)port),
+                               .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    connect(fill, (struct sockaddr *)&in6, sizeof in6);
+    sleep_ms(20);
+
+    struct addrinfo h = hints_of(AF_UNSPEC), *res = NULL;
+    assert_int_equal(moor_resolve("slow.test", NULL, &h, moor_deadline_in(SAFETY_MS), &res), 0);
+    int v6_first = res->ai_family == AF_INET6;
+    moor_resolve_free(res);
+
+    int before = open_fds();
+    int64_t t0 = moor_now();
+    int fd = moor_tcp_dial("slow.test", port, moor_deadline_in(SAFETY_MS));
+    int64_t t1 = moor_now();
+    assert_true(fd >= 0);
+    struct sockaddr_storage peer;
+    socklen_t len = sizeof peer;
+    assert_int_equal(getpeername(fd, (struct sockaddr *)&peer, &len), 0);
+    assert_int_equal(peer.ss_family, AF_INET);
+    if (v6_first)
+        assert_true(t1 - t0 >= 250);
+    else
+        print_message("addresses came IPv4 first: the attempt delay was not exercised\n");
+    /* The winner is the one new descriptor: the hanging attempt was closed. */
+    assert_int_equal(open_fds(), before + 1);
+    moor_close(fd);
+    close(fill);
+    moor_close(lfd);
+    moor_close(hang);
+    ex_free(ex);
+}
+
 int main(void)
 {
     child_signals_save();
@@ -641,6 +704,7 @@ int main(void)
         DNS_TEST(test_dns_error_codes),
         DNS_TEST(test_dns_dial_by_name),
         DNS_TEST(test_dns_dial_second_address),
+        DNS_TEST(test_dns_dial_after_attempt_delay),
     };
     return RUN_TESTS(tests);
 }
