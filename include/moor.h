@@ -9,7 +9,8 @@
  *
  * Conventions
  *  - A call returns a non-negative result or a negative errno value (-ENOMEM, -ETIMEDOUT,
- *    -ECANCELED, ...); moor_strerror() names it. errno is not the error channel.
+ *    -ECANCELED, ...), or for name lookups a MOOR_EAI_ code below -4096; moor_strerror()
+ *    names it. errno is not the error channel.
  *  - "May suspend" means the call may switch away from the calling fiber; such calls made
  *    from plain code (outside any fiber) run the executor until they can return.
  *  - Misuse by the programmer (awaiting outside a fiber, joining twice, using an object of
@@ -26,7 +27,7 @@
  *    Types and fields named moor__ are private layouts: storage only.
  *
  * Contents, in the order a program meets them: executor; fibers and scopes; time; I/O
- * (fds, sockets, signals, blocking calls); channels; synchronisation; select and
+ * (fds, sockets, names, signals, blocking calls); channels; synchronisation; select and
  * combinators. For writing futures and adapters of your own: the future, waker and claim
  * API in <moor/future.h>, which this header includes.
  */
@@ -58,7 +59,8 @@ extern "C" {
 #define moor_container_of(ptr, type, member) \
     ((type *)(void *)((char *)(ptr) - offsetof(type, member)))
 
-/* A static description of a negative errno value ("Connection timed out"). Never NULL. */
+/* A static description of a negative errno value ("Connection timed out") or of a MOOR_EAI_
+ * code ("No such host"). Never NULL. */
 MOOR_API const char *moor_strerror(int err);
 
 typedef struct moor_executor moor_executor;
@@ -418,6 +420,63 @@ MOOR_API int moor_unix_connect(const char *path, int64_t deadline);
 
 /* The local port a socket is bound to (after listening on port 0), or -errno. */
 MOOR_API int moor_socket_port(int fd);
+
+/* ------------------------------------------------------------------------------------------
+ * Names: DNS lookups on c-ares, and connecting by name
+ *
+ * Lookups run on one c-ares channel per executor, made at the first lookup and driven by the
+ * executor's event loop: many fibers resolve at once on it, none blocks a thread. The channel
+ * reads the system's configuration (/etc/resolv.conf, /etc/hosts, /etc/nsswitch.conf) when it
+ * is made; the environment variable MOOR_DNS_SERVERS, if set then, replaces the name servers
+ * with its list ("127.0.0.1:5353,[::1]:53": c-ares' ares_set_servers_ports_csv format).
+ *
+ * Errors of name resolution that are not errno values have codes of their own below -4096
+ * (outside the kernel's errno range), which moor_strerror names. */
+#define MOOR_EAI_NONAME   (-5001) /* "No such host": the name does not exist */
+#define MOOR_EAI_NODATA   (-5002) /* the name exists but has no address of the family asked */
+#define MOOR_EAI_SERVFAIL (-5003) /* the name server failed, or answered what cannot be read */
+#define MOOR_EAI_REFUSED  (-5004) /* the name server refused the query */
+#define MOOR_EAI_BADNAME  (-5005) /* the host name is malformed */
+#define MOOR_EAI_SERVICE  (-5006) /* the service is not a port number or a known service */
+
+struct addrinfo;
+
+/* Resolve host (a name, or a numeric IPv4/IPv6 address) and service (a port number, a
+ * service name, or NULL for port 0) into a list of addresses, as getaddrinfo(3) does, and
+ * store it in *result (NULL on error); free it with moor_resolve_free. hints may be NULL
+ * (any family, any socket type); its ai_family, ai_socktype, ai_protocol and the flags
+ * AI_CANONNAME, AI_NUMERICHOST, AI_NUMERICSERV, AI_PASSIVE, AI_V4MAPPED, AI_ALL and
+ * AI_ADDRCONFIG are honoured. Names in /etc/hosts resolve without a query (as the system's
+ * lookup order says); a numeric host with a numeric service (or none) resolves at once
+ * without the channel. May suspend the calling fiber; from plain code it runs the executor.
+ *
+ * The lookup belongs to the call: when the deadline passes or the fiber is cancelled, the
+ * call returns at once, and the answer that c-ares may still get later is dropped (c-ares
+ * gives up on it after its own timeout, by default 5 s per try).
+ *
+ * Returns 0 or: MOOR_EAI_NONAME, MOOR_EAI_NODATA, MOOR_EAI_SERVFAIL, MOOR_EAI_REFUSED,
+ * MOOR_EAI_BADNAME, MOOR_EAI_SERVICE (above); -ETIMEDOUT (the deadline passed, or c-ares
+ * gave up waiting for the servers); -ECONNREFUSED (no server listens where the configuration
+ * says); -ECANCELED (the fiber was cancelled; or, in a forked child, a lookup that was in
+ * flight at the fork); -EINVAL (host NULL, bad hints, or a bad MOOR_DNS_SERVERS); -ENOMEM;
+ * -EIO (the configuration could not be read); -EMFILE/-ENFILE (no event loop). */
+MOOR_API int moor_resolve(const char *host, const char *service, const struct addrinfo *hints,
+                          int64_t deadline, struct addrinfo **result);
+
+/* Free a list from moor_resolve (NULL is fine). Not for lists from getaddrinfo(3). */
+MOOR_API void moor_resolve_free(struct addrinfo *res);
+
+/* Connect to host:port over TCP, host a name or a numeric address: moor_tcp_connect for
+ * names. A name is resolved with moor_resolve, then its addresses are tried as RFC 8305
+ * (happy eyeballs) and Go's net.Dial do: IPv6 and IPv4 addresses interleaved, starting with
+ * the family of the first address; each attempt 250 ms after the previous one started, or
+ * at once when the previous one fails sooner; the first to connect wins and the others are
+ * closed. One deadline bounds the lookup and every attempt. Returns a non-blocking,
+ * close-on-exec fd with TCP_NODELAY (close it with moor_close), or: a lookup error (above);
+ * the last attempt's error when every address failed (-ECONNREFUSED, -ENETUNREACH, ...);
+ * -ETIMEDOUT; -ECANCELED; -EINVAL (port out of range, host NULL or empty); -ENOMEM. May
+ * suspend the calling fiber. */
+MOOR_API int moor_tcp_dial(const char *host, int port, int64_t deadline);
 
 /* Wait for a signal (SIGTERM for a graceful shutdown, ...). May suspend the calling fiber.
  *

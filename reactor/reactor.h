@@ -2,9 +2,9 @@
  * as the executor's driver (park/unpark) when something first needs a loop, or when the
  * application attaches the executor to a loop it runs.
  *
- * The files above it (fd.c, signal.c) hang their state on it through hooks they attach when
- * they first use it; loop.c calls the hooks at its turns without knowing whose they are, so
- * it calls none of those files by name. */
+ * The files above it (fd.c, signal.c, dns.c) hang their state on it through hooks they
+ * attach when they first use it; loop.c calls the hooks at its turns without knowing whose
+ * they are, so it calls none of those files by name. */
 #ifndef MOOR_REACTOR_REACTOR_H
 #define MOOR_REACTOR_REACTOR_H
 
@@ -33,6 +33,7 @@ typedef struct moor__reactor_hook_ops {
 enum moor__reactor_hook_id {
     MOOR__REACTOR_HOOK_FD = 0, /* fd.c: the fd table and its check list */
     MOOR__REACTOR_HOOK_SIGNAL, /* signal.c: the signals caught for this reactor */
+    MOOR__REACTOR_HOOK_DNS,    /* dns.c: the c-ares channel, its sockets and timer */
     MOOR__REACTOR_HOOKS
 };
 
