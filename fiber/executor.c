@@ -209,6 +209,10 @@ void moor_executor_free(moor_executor *ex)
     moor__assert(ex->ntasks == 0,
                  "moor_executor_free: %zu task(s) still pending; join or finish them first",
                  ex->ntasks);
+    moor__assert(ex->promises_held == 0,
+                 "moor_executor_free: %zu promise(s) still held by their awaiter; await or "
+                 "moor_promise_drop them first (a library may keep the resolver's half)",
+                 ex->promises_held);
     moor__assert(ex->spawns_kept == 0,
                  "moor_executor_free: %zu fiber(s) spawned from other threads have not started "
                  "(they wait for memory for their stacks); run the executor until they have",

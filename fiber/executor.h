@@ -95,6 +95,7 @@ struct moor_executor {
     uint64_t next_gen;               /* generations are never reused, so stale wakers miss */
     uint64_t next_fiber_id;
     size_t ntasks;                   /* tasks started and not finished */
+    size_t promises_held;            /* awaiter's halves of promises not yet dropped */
     int running;                     /* inside run/block_on */
     uint16_t plain_budget;           /* plain code's cooperative budget (moor__coop_spend) */
     unsigned plain_turns;            /* turns plain code has given the executor */

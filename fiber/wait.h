@@ -1,8 +1,8 @@
 /* The building blocks of every future that waits: a deadline in the executor's timer heap,
  * FIFO wait queues of waiters that a counterpart completes, the claim that lets only one of
  * a select's futures take anything, and the one poll skeleton they all follow
- * (moor__wait_poll). Channels, locks, scopes, sleeps, fds, signals and the blocking pool are
- * each a moor__wait_ops over these. */
+ * (moor__wait_poll). Channels, locks, scopes, sleeps, select, promises, fds, signals and the
+ * blocking pool are each a moor__wait_ops over these. */
 #ifndef MOOR_FIBER_WAIT_H
 #define MOOR_FIBER_WAIT_H
 

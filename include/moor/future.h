@@ -136,12 +136,11 @@ MOOR_API void moor_waker_wake(const moor_waker *waker);
  *     intptr_t r = moor_promise_await(p, deadline);      (the awaiter's half, let go on return)
  *
  * Ownership, in two sentences: moor_promise_new allocates the promise on the heap holding two
- * references, the awaiter's (dropped when moor_promise_await returns, or when a
- * moor_promise_future completes or is cancelled, or by moor_promise_drop if it is never
- * awaited) and the resolver's (dropped by the one moor_promise_resolve); the promise is freed
- * when both are gone, so a callback that comes after the awaiter has given up (cancelled,
- * timed out, its stack long reused) touches only the promise, which frees the value it was
- * given with the promise's drop function. The awaiter's half belongs to the executor of the
+ * references, the awaiter's (dropped when moor_promise_await returns, or by moor_promise_drop
+ * after a moor_promise_future, or instead of awaiting) and the resolver's (dropped by the one
+ * moor_promise_resolve); it is freed when both are gone, so a callback that comes after the
+ * awaiter has given up (cancelled, timed out, its stack long reused) touches only the
+ * promise, which frees the value it was given with the promise's drop function. The awaiter's half belongs to the executor of the
  * thread that made the promise, and moor_executor_free fails an assertion while any awaiter's
  * half is held; the resolver's half may outlive the executor (its resolve then only frees).
  * ---------------------------------------------------------------------------------------- */
@@ -164,19 +163,19 @@ MOOR_API int moor_promise_resolve(moor_promise *p, intptr_t value);
  * the executor. A value that was already there is returned even in a cancelled fiber. */
 MOOR_API intptr_t moor_promise_await(moor_promise *p, int64_t deadline);
 
-/* The awaiter's half as a future, for select and the combinators: output the value. It takes
- * over the awaiter's half, dropped when the future completes or is cancelled (its output is
- * then in pf->base.result; a value that lands after the cancel is dropped). Caller owned;
- * must not move once polled. */
+/* The awaiter's half as a future, for select and the combinators: output the value. The
+ * future borrows the promise: once it is done or cancelled, drop the awaiter's half with
+ * moor_promise_drop (a value it received is the caller's; one that lands after a cancel is
+ * dropped with the promise's drop function). Caller owned; must not move once polled. */
 typedef struct moor_promise_future {
     moor_future base;      /* public: poll, await, select this */
-    moor_promise *promise; /* private: NULL once the awaiter's half is dropped */
+    moor_promise *promise; /* private */
 } moor_promise_future;
 
 MOOR_API void moor_promise_future_init(moor_promise_future *pf, moor_promise *p);
 
-/* Drop the awaiter's half without awaiting (the request was never made, say). The value, if
- * one comes, is dropped. */
+/* Drop the awaiter's half without awaiting it, or after its future is done or cancelled.
+ * A value that no awaiter received (now or later) is dropped. From the awaiter's thread. */
 MOOR_API void moor_promise_drop(moor_promise *p);
 
 /* ------------------------------------------------------------------------------------------

@@ -1,0 +1,378 @@
+/* Promises: a value from a callback on any thread to an awaiter, safe in every order — before
+ * and after the await, racing a cancel from another thread, after the awaiter has gone, twice,
+ * and around the executor's end. */
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "fixture.h"
+
+/* The values nobody received, counted by the promises' drop function. Atomic: a resolver on
+ * another thread may be the one that drops. */
+static long dropped;
+static intptr_t last_dropped;
+
+static void count_drop(intptr_t value)
+{
+    __atomic_fetch_add(&dropped, 1, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&last_dropped, value, __ATOMIC_SEQ_CST);
+}
+
+static long dropped_now(void) { return __atomic_load_n(&dropped, __ATOMIC_SEQ_CST); }
+
+static moor_promise *new_promise(void)
+{
+    moor_promise *p;
+    assert_int_equal(moor_promise_new(&p, count_drop), 0);
+    return p;
+}
+
+typedef struct awaiter {
+    moor_promise *p;
+    int64_t deadline;
+    intptr_t got;
+    int done;
+} awaiter;
+
+static intptr_t await_fn(void *arg)
+{
+    awaiter *a = arg;
+    a->got = moor_promise_await(a->p, a->deadline);
+    a->done = 1;
+    return 0;
+}
+
+/* ---- orders on one thread ---------------------------------------------------------------- */
+
+static void test_promise_resolved_before_await(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    moor_promise *p = new_promise();
+    assert_int_equal(moor_promise_resolve(p, 42), 0);
+    awaiter a = {.p = p, .deadline = -1};
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, await_fn, &a, NULL), 0);
+    assert_int_equal(moor_join(f, NULL), 0);
+    assert_int_equal(a.got, 42);
+    assert_int_equal(dropped_now(), 0); /* received: the awaiter's, not dropped */
+    /* And from plain code. */
+    p = new_promise();
+    assert_int_equal(moor_promise_resolve(p, 7), 0);
+    assert_int_equal(moor_promise_await(p, -1), 7);
+    ex_free(ex);
+}
+
+typedef struct resolver {
+    moor_promise *p;
+    intptr_t value;
+    int delay_ms;
+} resolver;
+
+static intptr_t resolve_fn(void *arg)
+{
+    resolver *r = arg;
+    if (r->delay_ms)
+        moor_sleep(moor_deadline_in(r->delay_ms));
+    return moor_promise_resolve(r->p, r->value);
+}
+
+static void test_promise_awaited_then_resolved(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    awaiter a = {.p = new_promise(), .deadline = -1};
+    resolver r = {.p = a.p, .value = -EIO, .delay_ms = 10};
+    moor_fiber *fa, *fr;
+    assert_int_equal(moor_spawn(&fa, await_fn, &a, NULL), 0);
+    assert_int_equal(moor_spawn(&fr, resolve_fn, &r, NULL), 0);
+    intptr_t rc;
+    assert_int_equal(moor_join(fr, &rc), 0);
+    assert_int_equal(rc, 0);
+    assert_int_equal(moor_join(fa, NULL), 0);
+    assert_int_equal(a.got, -EIO); /* an error travels as a negative value */
+    assert_int_equal(dropped_now(), 0);
+    ex_free(ex);
+}
+
+/* A second resolve is refused while the awaiter holds the promise: the first value stands,
+ * and the refused one is neither delivered nor dropped. */
+static void test_promise_resolved_twice(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    moor_promise *p = new_promise();
+    assert_int_equal(moor_promise_resolve(p, 1), 0);
+    assert_int_equal(moor_promise_resolve(p, 2), -EALREADY);
+    assert_int_equal(moor_promise_await(p, -1), 1);
+    assert_int_equal(dropped_now(), 0);
+    ex_free(ex);
+}
+
+/* The deadline passes: -ETIMEDOUT no earlier than it; the value that comes later has nobody to
+ * go to and is dropped exactly once by the resolve, which frees the promise. */
+static void test_promise_deadline_then_late_resolve(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    moor_promise *p = new_promise();
+    int64_t deadline = moor_deadline_in(WAIT_MS);
+    assert_int_equal(moor_promise_await(p, deadline), -ETIMEDOUT);
+    assert_true(moor_now() >= deadline);
+    assert_int_equal(ex_stats(ex).timers, 0);
+    assert_int_equal(dropped_now(), 0);
+    assert_int_equal(moor_promise_resolve(p, 99), 0); /* the library's callback, late */
+    assert_int_equal(dropped_now(), 1);
+    assert_int_equal(last_dropped, 99);
+    ex_free(ex);
+}
+
+/* ---- the awaiter cancelled and gone, its stack reused, then the callback ----------------- */
+
+static intptr_t scribble(void *arg)
+{
+    (void)arg;
+    volatile char junk[16384];
+    memset((char *)junk, 0xa5, sizeof junk); /* over whatever the last fiber left here */
+    moor_yield();
+    return junk[100];
+}
+
+static void test_promise_late_callback_after_awaiter_gone(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    awaiter a = {.p = new_promise(), .deadline = -1};
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, await_fn, &a, NULL), 0);
+    settle(); /* it waits */
+    moor_cancel(f);
+    assert_int_equal(moor_join(f, NULL), -ECANCELED);
+    assert_int_equal(a.got, -ECANCELED);
+    /* Its stack goes back to the pool and is written over by other fibers. */
+    for (int i = 0; i < 4; i++) {
+        moor_fiber *g;
+        assert_int_equal(moor_spawn(&g, scribble, NULL, NULL), 0);
+        assert_int_equal(moor_join(g, NULL), 0);
+    }
+    assert_int_equal(moor_promise_resolve(a.p, 5), 0); /* touches only the promise */
+    assert_int_equal(dropped_now(), 1);
+    assert_int_equal(last_dropped, 5);
+    ex_free(ex);
+}
+
+/* ---- other threads ----------------------------------------------------------------------- */
+
+static void *resolve_thread(void *arg)
+{
+    resolver *r = arg;
+    if (r->delay_ms)
+        sleep_ms(r->delay_ms);
+    r->value = moor_promise_resolve(r->p, r->value);
+    return NULL;
+}
+
+static void test_promise_resolved_from_another_thread(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    awaiter a = {.p = new_promise(), .deadline = moor_deadline_in(SAFETY_MS)};
+    resolver r = {.p = a.p, .value = 123, .delay_ms = 20};
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, await_fn, &a, NULL), 0);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, resolve_thread, &r), 0);
+    assert_int_equal(moor_join(f, NULL), 0); /* woken by the thread-safe wake */
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(r.value, 0);
+    assert_int_equal(a.got, 123);
+    assert_int_equal(dropped_now(), 0);
+    ex_free(ex);
+}
+
+/* A resolve from another thread races the awaiter's cancel, many times, with the two sides
+ * released together. Whatever the order, the value is received exactly once or dropped
+ * exactly once, never both, never neither, and nothing freed is touched (ASan, TSan). */
+typedef struct race {
+    moor_promise *p;
+    int ready;          /* atomic: the resolver spins, waiting for go */
+    int go;             /* atomic: released together */
+    intptr_t value;
+} race;
+
+static void *race_resolver(void *arg)
+{
+    race *r = arg;
+    __atomic_store_n(&r->ready, 1, __ATOMIC_RELEASE);
+    while (!__atomic_load_n(&r->go, __ATOMIC_ACQUIRE))
+        ;
+    moor_promise_resolve(r->p, r->value);
+    return NULL;
+}
+
+static void test_promise_resolve_races_cancel(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    int rounds = UNDER_VALGRIND ? 50 : FIBER_COUNT(2000, 300);
+    int received = 0, cancelled = 0;
+    for (int i = 0; i < rounds; i++) {
+        awaiter a = {.p = new_promise(), .deadline = -1};
+        race r = {.p = a.p, .value = i + 1};
+        moor_fiber *f;
+        assert_int_equal(moor_spawn(&f, await_fn, &a, NULL), 0);
+        settle(); /* it waits, its waker registered */
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, race_resolver, &r), 0);
+        while (!__atomic_load_n(&r.ready, __ATOMIC_ACQUIRE))
+            ;
+        __atomic_store_n(&r.go, 1, __ATOMIC_RELEASE);
+        moor_cancel(f);
+        moor_join(f, NULL);
+        assert_int_equal(pthread_join(t, NULL), 0);
+        if (a.got == i + 1) {
+            received++;
+        } else {
+            assert_int_equal(a.got, -ECANCELED);
+            cancelled++;
+        }
+        assert_int_equal(dropped_now(), cancelled); /* each value lost to a cancel: dropped */
+    }
+    assert_int_equal(received + cancelled, rounds);
+    print_message("%d rounds: %d values received, %d dropped after a cancel\n", rounds, received,
+                  cancelled);
+    ex_free(ex);
+}
+
+/* ---- the future form, in a select -------------------------------------------------------- */
+
+static void test_promise_future_in_select(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    /* The sleep wins: the promise future is cancelled, the awaiter's half dropped, and the
+     * value that comes later is dropped with the promise. */
+    moor_promise *p = new_promise();
+    moor_promise_future pf;
+    moor_promise_future_init(&pf, p);
+    moor_sleep_future sf;
+    moor_sleep_init(&sf, moor_deadline_in(10));
+    moor_future *futs[] = {&pf.base, &sf.base};
+    assert_int_equal(moor_select(futs, 2, -1), 1);
+    assert_false(moor_future_done(&pf.base));
+    moor_promise_drop(p);
+    assert_int_equal(moor_promise_resolve(p, 8), 0);
+    assert_int_equal(dropped_now(), 1);
+    /* The promise wins with what was resolved before the select. */
+    p = new_promise();
+    moor_promise_future_init(&pf, p);
+    moor_sleep_init(&sf, moor_deadline_in(SAFETY_MS));
+    assert_int_equal(moor_promise_resolve(p, 9), 0);
+    assert_int_equal(moor_select(futs, 2, -1), 0);
+    assert_int_equal(pf.base.result, 9);
+    moor_promise_drop(p); /* received: not dropped */
+    assert_int_equal(dropped_now(), 1);
+    ex_free(ex);
+}
+
+/* ---- the executor's end ------------------------------------------------------------------- */
+
+/* A library may keep the resolver's half past the executor: its resolve then only frees. */
+static void test_promise_resolver_outlives_executor(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    moor_promise *p = new_promise();
+    assert_int_equal(moor_promise_await(p, moor_deadline_in(1)), -ETIMEDOUT);
+    ex_free(ex);
+    resolver r = {.p = p, .value = 77};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, resolve_thread, &r), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(r.value, 0);
+    assert_int_equal(dropped_now(), 1);
+    assert_int_equal(last_dropped, 77);
+}
+
+/* The awaiter's half must not outlive the executor: freeing the executor while one is held
+ * fails an assertion that says so. */
+static void free_with_held_promise(void *arg)
+{
+    (void)arg;
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    moor_promise *p;
+    CHILD_REQUIRE(moor_promise_new(&p, NULL) == 0);
+    moor_executor_free(ex);
+}
+
+static void test_promise_executor_freed_with_awaiter_half(void **state)
+{
+    (void)state;
+    child_report r;
+    child_run(free_with_held_promise, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "promise(s) still held by their awaiter");
+}
+
+/* Awaiting from a thread that is not the promise's executor's is misuse. */
+static void *await_elsewhere(void *arg)
+{
+    moor_executor *ex;
+    if (moor_executor_new(&ex, NULL) != 0)
+        return NULL;
+    moor_promise_await(arg, -1);
+    return NULL;
+}
+
+static void await_from_other_thread(void *arg)
+{
+    (void)arg;
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    moor_promise *p;
+    CHILD_REQUIRE(moor_promise_new(&p, NULL) == 0);
+    pthread_t t;
+    CHILD_REQUIRE(pthread_create(&t, NULL, await_elsewhere, p) == 0);
+    pthread_join(t, NULL);
+}
+
+static void test_promise_awaited_from_another_thread(void **state)
+{
+    (void)state;
+    child_report r;
+    child_run(await_from_other_thread, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "promise awaited from another thread");
+}
+
+int main(void)
+{
+    child_signals_save();
+    const struct CMUnitTest tests[] = {
+        TEST(test_promise_resolved_before_await),
+        TEST(test_promise_awaited_then_resolved),
+        TEST(test_promise_resolved_twice),
+        TEST(test_promise_deadline_then_late_resolve),
+        TEST(test_promise_late_callback_after_awaiter_gone),
+        TEST(test_promise_resolved_from_another_thread),
+        TEST(test_promise_resolve_races_cancel),
+        TEST(test_promise_future_in_select),
+        TEST(test_promise_resolver_outlives_executor),
+        TEST(test_promise_executor_freed_with_awaiter_half),
+        TEST(test_promise_awaited_from_another_thread),
+    };
+    return RUN_TESTS(tests);
+}
