@@ -231,6 +231,63 @@ static void test_redis_connect_refused(void **state)
     ex_free(ex);
 }
 
+typedef struct connect_job {
+    int port;
+    int rc;
+} connect_job;
+
+static intptr_t connect_fiber(void *arg)
+{
+    connect_job *j = arg;
+    moor_redis *c = NULL;
+    j->rc = moor_redis_connect("127.0.0.1", j->port, safety(), &c);
+    if (c)
+        moor_redis_close(c);
+    return 0;
+}
+
+/* A connect that cannot complete (a listener whose accept queue is full drops the SYN, so the
+ * handshake hangs) is abandoned at its deadline, no earlier; nothing of it is left behind. */
+static void test_redis_connect_deadline(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    int lfd = moor_tcp_listen("127.0.0.1", 0, 0);
+    assert_true(lfd >= 0);
+    int port = moor_socket_port(lfd);
+    assert_true(port > 0);
+    /* Fill the accept queue: each of these completes its handshake or hangs in it. */
+    int fill[4];
+    for (int i = 0; i < 4; i++) {
+        fill[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        assert_true(fill[i] >= 0);
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                                .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        int rc = connect(fill[i], (struct sockaddr *)&a, sizeof a);
+        assert_true(rc == 0 || errno == EINPROGRESS);
+    }
+    sleep_ms(50);
+    moor_redis *c = NULL;
+    int64_t deadline = moor_deadline_in(WAIT_MS);
+    assert_int_equal(moor_redis_connect("127.0.0.1", port, deadline, &c), -ETIMEDOUT);
+    assert_true(moor_now() >= deadline);
+    assert_null(c);
+    /* The same attempt in a fiber that is cancelled: -ECANCELED, promptly. */
+    connect_job job = {.port = port};
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, connect_fiber, &job, NULL), 0);
+    moor_sleep(moor_deadline_in(WAIT_MS));
+    int64_t t0 = moor_now();
+    moor_cancel(f);
+    assert_int_equal(moor_join(f, NULL), -ECANCELED);
+    assert_int_equal(job.rc, -ECANCELED);
+    assert_true(moor_now() - t0 < SAFETY_MS / 2);
+    for (int i = 0; i < 4; i++)
+        close(fill[i]);
+    assert_int_equal(moor_close(lfd), 0);
+    ex_free(ex);
+}
+
 /* ---- pub/sub ------------------------------------------------------------------------------------ */
 
 #define MESSAGES 1000
@@ -570,6 +627,7 @@ int main(void)
         TEST(test_redis_connection_per_fiber_counts),
         TEST(test_redis_reply_types),
         TEST(test_redis_connect_refused),
+        TEST(test_redis_connect_deadline),
         TEST(test_redis_pubsub_in_order),
         TEST(test_redis_pubsub_close_with_messages_queued),
         TEST(test_redis_server_killed_mid_way),
