@@ -1,7 +1,12 @@
 /* moor-redis-bench: N fibers sending INCR through moor_redis, beside redis-benchmark on the
  * same server in the same run.
  *
- *   moor-redis-bench [-c fibers] [-t seconds] [-r runs] [host:port]
+ *   moor-redis-bench [-c fibers] [-t seconds] [-r runs] [-a|-f] [host:port]
+ *
+ * The fibers send INCR formatted once, as redis-benchmark does
+ * (moor_redis_command_formatted); -a makes them use moor_redis_command_argv, -f the
+ * printf-like moor_redis_command, whose formatting in hiredis 0.14 (a character at a time into
+ * an sds string) is most of the client's instructions (callgrind).
  *
  * Without host:port it starts its own redis-server on a free loopback port. Each run measures
  *   dedicated  N fibers, each on its own connection, INCR in a loop for t seconds;
@@ -43,12 +48,22 @@ typedef struct worker {
     long long ops;
 } worker;
 
+/* How the fibers send INCR: 'p' preformatted (the default, as redis-benchmark does), 'a' argv,
+ * 'f' printf-like. */
+static int form = 'p';
+static const char incr_resp[] = "*2\r\n$4\r\nINCR\r\n$13\r\nbench:counter\r\n";
+
 static intptr_t incr_loop(void *arg)
 {
     worker *w = arg;
+    static const char *argv[] = {"INCR", "bench:counter"};
     while (moor_now() < w->end) {
         redisReply *r;
-        check(moor_redis_command(w->conn, -1, &r, "INCR bench:counter"), "INCR");
+        int rc = form == 'f' ? moor_redis_command(w->conn, -1, &r, "INCR bench:counter")
+               : form == 'a' ? moor_redis_command_argv(w->conn, -1, &r, 2, argv, NULL)
+               : moor_redis_command_formatted(w->conn, -1, &r, incr_resp,
+                                              sizeof incr_resp - 1);
+        check(rc, "INCR");
         moor_redis_reply_free(r);
         w->ops++;
     }
@@ -154,15 +169,17 @@ static double median(double *v, int n)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: moor-redis-bench [-c fibers] [-t seconds] [-r runs] [host:port]\n");
+    fprintf(stderr, "usage: moor-redis-bench [-c fibers] [-t seconds] [-r runs] [-a|-f] [host:port]\n");
     exit(2);
 }
 
 int main(int argc, char **argv)
 {
     int opt;
-    while ((opt = getopt(argc, argv, "c:t:r:")) != -1) {
+    while ((opt = getopt(argc, argv, "c:t:r:af")) != -1) {
         switch (opt) {
+        case 'a':
+        case 'f': form = opt; break;
         case 'c': nfibers = atoi(optarg); break;
         case 't': seconds = atoi(optarg); break;
         case 'r': runs = atoi(optarg); break;

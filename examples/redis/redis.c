@@ -241,6 +241,20 @@ int moor_redis_command_argv(moor_redis *conn, int64_t deadline, redisReply **rep
     return await_reply(p, sent, conn, deadline, reply);
 }
 
+int moor_redis_command_formatted(moor_redis *conn, int64_t deadline, redisReply **reply,
+                                 const char *cmd, size_t len)
+{
+    int rc = command_check(conn);
+    if (rc < 0)
+        return rc;
+    moor_promise *p;
+    rc = moor_promise_new(&p, drop_reply);
+    if (rc < 0)
+        return rc;
+    int sent = redisAsyncFormattedCommand(conn->ac, on_reply, p, cmd, len);
+    return await_reply(p, sent, conn, deadline, reply);
+}
+
 /* ---- connecting and closing -------------------------------------------------------------- */
 
 static void on_connect(const redisAsyncContext *ac, int status)

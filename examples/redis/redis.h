@@ -83,6 +83,13 @@ int moor_redis_vcommand(moor_redis *conn, int64_t deadline, redisReply **reply,
 int moor_redis_command_argv(moor_redis *conn, int64_t deadline, redisReply **reply, int argc,
                             const char **argv, const size_t *argvlen);
 
+/* The same with a command already in Redis' wire format (RESP), as redisFormatCommand or
+ * redisFormatCommandArgv make it: a program that sends one command many times formats it
+ * once (hiredis 0.14's formatting costs thousands of instructions a command). cmd is copied
+ * before the call suspends. */
+int moor_redis_command_formatted(moor_redis *conn, int64_t deadline, redisReply **reply,
+                                 const char *cmd, size_t len);
+
 /* Free a reply from moor_redis_command. NULL is fine. */
 void moor_redis_reply_free(redisReply *reply);
 
