@@ -619,6 +619,36 @@ static void test_redis_close_with_commands_pending(void **state)
     ex_free(ex);
 }
 
+static intptr_t wait_message(void *arg)
+{
+    moor_redis_message *msg;
+    return moor_redis_next_message(arg, safety(), &msg);
+}
+
+static void close_under_waiter(void *arg)
+{
+    (void)arg;
+    moor_executor *ex = NULL;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    moor_redis *c = NULL;
+    CHILD_REQUIRE(moor_redis_connect("127.0.0.1", server.port, safety(), &c) == 0);
+    CHILD_REQUIRE(moor_redis_subscribe(c, "misuse:chan", safety()) == 0);
+    moor_fiber *f;
+    CHILD_REQUIRE(moor_spawn(&f, wait_message, c, NULL) == 0);
+    moor_sleep(moor_deadline_in(WAIT_MS));
+    moor_redis_close(c); /* aborts */
+}
+
+/* Closing a connection that a fiber waits on for a message is misuse, said and aborted. */
+static void test_redis_close_under_message_waiter_aborts(void **state)
+{
+    (void)state;
+    NEED_SERVER();
+    child_report r;
+    child_run(close_under_waiter, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "still wait in moor_redis_next_message");
+}
+
 int main(void)
 {
     child_signals_save();
@@ -634,6 +664,7 @@ int main(void)
         TEST(test_redis_cancel_while_pending),
         TEST(test_redis_deadline_then_replies_in_order),
         TEST(test_redis_close_with_commands_pending),
+        TEST(test_redis_close_under_message_waiter_aborts),
     };
     fixture_filter();
     return cmocka_run_group_tests(tests, group_setup, group_teardown);

@@ -16,6 +16,7 @@
 #include "redis.h"
 
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -48,6 +49,7 @@ struct moor_redis {
     queued_msg *msgs_head, *msgs_tail;
     size_t msgs_len;
     moor_sem msgs_ready; /* a permit per queued message, plus one once err is set */
+    size_t msg_waiters;  /* fibers inside moor_redis_next_message: close must find none */
 };
 
 /* ---- errors -------------------------------------------------------------------------- */
@@ -335,6 +337,11 @@ int moor_redis_connect(const char *host, int port, int64_t deadline, moor_redis 
 
 void moor_redis_close(moor_redis *conn)
 {
+    if (conn->msg_waiters) {
+        fprintf(stderr, "moor_redis_close: %zu fibers still wait in moor_redis_next_message on "
+                "this connection\n", conn->msg_waiters);
+        abort();
+    }
     if (conn->ac) {
         conn->closing = 1;
         /* Runs every callback still due with no reply (on_reply resolves its promise with
@@ -452,7 +459,9 @@ int moor_redis_next_message(moor_redis *conn, int64_t deadline, moor_redis_messa
         return -EINVAL;
     if (!conn->msgs_head && conn->err)
         return conn->err;
+    conn->msg_waiters++;
     int rc = moor_sem_acquire(&conn->msgs_ready, deadline);
+    conn->msg_waiters--;
     if (rc < 0)
         return rc;
     queued_msg *q = conn->msgs_head;

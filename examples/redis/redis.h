@@ -28,6 +28,20 @@
  * never reconnects: the caller decides whether and when to, closes the dead connection and
  * makes a new one (commands that were pending may or may not have run on the server).
  *
+ * In a fiber:
+ *
+ *     moor_redis *conn;
+ *     int rc = moor_redis_connect("127.0.0.1", 6379, moor_deadline_in(1000), &conn);
+ *     if (rc < 0)
+ *         return rc;
+ *     redisReply *r;
+ *     rc = moor_redis_command(conn, moor_deadline_in(100), &r, "INCR %s", key);
+ *     if (rc == 0) {
+ *         use(r->integer);             (or r->type == REDIS_REPLY_ERROR: Redis said no)
+ *         moor_redis_reply_free(r);
+ *     }
+ *     moor_redis_close(conn);
+ *
  * Host names: hiredis resolves the host with a blocking getaddrinfo() inside
  * moor_redis_connect; use a numeric address ("127.0.0.1") to keep the executor unblocked.
  */
@@ -56,9 +70,11 @@ typedef struct moor_redis moor_redis;
  * an address it cannot resolve, say). */
 int moor_redis_connect(const char *host, int port, int64_t deadline, moor_redis **out);
 
-/* Close the connection and free it. Commands still pending in other fibers return
- * -ECONNABORTED (their replies, if any come, are freed). Never suspends. Misuse: a fiber is
- * still waiting in moor_redis_next_message on it (the message queue lives in conn). */
+/* Close the connection and free it; call it before moor_executor_free (the connection's
+ * watchers are on the executor's loop). Commands still pending in other fibers return
+ * -ECONNABORTED (their replies, if any come, are freed). Never suspends. Misuse (abort, with
+ * a message): a fiber is still waiting in moor_redis_next_message on it (the message queue
+ * lives in conn). */
 void moor_redis_close(moor_redis *conn);
 
 /* 0 while the connection is usable; once it has failed, the error every command now returns
