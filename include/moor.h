@@ -392,6 +392,60 @@ MOOR_API ssize_t moor_sendto(int fd, const void *buf, size_t len, int flags,
 MOOR_API ssize_t moor_write_all(int fd, const void *buf, size_t len, size_t *written,
                                 int64_t deadline);
 
+/* moor_write_all over an iovec array (a line and its newline in one system call): writes
+ * every byte of every element, looping over partial writes. Returns the total, or a negative
+ * error with the bytes already written in *written (if not NULL). The array is not changed.
+ * Errors as moor_writev, and -EINVAL for iovcnt outside 0..IOV_MAX or a total that
+ * overflows ssize_t. */
+MOOR_API ssize_t moor_writev_all(int fd, const struct iovec *iov, int iovcnt, size_t *written,
+                                 int64_t deadline);
+
+/* Buffered reading over an fd, for line and length-prefixed protocols (Go's bufio.Reader):
+ * reads as much as the buffer takes per system call and hands out lines and byte runs from
+ * it. Caller-owned struct; the buffer is on the heap (moor_reader_init makes it,
+ * moor_reader_free frees it; neither touches the fd). One fiber reads from a reader at a
+ * time. The end of the stream is MOOR_EOF, distinct from an empty line. */
+#define MOOR_EOF (-5100) /* the peer closed its side: no more bytes will come */
+
+typedef struct moor_reader {
+    int fd;                 /* read-only */
+    unsigned char *buf;     /* private */
+    size_t cap;             /* read-only: the buffer's size, the longest line it can hold */
+    size_t start, end;      /* private: the buffered bytes are buf[start..end) */
+    int state;              /* private: 0, or MOOR_EOF / -errno once the stream ended */
+} moor_reader;
+
+/* A reader of fd with a buffer of `size` bytes (> 0). Errors: -EINVAL, -ENOMEM. */
+MOOR_API int moor_reader_init(moor_reader *r, int fd, size_t size);
+MOOR_API void moor_reader_free(moor_reader *r);
+
+/* Read one line: the bytes up to the next '\n', without it and without a '\r' just before
+ * it. *line points into the reader's buffer, valid until the next call on the reader.
+ * Returns the line's length (0 for an empty line), or:
+ *  -EMSGSIZE  no '\n' within max bytes (max <= the buffer's size; 0 means the buffer's size).
+ *             The over-long line is consumed and discarded up to and including its '\n' (if
+ *             one comes before the deadline), and *discarded (if not NULL) tells how many
+ *             bytes were dropped, so the caller may reply and go on, or disconnect;
+ *  MOOR_EOF   the stream ended cleanly before any byte of a line; a last line without its
+ *             '\n' is returned as a line first, then MOOR_EOF;
+ *  -ETIMEDOUT, -ECANCELED, -ECONNRESET and moor_read's other errors (bytes of a partial line
+ *             stay buffered after a timeout or a cancel: the next call goes on with them).
+ * May suspend. */
+MOOR_API ssize_t moor_read_line(moor_reader *r, const char **line, size_t max, size_t *discarded,
+                                int64_t deadline);
+
+/* Read exactly len bytes into dst (buffered ones first). Returns len; MOOR_EOF if the stream
+ * ended before any byte, -EPIPE if it ended part-way (the bytes read so far are in dst, their
+ * count in *got if not NULL), or moor_read's errors. May suspend. */
+MOOR_API ssize_t moor_read_exact(moor_reader *r, void *dst, size_t len, size_t *got,
+                                 int64_t deadline);
+
+/* What is buffered now, without reading: *data points at it, valid until the next call on
+ * the reader. Returns its length. moor_reader_consume(r, n) drops the first n of those bytes
+ * (misuse: more than are buffered). Never suspends. */
+MOOR_API size_t moor_reader_buffered(const moor_reader *r, const void **data);
+MOOR_API void moor_reader_consume(moor_reader *r, size_t n);
+
 /* Close an fd: first every io future of this thread's executor that waits on it (moor_read,
  * moor_write, moor_wait_fd, ... in any fiber) completes with -EBADF, its watcher stopped and
  * its fiber woken, so that no waiter ever acts on a later fd that reuses the number (as Go's
