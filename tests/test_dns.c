@@ -465,9 +465,28 @@ static void no_server(void)
     setenv("MOOR_DNS_SERVERS", "127.0.0.1:1", 1);
 }
 
+/* Whether the system's hosts file names localhost: a bare root (debootstrap --variant=minbase)
+ * has no /etc/hosts at all, and then localhost is not a name the files know. */
+static int hosts_file_has_localhost(void)
+{
+    FILE *f = fopen("/etc/hosts", "r");
+    if (!f)
+        return 0;
+    char line[512];
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f))
+        found = line[0] != '#' && strstr(line, "127.0.0.1") && strstr(line, "localhost");
+    fclose(f);
+    return found;
+}
+
 static void test_dns_etc_hosts_localhost(void **state)
 {
     (void)state;
+    if (!hosts_file_has_localhost()) {
+        print_message("skipped: /etc/hosts does not name localhost on this system\n");
+        skip();
+    }
     no_server();
     moor_executor *ex = ex_new();
     char b[INET6_ADDRSTRLEN];
@@ -494,11 +513,16 @@ static void test_dns_numeric_host(void **state)
     assert_int_equal(moor_resolve("2001:db8::1", NULL, NULL, 0, &res), 0);
     assert_string_equal(addr_text(res, AF_INET6, b, sizeof b), "2001:db8::1");
     moor_resolve_free(res);
-    /* A service name goes through c-ares, still without a query. */
-    assert_int_equal(moor_resolve("192.0.2.1", "http", NULL, moor_deadline_in(SAFETY_MS), &res),
-                     0);
-    assert_int_equal(port_of(res), 80);
-    moor_resolve_free(res);
+    /* A service name goes through c-ares, still without a query; it needs the services
+     * database (/etc/services: Debian's netbase, which .ci/deps installs). */
+    if (getservbyname("http", "tcp")) {
+        assert_int_equal(moor_resolve("192.0.2.1", "http", NULL, moor_deadline_in(SAFETY_MS), &res),
+                         0);
+        assert_int_equal(port_of(res), 80);
+        moor_resolve_free(res);
+    } else {
+        print_message("no services database (/etc/services): the service-name check is left out\n");
+    }
     /* Not numeric, when only numeric will do. */
     struct addrinfo h = hints_of(AF_UNSPEC);
     h.ai_flags = AI_NUMERICHOST;
