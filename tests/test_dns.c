@@ -457,6 +457,40 @@ static void test_dns_many_concurrent(void **state)
     ex_free(ex);
 }
 
+/* ---- fork ---------------------------------------------------------------------------------- */
+
+/* After fork() the child's executor drops the channel it shares with the parent (its sockets
+ * are the parent's too) and makes its own at the next lookup; the parent's goes on. */
+static void test_dns_after_fork(void **state)
+{
+    (void)state;
+    server_start(hosts_basic, "web.test");
+    moor_executor *ex = ex_new();
+    char b[INET6_ADDRSTRLEN];
+    struct addrinfo h4 = hints_of(AF_INET), *res = NULL;
+    assert_int_equal(moor_resolve("web.test", NULL, &h4, moor_deadline_in(SAFETY_MS), &res), 0);
+    moor_resolve_free(res); /* the channel exists now */
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        CCHECK(moor_executor_after_fork(ex) == 0);
+        struct addrinfo *r = NULL;
+        CCHECK(moor_resolve("six.test", NULL, NULL, moor_deadline_in(SAFETY_MS), &r) == 0);
+        CCHECK(strcmp(addr_text(r, AF_INET6, b, sizeof b), "::7") == 0);
+        moor_resolve_free(r);
+        _exit(0);
+    }
+    int status;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    assert_int_equal(moor_resolve("both.test", NULL, &h4, moor_deadline_in(SAFETY_MS), &res), 0);
+    assert_string_equal(addr_text(res, AF_INET, b, sizeof b), "10.1.2.3");
+    moor_resolve_free(res);
+    ex_free(ex);
+}
+
 /* ---- without a server ------------------------------------------------------------------- */
 
 /* Point the channel at a port where nothing listens: whatever resolves, resolved without it. */
@@ -722,6 +756,7 @@ int main(void)
         DNS_TEST(test_dns_cancel_mid_query),
         DNS_TEST(test_dns_deadline_then_late_answer),
         DNS_TEST(test_dns_many_concurrent),
+        DNS_TEST(test_dns_after_fork),
         DNS_TEST(test_dns_etc_hosts_localhost),
         DNS_TEST(test_dns_numeric_host),
         DNS_TEST(test_dns_bad_arguments),
