@@ -19,6 +19,7 @@
 
 #include "fiber/alloc.h"
 #include "fiber/assert.h"
+#include "fiber/executor.h"
 #include "moor.h"
 
 /* ---- writing every byte of an iovec array ------------------------------------------------- */
@@ -137,12 +138,14 @@ static int ends_stream(ssize_t err, int64_t deadline)
     }
 }
 
-/* One moor_read into p. Returns the count (> 0), MOOR_EOF, or an error; the end of the stream
- * and the errors that end it are kept in r->state, and returned without reading again. */
-static ssize_t read_some(moor_reader *r, void *p, size_t len, int64_t deadline)
+/* One moor_read into p, counted in *reads. Returns the count (> 0), MOOR_EOF, or an error;
+ * the end of the stream and the errors that end it are kept in r->state, and returned without
+ * reading again. */
+static ssize_t read_some(moor_reader *r, void *p, size_t len, int *reads, int64_t deadline)
 {
     if (r->state)
         return r->state;
+    (*reads)++;
     ssize_t n = moor_read(r->fd, p, len, deadline);
     if (n > 0)
         return n;
@@ -154,9 +157,9 @@ static ssize_t read_some(moor_reader *r, void *p, size_t len, int64_t deadline)
 }
 
 /* Read once into the room after the buffered bytes, which the caller made sure there is. */
-static ssize_t fill(moor_reader *r, int64_t deadline)
+static ssize_t fill(moor_reader *r, int *reads, int64_t deadline)
 {
-    ssize_t n = read_some(r, r->buf + r->end, r->cap - r->end, deadline);
+    ssize_t n = read_some(r, r->buf + r->end, r->cap - r->end, reads, deadline);
     if (n > 0)
         r->end += (size_t)n;
     return n;
@@ -165,7 +168,7 @@ static ssize_t fill(moor_reader *r, int64_t deadline)
 /* Drop the rest of an over-long line, through its '\n' (or to the end of the stream). Returns
  * -EMSGSIZE with the count of every byte of the line, or the error of a read that came first;
  * then r->skipped keeps the count, and the next moor_read_line goes on from here. */
-static ssize_t skip_line(moor_reader *r, size_t *discarded, int64_t deadline)
+static ssize_t skip_line(moor_reader *r, size_t *discarded, int *reads, int64_t deadline)
 {
     for (;;) {
         unsigned char *p = r->buf + r->start;
@@ -179,7 +182,7 @@ static ssize_t skip_line(moor_reader *r, size_t *discarded, int64_t deadline)
         if (nl)
             break;
         r->start = r->end = 0;
-        ssize_t n = fill(r, deadline);
+        ssize_t n = fill(r, reads, deadline);
         if (n == MOOR_EOF)
             break; /* the line ended with the stream: the next call says MOOR_EOF */
         if (n < 0)
@@ -191,9 +194,20 @@ static ssize_t skip_line(moor_reader *r, size_t *discarded, int64_t deadline)
     return -EMSGSIZE;
 }
 
+/* The result of a call that may have been served from the buffer alone: like any call that
+ * could wait but completes at once, it spends a unit of the cooperative budget (moor_read
+ * spends its own), so that a fiber going through a full buffer of lines lets others run. */
+static ssize_t spend(ssize_t rc, int reads)
+{
+    if (reads == 0)
+        moor__coop_spend();
+    return rc;
+}
+
 ssize_t moor_read_line(moor_reader *r, const char **line, size_t max, size_t *discarded,
                        int64_t deadline)
 {
+    moor__assert(r->buf, "moor_read_line on a reader of fd %d that is not initialised", r->fd);
     *line = NULL;
     if (discarded)
         *discarded = 0;
@@ -201,8 +215,11 @@ ssize_t moor_read_line(moor_reader *r, const char **line, size_t max, size_t *di
         max = r->cap;
     if (max > r->cap)
         return -EINVAL;
-    if (r->skipped)
-        return skip_line(r, discarded, deadline);
+    int reads = 0;
+    if (r->skipped) {
+        ssize_t rc = skip_line(r, discarded, &reads, deadline);
+        return spend(rc, reads);
+    }
     size_t scanned = 0; /* bytes of the line searched for a '\n' by this call */
     for (;;) {
         unsigned char *p = r->buf + r->start;
@@ -215,33 +232,37 @@ ssize_t moor_read_line(moor_reader *r, const char **line, size_t max, size_t *di
             if (n > 0 && p[n - 1] == '\r')
                 n--;
             *line = (const char *)p;
-            return (ssize_t)n;
+            return spend((ssize_t)n, reads);
         }
         scanned = upto;
-        if (len >= max) /* no '\n' within max bytes */
-            return skip_line(r, discarded, deadline);
-        if (len == 0)
+        if (len >= max) { /* no '\n' within max bytes */
+            ssize_t rc = skip_line(r, discarded, &reads, deadline);
+            return spend(rc, reads);
+        }
+        if (len == 0) {
             r->start = r->end = 0;
-        else if (r->cap - r->start < max) { /* a line of max bytes would not fit after start */
+        } else if (r->cap - r->start < max) { /* a line of max bytes would not fit after start */
             memmove(r->buf, p, len);
             r->start = 0;
             r->end = len;
         }
-        ssize_t n = fill(r, deadline);
+        ssize_t n = fill(r, &reads, deadline);
         if (n == MOOR_EOF && len > 0) { /* a last line without its '\n' */
             *line = (const char *)r->buf + r->start;
             r->start = r->end;
-            return (ssize_t)len;
+            return spend((ssize_t)len, reads);
         }
         if (n < 0)
-            return n;
+            return spend(n, reads);
     }
 }
 
 ssize_t moor_read_exact(moor_reader *r, void *dst, size_t len, size_t *got, int64_t deadline)
 {
+    moor__assert(r->buf, "moor_read_exact on a reader of fd %d that is not initialised", r->fd);
     unsigned char *d = dst;
     size_t done = 0;
+    int reads = 0;
     ssize_t rc = (ssize_t)len;
     if (len > SSIZE_MAX)
         rc = -EINVAL;
@@ -257,11 +278,11 @@ ssize_t moor_read_exact(moor_reader *r, void *dst, size_t len, size_t *got, int6
         r->start = r->end = 0;
         ssize_t n;
         if (len - done >= r->cap) { /* the buffer would only be copied through */
-            n = read_some(r, d + done, len - done, deadline);
+            n = read_some(r, d + done, len - done, &reads, deadline);
             if (n > 0)
                 done += (size_t)n;
         } else {
-            n = fill(r, deadline);
+            n = fill(r, &reads, deadline);
         }
         if (n == MOOR_EOF)
             rc = done ? -EPIPE : MOOR_EOF;
@@ -270,5 +291,5 @@ ssize_t moor_read_exact(moor_reader *r, void *dst, size_t len, size_t *got, int6
     }
     if (got)
         *got = done;
-    return rc;
+    return rc == -EINVAL || len == 0 ? rc : spend(rc, reads);
 }

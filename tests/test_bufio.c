@@ -530,6 +530,70 @@ static void test_bufio_cancel_mid_line(void **state)
     ex_free(ex);
 }
 
+/* ---- fairness ------------------------------------------------------------------------------- */
+
+static int spinner_stop;
+static unsigned spinner_turns;
+
+static intptr_t spinner_fn(void *arg)
+{
+    (void)arg;
+    while (!spinner_stop) {
+        spinner_turns++;
+        moor_yield();
+    }
+    return 0;
+}
+
+typedef struct line_eater {
+    moor_reader *r;
+    int lines;
+    unsigned turns_seen; /* the spinner's turns once every line was read */
+} line_eater;
+
+static intptr_t line_eater_fn(void *arg)
+{
+    line_eater *e = arg;
+    unsigned before = spinner_turns;
+    for (int i = 0; i < e->lines; i++) {
+        const char *line;
+        FCHECK(moor_read_line(e->r, &line, 0, NULL, moor_deadline_in(SAFETY_MS)) == 1);
+    }
+    e->turns_seen = spinner_turns - before;
+    return 0;
+}
+
+/* Lines served from the buffer spend the cooperative budget as any call that completes at
+ * once does: a fiber going through 400 buffered lines (one read) lets the others run. */
+static void test_bufio_buffered_lines_spend_the_budget(void **state)
+{
+    (void)state;
+    enum { LINES = 400 };
+    moor_executor *ex = ex_new();
+    int sv[2];
+    stream_pair(sv);
+    moor_reader r;
+    reader_new(&r, sv[0], 2 * LINES);
+    char data[2 * LINES];
+    for (int i = 0; i < LINES; i++)
+        memcpy(data + 2 * i, "x\n", 2);
+    assert_int_equal(write(sv[1], data, sizeof data), (ssize_t)sizeof data);
+    spinner_stop = 0;
+    spinner_turns = 0;
+    line_eater e = {&r, LINES, 0};
+    moor_fiber *spin, *eat;
+    assert_int_equal(moor_spawn(&spin, spinner_fn, NULL, NULL), 0);
+    assert_int_equal(moor_spawn(&eat, line_eater_fn, &e, NULL), 0);
+    assert_int_equal(moor_join(eat, NULL), 0);
+    spinner_stop = 1;
+    assert_int_equal(moor_join(spin, NULL), 0);
+    assert_true(e.turns_seen >= 2); /* 400 calls, one read: the budget of 128 ran out */
+    moor_reader_free(&r);
+    close(sv[0]);
+    close(sv[1]);
+    ex_free(ex);
+}
+
 /* ---- exact reads, buffered bytes ------------------------------------------------------------ */
 
 static unsigned char pat(size_t i) { return (unsigned char)((i * 131u) ^ (i >> 7)); }
@@ -690,9 +754,10 @@ static intptr_t slow_sink_fn(void *arg)
     return 0;
 }
 
-/* IOV_MAX elements of odd lengths, every fifth empty, with gaps between them in memory, to a
- * socket with a small send buffer and a slow reader: writes end in the middle of elements;
- * every byte arrives in order, and the array is as it was. */
+/* IOV_MAX elements of odd lengths, every fifth empty, a few larger than the socket's buffer,
+ * with gaps between them in memory, to a socket with a small send buffer and a slow reader:
+ * writes begin and end in the middle of elements; every byte arrives in order, and the array
+ * is as it was. */
 static void test_bufio_writev_all_partial_writes(void **state)
 {
     (void)state;
@@ -702,7 +767,7 @@ static void test_bufio_writev_all_partial_writes(void **state)
     int small = 4096;
     assert_int_equal(setsockopt(sv[0], SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
     static struct iovec iov[IOV_MAX], copy[IOV_MAX];
-    size_t src_len = (size_t)IOV_MAX * 400;
+    size_t src_len = (size_t)IOV_MAX * 400 + (IOV_MAX / 100 + 1) * 30000;
     unsigned char *src = malloc(src_len), *want = malloc(src_len);
     assert_non_null(src);
     assert_non_null(want);
@@ -711,6 +776,8 @@ static void test_bufio_writev_all_partial_writes(void **state)
     size_t off = 0, total = 0;
     for (int i = 0; i < IOV_MAX; i++) {
         size_t len = i % 5 == 3 ? 0 : ((size_t)i * 7919u) % 397u;
+        if (i % 100 == 50)
+            len = 30000 - (size_t)i; /* several writes begin and end inside it */
         iov[i] = (struct iovec){src + off, len};
         memcpy(want + total, src + off, len);
         total += len;
@@ -876,6 +943,7 @@ int main(void)
         TEST(test_bufio_deadline_mid_line),
         TEST(test_bufio_deadline_mid_long_line),
         TEST(test_bufio_cancel_mid_line),
+        TEST(test_bufio_buffered_lines_spend_the_budget),
         TEST(test_bufio_read_exact_across_reads),
         TEST(test_bufio_read_exact_eof_and_deadline),
         TEST(test_bufio_buffered_and_consume),
