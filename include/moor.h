@@ -410,7 +410,8 @@ MOOR_API ssize_t moor_writev_all(int fd, const struct iovec *iov, int iovcnt, si
 typedef struct moor_reader {
     int fd;                 /* read-only */
     unsigned char *buf;     /* private */
-    size_t cap;             /* read-only: the buffer's size, the longest line it can hold */
+    size_t cap;             /* read-only: the buffer's size, the longest line it can hold
+                               (counting its '\n') */
     size_t start, end;      /* private: the buffered bytes are buf[start..end) */
     size_t skipped;         /* private: bytes of an over-long line dropped so far, while a
                                timeout or cancel came before its '\n'; 0 if none */
