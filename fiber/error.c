@@ -16,6 +16,7 @@ const char *moor_strerror(int err)
     case MOOR_EAI_REFUSED: return "DNS server refused the query";
     case MOOR_EAI_BADNAME: return "Malformed host name";
     case MOOR_EAI_SERVICE: return "Unknown service";
+    case MOOR_EOF: return "End of stream";
     }
     /* strerrordesc_np returns a static, locale-free string and NULL for unknown values. */
     /* Negated as unsigned: -INT_MIN would overflow. */

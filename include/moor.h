@@ -410,12 +410,17 @@ MOOR_API ssize_t moor_writev_all(int fd, const struct iovec *iov, int iovcnt, si
 typedef struct moor_reader {
     int fd;                 /* read-only */
     unsigned char *buf;     /* private */
-    size_t cap;             /* read-only: the buffer's size, the longest line it can hold */
+    size_t cap;             /* read-only: the buffer's size, the longest line it can hold
+                               (counting its '\n') */
     size_t start, end;      /* private: the buffered bytes are buf[start..end) */
+    size_t skipped;         /* private: bytes of an over-long line dropped so far, while a
+                               timeout or cancel came before its '\n'; 0 if none */
     int state;              /* private: 0, or MOOR_EOF / -errno once the stream ended */
 } moor_reader;
 
-/* A reader of fd with a buffer of `size` bytes (> 0). Errors: -EINVAL, -ENOMEM. */
+/* A reader of fd with a buffer of `size` bytes. Errors: -EINVAL (size 0), -ENOMEM (no memory,
+ * or a size no object can have, above PTRDIFF_MAX). moor_reader_free may be called after
+ * either. */
 MOOR_API int moor_reader_init(moor_reader *r, int fd, size_t size);
 MOOR_API void moor_reader_free(moor_reader *r);
 
@@ -423,20 +428,30 @@ MOOR_API void moor_reader_free(moor_reader *r);
  * it. *line points into the reader's buffer, valid until the next call on the reader.
  * Returns the line's length (0 for an empty line), or:
  *  -EMSGSIZE  no '\n' within max bytes (max <= the buffer's size; 0 means the buffer's size).
- *             The over-long line is consumed and discarded up to and including its '\n' (if
- *             one comes before the deadline), and *discarded (if not NULL) tells how many
- *             bytes were dropped, so the caller may reply and go on, or disconnect;
+ *             max counts the line's '\r' and '\n': a line of max bytes with them is read.
+ *             The over-long line is consumed and discarded up to and including its '\n' (or
+ *             to the end of the stream), and *discarded (if not NULL) tells how many bytes
+ *             were dropped, '\n' included, so the caller may reply and go on, or disconnect.
+ *             If the deadline passes or the fiber is cancelled before that '\n' comes, that
+ *             error is returned instead, and the next call goes on dropping the same line;
  *  MOOR_EOF   the stream ended cleanly before any byte of a line; a last line without its
- *             '\n' is returned as a line first, then MOOR_EOF;
+ *             '\n' (shorter than max) is returned as a line first, as it is, then MOOR_EOF;
  *  -ETIMEDOUT, -ECANCELED, -ECONNRESET and moor_read's other errors (bytes of a partial line
- *             stay buffered after a timeout or a cancel: the next call goes on with them).
+ *             stay buffered after a timeout or a cancel: the next call goes on with them);
+ *  -EINVAL    max above the buffer's size.
+ * The end of the stream and an error that ends it (-ECONNRESET, ...; not a timeout, a cancel
+ * or a lack of memory or descriptors for the event loop) are kept: once the complete lines
+ * already buffered are read, every later call returns them, and a line the error cut short
+ * is never returned. *discarded is set on every return (0 but for -EMSGSIZE).
  * May suspend. */
 MOOR_API ssize_t moor_read_line(moor_reader *r, const char **line, size_t max, size_t *discarded,
                                 int64_t deadline);
 
 /* Read exactly len bytes into dst (buffered ones first). Returns len; MOOR_EOF if the stream
- * ended before any byte, -EPIPE if it ended part-way (the bytes read so far are in dst, their
- * count in *got if not NULL), or moor_read's errors. May suspend. */
+ * ended before any byte, -EPIPE if it ended part-way, -EINVAL for len above SSIZE_MAX, or
+ * moor_read's errors. On every return the bytes read so far are in dst (they are consumed),
+ * their count in *got if not NULL: after a timeout or cancel the call can go on from there. A
+ * run as long as the buffer or longer is read into dst directly. May suspend. */
 MOOR_API ssize_t moor_read_exact(moor_reader *r, void *dst, size_t len, size_t *got,
                                  int64_t deadline);
 
