@@ -25,8 +25,8 @@ static struct {
     int port;
 } srv;
 
-/* Start moor-chat -p 0 with these extra arguments; wait for its "listening on" line. A soft
- * RLIMIT_NOFILE > 0 is set in the child before the exec. */
+/* Start moor-chat -p 0 and wait for its "listening on" line; with nofile > 0, the child
+ * lowers its soft RLIMIT_NOFILE to that before the exec. */
 static void server_start_limit(rlim_t nofile)
 {
     int out[2];
