@@ -742,7 +742,11 @@ static void test_chat_flooder_beside_quiet(void **state)
     print_message("%d quiet lines through a flood of %zu lines: at most %zu flood lines "
                   "ahead of one, %lld ms at most\n", ROUNDS, f.sent, behind_max,
                   (long long)latency_max);
-    assert_true(behind_max <= 4 * WINDOW);
+    /* A starved line would wait for the whole flood, and the flood only ends after every
+     * quiet line is through: the test would hang at the poll's SAFETY_MS, not get here. The
+     * count of flood lines ahead depends on scheduling: one to two windows on an idle
+     * machine, up to eleven seen on a loaded 2-core one (CI with -j2). */
+    assert_true(behind_max <= 16 * WINDOW);
     server_stop();
 }
 
