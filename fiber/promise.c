@@ -139,13 +139,8 @@ MOOR__WAIT_OP int promise_unpark(moor_future *fut)
     moor_promise *p = pf->promise;
     pthread_mutex_lock(&p->lock);
     p->waker = (moor_waker){0};
-    int resolved = p->state == PROMISE_RESOLVED;
-    if (resolved) {
-        p->received = 1;
-        fut->result = p->value;
-    }
     pthread_mutex_unlock(&p->lock);
-    return resolved;
+    return take(p, fut); /* a resolve from here on wakes nobody, and is seen here */
 }
 
 static const moor__wait_ops promise_wait = {promise_ready, promise_park, promise_unpark,
