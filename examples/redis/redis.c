@@ -205,14 +205,18 @@ static int command_check(const moor_redis *conn)
     return 0;
 }
 
+/* Before a command is sent: the connection may take it, and its promise is made. */
+static int command_begin(moor_redis *conn, moor_promise **p)
+{
+    int rc = command_check(conn);
+    return rc < 0 ? rc : moor_promise_new(p, drop_reply);
+}
+
 int moor_redis_vcommand(moor_redis *conn, int64_t deadline, redisReply **reply,
                         const char *fmt, va_list ap)
 {
-    int rc = command_check(conn);
-    if (rc < 0)
-        return rc;
     moor_promise *p;
-    rc = moor_promise_new(&p, drop_reply);
+    int rc = command_begin(conn, &p);
     if (rc < 0)
         return rc;
     int sent = redisvAsyncCommand(conn->ac, on_reply, p, fmt, ap);
@@ -232,11 +236,8 @@ int moor_redis_command(moor_redis *conn, int64_t deadline, redisReply **reply,
 int moor_redis_command_argv(moor_redis *conn, int64_t deadline, redisReply **reply, int argc,
                             const char **argv, const size_t *argvlen)
 {
-    int rc = command_check(conn);
-    if (rc < 0)
-        return rc;
     moor_promise *p;
-    rc = moor_promise_new(&p, drop_reply);
+    int rc = command_begin(conn, &p);
     if (rc < 0)
         return rc;
     int sent = redisAsyncCommandArgv(conn->ac, on_reply, p, argc, argv, argvlen);
@@ -246,11 +247,8 @@ int moor_redis_command_argv(moor_redis *conn, int64_t deadline, redisReply **rep
 int moor_redis_command_formatted(moor_redis *conn, int64_t deadline, redisReply **reply,
                                  const char *cmd, size_t len)
 {
-    int rc = command_check(conn);
-    if (rc < 0)
-        return rc;
     moor_promise *p;
-    rc = moor_promise_new(&p, drop_reply);
+    int rc = command_begin(conn, &p);
     if (rc < 0)
         return rc;
     int sent = redisAsyncFormattedCommand(conn->ac, on_reply, p, cmd, len);
