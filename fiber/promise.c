@@ -94,17 +94,18 @@ void moor_promise_drop(moor_promise *p)
 
 /* ---- the awaiter's future ---------------------------------------------------------------- */
 
-/* Take the value if it is there. */
-static int take(moor_promise *p, moor_future *fut)
+/* Take the value if it is there and cx's select (if any) is this future's to win: a select
+ * that another future has won leaves the value with the promise, which drops it. */
+static int take(moor_promise *p, moor_future *fut, moor_cx *cx)
 {
     pthread_mutex_lock(&p->lock);
-    int resolved = p->state == PROMISE_RESOLVED;
-    if (resolved) {
+    int taken = p->state == PROMISE_RESOLVED && moor_cx_claim(cx);
+    if (taken) {
         p->received = 1;
         fut->result = p->value;
     }
     pthread_mutex_unlock(&p->lock);
-    return resolved;
+    return taken;
 }
 
 static void check_thread(const moor_promise *p)
@@ -115,9 +116,8 @@ static void check_thread(const moor_promise *p)
 
 MOOR__WAIT_OP int promise_ready(moor_future *fut, moor_cx *cx)
 {
-    (void)cx;
     moor_promise_future *pf = moor_container_of(fut, moor_promise_future, base);
-    return take(pf->promise, fut);
+    return take(pf->promise, fut, cx);
 }
 
 /* Register the awaiting task, under the lock the resolver takes: a resolve that comes after
@@ -132,7 +132,10 @@ MOOR__WAIT_OP int promise_park(moor_future *fut, moor_cx *cx)
     return 0;
 }
 
-/* Given up: unregister; but a value that landed meanwhile is received, not lost. */
+/* Given up: unregister. A value that landed meanwhile is not taken: nothing was handed to
+ * this future (the promise holds the value until it is received), and a select that has
+ * already been won by another future must not see a second one complete. The value stays
+ * with the promise, whose drop function frees it when the awaiter's half is dropped. */
 MOOR__WAIT_OP int promise_unpark(moor_future *fut)
 {
     moor_promise_future *pf = moor_container_of(fut, moor_promise_future, base);
@@ -140,7 +143,7 @@ MOOR__WAIT_OP int promise_unpark(moor_future *fut)
     pthread_mutex_lock(&p->lock);
     p->waker = (moor_waker){0};
     pthread_mutex_unlock(&p->lock);
-    return take(p, fut); /* a resolve from here on wakes nobody, and is seen here */
+    return 0;
 }
 
 static const moor__wait_ops promise_wait = {promise_ready, promise_park, promise_unpark,

@@ -288,6 +288,54 @@ static void test_promise_future_in_select(void **state)
     ex_free(ex);
 }
 
+/* Two promise futures of one select, both resolved in one turn while it waits (found by
+ * test_stress): the first wins, and the cancel of the other must not take its value too (two
+ * completions of one select, the loser's value neither handed back nor dropped). The loser
+ * stays pending and its value is dropped with the promise. */
+static intptr_t resolve_both(void *arg)
+{
+    moor_promise **ps = arg;
+    moor_yield(); /* the selector has polled both and waits */
+    FCHECK(moor_promise_resolve(ps[1], 11) == 0);
+    FCHECK(moor_promise_resolve(ps[0], 10) == 0);
+    return 0;
+}
+
+static intptr_t select_two(void *arg)
+{
+    moor_promise **ps = arg;
+    moor_promise_future pf[2];
+    moor_promise_future_init(&pf[0], ps[0]);
+    moor_promise_future_init(&pf[1], ps[1]);
+    moor_future *futs[] = {&pf[0].base, &pf[1].base};
+    intptr_t won = moor_select(futs, 2, -1);
+    FCHECK(moor_future_done(&pf[won].base));
+    FCHECK(!moor_future_done(&pf[!won].base)); /* exactly one completion */
+    intptr_t value = pf[won].base.result;
+    moor_promise_drop(ps[0]);
+    moor_promise_drop(ps[1]);
+    return won * 100 + value;
+}
+
+static void test_promise_select_loser_keeps_no_value(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    moor_promise *ps[2] = {new_promise(), new_promise()};
+    moor_fiber *selector, *both;
+    assert_int_equal(moor_spawn(&selector, select_two, ps, NULL), 0);
+    assert_int_equal(moor_spawn(&both, resolve_both, ps, NULL), 0);
+    intptr_t r = -1;
+    assert_int_equal(moor_join(selector, &r), 0);
+    assert_int_equal(moor_join(both, NULL), 0);
+    /* Both were resolved before the selector ran again: slot 0 is polled first and wins. */
+    assert_int_equal(r, 10);
+    assert_int_equal(dropped_now(), 1);
+    assert_int_equal(last_dropped, 11);
+    ex_free(ex);
+}
+
 /* ---- the executor's end ------------------------------------------------------------------- */
 
 /* A library may keep the resolver's half past the executor: its resolve then only frees. */
@@ -370,6 +418,7 @@ int main(void)
         TEST(test_promise_resolved_from_another_thread),
         TEST(test_promise_resolve_races_cancel),
         TEST(test_promise_future_in_select),
+        TEST(test_promise_select_loser_keeps_no_value),
         TEST(test_promise_resolver_outlives_executor),
         TEST(test_promise_executor_freed_with_awaiter_half),
         TEST(test_promise_awaited_from_another_thread),
