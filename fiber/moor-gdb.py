@@ -202,22 +202,34 @@ class Executor:
         self.alive = int(value["alive"]) != 0 if _has_field(value.dereference(), "alive") else True
 
     def fibers(self, states):
+        """(fibers sorted by id, note): the note says where and why the list walk stopped
+        early, if it did."""
         fiber_type = _lookup_type("struct moor_fiber")
         link_off = _field_offset(fiber_type, "link")
         char_ptr = gdb.lookup_type("char").pointer()
         fiber_ptr = fiber_type.pointer()
-        out, seen = [], set()
+        out, seen, note = [], set(), ""
         node = self.value["fibers"]["head"]
         while int(node) != 0:
             if int(node) in seen or len(seen) > _LIST_MAX:
-                raise MoorError("the fiber list of executor 0x%x loops: corrupt memory"
-                                % self.addr)
+                note = "the fiber list loops at 0x%x: corrupt memory" % int(node)
+                break
             seen.add(int(node))
             f = (node.cast(char_ptr) - link_off).cast(fiber_ptr).dereference()
-            out.append(Fiber(self.thread, self.value, f, states))
-            node = node["next"]
+            try:
+                fiber = Fiber(self.thread, self.value, f, states)
+                out.append(fiber)
+                if fiber.state == "missing":
+                    # Its link reads as zeros too: the fibers after it cannot be found.
+                    note = ("fiber memory reads as zeros from 0x%x on (a core without the "
+                            "stack mappings: see DEBUGGING.md)" % fiber.addr)
+                    break
+                node = node["next"]
+            except gdb.MemoryError as e:
+                note = "the fiber list is cut at 0x%x: %s" % (int(node), e)
+                break
         out.sort(key=lambda fib: fib.id)
-        return out
+        return out, note
 
 
 def _states():
@@ -285,9 +297,9 @@ def _all_fibers():
         fibers = []
         if ex is not None:
             try:
-                fibers = ex.fibers(states)
+                fibers, note = ex.fibers(states)
             except gdb.MemoryError as e:
-                note = "executor 0x%x: unreadable fiber list (%s)" % (ex.addr, e)
+                note = "unreadable executor (%s)" % e
         rows.append((thread, ex, note, fibers))
     return rows
 
@@ -417,6 +429,9 @@ def _thread_backtrace(thread, bt_args):
 
 
 def _fiber_header(fiber):
+    if fiber.state == "missing":
+        return "fiber at 0x%x (missing) of executor 0x%x, thread %s" % (
+            fiber.addr, int(fiber.ex), _thread_text(fiber.thread))
     return 'fiber %d "%s" (%s) of executor 0x%x, thread %s' % (
         fiber.id, fiber.name, fiber.state, int(fiber.ex), _thread_text(fiber.thread))
 
@@ -471,10 +486,6 @@ def _list_fibers():
         if ex is None:
             print("%s: %s" % (head, note))
             continue
-        if any(f.state == "missing" for f in fibers):
-            note = ("fiber memory reads as zeros: the core lacks the stack mappings (gcore "
-                    "cannot save stacks with MADV_GUARD_INSTALL guards; see DEBUGGING.md)" +
-                    ("; " + note if note else ""))
         print("%s: executor 0x%x, %d fiber%s%s" % (head, ex.addr, len(fibers),
                                                  "" if len(fibers) == 1 else "s",
                                                  ", " + note if note else ""))
@@ -482,6 +493,9 @@ def _list_fibers():
             continue
         print("  %6s  %-18s  %-16s  %-8s  %s" % ("id", "fiber", "name", "state", "stack"))
         for f in fibers:
+            if f.state == "missing":
+                print("  %6s  0x%-16x  %-16s  %-8s  %s" % ("?", f.addr, "?", f.state, "-"))
+                continue
             line = "  %6d  0x%-16x  %-16s  %-8s  %s" % (f.id, f.addr, f.name, f.state,
                                                       f.stack_text())
             if not f.started and f.state == "ready":

@@ -28,8 +28,8 @@ check_row() {
 }
 
 # check_bt FILE HEADER FRAME...: the backtrace printed under the line starting with HEADER
-# starts in moor__switch (or moor__jump, inlined into it or not) and its last frames are the
-# functions FRAME..., in this order, ending at the fiber's entry.
+# starts where the fiber switched away (moor__jump, inlined into moor__switch or called from
+# it) and its last frames are the functions FRAME..., in this order, ending at its entry.
 check_bt() {
     file=$1
     header=$2
@@ -46,8 +46,8 @@ check_bt() {
         on { exit }' "$file")
     want="$* fiber_entry "
     case "$got" in
-    moor__jump*"$want" | moor__switch*"$want") ;;
-    *) bad "$file: backtrace under '$header' is '$got', wanted moor__switch ... $want" ;;
+    "moor__jump moor__switch "*"$want") ;;
+    *) bad "$file: backtrace under '$header' is '$got', wanted moor__jump moor__switch ... $want" ;;
     esac
     case "$got" in
     *"$want") ;;
@@ -160,7 +160,7 @@ if [ $attached = 1 ]; then
         gdb_batch -ex 'moor fibers' -ex 'moor bt all' "$target" "$work/madvise.core" >"$out"
         # gdb 13's gcore saves no byte of a mapping it cannot read whole; should a later gdb
         # save them, the core reads like the others.
-        if grep -q 'fiber memory reads as zeros' "$out"; then
+        if grep -q 'fiber memory reads as zeros from 0x' "$out"; then
             grep -q '(its memory reads as zeros: not in the core)' "$out" ||
                 bad "$out: moor bt of a missing fiber"
         else
