@@ -65,10 +65,12 @@ def _lookup_type(name):
 
 
 def _enum_values(type_name, fallback):
+    values = dict(fallback)
     try:
-        return {f.name: int(f.enumval) for f in gdb.lookup_type(type_name).fields()}
+        values.update((f.name, int(f.enumval)) for f in gdb.lookup_type(type_name).fields())
     except gdb.error:
-        return dict(fallback)
+        pass
+    return values
 
 
 def _field_offset(struct_type, name):

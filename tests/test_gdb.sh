@@ -119,6 +119,19 @@ sed -n '/^---- freed$/,/^---- arch$/p' "$out" | grep -Eq '^thread 1( "[^"]*")?: 
 grep -q 'not supported on aarch64' "$out" || bad "$out: no 'not supported on aarch64'"
 if grep -q 'Python Exception\|Traceback' "$out"; then bad "$out: Python error"; fi
 
+# Before any executor exists (stopped at main), and without a process.
+out=$work/none.out
+gdb_batch -ex 'break main' -ex run -ex 'moor fibers' -ex 'moor bt 1' -ex kill \
+    --args "$target" trap >"$out"
+grep -q '^thread 1 "moor-gdb-target": no executor$' "$out" || bad "$out: thread 1 has no executor"
+grep -q '^no executor in this process$' "$out" || bad "$out: 'no executor in this process'"
+grep -q '^moor bt: no fiber 1 (see moor fibers)$' "$out" || bad "$out: moor bt of no fiber"
+out=$work/noprocess.out
+gdb_batch -ex 'moor fibers' "$target" >"$out"
+grep -q '^no process: run the program, attach to it, or load a core$' "$out" ||
+    bad "$out: no 'no process'"
+if grep -q 'Python Exception\|Traceback' "$work/none.out" "$out"; then bad "Python error"; fi
+
 # ---- 2 to 4. attached by pid; cores -----------------------------------------------------------
 # start_paused GUARD: start the target stopped in its running fiber; sets pid and guard.
 start_paused() {
