@@ -5,7 +5,8 @@
 #   2. live, gdb attached by pid (skipped, saying so, where ptrace attach is not allowed);
 #   3. a core made with gcore, of a target whose stacks have mprotect guards;
 #   4. a core made with gcore where the stacks have MADV_GUARD_INSTALL guards (kernel 6.13+),
-#      which gdb cannot save: the script must say the fibers' memory is missing.
+#      which gdb cannot save: the script must say the fibers' memory is missing;
+#   5. with MOOR_GDB_VALGRIND=1, live under valgrind's memcheck, through vgdb.
 # Usage: test_gdb.sh SCRIPT TARGET WORKDIR. Exits 77 (skipped) without gdb or ptrace.
 # MOOR_GDB_CORES=0 leaves out the cores (sanitizer builds, whose shadow memory would make
 # cores of terabytes); every gcore runs under a 1 GiB file size limit all the same.
@@ -197,8 +198,31 @@ elif [ "$cores" != 1 ]; then
     echo "cores left out (MOOR_GDB_CORES=0: a sanitizer build)"
 fi
 
+# ---- 5. under valgrind, through its gdbserver ----------------------------------------------
+if [ "${MOOR_GDB_VALGRIND:-0}" = 1 ]; then
+    if command -v valgrind >/dev/null 2>&1 && command -v vgdb >/dev/null 2>&1; then
+        rm -f "$work/ready"
+        valgrind --quiet --vgdb=yes --vgdb-prefix="$work/vgdb" "$target" pause >"$work/ready" \
+            2>"$work/valgrind.err" &
+        pid=$!
+        i=0
+        while [ ! -s "$work/ready" ] && [ $i -lt 600 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+        out=$work/valgrind.out
+        gdb_batch -ex "target remote | vgdb --vgdb-prefix=$work/vgdb --pid=$pid" \
+            -ex 'moor fibers' -ex 'moor bt all' "$target" >"$out"
+        stop_paused
+        check_listing "$out"
+        check_bts "$out"
+    else
+        bad "MOOR_GDB_VALGRIND=1 but no valgrind or vgdb"
+    fi
+fi
+
 if [ $fail = 0 ]; then
-    echo "moor-gdb.py: all checks passed (attach by pid: $([ $attached = 1 ] && echo yes || echo skipped), cores: $([ "$cores" = 1 ] && [ $attached = 1 ] && echo yes || echo skipped))"
+    echo "moor-gdb.py: all checks passed (attach by pid: $([ $attached = 1 ] && echo yes || echo skipped), cores: $([ "$cores" = 1 ] && [ $attached = 1 ] && echo yes || echo skipped), valgrind: $([ "${MOOR_GDB_VALGRIND:-0}" = 1 ] && echo yes || echo no))"
 else
     echo "outputs are in $work"
 fi
