@@ -161,14 +161,23 @@ class Fiber:
             if not f.name or "wait" not in f.name:
                 continue
             try:
-                parts.append(_describe(self.value[f.name]))
+                value = self.value[f.name]
+                text = _describe(value)
             except gdb.error:
                 continue
-        return "; ".join(p for p in parts if p)
+            if text in ("", "0", "0x0"):
+                continue  # not set: nothing to say
+            code = value.type.strip_typedefs().code
+            if code in (gdb.TYPE_CODE_INT, gdb.TYPE_CODE_ENUM, gdb.TYPE_CODE_BOOL):
+                text = "%s=%s" % (f.name, text)
+            parts.append(text)
+        return " ".join(parts)
 
 
-def _describe(value):
-    """A compact text for a wait description of unknown shape."""
+def _describe(value, depth=0):
+    """A compact text for a wait description of unknown shape: strings as text, a struct as
+    its non-zero fields (a field named label, what, kind, name or desc as bare text), a
+    pointer to a struct followed once; anything deeper as its address."""
     t = value.type.strip_typedefs()
     if t.code == gdb.TYPE_CODE_ARRAY and t.target().sizeof == 1:
         return _c_string(value)
@@ -178,19 +187,23 @@ def _describe(value):
         target = t.target().strip_typedefs()
         if target.sizeof == 1 and target.code == gdb.TYPE_CODE_INT:
             return _c_string(value)
-        if target.code == gdb.TYPE_CODE_STRUCT:
-            return _describe(value.dereference())
-        return str(value)
+        if target.code == gdb.TYPE_CODE_STRUCT and depth == 0:
+            return _describe(value.dereference(), depth + 1)
+        return "0x%x" % int(value)
     if t.code == gdb.TYPE_CODE_STRUCT:
+        if depth > 1:
+            return "{...}"
         texts = []
         for f in t.fields():
-            if not f.name:
+            if not f.name or f.is_base_class:
                 continue
-            sub = _describe(value[f.name])
+            sub = _describe(value[f.name], depth + 1)
             if sub not in ("", "0", "0x0"):
                 texts.append(sub if f.name in ("label", "what", "kind", "name", "desc")
                              else "%s=%s" % (f.name, sub))
         return " ".join(texts)
+    if t.code in (gdb.TYPE_CODE_INT, gdb.TYPE_CODE_BOOL):
+        return str(int(value))  # a uint8_t prints as a character otherwise
     return str(value)
 
 
@@ -452,7 +465,10 @@ def _print_fiber_bt(fiber, bt_args):
     elif not fiber.has_frames():
         print("(no saved context to unwind)")
     else:
-        print(_fiber_backtrace(fiber, bt_args))
+        try:
+            print(_fiber_backtrace(fiber, bt_args))
+        except gdb.MemoryError as e:
+            print("(cannot read its saved registers at 0x%x: %s)" % (fiber.fctx, e))
 
 
 # ---- commands ---------------------------------------------------------------------------------
