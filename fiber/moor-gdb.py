@@ -154,9 +154,27 @@ class Fiber:
         return "0x%x-0x%x %d KiB" % (self.stack_lo, self.stack_lo + self.stack_size, size // 1024)
 
     def wait_text(self):
-        """What the fiber waits on, from any field of the control block that records it
-        (fields named wait*, read as strings, labelled structs or plain values)."""
+        """What the fiber waits on, where moor records it: the future a waiting fiber
+        suspended on (its task's fut, when the task also has the wait stamp `since`) by its
+        ops label, and how long ago (the executor's cached clock `now` less `since`, 32 bits
+        of ms); and any field of the control block named wait* (strings, labelled structs,
+        plain values). Empty if this moor records nothing."""
         parts = []
+        task = self.value["task"]
+        if self.state == "waiting" and _has_field(task, "since"):
+            fut = task["fut"]
+            if int(fut) != 0:
+                label = ""
+                try:
+                    ops = fut.dereference()["ops"]
+                    if int(ops) != 0 and _has_field(ops.dereference(), "label"):
+                        label = _c_string(ops.dereference()["label"])
+                except gdb.error:
+                    pass
+                parts.append("%s (future 0x%x)" % (label or "?", int(fut)))
+            if _has_field(self.ex.dereference(), "now"):
+                waited = (int(self.ex["now"]) - int(task["since"])) & 0xffffffff
+                parts.append("for %d ms" % waited)
         for f in self.value.type.strip_typedefs().fields():
             if not f.name or "wait" not in f.name:
                 continue

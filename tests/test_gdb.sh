@@ -80,6 +80,13 @@ check_listing() {
         bad "$f: no listing of thread moor-t2's executor with 1 fiber"
     check_row "$f" 1 t2-waiter waiting
     grep -Eq '^thread [0-9]+( "plain")?: no executor$' "$f" || bad "$f: thread plain not 'no executor'"
+    # Where moor records what a fiber waits on (the wait's future and stamp), the rows say it.
+    if grep -q ' waits: ' "$f"; then
+        grep -Eq '^ +1 +0x[0-9a-f]+ +reader +waiting .* waits: chan recv \(future 0x[0-9a-f]+\) for [0-9]+ ms$' "$f" ||
+            bad "$f: reader's row does not say it waits on a chan recv"
+        grep -Eq '^ +2 +0x[0-9a-f]+ +sleeper +waiting .* waits: sleep \(future 0x[0-9a-f]+\) for [0-9]+ ms$' "$f" ||
+            bad "$f: sleeper's row does not say it waits on a sleep"
+    fi
 }
 
 # check_bts FILE: the output of `moor bt all`.
@@ -126,7 +133,7 @@ if grep -q 'Python Exception\|Traceback' "$out"; then bad "$out: Python error"; 
 out=$work/none.out
 gdb_batch -ex 'break main' -ex run -ex 'moor fibers' -ex 'moor bt 1' -ex kill \
     --args "$target" trap >"$out"
-grep -q '^thread 1 "moor-gdb-target": no executor$' "$out" || bad "$out: thread 1 has no executor"
+grep -Eq '^thread 1( "[^"]*")?: no executor$' "$out" || bad "$out: thread 1 has no executor"
 grep -q '^no executor in this process$' "$out" || bad "$out: 'no executor in this process'"
 grep -q '^moor bt: no fiber 1 (see moor fibers)$' "$out" || bad "$out: moor bt of no fiber"
 out=$work/noprocess.out

@@ -9,7 +9,7 @@
  *   "stopper" running: spawns "fresh", then stops the process in stop_here
  *   "fresh"   ready: spawned and never started
  * Thread "moor-t2", its own executor:
- *   "t2-waiter" waiting: t2_wait_outer -> t2_wait_inner -> moor_chan_recv
+ *   "t2-waiter" waiting: t2_wait_outer -> t2_wait_inner -> moor_chan_recv (an hour's deadline)
  * Thread "plain", which never had an executor.
  *
  * How it stops, by argv[1]: "trap" raises SIGTRAP (for a run under gdb); "pause" prints
@@ -137,7 +137,8 @@ static intptr_t stopper(void *arg)
 static NOINLINE int t2_wait_inner(void)
 {
     int v = 0;
-    int rc = moor_chan_recv(t2_never, &v, -1);
+    /* With a deadline: a wait with a timer queued is never taken for a deadlock. */
+    int rc = moor_chan_recv(t2_never, &v, moor_now() + 3600 * 1000);
     sink += v;
     return rc;
 }
