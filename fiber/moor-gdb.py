@@ -516,15 +516,15 @@ started), waiting (suspended until something wakes it), done (returned, not yet 
 
 def _list_fibers():
     rows = _all_fibers()
-    total = 0
     for thread, ex, note, fibers in rows:
         head = "thread %s" % _thread_text(thread)
         if ex is None:
             print("%s: %s" % (head, note))
             continue
+        # With a note the walk stopped early: the count is of the fibers it reached.
         print("%s: executor 0x%x, %d fiber%s%s" % (head, ex.addr, len(fibers),
                                                  "" if len(fibers) == 1 else "s",
-                                                 ", " + note if note else ""))
+                                                 " read, " + note if note else ""))
         if not fibers:
             continue
         print("  %6s  %-18s  %-16s  %-8s  %s" % ("id", "fiber", "name", "state", "stack"))
@@ -540,7 +540,6 @@ def _list_fibers():
             if wait:
                 line += "  waits: " + wait
             print(line)
-        total += len(fibers)
     if not any(ex is not None for _, ex, _, _ in rows):
         print("no executor in this process")
 
