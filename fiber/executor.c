@@ -190,6 +190,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
 #endif
     ex->alive = 1;
     pthread_mutex_unlock(&ex->remote_lock);
+    __atomic_add_fetch(&moor__executors_alive, 1, __ATOMIC_SEQ_CST); /* moor_set_allocator */
     moor__tls_executor = ex;
     *out = ex;
     return 0;
@@ -228,6 +229,7 @@ void moor_executor_free(moor_executor *ex)
     moor__free(ex->task_chunks);
     moor__overflow_thread_fini(ex);
     moor__tls_executor = NULL;
+    __atomic_sub_fetch(&moor__executors_alive, 1, __ATOMIC_SEQ_CST);
     /* From now on a wake from another thread finds it dead and does nothing. */
     pthread_mutex_lock(&ex->remote_lock);
     executor_recycle(ex);

@@ -330,7 +330,16 @@ static void sock_state(void *data, ares_socket_t fd, int readable, int writable)
 static pthread_once_t library_once = PTHREAD_ONCE_INIT;
 static int library_status;
 
-static void library_init(void) { library_status = ares_library_init(ARES_LIB_INIT_ALL); }
+/* c-ares allocates through moor's allocator (moor_set_allocator). c-ares may ask for 0 bytes,
+ * which moor__realloc would take for a free: it gets 1. */
+static void *ares_alloc(size_t size) { return moor__alloc(size ? size : 1); }
+static void *ares_grow(void *ptr, size_t size) { return moor__realloc(ptr, size ? size : 1); }
+static void ares_release(void *ptr) { moor__free(ptr); }
+
+static void library_init(void)
+{
+    library_status = ares_library_init_mem(ARES_LIB_INIT_ALL, ares_alloc, ares_release, ares_grow);
+}
 
 static int channel_new(dns_resolver *d)
 {
