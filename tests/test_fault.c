@@ -1,0 +1,609 @@
+/* Fault injection: moor's allocator (moor_set_allocator) fails the Nth allocation of a
+ * scenario, for N = 1, 2, 3, ... until a run completes with no failure injected; in a second
+ * mode it fails every allocation from the Nth on. At every N each call must return a clean
+ * error (no crash, no assertion, no hang, no value lost), nothing may leak (the count of live
+ * blocks is back where it was once the executor is freed; LeakSanitizer checks the rest in
+ * the ASan build), and the same executor must work again, in full, once memory is back.
+ *
+ * Scenarios: spawn (joined, detached, scopes, a new stack size, a future as a task);
+ * channels (new, a send and a receive that wait, select, close); promises (resolved from
+ * another thread while awaited with a deadline, and before); DNS (moor_resolve against a
+ * dnsmasq of its own, skipped without one, as in test_dns.c); timers and sleeps; fd waits;
+ * and the chat server's accept path (examples/chat/chat.c built into this test with its main
+ * renamed and its own allocations on this allocator: see the end of the file).
+ *
+ * Under valgrind every FAULT_VALGRIND_STEP-th N is run, to keep the sweep quick. */
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
+
+#include "fixture.h"
+
+/* ---- the counting allocator ---------------------------------------------------------------- */
+
+enum { FAIL_ONE, FAIL_FROM };
+
+/* All atomic: promise resolvers allocate on their own threads. */
+static long fail_at;    /* the allocation to fail (1 = the first after arming); 0: none */
+static int fail_mode;   /* FAIL_ONE: only the fail_at-th; FAIL_FROM: it and every later one */
+static long calls;      /* allocations asked for since arming */
+static long injected;   /* failures injected since arming */
+static long live;       /* blocks allocated and not freed, whenever they were made */
+
+static int should_fail(void)
+{
+    long at = __atomic_load_n(&fail_at, __ATOMIC_SEQ_CST);
+    if (!at)
+        return 0;
+    long n = __atomic_add_fetch(&calls, 1, __ATOMIC_SEQ_CST);
+    int mode = __atomic_load_n(&fail_mode, __ATOMIC_SEQ_CST);
+    if (mode == FAIL_ONE ? n != at : n < at)
+        return 0;
+    __atomic_add_fetch(&injected, 1, __ATOMIC_SEQ_CST);
+    return 1;
+}
+
+static void *fault_malloc(size_t size)
+{
+    if (should_fail())
+        return NULL;
+    void *p = malloc(size);
+    if (p)
+        __atomic_add_fetch(&live, 1, __ATOMIC_SEQ_CST);
+    return p;
+}
+
+static void *fault_realloc(void *ptr, size_t size)
+{
+    if (should_fail())
+        return NULL;
+    return realloc(ptr, size); /* ptr is never NULL: moor asks malloc for new blocks */
+}
+
+static void fault_free(void *ptr)
+{
+    if (ptr)
+        __atomic_sub_fetch(&live, 1, __ATOMIC_SEQ_CST);
+    free(ptr);
+}
+
+static void arm(long n, int mode)
+{
+    __atomic_store_n(&calls, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&injected, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&fail_mode, mode, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&fail_at, n, __ATOMIC_SEQ_CST);
+}
+
+/* Stop failing; the number of failures injected since arm. */
+static long disarm(void)
+{
+    __atomic_store_n(&fail_at, 0, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&injected, __ATOMIC_SEQ_CST);
+}
+
+static long live_now(void) { return __atomic_load_n(&live, __ATOMIC_SEQ_CST); }
+
+/* ---- the sweep ----------------------------------------------------------------------------- */
+
+#define FAULT_VALGRIND_STEP 7
+#define FAULT_MAX_N 100000 /* a scenario with more allocations than this is a runaway */
+
+/* The first error of a scenario, checked as it comes: 0 and -ENOMEM are the outcomes a call
+ * may have when memory fails (any other is recorded too, and fails the run). Usable in
+ * fibers: it never unwinds. */
+typedef struct outcome {
+    int first;    /* the first error, or 0 */
+    int bad;      /* an error other than -ENOMEM (or one the scenario allows) was seen */
+    int bad_rc;
+    int bad_line;
+} outcome;
+
+#define NOTE(o, rc) note_at(o, (int)(rc), 0, __LINE__)
+/* As NOTE, and `also` is a clean outcome too (a timeout that is the point of the call). */
+#define NOTE_ALSO(o, rc, also) note_at(o, (int)(rc), also, __LINE__)
+
+static int note_at(outcome *o, int rc, int also, int line)
+{
+    if (rc >= 0 || (also && rc == also))
+        return rc;
+    if (rc != -ENOMEM && !o->bad) {
+        o->bad = 1;
+        o->bad_rc = rc;
+        o->bad_line = line;
+    }
+    if (!o->first)
+        o->first = rc;
+    return rc;
+}
+
+/* One scenario: run on the calling thread's executor, everything it made freed or joined
+ * when it returns, its outcomes noted in *o. With `full` set no allocation fails, and it
+ * checks every result. */
+typedef void (*scenario_fn)(outcome *o, int full);
+
+static int sweep_step(void) { return UNDER_VALGRIND ? FAULT_VALGRIND_STEP : 1; }
+
+static void sweep(const char *name, scenario_fn run, int mode)
+{
+    /* A first run with nothing failing warms up what lives on (a recycled executor, c-ares'
+     * library state): the count of live blocks after it is the baseline. */
+    moor_executor *ex = ex_new();
+    outcome o = {0};
+    run(&o, 1);
+    assert_int_equal(o.first, 0);
+    ex_free(ex);
+    long base = live_now();
+    long n, failed_runs = 0;
+    for (n = 1; n < FAULT_MAX_N; n += sweep_step()) {
+        outcome armed = {0};
+        arm(n, mode);
+        ex = NULL;
+        int rc = moor_executor_new(&ex, NULL);
+        if (rc == 0)
+            run(&armed, 0);
+        else
+            NOTE(&armed, rc);
+        long got = disarm();
+        if (armed.bad)
+            fail_msg("%s, N = %ld (%s): error %d (%s) at line %d", name, n,
+                     mode == FAIL_ONE ? "that allocation fails" : "every allocation from it fails",
+                     armed.bad_rc, moor_strerror(armed.bad_rc), armed.bad_line);
+        if (got == 0 && armed.first)
+            fail_msg("%s, N = %ld: error %d (%s) with no allocation failed", name, n,
+                     armed.first, moor_strerror(armed.first));
+        if (got && armed.first)
+            failed_runs++;
+        /* Memory is back: the same executor (or a new one, if it could not be made) does
+         * the whole scenario. */
+        if (!ex)
+            ex = ex_new();
+        outcome again = {0};
+        run(&again, 1);
+        if (again.first)
+            fail_msg("%s, N = %ld: the run after the failure got error %d (%s) at line %d", name,
+                     n, again.first, moor_strerror(again.first), again.bad_line);
+        ex_free(ex);
+        if (live_now() != base)
+            fail_msg("%s, N = %ld: %ld block(s) leaked", name, n, live_now() - base);
+        if (got == 0)
+            break;
+    }
+    assert_true(n < FAULT_MAX_N);
+    print_message("%s (%s): %ld runs, %ld of them saw a clean error\n", name,
+                  mode == FAIL_ONE ? "Nth fails" : "from the Nth on", n, failed_runs);
+}
+
+/* ---- spawn ----------------------------------------------------------------------------------- */
+
+static intptr_t add_one(void *arg) { return (intptr_t)arg + 1; }
+
+static intptr_t count_run(void *arg)
+{
+    (*(int *)arg)++;
+    return 0;
+}
+
+static intptr_t yield_kid(void *arg)
+{
+    moor_yield();
+    (*(int *)arg)++;
+    return 0;
+}
+
+typedef struct scope_run {
+    outcome *o;
+    int kids_done;
+    int kids_spawned;
+} scope_run;
+
+/* A fiber opens a scope, spawns three children into it, and closes it with a deadline (whose
+ * timer may be refused: the close waits its children out all the same). */
+static intptr_t scope_owner(void *arg)
+{
+    scope_run *s = arg;
+    moor_scope scope;
+    moor_scope_init(&scope);
+    for (int i = 0; i < 3; i++)
+        if (NOTE(s->o, moor_scope_spawn(&scope, yield_kid, &s->kids_done, NULL)) == 0)
+            s->kids_spawned++;
+    FCHECK(moor_scope_close(&scope, moor_deadline_in(SAFETY_MS)) == 0);
+    FCHECK(scope.count == 0);
+    FCHECK(s->kids_done == s->kids_spawned); /* waited out, every one */
+    return 0;
+}
+
+typedef struct ready_future {
+    moor_future base;
+} ready_future;
+
+static moor_poll ready_poll(moor_future *fut, moor_cx *cx)
+{
+    (void)cx;
+    fut->result = 7;
+    return MOOR_READY;
+}
+
+static const moor_future_ops ready_ops = {"ready", ready_poll, NULL};
+
+static void scenario_spawn(outcome *o, int full)
+{
+    (void)full;
+    moor_fiber *f;
+    intptr_t r = 0;
+    if (NOTE(o, moor_spawn(&f, add_one, (void *)41, NULL)) == 0) {
+        assert_int_equal(moor_join(f, &r), 0);
+        assert_int_equal(r, 42);
+    }
+    int ran = 0;
+    int detached = NOTE(o, moor_spawn(NULL, count_run, &ran, NULL)) == 0;
+    assert_int_equal(moor_executor_run(moor_executor_current()), 0);
+    assert_int_equal(ran, detached);
+
+    scope_run s = {.o = o};
+    if (NOTE(o, moor_spawn(&f, scope_owner, &s, NULL)) == 0)
+        assert_int_equal(moor_join(f, NULL), 0);
+
+    moor_fiber_attr big = {.name = "big", .stack_size = 512 * 1024}; /* a new pool bucket */
+    if (NOTE(o, moor_spawn(&f, add_one, (void *)1, &big)) == 0) {
+        assert_int_equal(moor_join(f, &r), 0);
+        assert_int_equal(r, 2);
+    }
+
+    ready_future a;
+    moor_future_init(&a.base, &ready_ops, 0);
+    if (NOTE(o, moor_spawn_future(&a.base)) == 0) {
+        assert_int_equal(moor_executor_run(moor_executor_current()), 0);
+        assert_true(moor_future_done(&a.base));
+        assert_int_equal(a.base.result, 7);
+    }
+}
+
+static void test_fault_spawn(void **state)
+{
+    (void)state;
+    sweep("spawn", scenario_spawn, FAIL_ONE);
+    sweep("spawn", scenario_spawn, FAIL_FROM);
+}
+
+/* ---- channels -------------------------------------------------------------------------------- */
+
+/* Two fibers on one channel. Whichever fails first (its deadline's timer refused) closes the
+ * channel, so that the other is not left waiting for it. */
+typedef struct chan_pair {
+    outcome *o;
+    moor_chan *ch;
+    int closed;
+    int value, got;
+    int send_rc, recv_rc;
+} chan_pair;
+
+static void pair_fail(chan_pair *p)
+{
+    if (!p->closed) {
+        p->closed = 1;
+        moor_chan_close(p->ch);
+    }
+}
+
+static intptr_t pair_recv(void *arg)
+{
+    chan_pair *p = arg;
+    p->recv_rc = NOTE_ALSO(p->o, moor_chan_recv(p->ch, &p->got, moor_deadline_in(SAFETY_MS)), -EPIPE);
+    if (p->recv_rc < 0)
+        pair_fail(p);
+    return 0;
+}
+
+static intptr_t pair_send(void *arg)
+{
+    chan_pair *p = arg;
+    moor_yield(); /* the receiver waits first */
+    p->send_rc = NOTE_ALSO(p->o, moor_chan_send(p->ch, &p->value, moor_deadline_in(SAFETY_MS)), -EPIPE);
+    if (p->send_rc < 0)
+        pair_fail(p);
+    return 0;
+}
+
+/* The receiver selects over the channel and a sleep far off: the channel wins. */
+static intptr_t pair_select(void *arg)
+{
+    chan_pair *p = arg;
+    moor_chan_future op;
+    moor_sleep_future far;
+    moor_chan_recv_init(&op, p->ch, &p->got, -1);
+    moor_sleep_init(&far, moor_deadline_in(SAFETY_MS));
+    moor_future *futs[] = {&op.base, &far.base};
+    int rc = NOTE(p->o, moor_select(futs, 2, moor_deadline_in(SAFETY_MS)));
+    if (rc == 0) {
+        p->recv_rc = NOTE_ALSO(p->o, op.base.result, -EPIPE);
+        if (p->recv_rc < 0)
+            pair_fail(p);
+    } else if (rc == 1) {
+        /* The sleep "won": its timer was refused, and it completed with -ENOMEM. */
+        p->recv_rc = NOTE(p->o, far.base.result);
+        FCHECK(p->recv_rc == -ENOMEM);
+        pair_fail(p);
+    } else {
+        p->recv_rc = rc;
+        pair_fail(p);
+    }
+    return 0;
+}
+
+/* A pair exchanges one value: both succeed with it, or one fails cleanly and the other sees
+ * the channel closed (or fails cleanly too). */
+static void chan_exchange(outcome *o, int full, moor_fiber_fn receiver)
+{
+    moor_chan *ch;
+    if (NOTE(o, moor_chan_new(&ch, sizeof(int), 0)) < 0)
+        return;
+    chan_pair p = {.o = o, .ch = ch, .value = 5, .got = -1, .send_rc = 1, .recv_rc = 1};
+    moor_fiber *r = NULL, *s = NULL;
+    if (NOTE(o, moor_spawn(&r, receiver, &p, NULL)) < 0)
+        pair_fail(&p);
+    if (NOTE(o, moor_spawn(&s, pair_send, &p, NULL)) < 0)
+        pair_fail(&p);
+    if (r)
+        assert_int_equal(moor_join(r, NULL), 0);
+    if (s)
+        assert_int_equal(moor_join(s, NULL), 0);
+    if (r && s && p.send_rc == 0)
+        assert_int_equal(p.recv_rc, 0);
+    if (p.recv_rc == 0)
+        assert_int_equal(p.got, 5); /* nothing lost, nothing invented */
+    if (full)
+        assert_true(p.send_rc == 0 && p.recv_rc == 0);
+    moor_chan_free(ch);
+}
+
+static intptr_t wait_closed(void *arg)
+{
+    int got;
+    return moor_chan_recv(arg, &got, -1);
+}
+
+static intptr_t close_later(void *arg)
+{
+    moor_yield();
+    moor_chan_close(arg);
+    return 0;
+}
+
+static void scenario_chan(outcome *o, int full)
+{
+    chan_exchange(o, full, pair_recv);
+    chan_exchange(o, full, pair_select);
+
+    /* Close wakes a waiting receiver with -EPIPE. */
+    moor_chan *ch;
+    if (NOTE(o, moor_chan_new(&ch, sizeof(int), 2)) < 0)
+        return;
+    moor_fiber *w, *c;
+    int waiting = NOTE(o, moor_spawn(&w, wait_closed, ch, NULL)) == 0;
+    if (NOTE(o, moor_spawn(&c, close_later, ch, NULL)) == 0)
+        assert_int_equal(moor_join(c, NULL), 0);
+    else
+        moor_chan_close(ch);
+    if (waiting) {
+        intptr_t r;
+        assert_int_equal(moor_join(w, &r), 0);
+        assert_int_equal(r, -EPIPE);
+    }
+    moor_chan_free(ch);
+}
+
+static void test_fault_chan(void **state)
+{
+    (void)state;
+    sweep("channels", scenario_chan, FAIL_ONE);
+    sweep("channels", scenario_chan, FAIL_FROM);
+}
+
+/* ---- promises -------------------------------------------------------------------------------- */
+
+typedef struct resolver {
+    moor_promise *p;
+    int delay_ms;
+} resolver;
+
+static void *resolve_thread(void *arg)
+{
+    resolver *r = arg;
+    if (r->delay_ms)
+        sleep_ms(r->delay_ms); /* the awaiter is (most likely) parked by then: a remote wake */
+    FCHECK(moor_promise_resolve(r->p, 42) == 0);
+    return NULL;
+}
+
+/* Await a promise another thread resolves, with a deadline far off: the value comes back long
+ * before it (a lost wake would wait it out), or the wait fails cleanly (its timer refused). */
+static void promise_round(outcome *o, int delay_ms)
+{
+    resolver r = {.delay_ms = delay_ms};
+    if (NOTE(o, moor_promise_new(&r.p, NULL)) < 0)
+        return;
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, resolve_thread, &r), 0);
+    if (!delay_ms)
+        sleep_ms(2); /* resolved before the await, most likely */
+    int64_t deadline = moor_deadline_in(SAFETY_MS);
+    intptr_t v = NOTE(o, moor_promise_await(r.p, deadline));
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_true(v == 42 || v == -ENOMEM);
+    assert_true(moor_now() < deadline);
+}
+
+static intptr_t promise_fiber(void *arg)
+{
+    promise_round(arg, 5);
+    return 0;
+}
+
+static void scenario_promise(outcome *o, int full)
+{
+    (void)full;
+    promise_round(o, 5); /* from plain code */
+    promise_round(o, 0);
+    moor_fiber *f;
+    if (NOTE(o, moor_spawn(&f, promise_fiber, o, NULL)) == 0)
+        assert_int_equal(moor_join(f, NULL), 0);
+}
+
+static void test_fault_promise(void **state)
+{
+    (void)state;
+    sweep("promises", scenario_promise, FAIL_ONE);
+    sweep("promises", scenario_promise, FAIL_FROM);
+}
+
+typedef struct awaiter {
+    moor_promise *p;
+    int64_t deadline;
+    intptr_t value;
+} awaiter;
+
+static intptr_t await_fiber(void *arg)
+{
+    awaiter *a = arg;
+    a->value = moor_promise_await(a->p, a->deadline);
+    return 0;
+}
+
+/* A resolve from another thread wakes an awaiter that is parked, while no allocation
+ * succeeds: queueing the wake for the executor's thread finds no memory. The wake is not lost
+ * (nor does it fail an assertion): the value comes back at once, not at the deadline. */
+static void test_fault_remote_wake_without_memory(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    awaiter a = {.deadline = moor_deadline_in(SAFETY_MS), .value = 1};
+    assert_int_equal(moor_promise_new(&a.p, NULL), 0);
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, await_fiber, &a, NULL), 0);
+    settle(); /* it waits, its deadline armed */
+    resolver r = {.p = a.p};
+    arm(1, FAIL_FROM);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, resolve_thread, &r), 0);
+    assert_int_equal(moor_join(f, NULL), 0); /* needs no memory */
+    long got = disarm();
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_true(got > 0); /* the wake's queue could not grow */
+    assert_int_equal(a.value, 42);
+    assert_true(moor_now() < a.deadline);
+    ex_free(ex);
+}
+
+/* ---- timers and sleeps ----------------------------------------------------------------------- */
+
+static intptr_t sleeper(void *arg)
+{
+    return moor_sleep(moor_deadline_in((int64_t)(intptr_t)arg));
+}
+
+static void scenario_timer(outcome *o, int full)
+{
+    (void)full;
+    moor_fiber *f[3];
+    int ok[3];
+    for (int i = 0; i < 3; i++)
+        ok[i] = NOTE(o, moor_spawn(&f[i], sleeper, (void *)(intptr_t)(1 + i), NULL)) == 0;
+    for (int i = 0; i < 3; i++) {
+        intptr_t r;
+        if (!ok[i])
+            continue;
+        assert_int_equal(moor_join(f[i], &r), 0);
+        assert_true(NOTE(o, r) == 0 || r == -ENOMEM);
+    }
+    int64_t start = moor_now();
+    intptr_t r = NOTE(o, moor_sleep(moor_deadline_in(2)));
+    if (r == 0)
+        assert_true(moor_now() >= start + 2);
+    /* A future that never completes, bounded by a deadline. */
+    moor_future never;
+    moor_future_init(&never, &never_ops, 0);
+    r = NOTE_ALSO(o, moor_await_deadline(&never, moor_deadline_in(3)), -ETIMEDOUT);
+    assert_true(r == -ETIMEDOUT || r == -ENOMEM);
+}
+
+static void test_fault_timer(void **state)
+{
+    (void)state;
+    sweep("timers", scenario_timer, FAIL_ONE);
+    sweep("timers", scenario_timer, FAIL_FROM);
+}
+
+/* ---- fd waits -------------------------------------------------------------------------------- */
+
+typedef struct io_pair {
+    outcome *o;
+    int fd;
+    char buf[8];
+    ssize_t got;
+} io_pair;
+
+static intptr_t io_reader(void *arg)
+{
+    io_pair *p = arg;
+    p->got = NOTE(p->o, moor_read(p->fd, p->buf, sizeof p->buf, moor_deadline_in(SAFETY_MS)));
+    return 0;
+}
+
+static intptr_t io_writer(void *arg)
+{
+    io_pair *p = arg;
+    moor_yield(); /* the reader waits first */
+    FCHECK(write(p->fd, "ping", 4) == 4);
+    return 0;
+}
+
+static void scenario_io(outcome *o, int full)
+{
+    int sv[2];
+    stream_pair(sv);
+    io_pair rd = {.o = o, .fd = sv[0], .got = 1}, wr = {.o = o, .fd = sv[1]};
+    moor_fiber *r, *w;
+    int reading = NOTE(o, moor_spawn(&r, io_reader, &rd, NULL)) == 0;
+    if (NOTE(o, moor_spawn(&w, io_writer, &wr, NULL)) == 0)
+        assert_int_equal(moor_join(w, NULL), 0);
+    else
+        assert_int_equal(write(sv[1], "ping", 4), 4);
+    if (reading) {
+        assert_int_equal(moor_join(r, NULL), 0);
+        assert_true(rd.got == 4 || rd.got == -ENOMEM);
+        if (rd.got == 4)
+            assert_memory_equal(rd.buf, "ping", 4);
+        if (full)
+            assert_int_equal(rd.got, 4);
+    }
+    assert_true(NOTE(o, moor_wait_fd(sv[1], MOOR_WRITABLE, moor_deadline_in(SAFETY_MS))) == 0 ||
+                o->first == -ENOMEM);
+    assert_int_equal(moor_close(sv[0]), 0);
+    assert_int_equal(moor_close(sv[1]), 0);
+}
+
+static void test_fault_io(void **state)
+{
+    (void)state;
+    sweep("fd waits", scenario_io, FAIL_ONE);
+    sweep("fd waits", scenario_io, FAIL_FROM);
+}
+
+int main(void)
+{
+    child_signals_save();
+    /* Before any executor: everything moor allocates is counted. */
+    moor_set_allocator(fault_malloc, fault_realloc, fault_free);
+    const struct CMUnitTest tests[] = {
+        TEST(test_fault_spawn),
+        TEST(test_fault_chan),
+        TEST(test_fault_promise),
+        TEST(test_fault_remote_wake_without_memory),
+        TEST(test_fault_timer),
+        TEST(test_fault_io),
+    };
+    return RUN_TESTS(tests);
+}
