@@ -161,6 +161,8 @@ static void sweep(const char *name, scenario_fn run, int mode)
         if (!ex)
             ex = ex_new();
         outcome again = {0};
+        if (getenv("FAULT_DEBUG"))
+            print_message("%s: N = %ld, %ld failed, first error %d\n", name, n, got, armed.first);
         run(&again, 1);
         if (again.first)
             fail_msg("%s, N = %ld: the run after the failure got error %d (%s) at line %d", name,
@@ -592,6 +594,161 @@ static void test_fault_io(void **state)
     sweep("fd waits", scenario_io, FAIL_FROM);
 }
 
+/* ---- DNS ------------------------------------------------------------------------------------- */
+
+#define DNSMASQ "/usr/sbin/dnsmasq"
+
+/* A dnsmasq on a free loopback port serving one name (as tests/test_dns.c starts it). */
+static struct {
+    pid_t pid;
+    char dir[64], hosts[128];
+} dns;
+
+static int dns_free_port(void)
+{
+    int u = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    assert_true(u >= 0);
+    struct sockaddr_in in = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(u, (struct sockaddr *)&in, sizeof in), 0);
+    socklen_t len = sizeof in;
+    assert_int_equal(getsockname(u, (struct sockaddr *)&in, &len), 0);
+    int t = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(t >= 0);
+    int ok = bind(t, (struct sockaddr *)&in, sizeof in) == 0;
+    close(t);
+    close(u);
+    return ok ? ntohs(in.sin_port) : 0;
+}
+
+static void dns_stop(void)
+{
+    if (dns.pid > 0) {
+        kill(dns.pid, SIGKILL);
+        while (waitpid(dns.pid, NULL, 0) < 0 && errno == EINTR)
+            ;
+    }
+    dns.pid = 0;
+    if (dns.hosts[0])
+        unlink(dns.hosts);
+    if (dns.dir[0])
+        rmdir(dns.dir);
+    dns.hosts[0] = dns.dir[0] = '\0';
+    unsetenv("MOOR_DNS_SERVERS");
+}
+
+/* 1 once a lookup of fault.test through moor answers, with MOOR_DNS_SERVERS set; 0 if the
+ * server could not start on this port. */
+static int dns_try(int port)
+{
+    char a_port[32], a_hosts[160];
+    snprintf(a_port, sizeof a_port, "--port=%d", port);
+    snprintf(a_hosts, sizeof a_hosts, "--addn-hosts=%s", dns.hosts);
+    fflush(NULL);
+    dns.pid = fork();
+    assert_true(dns.pid >= 0);
+    if (dns.pid == 0) {
+        int null = open("/dev/null", O_RDWR);
+        dup2(null, 0), dup2(null, 1), dup2(null, 2);
+        char *argv[] = {DNSMASQ, "--keep-in-foreground", a_port, "--listen-address=127.0.0.1",
+                        "--bind-interfaces", "--no-resolv", "--no-hosts", a_hosts,
+                        "--local=/test/", "--conf-file=/dev/null", "--pid-file=",
+                        "--cache-size=0", geteuid() == 0 ? "--user=root" : NULL, NULL};
+        execv(DNSMASQ, argv);
+        _exit(127);
+    }
+    char env[64];
+    snprintf(env, sizeof env, "127.0.0.1:%d", port);
+    setenv("MOOR_DNS_SERVERS", env, 1);
+    moor_executor *ex = ex_new();
+    int ok = 0;
+    for (int i = 0; i < 100 && !ok; i++) {
+        if (waitpid(dns.pid, NULL, WNOHANG) == dns.pid) {
+            dns.pid = 0; /* it exited: the port was taken meanwhile */
+            break;
+        }
+        struct addrinfo *res;
+        ok = moor_resolve("fault.test", NULL, NULL, moor_deadline_in(100), &res) == 0;
+        moor_resolve_free(res);
+        if (!ok)
+            sleep_ms(20);
+    }
+    ex_free(ex);
+    if (!ok && dns.pid > 0) {
+        kill(dns.pid, SIGKILL);
+        waitpid(dns.pid, NULL, 0);
+        dns.pid = 0;
+    }
+    return ok;
+}
+
+static int dns_start(void)
+{
+    if (access(DNSMASQ, X_OK) != 0)
+        return 0;
+    snprintf(dns.dir, sizeof dns.dir, "/tmp/moor-fault-XXXXXX");
+    assert_non_null(mkdtemp(dns.dir));
+    snprintf(dns.hosts, sizeof dns.hosts, "%s/hosts", dns.dir);
+    FILE *f = fopen(dns.hosts, "w");
+    assert_non_null(f);
+    fputs("10.1.2.3 fault.test\n", f);
+    assert_int_equal(fclose(f), 0);
+    for (int tries = 0; tries < 5; tries++) {
+        int port = dns_free_port();
+        if (port && dns_try(port))
+            return 1;
+    }
+    fail_msg("dnsmasq did not start");
+    return 0;
+}
+
+#define DNS_ARMED_MS 1000
+
+/* Each run makes a new executor, so its c-ares channel is made again too: c-ares' own
+ * allocations are failed in turn with moor's. */
+static void scenario_dns(outcome *o, int full)
+{
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_INET;
+    hints.ai_socktype = SOCK_STREAM;
+    struct addrinfo *res = NULL;
+    /* c-ares takes an answer it finds no memory to read for a lost one, and asks again after
+     * its timeout (5 s): a short deadline ends such a lookup with -ETIMEDOUT, a clean error
+     * too when memory fails. Nothing else may time out. */
+    int64_t deadline = moor_deadline_in(full ? SAFETY_MS : DNS_ARMED_MS);
+    int rc = full ? NOTE(o, moor_resolve("fault.test", "80", &hints, deadline, &res))
+                  : NOTE_ALSO(o, moor_resolve("fault.test", "80", &hints, deadline, &res), -ETIMEDOUT);
+    if (rc == 0) {
+        assert_non_null(res);
+        const struct sockaddr_in *in = (const struct sockaddr_in *)res->ai_addr;
+        assert_int_equal(in->sin_family, AF_INET);
+        assert_int_equal(ntohl(in->sin_addr.s_addr), 0x0a010203);
+        assert_int_equal(ntohs(in->sin_port), 80);
+    } else {
+        assert_null(res);
+    }
+    if (full)
+        assert_int_equal(rc, 0);
+    moor_resolve_free(res);
+}
+
+static void test_fault_dns(void **state)
+{
+    (void)state;
+    if (!dns_start()) {
+        print_message("skipped: " DNSMASQ " is not installed (apt-get install dnsmasq-base)\n");
+        skip();
+    }
+    sweep("DNS", scenario_dns, FAIL_ONE);
+    sweep("DNS", scenario_dns, FAIL_FROM);
+}
+
+static int dns_teardown(void **state)
+{
+    dns_stop();
+    return fixture_teardown(state);
+}
+
 int main(void)
 {
     child_signals_save();
@@ -604,6 +761,8 @@ int main(void)
         TEST(test_fault_remote_wake_without_memory),
         TEST(test_fault_timer),
         TEST(test_fault_io),
+        cmocka_unit_test_prestate_setup_teardown(test_fault_dns, fixture_setup, dns_teardown,
+                                                 (void *)"test_fault_dns"),
     };
     return RUN_TESTS(tests);
 }
