@@ -749,6 +749,190 @@ static int dns_teardown(void **state)
     return fixture_teardown(state);
 }
 
+/* ---- the chat server's accept path ------------------------------------------------------------ */
+
+/* examples/chat/chat.c, built into this test with MOOR_CHAT_TEST: its main, and its own
+ * allocations routed here, counted and failed with moor's. */
+int moor_chat_main(int argc, char **argv);
+void *moor_chat_malloc(size_t size);
+void moor_chat_free(void *ptr);
+void *moor_chat_malloc(size_t size) { return fault_malloc(size); }
+void moor_chat_free(void *ptr) { fault_free(ptr); }
+
+#define CHAT_WAIT_MS 10000 /* a line the server owes a client: a bound, not a timing */
+#define CHAT_PENDING_MS 300 /* how long a connection may stay unanswered while memory fails */
+
+typedef struct chat_run {
+    int port;
+    long n;
+    int mode;
+    long injected;
+    int b_served;     /* B got its welcome (else its connection was closed) */
+    int server_done;  /* atomic: moor_chat_main returned */
+} chat_run;
+
+static int chat_connect(int port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    FCHECK(fd >= 0);
+    struct sockaddr_in in = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (connect(fd, (struct sockaddr *)&in, sizeof in) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* The next line from fd, without its '\n', one byte at a time (the test reads little):
+ * its length, 0 at the end of the stream or on a reset, -1 if nothing came within wait_ms. */
+static int chat_line(int fd, char *buf, size_t size, int wait_ms)
+{
+    size_t len = 0;
+    for (;;) {
+        struct pollfd pfd = {fd, POLLIN, 0};
+        if (poll(&pfd, 1, wait_ms) != 1)
+            return -1;
+        char ch;
+        ssize_t n = read(fd, &ch, 1);
+        if (n <= 0)
+            return 0;
+        if (ch == '\n') {
+            buf[len] = '\0';
+            return (int)len;
+        }
+        if (len + 1 < size)
+            buf[len++] = ch;
+    }
+}
+
+/* Read lines from fd until one starts with `prefix` (others, as joins, may come between). */
+static int chat_expect(int fd, const char *prefix)
+{
+    char line[256];
+    int n;
+    while ((n = chat_line(fd, line, sizeof line, CHAT_WAIT_MS)) > 0)
+        if (strncmp(line, prefix, strlen(prefix)) == 0)
+            return 1;
+    fprintf(stderr, "chat: expected \"%s...\", got %s\n", prefix, n == 0 ? "a closed connection" : "nothing");
+    return 0;
+}
+
+static void chat_send(int fd, const char *line)
+{
+    FCHECK(write(fd, line, strlen(line)) == (ssize_t)strlen(line));
+}
+
+/* The clients, on a thread of their own: A is in the room before allocations fail; B
+ * connects while they fail, and is served or closed; then A, B if it was served, and a new
+ * client C are served in full. Then SIGTERM stops the server. */
+static void *chat_clients(void *arg)
+{
+    chat_run *c = arg;
+    int a = -1;
+    for (int i = 0; i < 500 && a < 0; i++) {
+        a = chat_connect(c->port);
+        if (a < 0)
+            sleep_ms(10);
+    }
+    FCHECK(a >= 0);
+    FCHECK(chat_expect(a, "* welcome guest1"));
+
+    arm(c->n, c->mode);
+    int b = chat_connect(c->port); /* the backlog takes it, whatever the server does */
+    FCHECK(b >= 0);
+    char line[256];
+    int n = chat_line(b, line, sizeof line, CHAT_PENDING_MS);
+    c->injected = disarm();
+    if (n < 0) /* not answered yet: it waited for memory, which is back */
+        n = chat_line(b, line, sizeof line, CHAT_WAIT_MS);
+    FCHECK(n >= 0); /* a welcome or a closed connection, never silence */
+    c->b_served = n > 0 && strncmp(line, "* welcome ", 10) == 0;
+    FCHECK(n == 0 || c->b_served);
+    if (c->b_served) {
+        char hello[300];
+        snprintf(hello, sizeof hello, "%s: hello from b", line + 10);
+        chat_send(b, "hello from b\n");
+        FCHECK(chat_expect(a, hello));
+    }
+    chat_send(a, "/who\n");
+    FCHECK(chat_expect(a, "* online: "));
+    int cl = chat_connect(c->port);
+    FCHECK(cl >= 0);
+    FCHECK(chat_expect(cl, "* welcome "));
+    close(cl);
+    close(b);
+    close(a);
+    while (!__atomic_load_n(&c->server_done, __ATOMIC_SEQ_CST)) {
+        kill(getpid(), SIGTERM); /* SIG_IGN but while the server waits for it */
+        sleep_ms(20);
+    }
+    return NULL;
+}
+
+static int chat_free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in in = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(bind(fd, (struct sockaddr *)&in, sizeof in), 0);
+    socklen_t len = sizeof in;
+    assert_int_equal(getsockname(fd, (struct sockaddr *)&in, &len), 0);
+    close(fd);
+    return ntohs(in.sin_port);
+}
+
+/* One server from start to stop, with the Nth allocation of B's connection failing (n 0:
+ * none). Returns the failures injected. */
+static long chat_once(long n, int mode, int *b_served)
+{
+    chat_run c = {.port = chat_free_port(), .n = n, .mode = mode};
+    char port[16];
+    snprintf(port, sizeof port, "%d", c.port);
+    char *argv[] = {"moor-chat", "-p", port, NULL};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, chat_clients, &c), 0);
+    optind = 1;
+    int rc = moor_chat_main(3, argv);
+    __atomic_store_n(&c.server_done, 1, __ATOMIC_SEQ_CST);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(rc, 0);
+    assert_int_equal(fiber_failed(), 0);
+    *b_served = c.b_served;
+    return c.injected;
+}
+
+static void chat_sweep(int mode)
+{
+    int served;
+    (void)chat_once(0, mode, &served); /* warm-up: the baseline of live blocks after it */
+    assert_true(served);
+    long base = live_now(), n, closed = 0;
+    for (n = 1; n < FAULT_MAX_N; n += sweep_step()) {
+        long got = chat_once(n, mode, &served);
+        closed += !served;
+        if (live_now() != base)
+            fail_msg("chat, N = %ld: %ld block(s) leaked", n, live_now() - base);
+        if (got == 0) {
+            assert_true(served);
+            break;
+        }
+    }
+    assert_true(n < FAULT_MAX_N);
+    print_message("chat accept path (%s): %ld runs, the new client closed in %ld\n",
+                  mode == FAIL_ONE ? "Nth fails" : "from the Nth on", n, closed);
+}
+
+static void test_fault_chat_accept(void **state)
+{
+    (void)state;
+    /* A SIGTERM that comes while the server does not wait for it is ignored. */
+    signal(SIGTERM, SIG_IGN);
+    chat_sweep(FAIL_ONE);
+    chat_sweep(FAIL_FROM);
+    signal(SIGTERM, SIG_DFL);
+}
+
 int main(void)
 {
     child_signals_save();
@@ -763,6 +947,7 @@ int main(void)
         TEST(test_fault_io),
         cmocka_unit_test_prestate_setup_teardown(test_fault_dns, fixture_setup, dns_teardown,
                                                  (void *)"test_fault_dns"),
+        TEST(test_fault_chat_accept),
     };
     return RUN_TESTS(tests);
 }
