@@ -344,9 +344,31 @@ static pthread_once_t library_once = PTHREAD_ONCE_INIT;
 static int library_status;
 
 /* c-ares allocates through moor's allocator (moor_set_allocator). c-ares may ask for 0 bytes,
- * which moor__realloc would take for a free: it gets 1. */
-static void *ares_alloc(size_t size) { return moor__alloc(size ? size : 1); }
-static void *ares_grow(void *ptr, size_t size) { return moor__realloc(ptr, size ? size : 1); }
+ * which moor__realloc would take for a free: it gets 1.
+ *
+ * c-ares does not always report its allocation failures: when one of the two queries of an
+ * AF_UNSPEC lookup fails for memory, the lookup ends with the other's status ("no address of
+ * that family", say), a false answer. So the failures on this thread (the only one that
+ * calls into the executor's channel) are counted, and a lookup that failed while the count
+ * moved reports -ENOMEM (see on_addrinfo). */
+static __thread unsigned long ares_alloc_failures;
+
+static void *ares_alloc(size_t size)
+{
+    void *p = moor__alloc(size ? size : 1);
+    if (!p)
+        ares_alloc_failures++;
+    return p;
+}
+
+static void *ares_grow(void *ptr, size_t size)
+{
+    void *p = moor__realloc(ptr, size ? size : 1);
+    if (!p)
+        ares_alloc_failures++;
+    return p;
+}
+
 static void ares_release(void *ptr) { moor__free(ptr); }
 
 static void library_init(void)
@@ -455,6 +477,7 @@ typedef struct dns_query {
     moor_waker waker; /* the waiting task; zeroed once the call gave up */
     moor_sem *inflight; /* its permit, given back when c-ares is done with it */
     const int *starved; /* its resolver's: a lookup ended by the channel's drop failed for memory */
+    unsigned long alloc_failures; /* ares_alloc_failures when it began */
     struct addrinfo hints;
 } dns_query;
 
@@ -473,6 +496,9 @@ static void on_addrinfo(void *arg, int status, int timeouts, struct ares_addrinf
     q->status = moor__dns_error(status);
     if (status == ARES_EDESTRUCTION && *q->starved)
         q->status = -ENOMEM;
+    else if (status != ARES_SUCCESS && status != ARES_EDESTRUCTION &&
+             status != ARES_ECANCELLED && ares_alloc_failures != q->alloc_failures)
+        q->status = -ENOMEM; /* c-ares may have lost its own -ENOMEM (see ares_alloc) */
     if (status == ARES_SUCCESS && res)
         q->status = convert(res, &q->hints, &q->result);
     if (res)
@@ -594,6 +620,7 @@ int moor_resolve(const char *host, const char *service, const struct addrinfo *h
     q->refs = 2;
     q->inflight = &d->inflight;
     q->starved = &d->starved;
+    q->alloc_failures = ares_alloc_failures;
     q->hints = h;
     struct ares_addrinfo_hints ah = {flags, h.ai_family, h.ai_socktype, h.ai_protocol};
     /* The callback may run before this returns (/etc/hosts, a bad name, no memory). */

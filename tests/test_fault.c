@@ -20,6 +20,10 @@
 #include <poll.h>
 #include <pthread.h>
 
+#include <ev.h>
+
+#include "fiber/list.h"
+
 #include "fixture.h"
 
 /* ---- the counting allocator ---------------------------------------------------------------- */
@@ -32,11 +36,15 @@ static int fail_mode;   /* FAIL_ONE: only the fail_at-th; FAIL_FROM: it and ever
 static long calls;      /* allocations asked for since arming */
 static long injected;   /* failures injected since arming */
 static long live;       /* blocks allocated and not freed, whenever they were made */
+static size_t only_size; /* if not 0: only allocations of this size count (and fail) */
 
-static int should_fail(void)
+static int should_fail(size_t size)
 {
     long at = __atomic_load_n(&fail_at, __ATOMIC_SEQ_CST);
     if (!at)
+        return 0;
+    size_t only = __atomic_load_n(&only_size, __ATOMIC_SEQ_CST);
+    if (only && size != only)
         return 0;
     long n = __atomic_add_fetch(&calls, 1, __ATOMIC_SEQ_CST);
     int mode = __atomic_load_n(&fail_mode, __ATOMIC_SEQ_CST);
@@ -48,7 +56,7 @@ static int should_fail(void)
 
 static void *fault_malloc(size_t size)
 {
-    if (should_fail())
+    if (should_fail(size))
         return NULL;
     void *p = malloc(size);
     if (p)
@@ -58,7 +66,7 @@ static void *fault_malloc(size_t size)
 
 static void *fault_realloc(void *ptr, size_t size)
 {
-    if (should_fail())
+    if (should_fail(size))
         return NULL;
     return realloc(ptr, size); /* ptr is never NULL: moor asks malloc for new blocks */
 }
@@ -82,6 +90,7 @@ static void arm(long n, int mode)
 static long disarm(void)
 {
     __atomic_store_n(&fail_at, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&only_size, 0, __ATOMIC_SEQ_CST);
     return __atomic_load_n(&injected, __ATOMIC_SEQ_CST);
 }
 
@@ -137,6 +146,7 @@ static void sweep(const char *name, scenario_fn run, int mode)
     long n, failed_runs = 0;
     for (n = 1; n < FAULT_MAX_N; n++) {
         outcome armed = {0};
+        int64_t started = moor_now();
         arm(n, mode);
         ex = NULL;
         int rc = moor_executor_new(&ex, NULL);
@@ -160,7 +170,8 @@ static void sweep(const char *name, scenario_fn run, int mode)
             ex = ex_new();
         outcome again = {0};
         if (getenv("FAULT_DEBUG"))
-            print_message("%s: N = %ld, %ld failed, first error %d\n", name, n, got, armed.first);
+            print_message("%s: N = %ld, %ld failed, first error %d, %lld ms\n", name, n, got,
+                          armed.first, (long long)(moor_now() - started));
         run(&again, 1);
         if (again.first)
             fail_msg("%s, N = %ld: the run after the failure got error %d (%s) at line %d", name,
@@ -497,6 +508,30 @@ static void test_fault_remote_wake_without_memory(void **state)
     ex_free(ex);
 }
 
+/* ---- blocking calls -------------------------------------------------------------------------- */
+
+/* The worker pool is made, its first thread's handle stored, and the worker's wake queued
+ * from its thread: any of it may fail, and the call says so (-ENOMEM), or runs fn in full. */
+static void scenario_blocking(outcome *o, int full)
+{
+    int runs = 0;
+    intptr_t result = 0;
+    int rc = NOTE(o, moor_blocking(sentinel_fn, &runs, &result, moor_deadline_in(SAFETY_MS)));
+    if (rc == 0)
+        assert_true(runs == 1 && result == 7);
+    else
+        assert_int_equal(runs, 0);
+    if (full)
+        assert_int_equal(rc, 0);
+}
+
+static void test_fault_blocking(void **state)
+{
+    (void)state;
+    sweep("blocking calls", scenario_blocking, FAIL_ONE);
+    sweep("blocking calls", scenario_blocking, FAIL_FROM);
+}
+
 /* ---- timers and sleeps ----------------------------------------------------------------------- */
 
 static intptr_t sleeper(void *arg)
@@ -688,7 +723,7 @@ static int dns_start(void)
     snprintf(dns.hosts, sizeof dns.hosts, "%s/hosts", dns.dir);
     FILE *f = fopen(dns.hosts, "w");
     assert_non_null(f);
-    fputs("10.1.2.3 fault.test\n", f);
+    fputs("10.1.2.3 fault.test\n127.0.0.1 dial.test\n", f);
     assert_int_equal(fclose(f), 0);
     for (int tries = 0; tries < 5; tries++) {
         int port = dns_free_port();
@@ -699,7 +734,7 @@ static int dns_start(void)
     return 0;
 }
 
-#define DNS_ARMED_MS 1000
+#define DNS_ARMED_MS 500
 
 /* Each run makes a new executor, so its c-ares channel is made again too: c-ares' own
  * allocations are failed in turn with moor's. */
@@ -728,6 +763,19 @@ static void scenario_dns(outcome *o, int full)
     if (full)
         assert_int_equal(rc, 0);
     moor_resolve_free(res);
+
+    /* Connecting by name: a lookup, then the attempts' block. */
+    int lfd = moor_tcp_listen("127.0.0.1", 0, 16);
+    assert_true(lfd >= 0);
+    deadline = moor_deadline_in(full ? SAFETY_MS : DNS_ARMED_MS);
+    int fd = full ? NOTE(o, moor_tcp_dial("dial.test", moor_socket_port(lfd), deadline))
+                  : NOTE_ALSO(o, moor_tcp_dial("dial.test", moor_socket_port(lfd), deadline),
+                              -ETIMEDOUT);
+    if (fd >= 0)
+        assert_int_equal(moor_close(fd), 0);
+    if (full)
+        assert_true(fd >= 0);
+    assert_int_equal(moor_close(lfd), 0);
 }
 
 static void test_fault_dns(void **state)
@@ -739,6 +787,49 @@ static void test_fault_dns(void **state)
     }
     sweep("DNS", scenario_dns, FAIL_ONE);
     sweep("DNS", scenario_dns, FAIL_FROM);
+}
+
+/* reactor/dns.c's watcher of a c-ares socket, as it lays it out. */
+typedef struct dns_socket_layout {
+    ev_io watcher;
+    moor__node link;
+} dns_socket_layout;
+
+/* c-ares opens its socket to the server, and its watcher finds no memory: the lookup fails
+ * with -ENOMEM at once (it used to wait for c-ares' timeout with the socket unwatched, 5 s a
+ * try, and so did every later lookup on that socket), and the next lookup on the same
+ * executor, memory back, gets a new channel and its answer. The DNS sweep lets lookups time
+ * out (c-ares drops an answer it has no memory to read, and asks again after its timeout),
+ * so this one fails only allocations of the watcher's size, in turn: none may time out. */
+static void test_fault_dns_socket_unwatched(void **state)
+{
+    (void)state;
+    if (!dns_start()) {
+        print_message("skipped: " DNSMASQ " is not installed (apt-get install dnsmasq-base)\n");
+        skip();
+    }
+    long n;
+    moor_executor *ex = ex_new();
+    for (n = 1; n < FAULT_MAX_N; n++) {
+        struct addrinfo *res = NULL;
+        int64_t deadline = moor_deadline_in(SAFETY_MS);
+        __atomic_store_n(&only_size, sizeof(dns_socket_layout), __ATOMIC_SEQ_CST);
+        arm(n, FAIL_ONE);
+        int rc = moor_resolve("fault.test", NULL, NULL, deadline, &res);
+        long got = disarm();
+        assert_true(rc == 0 || (got && rc == -ENOMEM));
+        assert_true(moor_now() < deadline);
+        moor_resolve_free(res);
+        assert_int_equal(moor_resolve("fault.test", NULL, NULL, moor_deadline_in(SAFETY_MS), &res), 0);
+        moor_resolve_free(res);
+        if (!got)
+            break;
+        /* A new executor for the next N: the channel is made again, its socket opened. */
+        ex_free(ex);
+        ex = ex_new();
+    }
+    ex_free(ex);
+    assert_true(n >= 2); /* the socket's watcher was among them */
 }
 
 static int dns_teardown(void **state)
@@ -758,6 +849,7 @@ void *moor_chat_malloc(size_t size) { return fault_malloc(size); }
 void moor_chat_free(void *ptr) { fault_free(ptr); }
 
 #define CHAT_WAIT_MS 10000 /* a line the server owes a client: a bound, not a timing */
+#define CHAT_SPARE_FDS 64
 
 typedef struct chat_run {
     int port;
@@ -803,16 +895,26 @@ static int chat_line(int fd, char *buf, size_t size, int wait_ms)
     }
 }
 
-/* Read lines from fd until one starts with `prefix` (others, as joins, may come between). */
-static int chat_expect(int fd, const char *prefix)
+/* Read lines from fd until one starts with `prefix` (others, as joins, may come between):
+ * 1, or 0 if the connection was closed first, or -1 if nothing came. */
+static int chat_wait_for(int fd, const char *prefix)
 {
     char line[256];
     int n;
     while ((n = chat_line(fd, line, sizeof line, CHAT_WAIT_MS)) > 0)
         if (strncmp(line, prefix, strlen(prefix)) == 0)
             return 1;
-    fprintf(stderr, "chat: expected \"%s...\", got %s\n", prefix, n == 0 ? "a closed connection" : "nothing");
-    return 0;
+    return n;
+}
+
+/* The same, for a line that must come. */
+static int chat_expect(int fd, const char *prefix)
+{
+    int rc = chat_wait_for(fd, prefix);
+    if (rc != 1)
+        fprintf(stderr, "chat: expected \"%s...\", got %s\n", prefix,
+                rc == 0 ? "a closed connection" : "nothing");
+    return rc == 1;
 }
 
 static void chat_send(int fd, const char *line)
@@ -835,6 +937,11 @@ static void *chat_clients(void *arg)
     FCHECK(a >= 0);
     FCHECK(chat_expect(a, "* welcome guest1"));
 
+    /* Descriptors in between, so that the server's fd table must grow for B's. */
+    int spare[CHAT_SPARE_FDS];
+    for (int i = 0; i < CHAT_SPARE_FDS; i++)
+        FCHECK((spare[i] = open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0);
+
     arm(c->n, c->mode);
     int b = chat_connect(c->port); /* the backlog takes it, whatever the server does */
     FCHECK(b >= 0);
@@ -844,14 +951,24 @@ static void *chat_clients(void *arg)
     int n = chat_line(b, line, sizeof line, CHAT_WAIT_MS);
     c->injected = disarm();
     FCHECK(n >= 0);
-    c->b_served = n > 0 && strncmp(line, "* welcome ", 10) == 0;
-    FCHECK(n == 0 || c->b_served);
+    int welcomed = n > 0 && strncmp(line, "* welcome ", 10) == 0;
+    FCHECK(n == 0 || welcomed);
+    if (welcomed) {
+        /* Served, or closed now: memory may have failed after the welcome (its fd could not
+         * be watched), and then the server lets it go. */
+        chat_send(b, "/who\n");
+        int rc = chat_wait_for(b, "* online: ");
+        FCHECK(rc >= 0);
+        c->b_served = rc == 1;
+    }
     if (c->b_served) {
         char hello[300];
         snprintf(hello, sizeof hello, "%s: hello from b", line + 10);
         chat_send(b, "hello from b\n");
         FCHECK(chat_expect(a, hello));
     }
+    for (int i = 0; i < CHAT_SPARE_FDS; i++)
+        close(spare[i]);
     chat_send(a, "/who\n");
     FCHECK(chat_expect(a, "* online: "));
     int cl = chat_connect(c->port);
@@ -940,10 +1057,14 @@ int main(void)
         TEST(test_fault_chan),
         TEST(test_fault_promise),
         TEST(test_fault_remote_wake_without_memory),
+        TEST(test_fault_blocking),
         TEST(test_fault_timer),
         TEST(test_fault_io),
         cmocka_unit_test_prestate_setup_teardown(test_fault_dns, fixture_setup, dns_teardown,
                                                  (void *)"test_fault_dns"),
+        cmocka_unit_test_prestate_setup_teardown(test_fault_dns_socket_unwatched, fixture_setup,
+                                                 dns_teardown,
+                                                 (void *)"test_fault_dns_socket_unwatched"),
         TEST(test_fault_chat_accept),
     };
     return RUN_TESTS(tests);
