@@ -7,13 +7,14 @@
  *
  * Scenarios: spawn (joined, detached, scopes, a new stack size, a future as a task);
  * channels (new, a send and a receive that wait, select, close); promises (resolved from
- * another thread while awaited with a deadline, and before); DNS (moor_resolve against a
- * dnsmasq of its own, skipped without one, as in test_dns.c); timers and sleeps; fd waits;
- * and the chat server's accept path (examples/chat/chat.c built into this test with its main
- * renamed and its own allocations on this allocator: see the end of the file).
+ * another thread while awaited with a deadline, and before); blocking calls; timers and
+ * sleeps; fd waits; DNS (moor_resolve and moor_tcp_dial by name against a dnsmasq of its
+ * own, skipped without one, as in test_dns.c: c-ares' allocations are failed too); and the
+ * chat server's accept path (examples/chat/chat.c built into this test with its main renamed
+ * and its own allocations on this allocator: see the end of the file).
  *
- * The sweeps are short (each scenario makes a few dozen allocations at most), so every N is
- * run in every build, valgrind's included (some 9 s there). FAULT_DEBUG=1 prints each run. */
+ * The sweeps are short (each scenario makes 5 to 70 allocations), so every N is run in every
+ * build, valgrind's included (some 20 s there). FAULT_DEBUG=1 prints each run. */
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
