@@ -7,7 +7,8 @@
  *
  * Scenarios: spawn (joined, detached, scopes, a new stack size, a future as a task);
  * channels (new, a send and a receive that wait, select, close); promises (resolved from
- * another thread while awaited with a deadline, and before); blocking calls; timers and
+ * another thread while awaited with a deadline, and before); mutex, condition variable,
+ * semaphore, wait group and event waits with deadlines; blocking calls; timers and
  * sleeps; fd waits; DNS (moor_resolve and moor_tcp_dial by name against a dnsmasq of its
  * own, skipped without one, as in test_dns.c: c-ares' allocations are failed too); and the
  * chat server's accept path (examples/chat/chat.c built into this test with its main renamed
@@ -240,6 +241,25 @@ static moor_poll ready_poll(moor_future *fut, moor_cx *cx)
 
 static const moor_future_ops ready_ops = {"ready", ready_poll, NULL};
 
+typedef struct remote_spawner {
+    moor_executor *ex;
+    int ran; /* atomic: the fiber ran (on the executor's thread) */
+    int rc;
+} remote_spawner;
+
+static intptr_t remote_kid(void *arg)
+{
+    __atomic_store_n(&((remote_spawner *)arg)->ran, 1, __ATOMIC_SEQ_CST);
+    return 0;
+}
+
+static void *remote_spawn_thread(void *arg)
+{
+    remote_spawner *r = arg;
+    r->rc = moor_spawn_remote(r->ex, remote_kid, r);
+    return NULL;
+}
+
 static void scenario_spawn(outcome *o, int full)
 {
     (void)full;
@@ -271,6 +291,15 @@ static void scenario_spawn(outcome *o, int full)
         assert_true(moor_future_done(&a.base));
         assert_int_equal(a.base.result, 7);
     }
+
+    /* From another thread: queued (or -ENOMEM to the caller), then started by the run. */
+    remote_spawner rs = {.ex = moor_executor_current()};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, remote_spawn_thread, &rs), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(moor_executor_run(rs.ex), 0);
+    if (NOTE(o, rs.rc) == 0)
+        assert_int_equal(__atomic_load_n(&rs.ran, __ATOMIC_SEQ_CST), 1);
 }
 
 static void test_fault_spawn(void **state)
@@ -509,6 +538,78 @@ static void test_fault_remote_wake_without_memory(void **state)
     ex_free(ex);
 }
 
+/* ---- synchronisation ------------------------------------------------------------------------ */
+
+/* Every wait has a deadline, whose timer may be refused (-ENOMEM): each side goes on
+ * regardless, so nobody is left waiting for the other. */
+typedef struct sync_run {
+    outcome *o;
+    moor_mutex m;
+    moor_cond c;
+    moor_sem s;
+    moor_waitgroup wg;
+    moor_event ev;
+    int ready;
+    int locked_seen; /* the waiter held the lock while `ready` was set: 1, else 0 */
+} sync_run;
+
+static intptr_t sync_waiter(void *arg)
+{
+    sync_run *r = arg;
+    int64_t dl = moor_deadline_in(SAFETY_MS);
+    if (NOTE(r->o, moor_mutex_lock(&r->m, dl)) == 0) { /* the signaller holds it */
+        while (!r->ready && NOTE(r->o, moor_cond_wait(&r->c, &r->m, dl)) == 0)
+            ;
+        FCHECK(r->m.locked); /* locked again, whatever the wait returned */
+        r->locked_seen = r->ready;
+        moor_mutex_unlock(&r->m);
+    }
+    (void)NOTE(r->o, moor_sem_acquire(&r->s, dl));
+    (void)NOTE(r->o, moor_event_wait(&r->ev, dl));
+    moor_waitgroup_done(&r->wg);
+    return 0;
+}
+
+static intptr_t sync_signaller(void *arg)
+{
+    sync_run *r = arg;
+    moor_mutex_lock(&r->m, -1); /* free: no wait */
+    moor_yield();               /* the waiter queues for the lock */
+    r->ready = 1;
+    moor_cond_signal(&r->c);
+    moor_mutex_unlock(&r->m);
+    moor_sem_release(&r->s);
+    moor_event_set(&r->ev);
+    (void)NOTE(r->o, moor_waitgroup_wait(&r->wg, moor_deadline_in(SAFETY_MS)));
+    return 0;
+}
+
+static void scenario_sync(outcome *o, int full)
+{
+    sync_run r = {.o = o, .m = MOOR_MUTEX_INIT, .c = MOOR_COND_INIT, .s = MOOR_SEM_INIT(0),
+                  .wg = MOOR_WAITGROUP_INIT, .ev = MOOR_EVENT_INIT};
+    moor_waitgroup_add(&r.wg, 1);
+    moor_fiber *s, *w;
+    if (NOTE(o, moor_spawn(&s, sync_signaller, &r, NULL)) < 0)
+        return;
+    if (NOTE(o, moor_spawn(&w, sync_waiter, &r, NULL)) == 0) {
+        assert_int_equal(moor_join(w, NULL), 0);
+    } else {
+        moor_waitgroup_done(&r.wg);
+    }
+    assert_int_equal(moor_join(s, NULL), 0);
+    assert_int_equal(r.wg.count, 0);
+    if (full)
+        assert_int_equal(r.locked_seen, 1);
+}
+
+static void test_fault_sync(void **state)
+{
+    (void)state;
+    sweep("sync", scenario_sync, FAIL_ONE);
+    sweep("sync", scenario_sync, FAIL_FROM);
+}
+
 /* ---- blocking calls -------------------------------------------------------------------------- */
 
 /* The worker pool is made, its first thread's handle stored, and the worker's wake queued
@@ -540,14 +641,17 @@ static intptr_t sleeper(void *arg)
     return moor_sleep(moor_deadline_in((int64_t)(intptr_t)arg));
 }
 
+/* More sleepers than the timer heap's first capacity (16): it grows again, by realloc. */
+#define SLEEPERS 20
+
 static void scenario_timer(outcome *o, int full)
 {
     (void)full;
-    moor_fiber *f[3];
-    int ok[3];
-    for (int i = 0; i < 3; i++)
-        ok[i] = NOTE(o, moor_spawn(&f[i], sleeper, (void *)(intptr_t)(1 + i), NULL)) == 0;
-    for (int i = 0; i < 3; i++) {
+    moor_fiber *f[SLEEPERS];
+    int ok[SLEEPERS];
+    for (int i = 0; i < SLEEPERS; i++)
+        ok[i] = NOTE(o, moor_spawn(&f[i], sleeper, (void *)(intptr_t)(1 + i % 3), NULL)) == 0;
+    for (int i = 0; i < SLEEPERS; i++) {
         intptr_t r;
         if (!ok[i])
             continue;
@@ -1058,6 +1162,7 @@ int main(void)
         TEST(test_fault_chan),
         TEST(test_fault_promise),
         TEST(test_fault_remote_wake_without_memory),
+        TEST(test_fault_sync),
         TEST(test_fault_blocking),
         TEST(test_fault_timer),
         TEST(test_fault_io),
