@@ -1,5 +1,6 @@
-/* Every allocation moor makes goes through moor__realloc, so that an allocator can be
- * swapped and failures injected in one place. */
+/* Every allocation moor makes goes through moor__realloc, which calls the allocator that
+ * moor_set_allocator installed (libc's by default): one place to swap it and to inject
+ * failures. */
 #ifndef MOOR_FIBER_ALLOC_H
 #define MOOR_FIBER_ALLOC_H
 
@@ -11,6 +12,9 @@
 /* realloc semantics: ptr NULL allocates, size 0 frees (and returns NULL). */
 void *moor__realloc(void *ptr, size_t size);
 
+/* Executors alive in the process (atomic): moor_set_allocator asserts there are none. */
+extern int moor__executors_alive;
+
 static inline void *moor__alloc(size_t size) { return moor__realloc(NULL, size); }
 static inline void moor__free(void *ptr) { (void)moor__realloc(ptr, 0); }
 
@@ -19,8 +23,7 @@ static inline void moor__free(void *ptr) { (void)moor__realloc(ptr, 0); }
 
 /* Make room for `need` elements of `size` (> 0) bytes in the array whose pointer is at
  * `items` (a T **) and whose capacity is *cap: the capacity doubles, from MOOR__GROW_FIRST.
- * 0, or -ENOMEM (no memory, or a size that would overflow), the array unchanged. Inline, so
- * that a test can interpose moor__realloc: alloc.c holds nothing else. */
+ * 0, or -ENOMEM (no memory, or a size that would overflow), the array unchanged. */
 static inline int moor__grow(void *items, size_t *cap, size_t need, size_t size)
 {
     if (need <= *cap)

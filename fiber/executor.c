@@ -190,6 +190,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
 #endif
     ex->alive = 1;
     pthread_mutex_unlock(&ex->remote_lock);
+    __atomic_add_fetch(&moor__executors_alive, 1, __ATOMIC_SEQ_CST); /* moor_set_allocator */
     moor__tls_executor = ex;
     *out = ex;
     return 0;
@@ -228,6 +229,7 @@ void moor_executor_free(moor_executor *ex)
     moor__free(ex->task_chunks);
     moor__overflow_thread_fini(ex);
     moor__tls_executor = NULL;
+    __atomic_sub_fetch(&moor__executors_alive, 1, __ATOMIC_SEQ_CST);
     /* From now on a wake from another thread finds it dead and does nothing. */
     pthread_mutex_lock(&ex->remote_lock);
     executor_recycle(ex);
@@ -331,11 +333,16 @@ static int remote_push(moor_executor *ex, moor__remote_req req)
         pthread_mutex_unlock(&ex->remote_lock);
         return -ESRCH;
     }
-    if (moor__grow(&ex->remote, &ex->cap_remote, ex->nremote + 1, sizeof *ex->remote) < 0) {
+    if (moor__grow(&ex->remote, &ex->cap_remote, ex->nremote + 1, sizeof *ex->remote) == 0) {
+        ex->remote[ex->nremote++] = req;
+    } else if (req.task) {
+        /* No room to queue the wake, and losing it could hang its task for ever: the
+         * executor wakes every task instead (a spurious wake costs one poll). */
+        ex->remote_wake_all = 1;
+    } else {
         pthread_mutex_unlock(&ex->remote_lock);
         return -ENOMEM;
     }
-    ex->remote[ex->nremote++] = req;
     __atomic_store_n(&ex->remote_pending, 1, __ATOMIC_RELEASE);
     /* Under the lock: the driver may be swapped (reactor install) only under it too. */
     ex->driver->unpark(ex->driver_self);
@@ -345,10 +352,9 @@ static int remote_push(moor_executor *ex, moor__remote_req req)
 
 static void wake_remote(moor_executor *ex, moor_task *t, uint64_t gen)
 {
-    /* A wake cannot be refused: losing it could hang its task forever. A dead executor has
-     * no task left to wake. */
-    int rc = remote_push(ex, (moor__remote_req){t, gen, NULL, NULL});
-    moor__assert(rc == 0 || rc == -ESRCH, "out of memory queueing a wake from another thread");
+    /* Never refused for want of memory (see remote_push). A dead executor (-ESRCH) has no
+     * task left to wake. */
+    (void)remote_push(ex, (moor__remote_req){t, gen, NULL, NULL});
 }
 
 int moor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg)
@@ -396,6 +402,23 @@ static int remote_spawn(moor_executor *ex, const moor__remote_req *req)
     return 0;
 }
 
+/* A remote wake found no memory: wake every task started and not finished. */
+static void wake_all(moor_executor *ex)
+{
+    for (moor__node *n = ex->fibers.head; n; n = n->next) {
+        moor_fiber *f = moor_container_of(n, moor_fiber, link);
+        wake_local(ex, &f->task, f->task.gen);
+    }
+    for (size_t i = 0; i < ex->ntask_chunks; i++) {
+        moor_task *slab = ex->task_chunks[i];
+        for (size_t j = 0; j < TASKS_PER_CHUNK; j++)
+            if (slab[j].gen)
+                wake_local(ex, &slab[j], slab[j].gen);
+    }
+    if (ex->block_on_task.gen)
+        wake_local(ex, &ex->block_on_task, ex->block_on_task.gen);
+}
+
 static void drain_remote(moor_executor *ex)
 {
     int may_spawn = ex->remote_unstarted == 0 &&
@@ -415,6 +438,10 @@ static void drain_remote(moor_executor *ex)
     }
     ex->nremote = kept;
     ex->spawns_kept = kept;
+    if (ex->remote_wake_all) {
+        ex->remote_wake_all = 0;
+        wake_all(ex);
+    }
     /* What is kept is looked at again when the batch has started (remote_started) or
      * the retry time has come (events), not before every task. */
     __atomic_store_n(&ex->remote_pending, 0, __ATOMIC_RELAXED);

@@ -137,6 +137,7 @@ struct moor_executor {
     moor__remote_req *remote;
     size_t nremote, cap_remote;
     int remote_pending;              /* atomic: something in the remote queue to act on */
+    int remote_wake_all;             /* a wake found no memory to queue: wake every task */
     int unparked;                    /* plain driver: an unpark is outstanding */
     /* Last, so that recycling can clear everything before them while they stay valid. */
     pthread_mutex_t remote_lock;

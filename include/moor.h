@@ -63,6 +63,30 @@ extern "C" {
  * code ("No such host"). Never NULL. */
 MOOR_API const char *moor_strerror(int err);
 
+/* ------------------------------------------------------------------------------------------
+ * Memory
+ *
+ * Every allocation moor makes (executors, task slots, the stack pool's and timer heap's
+ * arrays, channels, promises, the fd table, readers' buffers, moor_resolve's lists, DNS
+ * lookups, and c-ares' own allocations) goes through one allocator, libc's by default. The
+ * fiber stacks are mmap'd, not allocated. libev's allocations stay on libc's: libev aborts
+ * when an allocation fails, so it gets no allocator that may fail.
+ * ---------------------------------------------------------------------------------------- */
+
+/* Install malloc_fn, realloc_fn and free_fn as moor's allocator (for fault injection, a
+ * tracking or arena allocator); three NULLs put libc's back. They may be called from any
+ * thread that uses moor, at once: they must be thread-safe. A NULL result is a failure, which
+ * moor reports (-ENOMEM, or what each call documents) and recovers from. moor never asks for
+ * 0 bytes, nor for more than PTRDIFF_MAX (refused without a call).
+ *
+ * Memory is freed with the allocator that is installed when it is freed, so call this only
+ * while moor holds no memory: before the first executor is made, or after the last one is
+ * freed and with no channel, promise, moor_resolve list or moor_reader buffer left (their
+ * memory must be freed with the allocator that made it). Misuse (assertion): an executor
+ * exists on any thread; some functions NULL and others not. Never suspends. */
+MOOR_API void moor_set_allocator(void *(*malloc_fn)(size_t), void *(*realloc_fn)(void *, size_t),
+                                 void (*free_fn)(void *));
+
 typedef struct moor_executor moor_executor;
 typedef struct moor_task moor_task;
 typedef struct moor_future moor_future;

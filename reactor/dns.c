@@ -213,6 +213,7 @@ typedef struct dns_resolver {
     ev_timer timer;       /* c-ares' next timeout; active only while c-ares has one */
     moor__list sockets;   /* dns_socket.link: one per socket c-ares has open and watched */
     moor_sem inflight;    /* permits for lookups in c-ares: MAX_INFLIGHT at most */
+    int starved;          /* a socket went unwatched for want of memory: see sock_state */
 } dns_resolver;
 
 /* Every watcher of the resolver is unreferenced (as loop.c's own are): an attached
@@ -245,7 +246,9 @@ static void timer_rearm(dns_resolver *d)
 {
     struct timeval tv;
     timer_stop(d);
-    if (!d->channel || !ares_timeout(d->channel, NULL, &tv))
+    if (d->starved) /* at once: on_timeout drops the channel */
+        tv = (struct timeval){0, 0};
+    else if (!d->channel || !ares_timeout(d->channel, NULL, &tv))
         return;
     struct ev_loop *loop = d->r->loop;
     ev_now_update(loop);
@@ -265,11 +268,17 @@ static void on_socket(struct ev_loop *loop, ev_io *w, int revents)
     timer_rearm(d);
 }
 
+static void channel_destroy(dns_resolver *d);
+
 static void on_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 {
     (void)loop, (void)revents;
     dns_resolver *d = w->data;
     ev_ref(loop); /* it stopped itself: give back what timer_rearm took */
+    if (d->starved) {
+        channel_destroy(d); /* its lookups fail with -ENOMEM (on_addrinfo) */
+        return;
+    }
     ares_process_fd(d->channel, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
     timer_rearm(d);
 }
@@ -292,8 +301,10 @@ static void socket_drop(dns_resolver *d, dns_socket *s)
 }
 
 /* c-ares' socket-state callback: watch fd for what it wants, or stop (it is about to close
- * it). Without memory for a watcher the socket goes unwatched: its lookups end at c-ares'
- * timeout, which the timer still serves. */
+ * it). Without memory for a watcher the socket would go unwatched, and every lookup on it,
+ * now or later, wait for c-ares' timeout: instead the channel is starved, and dropped at the
+ * next turn of the loop (on_timeout, from timer_rearm: not inside c-ares), its lookups
+ * failing with -ENOMEM; the next lookup makes a new one. */
 static void sock_state(void *data, ares_socket_t fd, int readable, int writable)
 {
     dns_resolver *d = data;
@@ -306,8 +317,10 @@ static void sock_state(void *data, ares_socket_t fd, int readable, int writable)
     int events = (readable ? EV_READ : 0) | (writable ? EV_WRITE : 0);
     if (!s) {
         s = moor__alloc(sizeof *s);
-        if (!s)
+        if (!s) {
+            d->starved = 1;
             return;
+        }
         ev_io_init(&s->watcher, on_socket, fd, events);
         s->watcher.data = d;
         moor__list_push(&d->sockets, &s->link);
@@ -330,7 +343,38 @@ static void sock_state(void *data, ares_socket_t fd, int readable, int writable)
 static pthread_once_t library_once = PTHREAD_ONCE_INIT;
 static int library_status;
 
-static void library_init(void) { library_status = ares_library_init(ARES_LIB_INIT_ALL); }
+/* c-ares allocates through moor's allocator (moor_set_allocator). c-ares may ask for 0 bytes,
+ * which moor__realloc would take for a free: it gets 1.
+ *
+ * c-ares does not always report its allocation failures: when one of the two queries of an
+ * AF_UNSPEC lookup fails for memory, the lookup ends with the other's status ("no address of
+ * that family", say), a false answer. So the failures on this thread (the only one that
+ * calls into the executor's channel) are counted, and a lookup that failed while the count
+ * moved reports -ENOMEM (see on_addrinfo). */
+static __thread unsigned long ares_alloc_failures;
+
+static void *ares_alloc(size_t size)
+{
+    void *p = moor__alloc(size ? size : 1);
+    if (!p)
+        ares_alloc_failures++;
+    return p;
+}
+
+static void *ares_grow(void *ptr, size_t size)
+{
+    void *p = moor__realloc(ptr, size ? size : 1);
+    if (!p)
+        ares_alloc_failures++;
+    return p;
+}
+
+static void ares_release(void *ptr) { moor__free(ptr); }
+
+static void library_init(void)
+{
+    library_status = ares_library_init_mem(ARES_LIB_INIT_ALL, ares_alloc, ares_release, ares_grow);
+}
 
 static int channel_new(dns_resolver *d)
 {
@@ -374,6 +418,7 @@ static void channel_destroy(dns_resolver *d)
     while (d->sockets.head) /* none should be left; c-ares told of each */
         socket_drop(d, moor_container_of(d->sockets.head, dns_socket, link));
     timer_stop(d);
+    d->starved = 0;
 }
 
 /* In a forked child: the channel's sockets are the parent's too, and the answers to its
@@ -413,6 +458,8 @@ static int resolver_get(moor_executor *ex, dns_resolver **out)
         d->timer.data = d;
         moor__reactor_hook_set(r, MOOR__REACTOR_HOOK_DNS, &dns_hooks, d);
     }
+    if (d->starved) /* a socket went unwatched, and the loop has not dropped it yet */
+        channel_destroy(d);
     if (!d->channel && (rc = channel_new(d)) < 0)
         return rc;
     *out = d;
@@ -429,6 +476,8 @@ typedef struct dns_query {
     struct addrinfo *result; /* owned by the query until the call takes it */
     moor_waker waker; /* the waiting task; zeroed once the call gave up */
     moor_sem *inflight; /* its permit, given back when c-ares is done with it */
+    const int *starved; /* its resolver's: a lookup ended by the channel's drop failed for memory */
+    unsigned long alloc_failures; /* ares_alloc_failures when it began */
     struct addrinfo hints;
 } dns_query;
 
@@ -445,6 +494,11 @@ static void on_addrinfo(void *arg, int status, int timeouts, struct ares_addrinf
     (void)timeouts;
     dns_query *q = arg;
     q->status = moor__dns_error(status);
+    if (status == ARES_EDESTRUCTION && *q->starved)
+        q->status = -ENOMEM;
+    else if (status != ARES_SUCCESS && status != ARES_EDESTRUCTION &&
+             status != ARES_ECANCELLED && ares_alloc_failures != q->alloc_failures)
+        q->status = -ENOMEM; /* c-ares may have lost its own -ENOMEM (see ares_alloc) */
     if (status == ARES_SUCCESS && res)
         q->status = convert(res, &q->hints, &q->result);
     if (res)
@@ -565,6 +619,8 @@ int moor_resolve(const char *host, const char *service, const struct addrinfo *h
     memset(q, 0, sizeof *q);
     q->refs = 2;
     q->inflight = &d->inflight;
+    q->starved = &d->starved;
+    q->alloc_failures = ares_alloc_failures;
     q->hints = h;
     struct ares_addrinfo_hints ah = {flags, h.ai_family, h.ai_socktype, h.ai_protocol};
     /* The callback may run before this returns (/etc/hosts, a bad name, no memory). */

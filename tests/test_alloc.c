@@ -1,7 +1,7 @@
-/* Allocation failure: every allocation moor makes goes through moor__realloc, which this
- * test replaces (a definition here wins over the static library's, whose alloc.o is then
- * never linked) to fail on demand. Whatever fails, the call reports -ENOMEM and the runtime
- * stays usable; nothing crashes, nothing is lost. */
+/* Allocation failure: every allocation moor makes goes through the allocator installed with
+ * moor_set_allocator, which this test makes fail on demand. Whatever fails, the call reports
+ * -ENOMEM and the runtime stays usable; nothing crashes, nothing is lost. (tests/test_fault.c
+ * fails each allocation of whole scenarios in turn.) */
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -19,13 +19,17 @@
 static int failing;
 static unsigned long refused;
 
-void *moor__realloc(void *ptr, size_t size);
-void *moor__realloc(void *ptr, size_t size)
+static void *failing_malloc(size_t size)
 {
-    if (size == 0) {
-        free(ptr);
+    if (failing) {
+        refused++;
         return NULL;
     }
+    return malloc(size);
+}
+
+static void *failing_realloc(void *ptr, size_t size)
+{
     if (failing) {
         refused++;
         return NULL;
@@ -252,8 +256,54 @@ static void test_alloc_spawn_new_stack_size(void **state)
     ex_free(ex);
 }
 
+/* Three NULLs put libc's allocator back: with the failing one set to fail, a channel is
+ * made all the same; the failing one installed again, it fails. */
+static void test_alloc_set_allocator_null_restores_libc(void **state)
+{
+    (void)state;
+    moor_chan *ch = NULL;
+    moor_set_allocator(NULL, NULL, NULL);
+    failing = 1;
+    refused = 0;
+    assert_int_equal(moor_chan_new(&ch, sizeof(int), 4), 0);
+    moor_chan_free(ch);
+    assert_int_equal(refused, 0);
+    moor_set_allocator(failing_malloc, failing_realloc, free);
+    assert_int_equal(moor_chan_new(&ch, sizeof(int), 4), -ENOMEM);
+    failing = 0;
+    assert_true(refused > 0);
+}
+
+static void set_allocator_with_executor(void *arg)
+{
+    (void)arg;
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    moor_set_allocator(NULL, NULL, NULL);
+}
+
+static void set_allocator_half(void *arg)
+{
+    (void)arg;
+    moor_set_allocator(malloc, NULL, free);
+}
+
+/* Misuse: changing the allocator while an executor exists (its memory would be freed with
+ * another allocator than the one that made it), or giving only some of the functions. */
+static void test_alloc_set_allocator_misuse(void **state)
+{
+    (void)state;
+    child_report r;
+    child_run(set_allocator_with_executor, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "moor_set_allocator: 1 executor(s) exist");
+    child_run(set_allocator_half, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "give all three functions");
+}
+
 int main(void)
 {
+    child_signals_save();
+    moor_set_allocator(failing_malloc, failing_realloc, free);
     const struct CMUnitTest tests[] = {
         TEST(test_alloc_join_from_plain_code_needs_no_memory),
         TEST(test_alloc_task_spawn_and_block_on),
@@ -262,6 +312,8 @@ int main(void)
         TEST(test_alloc_timer_heap),
         TEST(test_alloc_scope_close_without_timer),
         TEST(test_alloc_spawn_new_stack_size),
+        TEST(test_alloc_set_allocator_null_restores_libc),
+        TEST(test_alloc_set_allocator_misuse),
     };
     return RUN_TESTS(tests);
 }

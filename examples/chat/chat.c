@@ -23,6 +23,17 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#ifdef MOOR_CHAT_TEST
+/* tests/test_fault.c builds this file into itself to fail allocations on the accept path:
+ * main is renamed, and the server's own allocations go through the test's allocator. */
+#define main moor_chat_main
+int moor_chat_main(int argc, char **argv);
+void *moor_chat_malloc(size_t size);
+void moor_chat_free(void *ptr);
+#define malloc moor_chat_malloc
+#define free moor_chat_free
+#endif
+
 #define MAX_LINE (4096)         /* longest line accepted, without its newline */
 #define MAX_NICK (32)
 #define OUTBOX_MAX (1 << 20)    /* unsent bytes beyond which a client is dropped */
@@ -285,20 +296,30 @@ static intptr_t client_run(void *arg)
     client c = {.fd = (int)(intptr_t)arg, .ready = MOOR_SEM_INIT(0), .reader = moor_self()};
     moor_reader r;
     moor_fiber *w;
-    if (moor_reader_init(&r, c.fd, MAX_LINE + 2) < 0) { /* room for "\r\n" */
+    do /* guest<N>, N counting connections; a name someone took with /nick is skipped */
+        snprintf(c.nick, sizeof c.nick, "guest%lu", ++room.guests);
+    while (find(c.nick, strlen(c.nick)));
+    /* Without memory for any of these the connection is closed: a client is served in full,
+     * starting with its name, or not at all. */
+    msg *welcome = msg_new(NULL, 0, "* welcome %s", c.nick);
+    if (!welcome) {
         moor_close(c.fd);
         return 0;
     }
-    if (moor_spawn(&w, writer, &c, &writer_attr) < 0) {
+    if (moor_reader_init(&r, c.fd, MAX_LINE + 2) < 0) { /* room for "\r\n" */
+        msg_unref(welcome);
         moor_reader_free(&r);
         moor_close(c.fd);
         return 0;
     }
-    do /* guest<N>, N counting connections; a name someone took with /nick is skipped */
-        snprintf(c.nick, sizeof c.nick, "guest%lu", ++room.guests);
-    while (find(c.nick, strlen(c.nick)));
+    if (moor_spawn(&w, writer, &c, &writer_attr) < 0) {
+        msg_unref(welcome);
+        moor_reader_free(&r);
+        moor_close(c.fd);
+        return 0;
+    }
     room_add(&c);
-    send_to(&c, msg_new(NULL, 0, "* welcome %s", c.nick));
+    send_to(&c, welcome); /* or, without memory for its outbox, c is dropped */
     announce(&c, msg_new(NULL, 0, "* %s joined", c.nick));
 
     /* A flooder's lines come out of its buffer without waiting, but each spends moor's
@@ -349,8 +370,13 @@ static intptr_t serve(void *arg)
     moor_scope signals, clients;
     moor_scope_init(&signals);
     moor_scope_init(&clients);
-    moor_scope_spawn(&signals, stop_on, (void *)(intptr_t)SIGINT, NULL);
-    moor_scope_spawn(&signals, stop_on, (void *)(intptr_t)SIGTERM, NULL);
+    if (moor_scope_spawn(&signals, stop_on, (void *)(intptr_t)SIGINT, NULL) < 0 ||
+        moor_scope_spawn(&signals, stop_on, (void *)(intptr_t)SIGTERM, NULL) < 0) {
+        fprintf(stderr, "moor-chat: no memory to wait for signals\n"); /* nothing could stop it */
+        moor_scope_close(&signals, -1);
+        moor_close(lfd);
+        return 1;
+    }
     moor_yield(); /* the signal waits begin before anyone learns the port */
     printf("listening on %s:%d\n", bind_addr, moor_socket_port(lfd));
     fflush(stdout);
@@ -392,6 +418,7 @@ int main(int argc, char **argv)
     }
     if (optind != argc || port < 0 || port > 65535)
         usage();
+    memset(&room, 0, sizeof room); /* main may run more than once in a process (the test) */
 
     /* One descriptor per client: allow as many as the hard limit does. */
     struct rlimit rl;
@@ -414,7 +441,8 @@ int main(int argc, char **argv)
         fprintf(stderr, "moor-chat: %s\n", moor_strerror(rc));
         return 1;
     }
-    moor_join(server, NULL); /* -ECANCELED: a signal stopped it, as it should */
+    intptr_t failed = 0;
+    moor_join(server, &failed); /* -ECANCELED: a signal stopped it, as it should */
     moor_executor_free(ex);
-    return 0;
+    return failed ? 1 : 0;
 }
