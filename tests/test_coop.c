@@ -104,6 +104,10 @@ static intptr_t counter(void *arg)
 static intptr_t sleeper(void *arg)
 {
     flood *f = arg;
+    /* The 10 ms start once the flood runs: under valgrind starting the flooder alone can take
+     * longer than that (the timer then fires before the flood it is meant to cut into). */
+    while (!f->flooding)
+        moor_yield();
     FCHECK(moor_sleep(moor_deadline_in(10)) == 0);
     f->woke_during_flood = f->flooding;
     f->ops_at_wake = f->ops;
