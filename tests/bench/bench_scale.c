@@ -7,6 +7,7 @@
  *                            stack carved fresh (a new executor each repetition)
  *   spawn_cold_vs_page_fault_ratio   the two above
  *   sleepers_100k_wall_ms    100,000 fibers each sleeping 1 s: first spawn to last exit
+ *                            (_spawn_ms: to the last spawn; _cpu_ms: the process's CPU time)
  *   sleepers_100k_peak_rss_mib       the process's peak RSS meanwhile (VmHWM, reset before)
  *   executor_free_ms         moor_executor_free after those 100,000
  *   spawn_all_ms             N fibers (argv[1], default 100000) spawned and suspended (each
@@ -16,6 +17,8 @@
  *   pte_per_fiber_kib        the same for VmPTE (page tables)
  *   mappings                 lines of /proc/self/maps while they wait
  *   wake_all_ms              set the event: until every fiber has returned
+ *   *_cpu_ms                 the CPU time of the phase: on a shared machine, what it cost
+ *                            as opposed to how long it waited for a core
  *   rss_after_burst_kib      VmRSS once they have all returned, less VmRSS before
  *   executor_free_n_ms       moor_executor_free after the N
  *
@@ -88,6 +91,15 @@ static void peak_rss_reset(void)
         fprintf(stderr, BENCH_NAME ": cannot reset the peak RSS: %s\n", strerror(errno));
     if (fd >= 0)
         close(fd);
+}
+
+/* CPU time of the process: on a machine shared with other work, what a phase cost us as
+ * opposed to how long it waited for a core. */
+static uint64_t cpu_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -169,6 +181,7 @@ struct crowd {
     moor_event go;
     size_t started, finished;
     uint64_t t_spawn0, t_spawned, t_woken;
+    uint64_t cpu_spawn0, cpu_spawned, cpu_woken;
     long rss, pte, maps; /* while they all wait */
 };
 
@@ -185,19 +198,22 @@ static intptr_t crowd_driver(void *arg)
 {
     struct crowd *c = arg;
     c->t_spawn0 = now_ns();
+    c->cpu_spawn0 = cpu_ns();
     for (size_t i = 0; i < c->n; i++)
         check(moor_spawn(NULL, waiter_fn, c, NULL), "moor_spawn");
     while (c->started < c->n)
         moor_yield(); /* the run queue is FIFO: every fiber spawned runs before we are back */
     c->t_spawned = now_ns();
+    c->cpu_spawned = cpu_ns();
     c->rss = status_kib("VmRSS");
     c->pte = status_kib("VmPTE");
     c->maps = mappings_now();
-    uint64_t t0 = now_ns();
+    uint64_t t0 = now_ns(), cpu0 = cpu_ns();
     moor_event_set(&c->go);
     while (c->finished < c->n)
         moor_yield();
     c->t_woken = now_ns() - t0;
+    c->cpu_woken = cpu_ns() - cpu0;
     return 0;
 }
 
@@ -244,11 +260,12 @@ int main(int argc, char **argv)
         moor_executor *ex = executor_begin();
         peak_rss_reset();
         long rss0 = status_kib("VmRSS");
-        uint64_t t0 = now_ns();
+        uint64_t t0 = now_ns(), cpu0 = cpu_ns();
         for (size_t i = 0; i < SLEEPERS; i++)
             check(moor_spawn(NULL, sleeper_fn, NULL, NULL), "moor_spawn");
+        uint64_t t_spawned = now_ns();
         check(moor_executor_run(ex), "moor_executor_run");
-        uint64_t t1 = now_ns();
+        uint64_t t1 = now_ns(), cpu1 = cpu_ns();
         if (sleepers_done != SLEEPERS)
             die("a sleeper did not finish");
         long hwm = status_kib("VmHWM");
@@ -256,6 +273,8 @@ int main(int argc, char **argv)
         moor_executor_free(ex);
         uint64_t f1 = now_ns();
         print_ms("sleepers_100k_wall_ms", t1 - t0);
+        print_ms("sleepers_100k_spawn_ms", t_spawned - t0);
+        print_ms("sleepers_100k_cpu_ms", cpu1 - cpu0);
         printf("sleepers_100k_peak_rss_mib: %ld MiB\n", (hwm + 512) / 1024);
         printf("sleepers_100k_peak_rss_growth_mib: %ld MiB\n", (hwm - rss0 + 512) / 1024);
         print_ms("executor_free_ms", f1 - f0);
@@ -301,6 +320,7 @@ int main(int argc, char **argv)
         uint64_t spawn_ns = c.t_spawned - c.t_spawn0;
         printf("fibers: %zu\n", n);
         print_ms("spawn_all_ms", spawn_ns);
+        print_ms("spawn_all_cpu_ms", c.cpu_spawned - c.cpu_spawn0);
         printf("spawn_rate_per_s: %llu /s\n", (ull)((uint64_t)n * 1000000000u / spawn_ns));
         print_kib_per("rss_per_fiber_kib", rss0, c.rss, n);
         print_kib_per("pte_per_fiber_kib", pte0, c.pte, n);
@@ -308,6 +328,7 @@ int main(int argc, char **argv)
         printf("slabs: %zu\n", counts.slabs);
         printf("reserved_gib: %zu GiB\n", (counts.reserved + (1u << 29)) >> 30);
         print_ms("wake_all_ms", c.t_woken);
+        print_ms("wake_all_cpu_ms", c.cpu_woken);
         printf("rss_after_burst_kib: %ld KiB\n", rss1 - rss0);
         printf("pte_after_burst_kib: %ld KiB\n", pte1 - pte0);
         print_ms("executor_free_n_ms", f1 - f0);
