@@ -21,6 +21,9 @@
 #ifndef MADV_GUARD_INSTALL
 #define MADV_GUARD_INSTALL 102 /* Linux 6.13; older headers lack it */
 #endif
+#ifndef MADV_GUARD_REMOVE
+#define MADV_GUARD_REMOVE 103
+#endif
 #ifndef SYS_process_madvise
 #define SYS_process_madvise 440
 #endif
@@ -135,12 +138,6 @@ static void stack_deregister(char *base, size_t map_size)
 #endif
 }
 
-static int slab_by_address(const void *a, const void *b)
-{
-    const char *x = ((const moor__stack_slab *)a)->base, *y = ((const moor__stack_slab *)b)->base;
-    return (x > y) - (x < y);
-}
-
 void moor__stack_pool_destroy(moor__stack_pool *pool)
 {
     for (size_t i = 0; i < pool->nbuckets; i++) {
@@ -150,9 +147,8 @@ void moor__stack_pool_destroy(moor__stack_pool *pool)
         moor__free(b->hot);
         moor__free(b->cold);
     }
-    /* Slabs side by side go in one munmap: the kernel merged them into one mapping, and
-     * unmapping part of a mapping splits it, which fails at vm.max_map_count. */
-    qsort(pool->slabs, pool->nslabs, sizeof *pool->slabs, slab_by_address);
+    /* Slabs side by side (kept sorted) go in one munmap: the kernel merged them into one
+     * mapping, and unmapping part of a mapping splits it, which fails at vm.max_map_count. */
     for (size_t i = 0; i < pool->nslabs;) {
         char *lo = pool->slabs[i].base, *hi = lo + pool->slabs[i].len;
         for (i++; i < pool->nslabs && pool->slabs[i].base == hi; i++)
@@ -234,6 +230,20 @@ static void check_out_of_mappings(const moor__stack_pool *pool)
 
 /* ---- slabs and guards ------------------------------------------------------------------ */
 
+/* The slab that holds the stack at base. */
+static moor__stack_slab *slab_of(moor__stack_pool *pool, const char *base)
+{
+    size_t lo = 0, hi = pool->nslabs;
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (pool->slabs[mid].base <= base)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return &pool->slabs[lo];
+}
+
 /* A new slab for b, as large as it can be had: halved until the mapping succeeds (a low
  * RLIMIT_AS, strict overcommit), down to one stack. */
 static int slab_new(moor__stack_pool *pool, moor__stack_bucket *b)
@@ -260,7 +270,12 @@ static int slab_new(moor__stack_pool *pool, moor__stack_bucket *b)
     /* A slab is large enough for transparent huge pages, which would make a stack's first
      * touch cost 2 MiB (Linux 6.7+ already excludes MAP_STACK mappings). */
     madvise(base, len, MADV_NOHUGEPAGE);
-    pool->slabs[pool->nslabs++] = (moor__stack_slab){base, len};
+    size_t at = pool->nslabs;
+    while (at > 0 && pool->slabs[at - 1].base > base)
+        at--;
+    memmove(&pool->slabs[at + 1], &pool->slabs[at], (pool->nslabs - at) * sizeof *pool->slabs);
+    pool->slabs[at] = (moor__stack_slab){.base = base, .len = len, .map_size = b->map_size};
+    pool->nslabs++;
     pool->reserved += len;
     b->carve = b->guarded = base;
     b->carve_end = base + len;
@@ -315,10 +330,31 @@ static int carve(moor__stack_pool *pool, moor__stack_bucket *b, char **base)
     }
     *base = b->carve;
     b->carve += b->map_size;
+    moor__stack_slab *slab = slab_of(pool, *base);
+    slab->carved++;
+    slab->empty = 0;
     return 0;
 }
 
 /* ---- the pool -------------------------------------------------------------------------- */
+
+/* Every stack carved from the slab is cold and given back: give back the page tables as well.
+ * DONTNEED frees a page table once nothing is left in it (Linux 6.14+, PT_RECLAIM), and
+ * guard markers are something: remove them first. The range stays mapped and reads zeros;
+ * stacks not carved yet keep the guards installed ahead of them. Not done as stacks are
+ * freed, only when the pool is trimmed: removing the guards and installing them again costs
+ * about 3 us a stack here (bench_scale), half the cost of a cold spawn. */
+static void slab_bare(const moor__stack_pool *pool, moor__stack_slab *slab)
+{
+    if (pool->mode != MOOR_GUARD_MADVISE)
+        return; /* mprotect guards are mappings, not page table entries */
+    size_t len = slab->carved * slab->map_size;
+    if (madvise(slab->base, len, MADV_GUARD_REMOVE) != 0)
+        return; /* the guards are still there: the stacks stay as they are */
+    slab->bare = 1;
+    slab->empty = 1;
+    madvise(slab->base, len, MADV_DONTNEED);
+}
 
 static int by_address(const void *a, const void *b)
 {
@@ -330,7 +366,7 @@ static int by_address(const void *a, const void *b)
  * by side in a slab (freed in any order) go in one MADV_DONTNEED. The range covers the
  * guards between them: guard markers survive DONTNEED, and an mprotect guard has nothing to
  * give back. Zeroed, a control block reads as a free fiber. */
-static void bucket_trim(const moor__stack_pool *pool, moor__stack_bucket *b)
+static void bucket_trim(moor__stack_pool *pool, moor__stack_bucket *b)
 {
     char **v = b->cold + b->ncold - b->untrimmed;
     size_t n = b->untrimmed;
@@ -344,6 +380,8 @@ static void bucket_trim(const moor__stack_pool *pool, moor__stack_bucket *b)
         madvise(lo, (size_t)(hi - lo), MADV_DONTNEED);
         i = j;
     }
+    for (size_t i = 0; i < n; i++)
+        slab_of(pool, v[i])->trimmed++;
 }
 
 void moor__stack_pool_trim(moor__stack_pool *pool)
@@ -351,6 +389,11 @@ void moor__stack_pool_trim(moor__stack_pool *pool)
     for (size_t i = 0; i < pool->nbuckets; i++)
         if (pool->buckets[i].untrimmed)
             bucket_trim(pool, &pool->buckets[i]);
+    for (size_t i = 0; i < pool->nslabs; i++) {
+        moor__stack_slab *slab = &pool->slabs[i];
+        if (slab->carved && slab->trimmed == slab->carved && !slab->empty)
+            slab_bare(pool, slab);
+    }
 }
 
 int moor__stack_get_slow(moor__stack_pool *pool, size_t map_size, char **base)
@@ -362,9 +405,20 @@ int moor__stack_get_slow(moor__stack_pool *pool, size_t map_size, char **base)
     }
     if (b && b->ncold) {
         /* The untrimmed ones are on top: still resident, cheaper to take. */
-        *base = b->cold[--b->ncold];
-        if (b->untrimmed)
+        char *cold = b->cold[b->ncold - 1];
+        if (b->untrimmed) {
             b->untrimmed--;
+        } else {
+            moor__stack_slab *slab = slab_of(pool, cold);
+            /* Its slab gave back its page tables, guards included, once: put the guard back
+             * (again, harmlessly, if this stack had it back already). */
+            if (slab->bare && madvise(cold, pool->guard, MADV_GUARD_INSTALL) != 0)
+                return -ENOMEM;
+            slab->trimmed--;
+            slab->empty = 0;
+        }
+        b->ncold--;
+        *base = cold;
         stack_register(*base, map_size, pool->guard);
         return 0;
     }
@@ -409,6 +463,8 @@ void moor__stack_pool_counts(const moor__stack_pool *pool, moor__stack_counts *o
 {
     *out = (moor__stack_counts){.mapped = pool->mapped, .slabs = pool->nslabs,
                                 .reserved = pool->reserved};
+    for (size_t i = 0; i < pool->nslabs; i++)
+        out->slabs_bare += pool->slabs[i].empty;
     for (size_t i = 0; i < pool->nbuckets; i++) {
         out->hot += pool->buckets[i].nhot;
         out->cold += pool->buckets[i].ncold;

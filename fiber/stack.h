@@ -21,6 +21,7 @@
 #define MOOR_FIBER_STACK_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "moor.h"
 
@@ -40,10 +41,19 @@ typedef struct moor__stack_bucket {
     size_t slab_next;  /* stacks the next slab of this size is asked to hold */
 } moor__stack_bucket;
 
-/* One reservation: unmapped whole when the pool is destroyed. */
+/* One reservation: unmapped whole when the pool is destroyed. Its stacks are carved from
+ * its base up. When the pool is trimmed and every stack carved from a slab is cold, the slab
+ * gives back its page tables too (they hold the guard markers, ~640 bytes a default stack):
+ * its guards are removed and the carved range dropped, still mapped and reading zeros. A
+ * stack taken from such a slab has its guard installed again. MADVISE mode only. */
 typedef struct moor__stack_slab {
     char *base;
     size_t len;
+    size_t map_size;
+    size_t carved;  /* stacks handed out from its base up, in use or pooled */
+    size_t trimmed; /* of those, cold with their memory given back */
+    uint8_t bare;   /* its page tables were given back: a stack taken from it needs its guard */
+    uint8_t empty;  /* since then, no stack of it has been taken */
 } moor__stack_slab;
 
 typedef struct moor__stack_pool {
@@ -53,7 +63,7 @@ typedef struct moor__stack_pool {
     moor__stack_bucket *buckets;
     size_t nbuckets, cap_buckets;
     size_t mapped;         /* stacks carved, in use or pooled */
-    moor__stack_slab *slabs;
+    moor__stack_slab *slabs; /* sorted by address */
     size_t nslabs, cap_slabs;
     size_t reserved;       /* bytes of address space the slabs hold */
 } moor__stack_pool;
@@ -64,6 +74,7 @@ typedef struct moor__stack_counts {
     size_t hot;      /* pooled and resident */
     size_t cold;     /* pooled, memory given back (or in the batch about to be) */
     size_t slabs;    /* reservations (mmap calls that hold stacks) */
+    size_t slabs_bare; /* of those, with every stack cold and their page tables given back */
     size_t reserved; /* bytes of address space the slabs hold, carved or not */
 } moor__stack_counts;
 
@@ -91,7 +102,10 @@ void moor__stack_pool_destroy(moor__stack_pool *pool);
 int moor__stack_get_slow(moor__stack_pool *pool, size_t map_size, char **base);
 void moor__stack_put_slow(moor__stack_pool *pool, char *base, size_t map_size);
 
-/* Give back now the memory of cold stacks still waiting for their batch. */
+/* Give back now the memory of cold stacks still waiting for their batch, and the page tables
+ * of slabs whose every stack is cold (after a burst: ~640 bytes a default stack). Costs about
+ * 3 us a stack of such slabs (removing their guards, installing them again at reuse): for an
+ * idle moment, not for every exit. */
 void moor__stack_pool_trim(moor__stack_pool *pool);
 
 void moor__stack_pool_counts(const moor__stack_pool *pool, moor__stack_counts *out);

@@ -798,6 +798,94 @@ static void test_stack_slab_neighbour_overflow_mprotect(void **state)
     check_neighbour_overflow(MOOR_GUARD_MPROTECT);
 }
 
+/* Once every stack of a slab is cold and given back, the slab gives back its page tables
+ * too, guard markers included; a stack taken from it again gets its guard back. */
+
+#define BARE_FIBERS 63 /* slabs of 1, 2, 4, 8, 16 and 32 stacks, all carved */
+
+static moor_executor *bare_slabs_executor(moor_fiber **f)
+{
+    moor_executor_attr attr = {.pool_hot = 1, .guard = MOOR_GUARD_MADVISE};
+    moor_executor *ex;
+    if (moor_executor_new(&ex, &attr) != 0)
+        return NULL;
+    for (int i = 0; i < BARE_FIBERS; i++)
+        if (moor_spawn(&f[i], return_arg, NULL, NULL) != 0)
+            abort();
+    for (int i = 0; i < BARE_FIBERS; i++)
+        moor_join(f[i], NULL);
+    moor__stack_pool_trim(&ex->pool);
+    return ex;
+}
+
+static void test_stack_bare_slab_regains_guards(void **state)
+{
+    (void)state;
+    require_guard_mode(MOOR_GUARD_MADVISE);
+    moor_fiber *f[BARE_FIBERS];
+    moor_executor *ex = bare_slabs_executor(f);
+    assert_non_null(ex);
+    moor__stack_counts c;
+    moor__stack_pool_counts(&ex->pool, &c);
+    assert_int_equal(c.mapped, BARE_FIBERS);
+    assert_int_equal(c.slabs, 6);
+    assert_int_equal(c.slabs_bare, 5); /* all but the one with the hot stack */
+    for (int i = 0; i < BARE_FIBERS; i++)
+        assert_int_equal(((volatile moor_fiber *)f[i])->state, MOOR__FIBER_FREE);
+
+    /* Take them all again: every guard is back. */
+    for (int i = 0; i < BARE_FIBERS; i++)
+        assert_int_equal(moor_spawn(&f[i], return_arg, NULL, NULL), 0);
+    moor__stack_pool_counts(&ex->pool, &c);
+    assert_int_equal(c.mapped, BARE_FIBERS); /* from the pool, none carved */
+    assert_int_equal(c.slabs_bare, 0);
+    if (!UNDER_VALGRIND) {
+        int fds[2];
+        assert_int_equal(pipe2(fds, O_NONBLOCK), 0);
+        for (int i = 0; i < BARE_FIBERS; i++) {
+            assert_true(faults(fds[1], f[i]->stack_base));
+            assert_true(faults(fds[1], f[i]->stack_base + ex->pool.guard - 1));
+        }
+        close(fds[0]);
+        close(fds[1]);
+    }
+    for (int i = 0; i < BARE_FIBERS; i++)
+        assert_int_equal(moor_join(f[i], NULL), 0);
+    ex_free(ex);
+}
+
+static void bare_overflow_child(void *arg)
+{
+    (void)arg;
+    moor_fiber *f[BARE_FIBERS];
+    moor_executor *ex = bare_slabs_executor(f);
+    CHILD_REQUIRE(ex != NULL);
+    moor__stack_bucket *b = default_bucket(ex);
+    CHILD_REQUIRE(b->nhot == 1 && b->ncold == BARE_FIBERS - 1);
+    moor_fiber *hot;
+    CHILD_REQUIRE(moor_spawn(&hot, return_arg, NULL, NULL) == 0);
+    CHILD_REQUIRE(ex->pool.slabs[0].bare || ex->pool.slabs[1].bare);
+    moor_fiber_attr fattr = {.name = "deep"};
+    moor_fiber *deep;
+    CHILD_REQUIRE(moor_spawn(&deep, deep_fn, NULL, &fattr) == 0);
+    size_t s = 0;
+    while (!(ex->pool.slabs[s].base <= deep->stack_base &&
+             deep->stack_base < ex->pool.slabs[s].base + ex->pool.slabs[s].len))
+        s++;
+    CHILD_REQUIRE(ex->pool.slabs[s].bare);
+    moor_join(deep, NULL);
+    fprintf(stderr, "the fiber returned from endless recursion\n");
+}
+
+static void test_stack_bare_slab_overflow_named(void **state)
+{
+    (void)state;
+    require_guard_mode(MOOR_GUARD_MADVISE);
+    child_report r;
+    child_run(bare_overflow_child, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "\"deep\" overflowed its 256 KiB stack\n");
+}
+
 /* ---- guard mode from the environment ------------------------------------------------------ */
 
 static void env_guard_child(void *arg)
@@ -1023,6 +1111,8 @@ int main(void)
         TEST(test_stack_slab_stacks_distinct_and_guarded),
         TEST(test_stack_slab_neighbour_overflow_madvise),
         TEST(test_stack_slab_neighbour_overflow_mprotect),
+        TEST(test_stack_bare_slab_regains_guards),
+        TEST(test_stack_bare_slab_overflow_named),
         TEST(test_stack_guard_mode_from_env),
         TEST(test_stack_out_of_mappings_mprotect),
         TEST(test_stack_spawn_under_rlimit_as),

@@ -19,7 +19,11 @@
  *   wake_all_ms              set the event: until every fiber has returned
  *   *_cpu_ms                 the CPU time of the phase: on a shared machine, what it cost
  *                            as opposed to how long it waited for a core
- *   rss_after_burst_kib      VmRSS once they have all returned, less VmRSS before
+ *   rss_after_burst_kib      VmRSS once they have all returned, less VmRSS before (and
+ *                            pte_: VmPTE, the page tables, which hold the guard markers)
+ *   trim_ms                  moor__stack_pool_trim then (what an idle moment would call):
+ *                            gives back the page tables of slabs whose stacks are all cold;
+ *                            rss_after_trim_kib, pte_after_trim_kib after it
  *   executor_free_n_ms       moor_executor_free after the N
  *
  * Times are medians of REPS_COLD repetitions where a repetition is cheap (the cold spawn and
@@ -314,6 +318,11 @@ int main(int argc, char **argv)
         moor__stack_counts counts;
         moor__stack_pool_counts(&ex->pool, &counts);
         moor_guard_mode guard = moor_executor_guard(ex);
+        /* What an idle moment's trim gives back on top: the page tables of empty slabs. */
+        uint64_t tr0 = now_ns();
+        moor__stack_pool_trim(&ex->pool);
+        uint64_t tr1 = now_ns();
+        long rss2 = status_kib("VmRSS"), pte2 = status_kib("VmPTE");
         uint64_t f0 = now_ns();
         moor_executor_free(ex);
         uint64_t f1 = now_ns();
@@ -331,6 +340,9 @@ int main(int argc, char **argv)
         print_ms("wake_all_cpu_ms", c.cpu_woken);
         printf("rss_after_burst_kib: %ld KiB\n", rss1 - rss0);
         printf("pte_after_burst_kib: %ld KiB\n", pte1 - pte0);
+        print_ms("trim_ms", tr1 - tr0);
+        printf("rss_after_trim_kib: %ld KiB\n", rss2 - rss0);
+        printf("pte_after_trim_kib: %ld KiB\n", pte2 - pte0);
         print_ms("executor_free_n_ms", f1 - f0);
         printf("guard: %s\n", guard == MOOR_GUARD_MPROTECT ? "mprotect" : "madvise");
     }
