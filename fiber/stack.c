@@ -27,8 +27,9 @@
 #ifndef SYS_process_madvise
 #define SYS_process_madvise 440
 #endif
-/* The calling thread as a pidfd (Linux 6.15): process_madvise on our own memory, with no
- * descriptor to keep open nor to go stale across fork. */
+/* The calling thread as a pidfd (PIDFD_SELF, recent kernels; 6.18 has it): process_madvise on
+ * our own memory, with no descriptor to keep open nor to go stale across fork. Kernels
+ * without it answer EBADF, and guards are installed one madvise at a time. */
 #define PIDFD_SELF_THREAD (-10000)
 
 /* Stacks in a bucket's first slab: one, so that an executor running a few fibers reserves
@@ -39,8 +40,10 @@
 #define SLAB_FIRST 1u
 #define SLAB_MAX_BYTES ((size_t)1 << 30)
 /* Guards installed by one process_madvise call, ahead of the carving. Installing them in a
- * batch saves a system call per stack (bench_scale: about a quarter of the guard's cost);
- * installing a whole slab's at once would also make the page tables of stacks not carved yet. */
+ * batch saves a system call per stack: about a quarter of the guard's cost on Linux 6.18
+ * (20,000 default stacks: ~2.0 us a stack one madvise each, ~1.5 us in batches of 64 or
+ * 1,024). Installing a whole slab's at once would also make the page tables of stacks that
+ * are not carved yet. */
 #define GUARD_BATCH 64u
 /* How close to vm.max_map_count a failed mapping must come to be blamed on it. */
 #define MAPS_SLACK 16u
@@ -57,7 +60,7 @@ static long guard_batch(const struct iovec *iov, size_t n)
 }
 
 /* Ask the kernel once whether it has MADV_GUARD_INSTALL (older kernels answer EINVAL) and
- * whether process_madvise takes it for ourselves (6.15: PIDFD_SELF). */
+ * whether process_madvise takes it for ourselves (PIDFD_SELF_THREAD). */
 static void probe(void)
 {
     page_size = (size_t)sysconf(_SC_PAGESIZE);

@@ -8,8 +8,9 @@
  *   spawn_cold_vs_page_fault_ratio   the two above
  *   sleepers_100k_wall_ms    100,000 fibers each sleeping 1 s: first spawn to last exit
  *                            (_spawn_ms: to the last spawn; _cpu_ms: the process's CPU time)
- *   sleepers_100k_peak_rss_mib       the process's peak RSS meanwhile (VmHWM, reset before)
- *   executor_free_ms         moor_executor_free after those 100,000
+ *   sleepers_100k_peak_rss_mib       the process's peak RSS meanwhile (VmHWM, reset before;
+ *                            _growth_mib: less the RSS before the first spawn)
+ *   executor_free_ms         moor_executor_free after those 100,000 (no trim before it)
  *   spawn_all_ms             N fibers (argv[1], default 100000) spawned and suspended (each
  *                            waits on one moor_event): first spawn to the last one waiting
  *   spawn_rate_per_s         N / spawn_all_ms
@@ -24,7 +25,7 @@
  *   trim_ms                  moor__stack_pool_trim then (what an idle moment would call):
  *                            gives back the page tables of slabs whose stacks are all cold;
  *                            rss_after_trim_kib, pte_after_trim_kib after it
- *   executor_free_n_ms       moor_executor_free after the N
+ *   executor_free_n_ms       moor_executor_free after the N, after the trim
  *
  * Times are medians of REPS_COLD repetitions where a repetition is cheap (the cold spawn and
  * its reference); the large runs are made once. Run it alone (taskset -c 1 helps on a busy
