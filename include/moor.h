@@ -113,15 +113,19 @@ typedef struct moor_executor_attr {
                           frame larger than the guard could jump it: build with
                           -fstack-clash-protection (moor.pc and the CMake package add it) */
     size_t pool_hot;   /* public: freed stacks kept resident; beyond it the pool gives their
-                          memory back with MADV_DONTNEED; 0 = 64 */
-    moor_guard_mode guard; /* public */
+                          memory back with MADV_DONTNEED, 64 stacks at a time; 0 = 64 */
+    moor_guard_mode guard; /* public: AUTO takes the environment variable MOOR_GUARD
+                              (mprotect, madvise or auto) if set. Stacks are carved from
+                              large reservations, many to a mapping; MPROTECT costs two more
+                              mappings a stack, so that vm.max_map_count (65530 by default)
+                              caps the fibers near 32,000 */
     size_t blocking_threads; /* public: worker threads for moor_blocking; 0 = 4; at most 4096 */
 } moor_executor_attr;
 
 /* Create the executor of the calling thread (at most one per thread) and make it current.
  * attr may be NULL. Sets SIGPIPE to SIG_IGN if it was SIG_DFL, so that a write to a peer that
  * has gone fails with -EPIPE instead of killing the process. Errors: -ENOMEM (the first stack
- * could not be mapped), -EINVAL (guard mode not available; a stack or guard size that cannot
+ * could not be mapped), -EINVAL (guard mode not available, also when MOOR_GUARD asks for it; a stack or guard size that cannot
  * be mapped whatever the memory, such as SIZE_MAX; blocking_threads above 4096), -EEXIST
  * (this thread has one). */
 MOOR_API int moor_executor_new(moor_executor **out, const moor_executor_attr *attr);
@@ -208,8 +212,11 @@ typedef struct moor_fiber_attr {
 /* Spawn a fiber on the calling thread's executor running fn(arg); it runs once the executor
  * gets to it (the caller keeps running). With out == NULL the fiber is detached: it frees
  * itself when fn returns. Otherwise *out must be joined once with moor_join.
- * attr may be NULL. Errors: -ENOMEM (no memory or address space for the stack), -EINVAL (a
- * stack size no mapping can have, such as SIZE_MAX). */
+ * attr may be NULL. Errors: -ENOMEM (no memory or address space for the stack, or the process
+ * is out of memory mappings: then, once per process, a message on stderr names
+ * vm.max_map_count and the value it would need; the executor stays usable, and spawning
+ * works again once fibers have exited), -EINVAL (a stack size no mapping can have, such as
+ * SIZE_MAX). */
 MOOR_API int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr);
 
 /* Wait for a fiber to return, store its return value in *result (if result is not NULL) and

@@ -3,16 +3,17 @@
  * ctest runs this program with ASAN_OPTIONS=handle_segv=0, so that under ASan the guard-page
  * fault reaches moor's SIGSEGV handler instead of ASan's. */
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 
 #include "moor.h"
 
 #include "fixture.h"
 
 /* White-box: the pool's buckets, guard size and a fiber's stack bounds are what this tests. */
-#include "fiber/executor.h"
 #include "fiber/executor.h"
 #include "fiber/stack.h"
 
@@ -137,9 +138,19 @@ static void test_stack_guard_mode(void **state)
 {
     (void)state;
     int have = kernel_has_guard_install();
-    moor_executor *ex = ex_new(); /* AUTO */
-    assert_int_equal(moor_executor_guard(ex), have ? MOOR_GUARD_MADVISE : MOOR_GUARD_MPROTECT);
-    ex_free(ex);
+    /* AUTO, unless the environment says otherwise (test_stack_guard_mode_from_env) */
+    const char *env = getenv("MOOR_GUARD");
+    moor_executor *ex;
+    if (env && strcmp(env, "madvise") == 0 && !have) {
+        assert_int_equal(moor_executor_new(&ex, NULL), -EINVAL);
+    } else {
+        ex = ex_new();
+        moor_guard_mode expect = have ? MOOR_GUARD_MADVISE : MOOR_GUARD_MPROTECT;
+        if (env && strcmp(env, "mprotect") == 0)
+            expect = MOOR_GUARD_MPROTECT;
+        assert_int_equal(moor_executor_guard(ex), expect);
+        ex_free(ex);
+    }
 
     moor_executor_attr attr = {.guard = MOOR_GUARD_MPROTECT};
     ex = ex_new_attr(&attr);
@@ -517,8 +528,8 @@ static void test_stack_pool_lifo(void **state)
     ex_free(ex);
 }
 
-#define TRIM_FIBERS 16
 #define TRIM_HOT 4
+#define TRIM_FIBERS (TRIM_HOT + MOOR__STACK_TRIM_BATCH)
 #define TRIM_TOUCH (128 * KiB)
 
 static intptr_t touch_128k(void *arg)
@@ -529,56 +540,124 @@ static intptr_t touch_128k(void *arg)
     return 0;
 }
 
-/* Spawn TRIM_FIBERS fibers at once that each touch TRIM_TOUCH of their stack, join them. */
-static void spawn_touch_join(void)
+/* Spawn n fibers at once that each touch TRIM_TOUCH of their stack, join them. */
+static void spawn_touch_join(int n)
 {
     moor_fiber *f[TRIM_FIBERS];
-    for (int i = 0; i < TRIM_FIBERS; i++)
+    for (int i = 0; i < n; i++)
         if (moor_spawn(&f[i], touch_128k, NULL, NULL) != 0)
             abort();
-    for (int i = 0; i < TRIM_FIBERS; i++)
+    for (int i = 0; i < n; i++)
         moor_join(f[i], NULL);
 }
 
+static size_t usable_resident(moor_executor *ex, const char *base)
+{
+    return resident_pages(base + ex->pool.guard, ex->stack_map_size - ex->pool.guard);
+}
+
+/* Past pool_hot, freed stacks give their memory back in batches: a full batch at once when
+ * it fills, a partial one when the pool is trimmed. */
 static void test_stack_pool_gives_memory_back(void **state)
 {
     (void)state;
     moor_executor_attr attr = {.pool_hot = TRIM_HOT};
     moor_executor *ex = ex_new_attr(&attr);
-    spawn_touch_join();
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    spawn_touch_join(TRIM_FIBERS);
 
     moor__stack_bucket *b = default_bucket(ex);
     assert_non_null(b);
     assert_int_equal(b->nhot, TRIM_HOT);
     assert_int_equal(b->ncold, TRIM_FIBERS - TRIM_HOT);
-    size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    size_t usable = b->map_size - ex->pool.guard;
+    assert_int_equal(b->untrimmed, 0); /* the batch filled: given back without being asked */
     for (size_t i = 0; i < b->ncold; i++)
-        assert_int_equal(resident_pages(b->cold[i] + ex->pool.guard, usable), 0);
+        assert_int_equal(usable_resident(ex, b->cold[i]), 0);
     for (size_t i = 0; i < b->nhot; i++)
-        assert_true(resident_pages(b->hot[i] + ex->pool.guard, usable) >= TRIM_TOUCH / page);
+        assert_true(usable_resident(ex, b->hot[i]) >= TRIM_TOUCH / page);
+
+    /* A partial batch stays resident until the pool is trimmed. */
+    spawn_touch_join(TRIM_HOT + 3);
+    assert_int_equal(b->untrimmed, 3);
+    for (size_t i = b->ncold - 3; i < b->ncold; i++)
+        assert_true(usable_resident(ex, b->cold[i]) >= TRIM_TOUCH / page);
+    moor__stack_pool_trim(&ex->pool);
+    assert_int_equal(b->untrimmed, 0);
+    for (size_t i = 0; i < b->ncold; i++)
+        assert_int_equal(usable_resident(ex, b->cold[i]), 0);
     ex_free(ex);
 }
 
-/* After the pool has gone cold, a fiber on a cold stack overflows into a guard still there. */
+/* A freed fiber's control block stays readable, and reads as free, before and after its
+ * memory is given back: what a stale waker relies on. */
+static void test_stack_stale_control_block_reads_free(void **state)
+{
+    (void)state;
+    moor_executor_attr attr = {.pool_hot = 1};
+    moor_executor *ex = ex_new_attr(&attr);
+    moor_fiber *f[8];
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(moor_spawn(&f[i], return_arg, (void *)(intptr_t)(i + 1), NULL), 0);
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(moor_join(f[i], NULL), 0);
+    for (int i = 0; i < 8; i++)
+        assert_int_equal(((volatile moor_fiber *)f[i])->state, MOOR__FIBER_FREE);
+    moor__stack_bucket *b = default_bucket(ex);
+    assert_int_equal(b->nhot, 1);
+    assert_int_equal(b->untrimmed, 7);
+    moor__stack_pool_trim(&ex->pool);
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t zeroed = 0;
+    for (int i = 0; i < 8; i++) {
+        /* Asked before reading: a read maps the zero page, which mincore counts. */
+        char *top = (char *)((uintptr_t)f[i] & ~(uintptr_t)(page - 1));
+        int given_back = resident_pages(top, page) == 0;
+        volatile moor_fiber *v = f[i];
+        assert_int_equal(v->state, MOOR__FIBER_FREE);
+        if (given_back) {
+            assert_true(v->ex == NULL && v->id == 0); /* reads as zeros */
+            zeroed++;
+        }
+    }
+    assert_int_equal(zeroed, 7); /* all but the hot one */
+    ex_free(ex);
+}
+
+static int in_list(char *const *v, size_t n, const char *x)
+{
+    for (size_t i = 0; i < n; i++)
+        if (v[i] == x)
+            return 1;
+    return 0;
+}
+
+/* After the pool has gone cold, a fiber on a cold stack overflows into a guard still there.
+ * The stack is one whose lower neighbour was given back with it, so that its guard lay inside
+ * one coalesced MADV_DONTNEED. */
 static void cold_overflow_child(void *arg)
 {
     moor_executor_attr attr = {.pool_hot = TRIM_HOT, .guard = *(const moor_guard_mode *)arg};
     moor_executor *ex;
     CHILD_REQUIRE(moor_executor_new(&ex, &attr) == 0);
-    spawn_touch_join();
+    spawn_touch_join(TRIM_FIBERS);
     moor__stack_bucket *b = default_bucket(ex);
-    CHILD_REQUIRE(b && b->nhot == TRIM_HOT && b->ncold > 0);
-    char *cold = b->cold[b->ncold - 1];
+    CHILD_REQUIRE(b && b->nhot == TRIM_HOT && b->ncold > 0 && b->untrimmed == 0);
+    size_t at = b->ncold;
+    while (at-- > 0 && !in_list(b->cold, b->ncold, b->cold[at] - b->map_size))
+        ;
+    CHILD_REQUIRE(at < b->ncold);
+    char *cold = b->cold[at];
+    CHILD_REQUIRE(usable_resident(ex, cold) == 0);
 
-    moor_fiber *holders[TRIM_HOT], *f; /* take the hot stacks */
-    for (int i = 0; i < TRIM_HOT; i++)
+    /* Take the hot stacks, and the cold ones above ours. */
+    moor_fiber *holders[TRIM_FIBERS], *f;
+    size_t nholders = TRIM_HOT + (b->ncold - 1 - at);
+    for (size_t i = 0; i < nholders; i++)
         CHILD_REQUIRE(moor_spawn(&holders[i], return_arg, NULL, NULL) == 0);
     CHILD_REQUIRE(b->nhot == 0);
     moor_fiber_attr fattr = {.name = "deep"};
     CHILD_REQUIRE(moor_spawn(&f, deep_fn, NULL, &fattr) == 0);
     CHILD_REQUIRE(f->stack_base == cold);
-    CHILD_REQUIRE(moor_fiber_id(f) == TRIM_FIBERS + TRIM_HOT + 1);
     moor_join(f, NULL);
     fprintf(stderr, "the fiber returned from endless recursion\n");
 }
@@ -586,12 +665,9 @@ static void cold_overflow_child(void *arg)
 static void check_cold_stack_keeps_guard(moor_guard_mode mode)
 {
     require_guard_mode(mode);
-    char expect[128];
-    snprintf(expect, sizeof expect, "moor: fiber %d \"deep\" overflowed its 256 KiB stack\n",
-             TRIM_FIBERS + TRIM_HOT + 1);
     child_report r;
     child_run(cold_overflow_child, &mode, &r);
-    expect_child_signal(&r, SIGABRT, expect);
+    expect_child_signal(&r, SIGABRT, "\"deep\" overflowed its 256 KiB stack\n");
 }
 
 static void test_stack_cold_stack_keeps_guard_madvise(void **state)
@@ -604,6 +680,406 @@ static void test_stack_cold_stack_keeps_guard_mprotect(void **state)
 {
     (void)state;
     check_cold_stack_keeps_guard(MOOR_GUARD_MPROTECT);
+}
+
+/* ---- slabs ------------------------------------------------------------------------------
+ * Stacks are carved from large reservations, side by side: each must still be distinct and
+ * have its own guard, or an overflow would run silently into its neighbour's control block. */
+
+#define SLAB_FIBERS 100
+
+static int by_address(const void *a, const void *b)
+{
+    const char *x = *(char *const *)a, *y = *(char *const *)b;
+    return (x > y) - (x < y);
+}
+
+/* Does reading `addr` fault? Asked of the kernel (write from it to a pipe: EFAULT), which
+ * does not raise a signal. */
+static int faults(int fd, const char *addr)
+{
+    return write(fd, addr, 1) == -1 && errno == EFAULT;
+}
+
+static void test_stack_slab_stacks_distinct_and_guarded(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_fiber *f[SLAB_FIBERS];
+    char *base[SLAB_FIBERS];
+    for (int i = 0; i < SLAB_FIBERS; i++) {
+        assert_int_equal(moor_spawn(&f[i], return_arg, NULL, NULL), 0);
+        base[i] = f[i]->stack_base;
+    }
+    moor__stack_counts c;
+    moor__stack_pool_counts(&ex->pool, &c);
+    assert_int_equal(c.mapped, SLAB_FIBERS);
+    assert_true(c.slabs < SLAB_FIBERS / 8); /* many stacks a reservation */
+    assert_true(c.reserved >= SLAB_FIBERS * ex->stack_map_size);
+    assert_true(c.reserved <= 4 * SLAB_FIBERS * ex->stack_map_size);
+
+    /* Distinct, not overlapping, and many side by side. */
+    qsort(base, SLAB_FIBERS, sizeof *base, by_address);
+    size_t adjacent = 0;
+    for (int i = 1; i < SLAB_FIBERS; i++) {
+        assert_true(base[i] >= base[i - 1] + ex->stack_map_size);
+        adjacent += base[i] == base[i - 1] + ex->stack_map_size;
+    }
+    assert_true(adjacent >= SLAB_FIBERS / 2);
+
+    /* Every guard faults, at both ends; the usable stack does not. Memcheck would report the
+     * deliberate bad reads: the overflow tests below cover it there. */
+    if (!UNDER_VALGRIND) {
+        int fds[2];
+        assert_int_equal(pipe2(fds, O_NONBLOCK), 0);
+        size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        for (int i = 0; i < SLAB_FIBERS; i++) {
+            assert_true(faults(fds[1], base[i]));
+            assert_true(faults(fds[1], base[i] + ex->pool.guard - page));
+            char drain[8];
+            assert_false(faults(fds[1], base[i] + ex->stack_map_size - page));
+            assert_int_equal(read(fds[0], drain, sizeof drain), 1);
+        }
+        close(fds[0]);
+        close(fds[1]);
+    }
+    for (int i = 0; i < SLAB_FIBERS; i++)
+        assert_int_equal(moor_join(f[i], NULL), 0);
+    moor__stack_pool_counts(&ex->pool, &c);
+    assert_int_equal(c.mapped, SLAB_FIBERS);
+    assert_int_equal(c.hot + c.cold, SLAB_FIBERS);
+    assert_int_equal(c.hot, 64); /* the default pool_hot */
+    ex_free(ex);
+}
+
+/* A fiber whose stack sits right above a neighbour's in the same slab overflows into its
+ * own guard, not into the neighbour. */
+static void neighbour_overflow_child(void *arg)
+{
+    moor_executor_attr attr = {.guard = *(const moor_guard_mode *)arg};
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, &attr) == 0);
+    moor__stack_bucket *b = default_bucket(ex);
+    moor_fiber *holders[SLAB_FIBERS], *f;
+    int n = 0, below = -1;
+    /* Hold stacks until the next one carved has a neighbour carved right below it. */
+    while (below < 0) {
+        CHILD_REQUIRE(n < SLAB_FIBERS);
+        CHILD_REQUIRE(moor_spawn(&holders[n++], return_arg, NULL, NULL) == 0);
+        if (b->nhot == 0 && b->ncold == 0 && b->carve != b->carve_end)
+            for (int i = 0; i < n; i++)
+                if (holders[i]->stack_base == b->carve - b->map_size)
+                    below = i;
+    }
+    moor_fiber_attr fattr = {.name = "deep"};
+    CHILD_REQUIRE(moor_spawn(&f, deep_fn, NULL, &fattr) == 0);
+    CHILD_REQUIRE(f->stack_base == holders[below]->stack_base + b->map_size);
+    moor_join(f, NULL);
+    fprintf(stderr, "the fiber returned from endless recursion\n");
+}
+
+static void check_neighbour_overflow(moor_guard_mode mode)
+{
+    require_guard_mode(mode);
+    child_report r;
+    child_run(neighbour_overflow_child, &mode, &r);
+    expect_child_signal(&r, SIGABRT, "\"deep\" overflowed its 256 KiB stack\n");
+}
+
+static void test_stack_slab_neighbour_overflow_madvise(void **state)
+{
+    (void)state;
+    check_neighbour_overflow(MOOR_GUARD_MADVISE);
+}
+
+static void test_stack_slab_neighbour_overflow_mprotect(void **state)
+{
+    (void)state;
+    check_neighbour_overflow(MOOR_GUARD_MPROTECT);
+}
+
+/* Once every stack of a slab is cold and given back, the slab gives back its page tables
+ * too, guard markers included; a stack taken from it again gets its guard back. */
+
+#define BARE_FIBERS 63 /* slabs of 1, 2, 4, 8, 16 and 32 stacks, all carved */
+
+static moor_executor *bare_slabs_executor(moor_fiber **f)
+{
+    moor_executor_attr attr = {.pool_hot = 1, .guard = MOOR_GUARD_MADVISE};
+    moor_executor *ex;
+    if (moor_executor_new(&ex, &attr) != 0)
+        return NULL;
+    for (int i = 0; i < BARE_FIBERS; i++)
+        if (moor_spawn(&f[i], return_arg, NULL, NULL) != 0)
+            abort();
+    for (int i = 0; i < BARE_FIBERS; i++)
+        moor_join(f[i], NULL);
+    moor__stack_pool_trim(&ex->pool);
+    return ex;
+}
+
+static void test_stack_bare_slab_regains_guards(void **state)
+{
+    (void)state;
+    require_guard_mode(MOOR_GUARD_MADVISE);
+    moor_fiber *f[BARE_FIBERS];
+    moor_executor *ex = bare_slabs_executor(f);
+    assert_non_null(ex);
+    moor__stack_counts c;
+    moor__stack_pool_counts(&ex->pool, &c);
+    assert_int_equal(c.mapped, BARE_FIBERS);
+    assert_int_equal(c.slabs, 6);
+    assert_int_equal(c.slabs_bare, 5); /* all but the one with the hot stack */
+    for (int i = 0; i < BARE_FIBERS; i++)
+        assert_int_equal(((volatile moor_fiber *)f[i])->state, MOOR__FIBER_FREE);
+
+    /* Take them all again: every guard is back. */
+    for (int i = 0; i < BARE_FIBERS; i++)
+        assert_int_equal(moor_spawn(&f[i], return_arg, NULL, NULL), 0);
+    moor__stack_pool_counts(&ex->pool, &c);
+    assert_int_equal(c.mapped, BARE_FIBERS); /* from the pool, none carved */
+    assert_int_equal(c.slabs_bare, 0);
+    if (!UNDER_VALGRIND) {
+        int fds[2];
+        assert_int_equal(pipe2(fds, O_NONBLOCK), 0);
+        for (int i = 0; i < BARE_FIBERS; i++) {
+            assert_true(faults(fds[1], f[i]->stack_base));
+            assert_true(faults(fds[1], f[i]->stack_base + ex->pool.guard - 1));
+        }
+        close(fds[0]);
+        close(fds[1]);
+    }
+    for (int i = 0; i < BARE_FIBERS; i++)
+        assert_int_equal(moor_join(f[i], NULL), 0);
+    ex_free(ex);
+}
+
+static void bare_overflow_child(void *arg)
+{
+    (void)arg;
+    moor_fiber *f[BARE_FIBERS];
+    moor_executor *ex = bare_slabs_executor(f);
+    CHILD_REQUIRE(ex != NULL);
+    moor__stack_bucket *b = default_bucket(ex);
+    CHILD_REQUIRE(b->nhot == 1 && b->ncold == BARE_FIBERS - 1);
+    moor_fiber *hot;
+    CHILD_REQUIRE(moor_spawn(&hot, return_arg, NULL, NULL) == 0);
+    CHILD_REQUIRE(ex->pool.slabs[0].bare || ex->pool.slabs[1].bare);
+    moor_fiber_attr fattr = {.name = "deep"};
+    moor_fiber *deep;
+    CHILD_REQUIRE(moor_spawn(&deep, deep_fn, NULL, &fattr) == 0);
+    size_t s = 0;
+    while (!(ex->pool.slabs[s].base <= deep->stack_base &&
+             deep->stack_base < ex->pool.slabs[s].base + ex->pool.slabs[s].len))
+        s++;
+    CHILD_REQUIRE(ex->pool.slabs[s].bare);
+    moor_join(deep, NULL);
+    fprintf(stderr, "the fiber returned from endless recursion\n");
+}
+
+static void test_stack_bare_slab_overflow_named(void **state)
+{
+    (void)state;
+    require_guard_mode(MOOR_GUARD_MADVISE);
+    child_report r;
+    child_run(bare_overflow_child, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "\"deep\" overflowed its 256 KiB stack\n");
+}
+
+/* ---- guard mode from the environment ------------------------------------------------------ */
+
+static void env_guard_child(void *arg)
+{
+    (void)arg;
+    moor_executor *ex;
+    CHILD_REQUIRE(setenv("MOOR_GUARD", "mprotect", 1) == 0);
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    CHILD_REQUIRE(moor_executor_guard(ex) == MOOR_GUARD_MPROTECT);
+    moor_executor_free(ex);
+    /* The attribute wins over the environment. */
+    moor_executor_attr attr = {.guard = MOOR_GUARD_MADVISE};
+    int rc = moor_executor_new(&ex, &attr);
+    if (rc == 0) {
+        CHILD_REQUIRE(moor_executor_guard(ex) == MOOR_GUARD_MADVISE);
+        moor_executor_free(ex);
+    }
+    CHILD_REQUIRE(setenv("MOOR_GUARD", "auto", 1) == 0);
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    CHILD_REQUIRE(moor_executor_guard(ex) == (rc == 0 ? MOOR_GUARD_MADVISE : MOOR_GUARD_MPROTECT));
+    moor_executor_free(ex);
+    CHILD_REQUIRE(setenv("MOOR_GUARD", "madvise", 1) == 0);
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == (rc == 0 ? 0 : -EINVAL));
+    if (rc == 0)
+        moor_executor_free(ex);
+}
+
+static void test_stack_guard_mode_from_env(void **state)
+{
+    (void)state;
+    child_report r;
+    child_run(env_guard_child, NULL, &r);
+    expect_child_ok(&r);
+}
+
+/* ---- running out of mappings or memory -----------------------------------------------------
+ * mprotect guards cost two mappings a stack. A process near vm.max_map_count gets -ENOMEM
+ * from spawn, a message that says why (once), and spawns again once stacks come back. */
+
+#define MAPS_ROOM 80 /* mappings left free for the executor to run out of */
+
+static long read_long(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    long v = -1;
+    if (f) {
+        if (fscanf(f, "%ld", &v) != 1)
+            v = -1;
+        fclose(f);
+    }
+    return v;
+}
+
+static size_t mappings_now(void)
+{
+    FILE *f = fopen("/proc/self/maps", "r");
+    size_t n = 0;
+    int ch;
+    if (!f)
+        return 0;
+    while ((ch = getc(f)) != EOF)
+        n += ch == '\n';
+    fclose(f);
+    return n;
+}
+
+static void out_of_maps_child(void *arg)
+{
+    (void)arg;
+    CHILD_REQUIRE(setenv("MOOR_GUARD", "mprotect", 1) == 0);
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    CHILD_REQUIRE(moor_executor_guard(ex) == MOOR_GUARD_MPROTECT);
+
+    /* Eat all but MAPS_ROOM mappings: one region whose every other page changes protection,
+     * each change in its middle making two more. */
+    long max = read_long("/proc/sys/vm/max_map_count");
+    size_t have = mappings_now();
+    CHILD_REQUIRE(max > 0 && have > 0 && (size_t)max > have + MAPS_ROOM);
+    size_t splits = ((size_t)max - have - MAPS_ROOM) / 2;
+    size_t page = (size_t)sysconf(_SC_PAGESIZE), len = (2 * splits + 2) * page;
+    char *eat = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                     -1, 0);
+    CHILD_REQUIRE(eat != MAP_FAILED);
+    for (size_t i = 0; i < splits; i++)
+        CHILD_REQUIRE(mprotect(eat + (2 * i + 1) * page, page, PROT_READ) == 0);
+
+    moor_fiber *f[MAPS_ROOM];
+    int n = 0, rc;
+    while ((rc = moor_spawn(&f[n], return_arg, NULL, NULL)) == 0)
+        CHILD_REQUIRE(++n < MAPS_ROOM);
+    CHILD_REQUIRE(rc == -ENOMEM);
+    CHILD_REQUIRE(n > 0);
+    moor_fiber *extra;
+    CHILD_REQUIRE(moor_spawn(&extra, return_arg, NULL, NULL) == -ENOMEM); /* said once only */
+    /* Once fibers exit their stacks come back, and spawning works again. */
+    for (int i = 0; i < n; i++)
+        CHILD_REQUIRE(moor_join(f[i], NULL) == 0);
+    for (int i = 0; i < n; i++)
+        CHILD_REQUIRE(moor_spawn(&f[i], return_arg, (void *)(intptr_t)i, NULL) == 0);
+    for (int i = 0; i < n; i++) {
+        intptr_t r = -1;
+        CHILD_REQUIRE(moor_join(f[i], &r) == 0 && r == i);
+    }
+    munmap(eat, len);
+    moor_executor_free(ex);
+}
+
+static void test_stack_out_of_mappings_mprotect(void **state)
+{
+    (void)state;
+    require_guard_mode(MOOR_GUARD_MPROTECT);
+    if (UNDER_VALGRIND || UNDER_TSAN) {
+        print_message("the tool's own mappings would run out first\n");
+        skip();
+    }
+    child_report r;
+    child_run(out_of_maps_child, NULL, &r);
+    expect_child_ok(&r);
+    const char *said = strstr(r.err, "moor: out of memory mappings");
+    if (!said) {
+        child_describe(&r);
+        fail_msg("no message about vm.max_map_count");
+    }
+    assert_null(strstr(said + 1, "moor: out of memory mappings")); /* once */
+    char limit[64];
+    snprintf(limit, sizeof limit, "vm.max_map_count (/proc/sys/vm/max_map_count) is %ld",
+             read_long("/proc/sys/vm/max_map_count"));
+    assert_non_null(strstr(said, limit));
+    assert_non_null(strstr(said, "sysctl -w vm.max_map_count="));
+    assert_non_null(strstr(said, "MADV_GUARD_INSTALL"));
+}
+
+static size_t address_space_now(void)
+{
+    FILE *f = fopen("/proc/self/statm", "r");
+    unsigned long pages = 0;
+    if (f) {
+        if (fscanf(f, "%lu", &pages) != 1)
+            pages = 0;
+        fclose(f);
+    }
+    return (size_t)pages * (size_t)sysconf(_SC_PAGESIZE);
+}
+
+#define AS_FIBERS 1000
+
+/* Under a low RLIMIT_AS, spawn fails cleanly and the executor carries on. */
+static void rlimit_as_child(void *arg)
+{
+    (void)arg;
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    static moor_fiber *f[AS_FIBERS];
+    struct rlimit old, low;
+    CHILD_REQUIRE(getrlimit(RLIMIT_AS, &old) == 0);
+    low = old;
+    low.rlim_cur = address_space_now() + 8 * ex->stack_map_size;
+    CHILD_REQUIRE(setrlimit(RLIMIT_AS, &low) == 0);
+    int n = 0, rc;
+    while ((rc = moor_spawn(&f[n], return_arg, NULL, NULL)) == 0)
+        CHILD_REQUIRE(++n < AS_FIBERS);
+    CHILD_REQUIRE(rc == -ENOMEM);
+    CHILD_REQUIRE(n > 0);
+    CHILD_REQUIRE(moor_spawn(&f[n], return_arg, NULL, NULL) == -ENOMEM);
+    for (int i = 0; i < n; i++)
+        CHILD_REQUIRE(moor_join(f[i], NULL) == 0);
+    /* The stacks came back: as many fibers again, under the same limit. */
+    for (int i = 0; i < n; i++)
+        CHILD_REQUIRE(moor_spawn(&f[i], return_arg, (void *)(intptr_t)i, NULL) == 0);
+    for (int i = 0; i < n; i++) {
+        intptr_t r = -1;
+        CHILD_REQUIRE(moor_join(f[i], &r) == 0 && r == i);
+    }
+    /* And more once the limit is lifted. */
+    CHILD_REQUIRE(setrlimit(RLIMIT_AS, &old) == 0);
+    for (int i = 0; i < n + 1; i++)
+        CHILD_REQUIRE(moor_spawn(&f[i], return_arg, NULL, NULL) == 0);
+    for (int i = 0; i < n + 1; i++)
+        CHILD_REQUIRE(moor_join(f[i], NULL) == 0);
+    moor_executor_free(ex);
+}
+
+static void test_stack_spawn_under_rlimit_as(void **state)
+{
+    (void)state;
+    if (UNDER_TSAN) {
+        print_message("TSan's own state for each fiber (~800 KiB) runs out of the limit first\n");
+        skip();
+    }
+    child_report r;
+    child_run(rlimit_as_child, NULL, &r);
+    expect_child_ok(&r);
+    assert_null(strstr(r.err, "moor: out of memory mappings")); /* memory, not mappings */
 }
 
 int main(void)
@@ -631,6 +1107,15 @@ int main(void)
         TEST(test_stack_reuse_leaves_no_asan_poison),
         TEST(test_stack_pool_lifo),
         TEST(test_stack_pool_gives_memory_back),
+        TEST(test_stack_stale_control_block_reads_free),
+        TEST(test_stack_slab_stacks_distinct_and_guarded),
+        TEST(test_stack_slab_neighbour_overflow_madvise),
+        TEST(test_stack_slab_neighbour_overflow_mprotect),
+        TEST(test_stack_bare_slab_regains_guards),
+        TEST(test_stack_bare_slab_overflow_named),
+        TEST(test_stack_guard_mode_from_env),
+        TEST(test_stack_out_of_mappings_mprotect),
+        TEST(test_stack_spawn_under_rlimit_as),
         TEST(test_stack_cold_stack_keeps_guard_madvise),
         TEST(test_stack_cold_stack_keeps_guard_mprotect),
     };
