@@ -572,7 +572,7 @@ static void events(moor_executor *ex, int may_block)
  * moor__deadlocked in dump.c for what can wake a task). */
 static int stuck(moor_executor *ex)
 {
-    if (ex->timers.n || ex->spawns_kept || ex->nremote ||
+    if (ex->timers.n || ex->spawns_kept ||
         __atomic_load_n(&ex->remote_pending, __ATOMIC_ACQUIRE) ||
         __atomic_load_n(&ex->holds, __ATOMIC_ACQUIRE) ||
         (ex->driver->foreign && ex->driver->foreign(ex->driver_self)))
