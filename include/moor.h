@@ -256,8 +256,10 @@ MOOR_API int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moo
  * release the fiber; the handle is invalid afterwards. May suspend; from plain code it runs
  * the executor until the fiber is done. Returns 0, or -ECANCELED if the fiber had been
  * cancelled (its return value is still stored). Waiting in moor_join is not cut short when
- * the caller is cancelled, so a cancelled fiber can still reap its children. Misuse: joining
- * twice, joining a detached fiber or oneself. */
+ * the caller is cancelled, so a cancelled fiber can still reap its children. From plain code
+ * it may also return -EDEADLK (see moor_executor_hold): the fiber is then not joined, and
+ * the handle stays valid (cancel it, then join again). Misuse: joining twice, joining a
+ * detached fiber or oneself. */
 MOOR_API int moor_join(moor_fiber *fiber, intptr_t *result);
 
 /* Join with a bound on the fiber's run: wait for it to return until the deadline, and if it
