@@ -104,7 +104,8 @@ int moor__future_describe(const moor_future *fut, char *buf, size_t size)
     const moor_future_kind *k = kind_of(ops);
     if (k && k->describe) {
         int local = k->describe(fut, buf, size);
-        buf[size - 1] = '\0'; /* whatever the describe did */
+        if (size)
+            buf[size - 1] = '\0'; /* whatever the describe did */
         return local == MOOR_WAIT_LOCAL ? MOOR_WAIT_LOCAL : 0;
     }
     moor__fmt_str(&out, ops->label ? ops->label : "?");
@@ -120,10 +121,7 @@ int moor__future_describe(const moor_future *fut, char *buf, size_t size)
  * own future. */
 static int waits_locally(const moor_task *t)
 {
-    if (!t->fut)
-        return 0;
-    char scratch[DESC_MAX];
-    return moor__future_describe(t->fut, scratch, sizeof scratch) == MOOR_WAIT_LOCAL;
+    return t->fut && moor__future_describe(t->fut, NULL, 0) == MOOR_WAIT_LOCAL;
 }
 
 /* 1 if t can never run again on its own: it waits, on something local. Otherwise t is

@@ -10,16 +10,18 @@
 
 #include "moor.h"
 
-/* A bounded string being built: always NUL-terminated, silently cut at its size. */
+/* A bounded string being built: always NUL-terminated, silently cut at its size. Size 0
+ * (buf NULL) writes nothing: a describe asked only whether its wait is local. */
 typedef struct moor__fmt {
     char *buf;
-    size_t size; /* bytes of buf, the NUL included; at least 1 */
+    size_t size; /* bytes of buf, the NUL included; 0: nothing is written */
     size_t len;
 } moor__fmt;
 
 static inline moor__fmt moor__fmt_init(char *buf, size_t size)
 {
-    buf[0] = '\0';
+    if (size)
+        buf[0] = '\0';
     return (moor__fmt){buf, size, 0};
 }
 
@@ -29,7 +31,8 @@ void moor__fmt_i64(moor__fmt *f, int64_t v);
 void moor__fmt_ptr(moor__fmt *f, const void *p); /* 0x... */
 
 /* Describe a pending future into buf: its kind's describe, or its label alone. Returns
- * MOOR_WAIT_LOCAL if only a task of its executor can complete it, else 0. */
+ * MOOR_WAIT_LOCAL if only a task of its executor can complete it, else 0. With size 0 (buf
+ * NULL) only the answer is wanted: cheaper (an fd wait then makes no system call). */
 int moor__future_describe(const moor_future *fut, char *buf, size_t size);
 
 /* Deadlock detection, called by the run loop when nothing is runnable, no timer is queued,

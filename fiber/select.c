@@ -100,12 +100,11 @@ static const moor_future_ops select_ops = {"select", select_poll, select_cancel}
  * deadline of its own is a timer, which the executor sees for itself). */
 static int all_local(moor_future *const *futs, size_t n)
 {
-    char scratch[64];
     size_t pending = 0;
     for (size_t i = 0; i < n; i++) {
         if (futs[i]->state != MOOR__FUTURE_PENDING)
             continue;
-        if (moor__future_describe(futs[i], scratch, sizeof scratch) != MOOR_WAIT_LOCAL)
+        if (moor__future_describe(futs[i], NULL, 0) != MOOR_WAIT_LOCAL)
             return 0;
         pending++;
     }

@@ -104,6 +104,8 @@ static const moor_future_ops io_ops = {"fd wait", io_poll, io_cancel};
 static int io_describe(const moor_future *fut, char *buf, size_t size)
 {
     const moor_io_future *io = moor_container_of(fut, moor_io_future, base);
+    if (size == 0)
+        return 0; /* only asked whether it is local: no system call */
     const char *what = "read/write fd ";
     if (io->events == MOOR_WRITABLE) {
         what = "write fd ";

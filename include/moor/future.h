@@ -141,7 +141,9 @@ typedef struct moor_future_kind {
     const moor_future_ops *ops; /* public: the type described */
     /* public: may be NULL (the label alone). Write a NUL-terminated description of the
      * pending future `self` into buf (size bytes, at least 32) and return MOOR_WAIT_LOCAL if
-     * only a task of the polling executor can complete it now, else 0. It may run in a
+     * only a task of the polling executor can complete it now, else 0. With size 0 (buf
+     * NULL) only the answer is wanted: write nothing (snprintf(NULL, 0, ...) is fine),
+     * and keep it cheap, as the run loop asks when it goes idle. It may run in a
      * signal handler (moor_dump_on_sigquit) while the future's task runs elsewhere: read
      * `self` only, take no lock, allocate nothing; snprintf is not async-signal-safe by
      * POSIX (glibc's is for integer and string conversions). */
