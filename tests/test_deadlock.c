@@ -572,6 +572,65 @@ static void test_deadlock_not_with_application_watchers(void **state)
     ex_free(ex);
 }
 
+/* A hold released from another thread without feeding anything: the parked executor looks
+ * again and reports the deadlock it could not report while held. */
+static void *release_later(void *arg)
+{
+    sleep_ms(50);
+    moor_executor_release(arg);
+    return NULL;
+}
+
+static void test_deadlock_reported_after_release(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_chan *ch;
+    assert_int_equal(moor_chan_new(&ch, sizeof(int), 0), 0);
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, recv_fiber, ch, NULL), 0);
+    moor_executor_hold(ex);
+    pthread_t th;
+    assert_int_equal(pthread_create(&th, NULL, release_later, ex), 0);
+    capture_begin();
+    int rc = moor_executor_run(ex);
+    (void)capture_end();
+    pthread_join(th, NULL);
+    assert_int_equal(rc, -EDEADLK);
+    moor_cancel(f);
+    assert_int_equal(moor_join(f, NULL), -ECANCELED);
+    moor_chan_free(ch);
+    ex_free(ex);
+}
+
+/* A plain task (moor_spawn_future) counts like a fiber, and gets its line. */
+static void test_deadlock_plain_task(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_chan *ch;
+    assert_int_equal(moor_chan_new(&ch, sizeof(int), 1), 0);
+    int v = 0;
+    moor_chan_future op;
+    moor_chan_recv_init(&op, ch, &v, -1);
+    assert_int_equal(moor_spawn_future(&op.base), 0);
+    capture_begin();
+    int rc = moor_executor_run(ex);
+    const char *err = capture_end();
+    assert_int_equal(rc, -EDEADLK);
+    char want[96];
+    snprintf(want, sizeof want, "task %p waiting on chan recv %p", (void *)&op.base, (void *)ch);
+    assert_non_null(strstr(err, want));
+    /* A plain task ends when its future completes: feed it. */
+    int three = 3;
+    assert_int_equal(moor_chan_try_send(ch, &three), 0);
+    assert_int_equal(moor_executor_run(ex), 0);
+    assert_true(moor_future_done(&op.base));
+    assert_int_equal(v, 3);
+    moor_chan_free(ch);
+    ex_free(ex);
+}
+
 int main(void)
 {
     child_signals_save();
@@ -588,6 +647,8 @@ int main(void)
         TEST(test_deadlock_not_idle_server),
         TEST(test_deadlock_not_while_held),
         TEST(test_deadlock_not_with_application_watchers),
+        TEST(test_deadlock_reported_after_release),
+        TEST(test_deadlock_plain_task),
     };
     return RUN_TESTS(tests);
 }
