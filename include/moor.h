@@ -148,8 +148,9 @@ MOOR_API moor_executor_stats moor_stats(void);
  *
  * States: running (the caller, if a fiber), ready (runnable), waiting (on what, with its
  * argument: see moor_future_kind), done (returned, not joined yet). The time waited is
- * counted from the executor's last look at the clock (it looks at every park and every 64
- * tasks run), so it may be short of the truth by as long as a task ran without waiting.
+ * counted from the executor's last look at the clock before the wait began (it looks at
+ * every park and every 64 tasks run), so it may also count some time the tasks ran just
+ * before: a wait that began after a long computation is shown that much longer.
  * "touched" is how much of the stack's mapping is resident, measured with mincore(2) from
  * the lowest resident page up: the high-water mark that tells how small a stack could be
  * (a reused stack shows what an earlier fiber touched too). From plain code or a fiber;
@@ -179,7 +180,8 @@ MOOR_API int moor_dump_on_sigquit(void);
  * then complete the waits): a program that spawns from other threads while the executor
  * could be idle holds it for as long as they may (libuv's ref/unref). Hold before the
  * threads start, release when they are done; any thread. While the count is above zero no
- * deadlock is reported; a release that brings it to zero wakes the executor to look again. */
+ * deadlock is reported; a release that brings it to zero wakes the executor to look again.
+ * Misuse: releasing more often than held. */
 MOOR_API void moor_executor_hold(moor_executor *ex);
 MOOR_API void moor_executor_release(moor_executor *ex);
 
