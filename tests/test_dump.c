@@ -82,6 +82,8 @@ typedef struct zoo {
     int sv[2];
     moor_promise *promise;
     moor_fiber *rx; /* joined by "joiner" */
+    moor_fiber *gated; /* joined by the child of "closer"'s scope */
+    moor_scope close_scope;
     moor_sleep_future task_sleep;
     char dump[65536];
 } zoo;
@@ -185,6 +187,21 @@ static intptr_t z_scoper(void *arg)
     return rc;
 }
 
+/* A child that does not stop when cancelled: it joins "gated" (a join is not cut short). */
+static intptr_t z_stubborn(void *arg)
+{
+    zoo *z = arg;
+    return moor_join(z->gated, NULL);
+}
+
+static intptr_t z_closer(void *arg)
+{
+    zoo *z = arg;
+    moor_scope_init(&z->close_scope);
+    FCHECK(moor_scope_spawn(&z->close_scope, z_stubborn, z, NULL) == 0);
+    return moor_scope_close(&z->close_scope, -1);
+}
+
 static intptr_t z_signal(void *arg)
 {
     (void)arg;
@@ -264,6 +281,7 @@ static void test_dump_states_and_waits(void **state)
         {"evw", z_evw, NULL},       {"reader", z_reader, NULL},   {"acceptor", z_acceptor, NULL},
         {"joiner", z_joiner, NULL}, {"selector", z_selector, NULL}, {"scoper", z_scoper, NULL},
         {"sig", z_signal, NULL},    {"blocker", z_blocker, NULL}, {"promised", z_promise, NULL},
+        {"gated", z_child, NULL},   {"closer", z_closer, NULL},
         {"done", z_done, NULL},     {"dumper", z_dumper, NULL},
     };
     size_t n = sizeof fibers / sizeof fibers[0];
@@ -272,6 +290,8 @@ static void test_dump_states_and_waits(void **state)
         assert_int_equal(moor_spawn(&fibers[i].f, fibers[i].fn, &z, &attr), 0);
         if (i == 0)
             z.rx = fibers[0].f;
+        if (strcmp(fibers[i].name, "gated") == 0)
+            z.gated = fibers[i].f;
     }
     /* Run until the dumper has dumped (it returns then). */
     moor_fiber *dumper = fibers[n - 1].f;
@@ -314,6 +334,11 @@ static void test_dump_states_and_waits(void **state)
     expect_in(fiber_line(d, "sig"), want);
     expect_in(fiber_line(d, "blocker"), "waiting on blocking call ");
     expect_in(fiber_line(d, "promised"), "waiting on promise ");
+    snprintf(want, sizeof want, "waiting on scope close %p", (void *)&z.close_scope);
+    expect_in(fiber_line(d, "closer"), want);
+    snprintf(want, sizeof want, "\"fiber\" waiting on join fiber %llu ",
+             (unsigned long long)moor_fiber_id(z.gated));
+    expect_in(d, want);
     /* The scope's child is unnamed: "fiber", waiting on the gate. */
     snprintf(want, sizeof want, "\"fiber\" waiting on event %p", (void *)&z.gate);
     expect_in(d, want);
@@ -328,8 +353,9 @@ static void test_dump_states_and_waits(void **state)
     moor_event_set(&z.gate);
     for (size_t i = 0; i < n - 1; i++)
         moor_cancel(fibers[i].f);
-    for (size_t i = 1; i < n - 1; i++) /* not rx: "joiner" joins it */
-        (void)moor_join(fibers[i].f, NULL);
+    for (size_t i = 1; i < n - 1; i++) /* not rx nor gated: other fibers join them */
+        if (fibers[i].f != z.gated)
+            (void)moor_join(fibers[i].f, NULL);
     assert_int_equal(moor_promise_resolve(z.promise, 1), 0);
     assert_int_equal(moor_executor_run(ex), 0); /* the plain task's sleep */
     moor_chan_free(z.rx_chan);
