@@ -6,6 +6,7 @@
 
 #include "alloc.h"
 #include "assert.h"
+#include "dump.h"
 #include "wait.h"
 
 struct moor_chan {
@@ -225,6 +226,26 @@ static moor_poll op_cancel(moor_future *fut)
 static const moor_future_ops send_ops = {"chan send", op_poll, op_cancel};
 static const moor_future_ops recv_ops = {"chan recv", op_poll, op_cancel};
 
+/* "chan recv 0x...": a channel is one executor's, so only its tasks can complete the op. */
+static int op_describe(const moor_future *fut, char *buf, size_t size)
+{
+    const moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
+    moor__fmt out = moor__fmt_init(buf, size);
+    moor__fmt_str(&out, fut->ops->label);
+    moor__fmt_str(&out, " ");
+    moor__fmt_ptr(&out, op->chan);
+    return MOOR_WAIT_LOCAL;
+}
+
+static moor_future_kind send_kind = {&send_ops, op_describe, NULL};
+static moor_future_kind recv_kind = {&recv_ops, op_describe, NULL};
+
+__attribute__((constructor)) static void chan_kinds_register(void)
+{
+    moor_future_kind_register(&send_kind);
+    moor_future_kind_register(&recv_kind);
+}
+
 static void op_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t deadline, int send)
 {
     op->base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
@@ -265,7 +286,7 @@ static int wait_op(moor_chan *ch, void *elem, int64_t deadline, int send)
         return (int)moor_block_on(&op.base);
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     moor__waitq_push(send ? &ch->senders : &ch->receivers, &op.waiter, &cx);
-    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, &op.deadline,
+    return moor__fiber_wait_completion(f, &op.completed, &op.base, &op.deadline,
                                        waiter_unlink, &op, 1);
 }
 

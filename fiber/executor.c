@@ -9,6 +9,7 @@
 
 #include "alloc.h"
 #include "assert.h"
+#include "dump.h"
 #include "future.h"
 #include "wait.h"
 
@@ -16,7 +17,6 @@
 #define DEFAULT_GUARD_SIZE (64u * 1024u)
 #define DEFAULT_POOL_HOT 64u
 #define DEFAULT_BLOCKING_THREADS 4u
-#define TASKS_PER_CHUNK 64u
 /* ASan: how much of the top of a reused stack a new fiber clears of old redzones. */
 #define ASAN_UNPOISON_TOP 16384u
 
@@ -57,7 +57,7 @@ static void plain_unpark(void *self)
     pthread_cond_signal(&ex->remote_cond);
 }
 
-static const moor__driver plain_driver = {plain_park, plain_unpark};
+static const moor__driver plain_driver = {plain_park, plain_unpark, NULL};
 
 void moor__driver_set(moor_executor *ex, const moor__driver *driver, void *self)
 {
@@ -78,6 +78,34 @@ static void context_setup_once(void)
 /* Freed executors, kept for reuse: their memory is never given back (see remote_lock). */
 static pthread_mutex_t recycle_lock = PTHREAD_MUTEX_INITIALIZER;
 static moor_executor *recycled;
+
+/* The live executors, for the SIGQUIT dump (moor__executors_live): pushed at new, unlinked at
+ * free under live_lock; the signal handler walks it without the lock, which is safe because
+ * an executor's memory is never given back. */
+static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
+static moor_executor *live_head;
+
+static void live_add(moor_executor *ex)
+{
+    pthread_mutex_lock(&live_lock);
+    ex->live_next = live_head;
+    __atomic_store_n(&live_head, ex, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&live_lock);
+}
+
+static void live_remove(moor_executor *ex)
+{
+    pthread_mutex_lock(&live_lock);
+    for (moor_executor **p = &live_head; *p; p = &(*p)->live_next) {
+        if (*p == ex) {
+            __atomic_store_n(p, ex->live_next, __ATOMIC_RELEASE);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&live_lock);
+}
+
+moor_executor *moor__executors_live(void) { return __atomic_load_n(&live_head, __ATOMIC_ACQUIRE); }
 
 static void remote_sync_init(moor_executor *ex)
 {
@@ -168,6 +196,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     moor__stack_put(&ex->pool, warm, ex->stack_map_size);
     ex->next_fiber_id = 1;
     ex->plain_budget = MOOR__COOP_BUDGET;
+    ex->now = moor_now();
     ex->errno_ptr = &errno;
     /* A write to a socket or pipe whose reader has gone must fail with -EPIPE, not raise a
      * signal that kills the process; leave SIGPIPE alone if the application chose for it. */
@@ -192,6 +221,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     pthread_mutex_unlock(&ex->remote_lock);
     __atomic_add_fetch(&moor__executors_alive, 1, __ATOMIC_SEQ_CST); /* moor_set_allocator */
     moor__tls_executor = ex;
+    live_add(ex);
     *out = ex;
     return 0;
 fail:
@@ -228,6 +258,7 @@ void moor_executor_free(moor_executor *ex)
         moor__free(ex->task_chunks[i]);
     moor__free(ex->task_chunks);
     moor__overflow_thread_fini(ex);
+    live_remove(ex);
     moor__tls_executor = NULL;
     __atomic_sub_fetch(&moor__executors_alive, 1, __ATOMIC_SEQ_CST);
     /* From now on a wake from another thread finds it dead and does nothing. */
@@ -239,14 +270,58 @@ moor_executor *moor_executor_current(void) { return moor__tls_executor; }
 
 moor_guard_mode moor_executor_guard(const moor_executor *ex) { return ex->pool.mode; }
 
+/* Stacks mapped and pooled, from the pool's own fields: the one place that knows the pool's
+ * layout (to be replaced by stack.c's own count when the pool changes shape). */
+static void stack_counts(const moor__stack_pool *pool, size_t *mapped, size_t *pooled)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < pool->nbuckets; i++)
+        n += pool->buckets[i].nhot + pool->buckets[i].ncold;
+    *mapped = pool->mapped;
+    *pooled = n;
+}
+
 void moor_executor_stats_get(const moor_executor *ex, moor_executor_stats *out)
 {
     moor__assert(ex == moor__tls_executor,
                  "moor_executor_stats_get: the executor belongs to another thread");
-    size_t fibers = 0;
-    for (const moor__node *n = ex->fibers.head; n; n = n->next)
+    size_t fibers = 0, alive = 0;
+    for (const moor__node *n = ex->fibers.head; n; n = n->next) {
         fibers++;
-    *out = (moor_executor_stats){.tasks = ex->ntasks, .fibers = fibers, .timers = ex->timers.n};
+        alive += moor_container_of(n, moor_fiber, link)->state == MOOR__FIBER_LIVE;
+    }
+    size_t mapped, pooled;
+    stack_counts(&ex->pool, &mapped, &pooled);
+    *out = (moor_executor_stats){.tasks = ex->ntasks, .fibers = fibers, .timers = ex->timers.n,
+                                 .fibers_alive = alive, .switches = ex->switches,
+                                 .wakeups = ex->wakeups, .stacks_mapped = mapped,
+                                 .stacks_pooled = pooled, .guard = ex->pool.mode};
+}
+
+moor_executor_stats moor_stats(void)
+{
+    moor_executor_stats st = {0};
+    if (moor__tls_executor)
+        moor_executor_stats_get(moor__tls_executor, &st);
+    return st;
+}
+
+void moor_executor_hold(moor_executor *ex)
+{
+    __atomic_add_fetch(&ex->holds, 1, __ATOMIC_SEQ_CST);
+}
+
+void moor_executor_release(moor_executor *ex)
+{
+    int left = __atomic_sub_fetch(&ex->holds, 1, __ATOMIC_SEQ_CST);
+    moor__assert(left >= 0, "moor_executor_release: released more often than held");
+    if (left)
+        return;
+    /* Let a park that could not report a deadlock while held look again. */
+    pthread_mutex_lock(&ex->remote_lock);
+    if (ex->alive)
+        ex->driver->unpark(ex->driver_self);
+    pthread_mutex_unlock(&ex->remote_lock);
 }
 
 void moor__owner_bind(moor_executor **owner, const char *what)
@@ -266,12 +341,12 @@ static moor_task *task_slot_get(moor_executor *ex)
         if (moor__grow(&ex->task_chunks, &ex->cap_task_chunks, ex->ntask_chunks + 1,
                        sizeof *ex->task_chunks) < 0)
             return NULL;
-        moor_task *slab = moor__alloc(TASKS_PER_CHUNK * sizeof *slab);
+        moor_task *slab = moor__alloc(MOOR__TASKS_PER_CHUNK * sizeof *slab);
         if (!slab)
             return NULL;
-        memset(slab, 0, TASKS_PER_CHUNK * sizeof *slab);
+        memset(slab, 0, MOOR__TASKS_PER_CHUNK * sizeof *slab);
         ex->task_chunks[ex->ntask_chunks++] = slab;
-        for (size_t i = 0; i < TASKS_PER_CHUNK; i++) {
+        for (size_t i = 0; i < MOOR__TASKS_PER_CHUNK; i++) {
             slab[i].next = ex->free_tasks;
             ex->free_tasks = &slab[i];
         }
@@ -284,6 +359,8 @@ static moor_task *task_slot_get(moor_executor *ex)
 void moor__task_finish(moor_executor *ex, moor_task *t)
 {
     ex->ntasks--;
+    if (ex->live_hint == t)
+        ex->live_hint = NULL;
     t->gen = 0;
     t->state = MOOR__TASK_FREE;
     if (t->kind == MOOR__TASK_PLAIN) {
@@ -317,6 +394,7 @@ static inline void wake_local(moor_executor *ex, moor_task *t, uint64_t gen)
         return;
     if (t->state == MOOR__TASK_IDLE) {
         t->state = MOOR__TASK_SCHEDULED;
+        ex->wakeups++;
         moor__runq_push(ex, t);
     } else if (t->state == MOOR__TASK_RUNNING) {
         t->state = MOOR__TASK_NOTIFIED;
@@ -467,10 +545,12 @@ static inline void task_run(moor_executor *ex, moor_task *t)
         return;
     }
     moor_cx cx = {{ex, t, t->gen}, NULL, NULL};
-    if (moor__future_poll(t->fut, &cx) == MOOR_READY)
+    if (moor__future_poll(t->fut, &cx) == MOOR_READY) {
         moor__task_finish(ex, t);
-    else
+    } else {
+        moor__wait_stamp(ex, t);
         moor__task_pending(ex, t);
+    }
 }
 
 /* Remote spawns that waited for memory: due for another try at `now` (the remote queue is
@@ -494,6 +574,7 @@ static void deadline_due(moor__deadline *dl) { moor__wake(&dl->waker); }
 static void events(moor_executor *ex, int may_block)
 {
     int64_t now = moor_now();
+    ex->now = now;
     if (moor__timer_fire(&ex->timers, now, deadline_due))
         may_block = 0;
     int64_t next = spawn_retry(ex, now, moor__timer_next(&ex->timers));
@@ -503,8 +584,10 @@ static void events(moor_executor *ex, int may_block)
     if (may_block)
         timeout = next < 0 ? -1 : next - now;
     ex->driver->park(ex->driver_self, timeout);
-    if (timeout != 0)
-        moor__timer_fire(&ex->timers, moor_now(), deadline_due);
+    if (timeout != 0) {
+        ex->now = moor_now();
+        moor__timer_fire(&ex->timers, ex->now, deadline_due);
+    }
 }
 
 /* Run tasks until done(arg) holds, or, with done == NULL, until no task is left. While
@@ -512,7 +595,20 @@ static void events(moor_executor *ex, int may_block)
  * EVENTS_EVERY runs so that a busy queue cannot starve them. */
 #define EVENTS_EVERY 64u
 
-static void run(moor_executor *ex, int (*done)(const void *arg), const void *arg)
+/* Nothing is runnable and the run would park: 1 if it never could wake (a deadlock; see
+ * moor__deadlocked in dump.c for what can wake a task). */
+static int stuck(moor_executor *ex)
+{
+    if (ex->timers.n || ex->spawns_kept ||
+        __atomic_load_n(&ex->remote_pending, __ATOMIC_ACQUIRE) ||
+        __atomic_load_n(&ex->holds, __ATOMIC_ACQUIRE) ||
+        (ex->driver->foreign && ex->driver->foreign(ex->driver_self)))
+        return 0;
+    return moor__deadlocked(ex);
+}
+
+/* Returns 0 once done (or no task is left), or -EDEADLK: the dump went to stderr. */
+static int run(moor_executor *ex, int (*done)(const void *arg), const void *arg)
 {
     moor__assert(ex == moor__tls_executor, "the executor belongs to another thread");
     moor__assert(!ex->current, "the executor cannot be run from inside a fiber; use moor_await");
@@ -533,9 +629,15 @@ static void run(moor_executor *ex, int (*done)(const void *arg), const void *arg
         }
         if (done ? done(arg) : ex->ntasks == 0 && ex->spawns_kept == 0)
             break;
+        if (stuck(ex)) {
+            ex->running = 0;
+            moor__dump_deadlock(ex);
+            return -EDEADLK;
+        }
         events(ex, 1);
     }
     ex->running = 0;
+    return 0;
 }
 
 int moor__executor_tick(moor_executor *ex, unsigned budget, int64_t *next_deadline)
@@ -625,8 +727,7 @@ static int future_is_done(const void *fut) { return moor__future_done(fut); }
 
 int moor_executor_run(moor_executor *ex)
 {
-    run(ex, NULL, NULL);
-    return 0;
+    return run(ex, NULL, NULL);
 }
 
 intptr_t moor_block_on(moor_future *fut)
@@ -639,7 +740,13 @@ intptr_t moor_block_on(moor_future *fut)
     /* Its own slot, free again: the last block_on ran until its future was done. */
     ex->block_on_task.kind = MOOR__TASK_BLOCK_ON;
     moor__task_start(ex, &ex->block_on_task, fut);
-    run(ex, future_is_done, fut);
+    if (run(ex, future_is_done, fut) < 0) {
+        /* Deadlocked: give the future up, so that nothing keeps pointing at it (a wait
+         * queue, its deadline), and its task slot with it. */
+        moor__task_finish(ex, &ex->block_on_task); /* idle: a deadlock has nothing queued */
+        if (moor_future_cancel(fut) != MOOR_READY)
+            return -EDEADLK;
+    }
     return fut->result;
 }
 
@@ -683,6 +790,8 @@ static transfer_t fiber_entry(transfer_t t)
     /* The poll adapter's READY: finish the task, hand the result to the joiner. */
     f->state = MOOR__FIBER_DONE;
     ex->ntasks--; /* moor__task_finish, for a fiber's task */
+    if (ex->live_hint == &f->task)
+        ex->live_hint = NULL;
     f->task.gen = 0;
     f->task.state = MOOR__TASK_FREE;
     if (f->detached) {
@@ -716,6 +825,23 @@ static moor_poll join_cancel(moor_future *fut)
 }
 
 static const moor_future_ops join_ops = {"join", join_poll, join_cancel};
+
+/* "join fiber 12": only the joined fiber, a task of this executor, can complete it. */
+static int join_describe(const moor_future *fut, char *buf, size_t size)
+{
+    const moor_fiber *f = moor_container_of(fut, moor_fiber, join_fut);
+    moor__fmt out = moor__fmt_init(buf, size);
+    moor__fmt_str(&out, "join fiber ");
+    moor__fmt_u64(&out, f->id);
+    return MOOR_WAIT_LOCAL;
+}
+
+static moor_future_kind join_kind = {&join_ops, join_describe, NULL};
+
+__attribute__((constructor)) static void join_kind_register(void)
+{
+    moor_future_kind_register(&join_kind);
+}
 
 /* ---- lifecycle ------------------------------------------------------------------------- */
 
@@ -874,16 +1000,20 @@ int moor_join(moor_fiber *f, intptr_t *result)
     if (f->state != MOOR__FIBER_DONE && self) {
         /* What awaiting join_fut would do, without the generic poll around it. Not cut
          * short by cancellation: a cancelled fiber must still be able to reap its children. */
+        moor__wait_stamp(f->ex, &self->task);
         while (f->state != MOOR__FIBER_DONE) {
             f->joiner = (moor_waker){f->ex, &self->task, self->task.gen};
-            moor__fiber_suspend(self);
+            moor__fiber_suspend(self, &f->join_fut);
         }
         f->joiner = (moor_waker){0};
     } else if (f->state != MOOR__FIBER_DONE) {
         /* From plain code: run the executor until the fiber has returned. Not a block_on of
          * join_fut, which would need a task slot, and so could fail for want of memory. */
         moor__assert(!f->ex->running, "moor_join from inside a poll: the executor is running");
-        run(f->ex, fiber_is_done, f);
+        if (run(f->ex, fiber_is_done, f) < 0) {
+            f->join_claimed = 0; /* not joined: it may be cancelled and joined again */
+            return -EDEADLK;
+        }
     }
     if (result)
         *result = f->result;
@@ -911,33 +1041,36 @@ intptr_t moor_await(moor_future *fut)
         moor__coop_spend(); /* ready at once: it counts against the budget */
         return fut->result;
     }
+    moor__wait_stamp(ex, &f->task);
     for (;;) {
         /* Polled before the cancel is looked at: a result that is there without waiting is
          * returned even in a cancelled fiber, as is a wait that completed before the cancel
          * arrived (its cancel op reports it). */
         if (__builtin_expect(f->cancelled, 0))
             return moor_future_cancel(fut) == MOOR_READY ? fut->result : -ECANCELED;
-        moor__fiber_suspend(f);
+        moor__fiber_suspend(f, fut);
         if (moor__future_poll(fut, &cx) == MOOR_READY)
             return fut->result;
     }
 }
 
-int moor__fiber_wait_completion(moor_fiber *f, const int *completed, const intptr_t *result,
+int moor__fiber_wait_completion(moor_fiber *f, const int *completed, moor_future *op,
                                 moor__deadline *dl, void (*unlink)(void *arg), void *arg,
                                 int cancellable)
 {
     moor_waker self = {f->ex, &f->task, f->task.gen};
+    const intptr_t *result = &op->result;
     if (moor__deadline_arm(dl, &self) < 0) {
         unlink(arg);
         return -ENOMEM;
     }
+    moor__wait_stamp(f->ex, &f->task);
     for (;;) {
         if (cancellable && f->cancelled) {
             unlink(arg);
             break;
         }
-        moor__fiber_suspend(f);
+        moor__fiber_suspend(f, op);
         if (*completed)
             break;
         if (moor__deadline_passed(dl)) {
@@ -964,8 +1097,9 @@ intptr_t moor__wait_uncancellable(moor_future *fut)
     if (!f)
         return moor_block_on(fut);
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
+    moor__wait_stamp(ex, &f->task);
     while (moor__future_poll(fut, &cx) == MOOR_PENDING)
-        moor__fiber_suspend(f);
+        moor__fiber_suspend(f, fut);
     return fut->result;
 }
 
@@ -992,7 +1126,7 @@ void moor__coop_yield(moor_executor *ex)
     if (f) {
         f->budget = MOOR__COOP_BUDGET;
         f->task.state = MOOR__TASK_NOTIFIED; /* to the back of the run queue */
-        moor__fiber_suspend(f);
+        moor__fiber_suspend(f, NULL);
         return;
     }
     ex->plain_budget = MOOR__COOP_BUDGET;
@@ -1007,7 +1141,7 @@ void moor_yield(void)
     moor__assert(f, "moor_yield called outside a fiber");
     /* Woken while running: the executor puts it at the back of the run queue. */
     f->task.state = MOOR__TASK_NOTIFIED;
-    moor__fiber_suspend(f);
+    moor__fiber_suspend(f, NULL);
 }
 
 moor_fiber *moor_self(void) { return moor__self(); }

@@ -14,6 +14,9 @@
 #include "stack.h"
 #include "timer.h"
 
+/* Plain task slots per allocation (moor_executor.task_chunks). */
+#define MOOR__TASKS_PER_CHUNK 64u
+
 /* The most worker threads a blocking pool may be given (moor_executor_attr). */
 #define MOOR__BLOCKING_THREADS_MAX 4096u
 
@@ -33,10 +36,14 @@ enum moor__task_kind {
 
 struct moor_task {
     moor_task *next;   /* run queue, or the free list */
-    moor_future *fut;  /* what polling the task polls */
+    moor_future *fut;  /* what polling the task polls; a fiber's: the future it waits on
+                          while it is IDLE (set at each suspend, NULL: not known), for
+                          moor_dump and deadlock detection */
     uint64_t gen;      /* generation this task was started with; 0 while free */
     uint8_t state;     /* enum moor__task_state */
     uint8_t kind;      /* enum moor__task_kind */
+    uint32_t since;    /* low 32 bits of the executor's cached clock (moor_executor.now)
+                          when it began its current wait: in the padding, no clock read */
 };
 
 /* How the executor waits when its run queue is empty (Tokio's park/unpark split). fiber/
@@ -48,6 +55,9 @@ typedef struct moor__driver {
     /* End a park early, or make the next one return at once. Any thread; always called
      * with the executor's remote_lock held. */
     void (*unpark)(void *self);
+    /* Non-zero if something else than moor's own waits may wake a task during a park (an
+     * application's loop or watchers): then no deadlock is ever reported. May be NULL. */
+    int (*foreign)(void *self);
 } moor__driver;
 
 /* A request from another thread: wake (task, gen), or spawn a detached fiber fn(arg). */
@@ -97,6 +107,13 @@ struct moor_executor {
     size_t ntasks;                   /* tasks started and not finished */
     size_t promises_held;            /* awaiter's halves of promises not yet dropped */
     int running;                     /* inside run/block_on */
+    int64_t now;                     /* moor_now() at the executor's last look at the clock
+                                        (each park, every 64 tasks run): wait stamps */
+    uint64_t switches;               /* fibers switched to (moor_stats) */
+    uint64_t wakeups;                /* waiting tasks made runnable (moor_stats) */
+    moor_task *live_hint;            /* deadlock detection: a task last found waiting on
+                                        something non-local, looked at first; NULL when it
+                                        finishes */
     uint16_t plain_budget;           /* plain code's cooperative budget (moor__coop_spend) */
     unsigned plain_turns;            /* turns plain code has given the executor */
 
@@ -139,6 +156,9 @@ struct moor_executor {
     int remote_pending;              /* atomic: something in the remote queue to act on */
     int remote_wake_all;             /* a wake found no memory to queue: wake every task */
     int unparked;                    /* plain driver: an unpark is outstanding */
+    int holds;                       /* atomic: moor_executor_hold minus release */
+    moor_executor *live_next;        /* the list of live executors (SIGQUIT dump), under
+                                        executor.c's live lock for writers; never freed */
     /* Last, so that recycling can clear everything before them while they stay valid. */
     pthread_mutex_t remote_lock;
     pthread_cond_t remote_cond;      /* the plain driver parks on it */
@@ -223,6 +243,7 @@ static inline void moor__wake(const moor_waker *w)
             return;
         if (t->state == MOOR__TASK_IDLE) {
             t->state = MOOR__TASK_SCHEDULED;
+            w->ex->wakeups++;
             moor__runq_push(w->ex, t);
         } else if (t->state == MOOR__TASK_RUNNING) {
             t->state = MOOR__TASK_NOTIFIED;
@@ -355,6 +376,7 @@ static inline void moor__fiber_resume(moor_executor *ex, moor_fiber *f)
 {
     int saved_errno = *ex->errno_ptr;
     ex->current = f;
+    ex->switches++;
     moor__switch(&ex->ctx, &f->ctx);
     *ex->errno_ptr = saved_errno;
     if (ex->zombie)
@@ -370,6 +392,7 @@ static inline moor__ctx *moor__fiber_next(moor_executor *ex)
     if (t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left &&
         !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED)) {
         ex->handoffs_left--;
+        ex->switches++;
         moor__runq_pop(ex);
         t->state = MOOR__TASK_RUNNING;
         moor_fiber *next = (moor_fiber *)(void *)t; /* task is the first member */
@@ -381,11 +404,15 @@ static inline moor__ctx *moor__fiber_next(moor_executor *ex)
 }
 
 /* The poll adapter's PENDING: the running fiber stops until its task is woken and picked
- * again, handing off to the next fiber if there is one. */
-static inline void moor__fiber_suspend(moor_fiber *f)
+ * again, handing off to the next fiber if there is one. `waits_on` is the future it waits
+ * on (NULL for a yield, or a wait no future describes): moor_dump names it, and deadlock
+ * detection asks whether only this executor's tasks can complete it. The caller stamps
+ * f->task.since once when the wait begins (moor__wait_stamp). */
+static inline void moor__fiber_suspend(moor_fiber *f, moor_future *waits_on)
 {
     moor_executor *ex = f->ex;
     int saved_errno = *ex->errno_ptr;
+    f->task.fut = waits_on;
     moor__task_pending(ex, &f->task);
     moor__ctx *to = moor__fiber_next(ex);
     if (to != &f->ctx) /* a lone yielding fiber may pick itself */
@@ -393,6 +420,12 @@ static inline void moor__fiber_suspend(moor_fiber *f)
     if (ex->zombie)
         moor__fiber_reap(ex);
     *ex->errno_ptr = saved_errno;
+}
+
+/* A wait begins: stamp it with the executor's cached clock (a load and a store). */
+static inline void moor__wait_stamp(moor_executor *ex, moor_task *t)
+{
+    t->since = (uint32_t)ex->now;
 }
 
 /* moor_self, inline: the calling fiber, or NULL from plain code. */
@@ -427,12 +460,13 @@ intptr_t moor__wait(moor_future *fut);
 intptr_t moor__wait_uncancellable(moor_future *fut);
 
 /* What a blocking call does in a fiber once it has queued a waiter that a counterpart will
- * complete: suspend until *completed is set (then return *result), the deadline passes
+ * complete: suspend until *completed is set (then return op->result), the deadline passes
  * (-ETIMEDOUT) or the fiber is cancelled (-ECANCELED, unless it completed meanwhile);
+ * op is the operation's future (moor_dump names the wait by it; its result is the result);
  * unlink(arg) takes the waiter out when giving up. The same as awaiting the operation's
  * future, without the generic poll around it: this is the path every channel and lock wait
  * in a fiber takes. Errors: -ENOMEM (no room for the deadline's timer). */
-int moor__fiber_wait_completion(moor_fiber *f, const int *completed, const intptr_t *result,
+int moor__fiber_wait_completion(moor_fiber *f, const int *completed, moor_future *op,
                                 moor__deadline *dl, void (*unlink)(void *arg), void *arg,
                                 int cancellable);
 

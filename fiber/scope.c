@@ -4,6 +4,7 @@
 #include <errno.h>
 
 #include "assert.h"
+#include "dump.h"
 #include "wait.h"
 
 void moor_scope_init(moor_scope *scope)
@@ -25,6 +26,7 @@ typedef struct empty_future {
     moor_future base;
     moor_scope *scope;
     int completed;        /* the scope took it off its queue; result set */
+    int closing;          /* moor_scope_close's wait, not moor_scope_wait's (moor_dump) */
     moor__waiter waiter;
     moor__deadline deadline;
 } empty_future;
@@ -113,6 +115,23 @@ static moor_poll empty_cancel(moor_future *fut)
 
 static const moor_future_ops empty_ops = {"scope", empty_poll, empty_cancel};
 
+/* "scope close 0x...": only the scope's children, fibers of this executor, can end it. */
+static int empty_describe(const moor_future *fut, char *buf, size_t size)
+{
+    const empty_future *ef = moor_container_of(fut, empty_future, base);
+    moor__fmt out = moor__fmt_init(buf, size);
+    moor__fmt_str(&out, ef->closing ? "scope close " : "scope wait ");
+    moor__fmt_ptr(&out, ef->scope);
+    return MOOR_WAIT_LOCAL;
+}
+
+static moor_future_kind empty_kind = {&empty_ops, empty_describe, NULL};
+
+__attribute__((constructor)) static void empty_kind_register(void)
+{
+    moor_future_kind_register(&empty_kind);
+}
+
 static int wait_empty(moor_scope *scope, int64_t deadline, int cancellable)
 {
     if (scope->count == 0)
@@ -121,6 +140,7 @@ static int wait_empty(moor_scope *scope, int64_t deadline, int cancellable)
     moor_future_init(&ef.base, &empty_ops, 0);
     ef.scope = scope;
     ef.completed = 0;
+    ef.closing = !cancellable;
     moor__waiter_init(&ef.waiter);
     moor__deadline_init(&ef.deadline, deadline);
     return (int)(cancellable ? moor__wait(&ef.base) : moor__wait_uncancellable(&ef.base));

@@ -5,6 +5,7 @@
 #include <errno.h>
 
 #include "assert.h"
+#include "dump.h"
 #include "future.h"
 #include "wait.h"
 
@@ -94,6 +95,39 @@ static moor_poll select_cancel(moor_future *fut)
 }
 
 static const moor_future_ops select_ops = {"select", select_poll, select_cancel};
+
+/* Local if every future still pending is: then only tasks of this executor can end it (a
+ * deadline of its own is a timer, which the executor sees for itself). */
+static int all_local(moor_future *const *futs, size_t n)
+{
+    size_t pending = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (futs[i]->state != MOOR__FUTURE_PENDING)
+            continue;
+        if (moor__future_describe(futs[i], NULL, 0) != MOOR_WAIT_LOCAL)
+            return 0;
+        pending++;
+    }
+    return pending > 0; /* none pending: it is about to complete, not stuck */
+}
+
+/* "select (3)" */
+static int select_describe(const moor_future *fut, char *buf, size_t size)
+{
+    const select_future *sf = moor_container_of(fut, select_future, base);
+    moor__fmt out = moor__fmt_init(buf, size);
+    moor__fmt_str(&out, "select (");
+    moor__fmt_u64(&out, sf->n);
+    moor__fmt_str(&out, ")");
+    return all_local(sf->futs, sf->n) ? MOOR_WAIT_LOCAL : 0;
+}
+
+static moor_future_kind select_kind = {&select_ops, select_describe, NULL};
+
+__attribute__((constructor)) static void select_kind_register(void)
+{
+    moor_future_kind_register(&select_kind);
+}
 
 int moor_select(moor_future **futs, size_t n, int64_t deadline)
 {
@@ -194,6 +228,24 @@ static moor_poll join_all_cancel(moor_future *fut)
 }
 
 static const moor_future_ops join_all_ops = {"join all", join_all_poll, join_all_cancel};
+
+/* "await_all (3)" */
+static int join_all_describe(const moor_future *fut, char *buf, size_t size)
+{
+    const join_all_future *jf = moor_container_of(fut, join_all_future, base);
+    moor__fmt out = moor__fmt_init(buf, size);
+    moor__fmt_str(&out, "await_all (");
+    moor__fmt_u64(&out, jf->n);
+    moor__fmt_str(&out, ")");
+    return all_local(jf->futs, jf->n) ? MOOR_WAIT_LOCAL : 0;
+}
+
+static moor_future_kind join_all_kind = {&join_all_ops, join_all_describe, NULL};
+
+__attribute__((constructor)) static void join_all_kind_register(void)
+{
+    moor_future_kind_register(&join_all_kind);
+}
 
 int moor_await_all(moor_future **futs, size_t n, int64_t deadline)
 {

@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "assert.h"
+#include "dump.h"
 #include "wait.h"
 
 typedef struct wait_op wait_op;
@@ -113,7 +114,7 @@ static int wait_on(moor__list *q, void *obj, int (*take_now)(wait_op *), int64_t
     moor_executor *ex = f->ex;
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     moor__waitq_push(q, &op.waiter, &cx);
-    return moor__fiber_wait_completion(f, &op.completed, &op.base.result, &op.deadline,
+    return moor__fiber_wait_completion(f, &op.completed, &op.base, &op.deadline,
                                        waiter_unlink, &op, cancellable);
 }
 
@@ -293,4 +294,30 @@ int moor_event_wait(moor_event *e, int64_t deadline)
         return 0;
     }
     return wait_on(&e->waiters, e, event_is_set, deadline, 1);
+}
+
+/* ---- describing a wait (moor_dump, deadlock detection) ------------------------------------ */
+
+/* "mutex 0x...", "cond 0x...": each primitive is one executor's, so only its tasks can
+ * complete a wait on it. */
+static int wait_describe(const moor_future *fut, char *buf, size_t size)
+{
+    const wait_op *op = moor_container_of(fut, wait_op, base);
+    const char *what = op->take_now == mutex_take  ? "mutex "
+                       : op->take_now == never_now ? "cond "
+                       : op->take_now == sem_take  ? "sem "
+                       : op->take_now == wg_zero   ? "waitgroup "
+                       : op->take_now == event_is_set ? "event "
+                                                      : "sync wait ";
+    moor__fmt out = moor__fmt_init(buf, size);
+    moor__fmt_str(&out, what);
+    moor__fmt_ptr(&out, op->obj);
+    return MOOR_WAIT_LOCAL;
+}
+
+static moor_future_kind wait_kind = {&wait_ops, wait_describe, NULL};
+
+__attribute__((constructor)) static void wait_kind_register(void)
+{
+    moor_future_kind_register(&wait_kind);
 }

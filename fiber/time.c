@@ -2,6 +2,7 @@
  * are timer.c's; a deadline's place in the heap is wait.h's.) */
 #include <errno.h>
 
+#include "dump.h"
 #include "wait.h"
 
 int64_t moor_deadline_in(int64_t ms)
@@ -54,6 +55,25 @@ static moor_poll sleep_cancel(moor_future *fut)
 }
 
 static const moor_future_ops sleep_ops = {"sleep", sleep_poll, sleep_cancel};
+
+/* "sleep 120 ms left": the time still to wait (its timer wakes it: never a deadlock). */
+static int sleep_describe(const moor_future *fut, char *buf, size_t size)
+{
+    const moor_sleep_future *sf = moor_container_of(fut, moor_sleep_future, base);
+    int64_t left = sf->deadline.at - moor_now();
+    moor__fmt out = moor__fmt_init(buf, size);
+    moor__fmt_str(&out, "sleep ");
+    moor__fmt_i64(&out, left > 0 ? left : 0);
+    moor__fmt_str(&out, " ms left");
+    return 0;
+}
+
+static moor_future_kind sleep_kind = {&sleep_ops, sleep_describe, NULL};
+
+__attribute__((constructor)) static void sleep_kind_register(void)
+{
+    moor_future_kind_register(&sleep_kind);
+}
 
 void moor_sleep_init(moor_sleep_future *sf, int64_t deadline)
 {

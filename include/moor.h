@@ -37,6 +37,7 @@
 #include <errno.h> /* results are -E... values */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h> /* moor_dump */
 #include <sys/socket.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -148,10 +149,69 @@ typedef struct moor_executor_stats {
     size_t tasks;  /* tasks started and not finished, fibers included */
     size_t fibers; /* fibers not yet released: running, waiting, or returned and not joined */
     size_t timers; /* deadlines queued (sleeps, waits with a deadline) */
+    size_t fibers_alive;   /* fibers whose function has not returned */
+    uint64_t switches;     /* times a fiber was switched to (resumed or started) */
+    uint64_t wakeups;      /* times a waiting task was made runnable by a wake */
+    size_t stacks_mapped;  /* fiber stacks mapped: in use or pooled */
+    size_t stacks_pooled;  /* of those, freed and kept for reuse */
+    moor_guard_mode guard; /* MOOR_GUARD_MADVISE or MOOR_GUARD_MPROTECT */
 } moor_executor_stats;
 
 /* Fill *out with ex's figures. From ex's thread. */
 MOOR_API void moor_executor_stats_get(const moor_executor *ex, moor_executor_stats *out);
+
+/* ------------------------------------------------------------------------------------------
+ * Introspection: stats, dumps, deadlock detection
+ * ---------------------------------------------------------------------------------------- */
+
+/* The figures of the calling thread's executor (all zero without one). */
+MOOR_API moor_executor_stats moor_stats(void);
+
+/* Print the calling thread's executor to `out`: a header line (executor, tasks, fibers,
+ * timers, switches, wakeups), then one line per fiber and per plain task:
+ *
+ *   fiber 3 "reader" waiting on read fd 7 for 1520 ms, stack 256 KiB, touched 12 KiB
+ *   fiber 4 "fiber" ready, stack 256 KiB, touched 4 KiB
+ *   task 0x55d0c2a0 waiting on sleep 120 ms left for 3 ms
+ *
+ * States: running (the caller, if a fiber), ready (runnable), waiting (on what, with its
+ * argument: see moor_future_kind), done (returned, not joined yet). The time waited is
+ * counted from the executor's last look at the clock before the wait began (it looks at
+ * every park and every 64 tasks run), so it may also count some time the tasks ran just
+ * before: a wait that began after a long computation is shown that much longer.
+ * "touched" is how much of the stack's mapping is resident, measured with mincore(2) from
+ * the lowest resident page up: the high-water mark that tells how small a stack could be
+ * (a reused stack shows what an earlier fiber touched too). From plain code or a fiber;
+ * never suspends. No-op without an executor. */
+MOOR_API void moor_dump(FILE *out);
+
+/* Opt in to a dump on SIGQUIT (Ctrl-\), as Go prints its goroutines: the handler writes
+ * the dump of every live executor of the process to stderr, and the process goes on.
+ * It runs in signal context: it formats with write(2) only and takes no lock, so it reads
+ * other threads' executors while they run, best effort (a fiber that changes state at that
+ * moment may be printed stale or skipped). Replaces SIGQUIT's previous disposition.
+ * Returns 0, or -errno from sigaction. */
+MOOR_API int moor_dump_on_sigquit(void);
+
+/* Deadlock detection. When every task of an executor waits and nothing can wake any of
+ * them, moor_executor_run and moor_block_on do not hang: they print the dump to stderr,
+ * under a first line that says so, and return -EDEADLK. "Nothing can wake" means: no task
+ * runnable, no timer queued, no request from another thread queued, the executor neither
+ * attached to an application's loop nor its loop handed out (moor_executor_loop), no hold
+ * (below), and every task waits on something only a task of this executor could complete
+ * (channels, locks, conditions, events, wait groups, joins, scopes, and selects or
+ * await_alls of only those; see moor_future_kind for your own types). A wait on a file
+ * descriptor, a signal, a name lookup, a blocking call, a promise or a future of a type not
+ * declared local is never called a deadlock.
+ *
+ * Other threads can feed an executor only through moor_spawn_remote (a new fiber that may
+ * then complete the waits): a program that spawns from other threads while the executor
+ * could be idle holds it for as long as they may (libuv's ref/unref). Hold before the
+ * threads start, release when they are done; any thread. While the count is above zero no
+ * deadlock is reported; a release that brings it to zero wakes the executor to look again.
+ * Misuse: releasing more often than held. */
+MOOR_API void moor_executor_hold(moor_executor *ex);
+MOOR_API void moor_executor_release(moor_executor *ex);
 
 /* Run `fut` as a task of its own on the calling thread's executor (a future need not be a
  * fiber to be a task; moor_spawn runs a function as a fiber). The future must stay where it
@@ -177,12 +237,18 @@ MOOR_API int moor_spawn_remote(moor_executor *ex, moor_fiber_fn fn, void *arg);
  * are free) before the executor is used, or the executor freed. */
 MOOR_API int moor_executor_after_fork(moor_executor *ex);
 
-/* Run tasks until none is left. Returns 0. Not from a fiber (assertion). */
+/* Run tasks until none is left. Returns 0, or -EDEADLK: every task left waits and nothing
+ * can wake any of them (see moor_executor_hold); the dump went to stderr and the tasks stay
+ * where they are, to be cancelled (moor_cancel) and run again, or inspected. Not from a
+ * fiber (assertion). */
 MOOR_API int moor_executor_run(moor_executor *ex);
 
 /* From plain code on a thread with an executor: run the executor until `fut` is done (other
  * tasks run meanwhile and stay where they are when it returns), and return its output.
- * Not from a fiber (assertion): a fiber uses moor_await. Needs no memory: it cannot fail. */
+ * Not from a fiber (assertion): a fiber uses moor_await. Needs no memory. Its one failure
+ * is -EDEADLK (as moor_executor_run): then fut has been cancelled (unless its cancel
+ * reported it done: its output is returned) and the other tasks stay where they are. The
+ * calls that may suspend return -EDEADLK from plain code the same way. */
 MOOR_API intptr_t moor_block_on(moor_future *fut);
 
 /* ------------------------------------------------------------------------------------------
@@ -223,8 +289,10 @@ MOOR_API int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moo
  * release the fiber; the handle is invalid afterwards. May suspend; from plain code it runs
  * the executor until the fiber is done. Returns 0, or -ECANCELED if the fiber had been
  * cancelled (its return value is still stored). Waiting in moor_join is not cut short when
- * the caller is cancelled, so a cancelled fiber can still reap its children. Misuse: joining
- * twice, joining a detached fiber or oneself. */
+ * the caller is cancelled, so a cancelled fiber can still reap its children. From plain code
+ * it may also return -EDEADLK (see moor_executor_hold): the fiber is then not joined, and
+ * the handle stays valid (cancel it, then join again). Misuse: joining twice, joining a
+ * detached fiber or oneself. */
 MOOR_API int moor_join(moor_fiber *fiber, intptr_t *result);
 
 /* Join with a bound on the fiber's run: wait for it to return until the deadline, and if it

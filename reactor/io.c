@@ -9,9 +9,11 @@
  * executor resumes the fiber (fiber/), which polls the future again; io_poll finds it ready
  * (here), and moor_read retries its system call. */
 #include <errno.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "fiber/assert.h"
+#include "fiber/dump.h"
 #include "fiber/wait.h"
 #include "fd.h"
 #include "io.h"
@@ -96,6 +98,36 @@ static moor_poll io_cancel(moor_future *fut)
 }
 
 static const moor_future_ops io_ops = {"fd wait", io_poll, io_cancel};
+
+/* "read fd 7", "write fd 7", "accept fd 3" (a read on a listening socket: getsockopt is
+ * async-signal-safe), "read/write fd 7". An fd's readiness comes from outside: never local. */
+static int io_describe(const moor_future *fut, char *buf, size_t size)
+{
+    const moor_io_future *io = moor_container_of(fut, moor_io_future, base);
+    if (size == 0)
+        return 0; /* only asked whether it is local: no system call */
+    const char *what = "read/write fd ";
+    if (io->events == MOOR_WRITABLE) {
+        what = "write fd ";
+    } else if (io->events == MOOR_READABLE) {
+        int listening = 0;
+        socklen_t len = sizeof listening;
+        what = getsockopt(io->fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0 && listening
+                   ? "accept fd "
+                   : "read fd ";
+    }
+    moor__fmt out = moor__fmt_init(buf, size);
+    moor__fmt_str(&out, what);
+    moor__fmt_i64(&out, io->fd);
+    return 0;
+}
+
+static moor_future_kind io_kind = {&io_ops, io_describe, NULL};
+
+__attribute__((constructor)) static void io_kind_register(void)
+{
+    moor_future_kind_register(&io_kind);
+}
 
 void moor_io_init(moor_io_future *io, int fd, int events, int64_t deadline)
 {

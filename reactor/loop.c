@@ -73,7 +73,23 @@ static void ev_unpark(void *self)
     ev_async_send(r->loop, &r->unpark);
 }
 
-static const moor__driver ev_driver = {ev_park, ev_unpark};
+/* Deadlock detection: an application's loop (attached) runs the application's watchers at
+ * each park, and so does moor's own loop once handed out (moor_executor_loop): their
+ * callbacks may wake any task. */
+static int ev_foreign(void *self)
+{
+    const moor__reactor *r = self;
+    return !r->owned;
+}
+
+static int ev_shared(void *self)
+{
+    (void)self;
+    return 1;
+}
+
+static const moor__driver ev_driver = {ev_park, ev_unpark, ev_foreign};
+static const moor__driver ev_shared_driver = {ev_park, ev_unpark, ev_shared};
 
 /* ---- attached to a loop the application runs ------------------------------------------- */
 
@@ -267,7 +283,11 @@ int moor_executor_attach(moor_executor *ex, struct ev_loop *loop)
 struct ev_loop *moor_executor_loop(moor_executor *ex)
 {
     moor__reactor *r;
-    return moor__reactor_get(ex, &r) == 0 ? r->loop : NULL;
+    if (moor__reactor_get(ex, &r) < 0)
+        return NULL;
+    if (ex->driver != &ev_shared_driver)
+        moor__driver_set(ex, &ev_shared_driver, r); /* its watchers may be the application's */
+    return r->loop;
 }
 
 /* Whether a descriptor can be made now for libev's new async pipe (an eventfd on Linux). */

@@ -29,6 +29,7 @@
 #include <signal.h>
 
 #include "fiber/assert.h"
+#include "fiber/dump.h"
 #include "fiber/executor.h"
 #include "reactor.h"
 #include "fiber/wait.h"
@@ -243,6 +244,23 @@ static moor_poll signal_cancel(moor_future *fut)
 }
 
 static const moor_future_ops signal_ops = {"signal", signal_poll, signal_cancel};
+
+/* "signal 15": it comes from outside, never local. */
+static int signal_describe(const moor_future *fut, char *buf, size_t size)
+{
+    const signal_future *sf = moor_container_of(fut, signal_future, base);
+    moor__fmt out = moor__fmt_init(buf, size);
+    moor__fmt_str(&out, "signal ");
+    moor__fmt_i64(&out, sf->signum);
+    return 0;
+}
+
+static moor_future_kind signal_kind = {&signal_ops, signal_describe, NULL};
+
+__attribute__((constructor)) static void signal_kind_register(void)
+{
+    moor_future_kind_register(&signal_kind);
+}
 
 int moor_signal_wait(int signum, int64_t deadline)
 {

@@ -119,6 +119,44 @@ MOOR_API int moor_future_done(const moor_future *fut);
 MOOR_API void moor_waker_wake(const moor_waker *waker);
 
 /* ------------------------------------------------------------------------------------------
+ * Describing a future type: for moor_dump, and for deadlock detection
+ *
+ * moor_dump names what a task waits on by its future's ops->label. A type may say more by
+ * registering a kind for its ops table (once per process, typically from its init function
+ * or a constructor): describe writes the label with its argument ("read fd 7",
+ * "chan recv 0x55d0c2a0"), and its return value says whether only tasks of the executor
+ * that polls the future can complete it (MOOR_WAIT_LOCAL: a channel, a lock, a join). When
+ * every task of an executor waits on such futures, nothing is runnable, no timer is queued
+ * and nothing else can feed the executor, moor_executor_run and moor_block_on report a
+ * deadlock (see moor_executor_hold). A type that returns 0, has no kind, or has no describe
+ * is never taken for a deadlock: its waker may have gone to another thread or a callback.
+ *
+ * (The describe is not a field of moor_future_ops so that existing ops tables, initialised
+ * by position, stay complete.)
+ * ---------------------------------------------------------------------------------------- */
+
+#define MOOR_WAIT_LOCAL 1
+
+typedef struct moor_future_kind {
+    const moor_future_ops *ops; /* public: the type described */
+    /* public: may be NULL (the label alone). Write a NUL-terminated description of the
+     * pending future `self` into buf (size bytes, at least 32) and return MOOR_WAIT_LOCAL if
+     * only a task of the polling executor can complete it now, else 0. With size 0 (buf
+     * NULL) only the answer is wanted: write nothing (snprintf(NULL, 0, ...) is fine),
+     * and keep it cheap, as the run loop asks when it goes idle. It may run in a
+     * signal handler (moor_dump_on_sigquit) while the future's task runs elsewhere: read
+     * `self` only, take no lock, allocate nothing; snprintf is not async-signal-safe by
+     * POSIX (glibc's is for integer and string conversions). */
+    int (*describe)(const moor_future *self, char *buf, size_t size);
+    struct moor_future_kind *next; /* private */
+} moor_future_kind;
+
+/* Register `kind` (static storage: it is linked into a process-wide list and never
+ * unlinked). Registering the same kind again is a no-op; the first kind registered for an
+ * ops table wins. Any thread, any time; lock-free. */
+MOOR_API void moor_future_kind_register(moor_future_kind *kind);
+
+/* ------------------------------------------------------------------------------------------
  * Promises: how a callback library is made awaitable
  *
  * A promise is a one-shot value handed from a callback (the resolver, on any thread) to a
