@@ -270,17 +270,6 @@ moor_executor *moor_executor_current(void) { return moor__tls_executor; }
 
 moor_guard_mode moor_executor_guard(const moor_executor *ex) { return ex->pool.mode; }
 
-/* Stacks mapped and pooled, from the pool's own fields: the one place that knows the pool's
- * layout (to be replaced by stack.c's own count when the pool changes shape). */
-static void stack_counts(const moor__stack_pool *pool, size_t *mapped, size_t *pooled)
-{
-    size_t n = 0;
-    for (size_t i = 0; i < pool->nbuckets; i++)
-        n += pool->buckets[i].nhot + pool->buckets[i].ncold;
-    *mapped = pool->mapped;
-    *pooled = n;
-}
-
 void moor_executor_stats_get(const moor_executor *ex, moor_executor_stats *out)
 {
     moor__assert(ex == moor__tls_executor,
@@ -290,12 +279,12 @@ void moor_executor_stats_get(const moor_executor *ex, moor_executor_stats *out)
         fibers++;
         alive += moor_container_of(n, moor_fiber, link)->state == MOOR__FIBER_LIVE;
     }
-    size_t mapped, pooled;
-    stack_counts(&ex->pool, &mapped, &pooled);
+    moor__stack_counts sc;
+    moor__stack_pool_counts(&ex->pool, &sc);
     *out = (moor_executor_stats){.tasks = ex->ntasks, .fibers = fibers, .timers = ex->timers.n,
                                  .fibers_alive = alive, .switches = ex->switches,
-                                 .wakeups = ex->wakeups, .stacks_mapped = mapped,
-                                 .stacks_pooled = pooled, .guard = ex->pool.mode};
+                                 .wakeups = ex->wakeups, .stacks_mapped = sc.mapped,
+                                 .stacks_pooled = sc.hot + sc.cold, .guard = ex->pool.mode};
 }
 
 moor_executor_stats moor_stats(void)
@@ -489,7 +478,7 @@ static void wake_all(moor_executor *ex)
     }
     for (size_t i = 0; i < ex->ntask_chunks; i++) {
         moor_task *slab = ex->task_chunks[i];
-        for (size_t j = 0; j < TASKS_PER_CHUNK; j++)
+        for (size_t j = 0; j < MOOR__TASKS_PER_CHUNK; j++)
             if (slab[j].gen)
                 wake_local(ex, &slab[j], slab[j].gen);
     }
@@ -569,6 +558,9 @@ static int64_t spawn_retry(moor_executor *ex, int64_t now, int64_t next)
 /* A deadline came due: wake whoever waits with it. */
 static void deadline_due(moor__deadline *dl) { moor__wake(&dl->waker); }
 
+/* A park at least this long (or unbounded) is an idle moment: the stack pool is trimmed. */
+#define IDLE_TRIM_MS 100
+
 /* Fire due timers and let the driver look for events, blocking only if may_block and no
  * timer fired: until the next timer's deadline, an event or an unpark. */
 static void events(moor_executor *ex, int may_block)
@@ -583,6 +575,10 @@ static void events(moor_executor *ex, int may_block)
     int64_t timeout = 0;
     if (may_block)
         timeout = next < 0 ? -1 : next - now;
+    /* About to wait a while with nothing to run: give back what a burst of fibers left (their
+     * stacks' memory, and the page tables of slabs whose stacks are all cold). */
+    if (timeout < 0 || timeout >= IDLE_TRIM_MS)
+        moor__stack_pool_trim_idle(&ex->pool);
     ex->driver->park(ex->driver_self, timeout);
     if (timeout != 0) {
         ex->now = moor_now();

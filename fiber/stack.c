@@ -389,6 +389,7 @@ static void bucket_trim(moor__stack_pool *pool, moor__stack_bucket *b)
 
 void moor__stack_pool_trim(moor__stack_pool *pool)
 {
+    pool->trim_due = 0;
     for (size_t i = 0; i < pool->nbuckets; i++)
         if (pool->buckets[i].untrimmed)
             bucket_trim(pool, &pool->buckets[i]);
@@ -458,6 +459,7 @@ void moor__stack_put_slow(moor__stack_pool *pool, char *base, size_t map_size)
     stack_deregister(base, map_size);
     /* Cannot fail: stack_get reserved a slot in `cold` for every stack it carved. */
     b->cold[b->ncold++] = base;
+    pool->trim_due = 1;
     if (++b->untrimmed >= MOOR__STACK_TRIM_BATCH)
         bucket_trim(pool, b);
 }

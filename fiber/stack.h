@@ -66,6 +66,7 @@ typedef struct moor__stack_pool {
     moor__stack_slab *slabs; /* sorted by address */
     size_t nslabs, cap_slabs;
     size_t reserved;       /* bytes of address space the slabs hold */
+    int trim_due;          /* stacks went cold since the last moor__stack_pool_trim */
 } moor__stack_pool;
 
 /* What a pool holds now (for moor_stats and tests). */
@@ -107,6 +108,14 @@ void moor__stack_put_slow(moor__stack_pool *pool, char *base, size_t map_size);
  * 3 us a stack of such slabs (removing their guards, installing them again at reuse): for an
  * idle moment, not for every exit. */
 void moor__stack_pool_trim(moor__stack_pool *pool);
+
+/* The executor's idle moment: trim if stacks went cold since the last trim (one load when
+ * not). */
+static inline void moor__stack_pool_trim_idle(moor__stack_pool *pool)
+{
+    if (__builtin_expect(pool->trim_due, 0))
+        moor__stack_pool_trim(pool);
+}
 
 void moor__stack_pool_counts(const moor__stack_pool *pool, moor__stack_counts *out);
 
