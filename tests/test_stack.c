@@ -818,6 +818,33 @@ static moor_executor *bare_slabs_executor(moor_fiber **f)
     return ex;
 }
 
+/* The executor trims by itself when it idles: no call to moor__stack_pool_trim, only a park
+ * of 100 ms or more after the burst (a plain-code sleep). */
+static void test_stack_idle_executor_trims(void **state)
+{
+    (void)state;
+    require_guard_mode(MOOR_GUARD_MADVISE);
+    moor_executor_attr attr = {.pool_hot = 1, .guard = MOOR_GUARD_MADVISE};
+    moor_executor *ex;
+    assert_int_equal(moor_executor_new(&ex, &attr), 0);
+    moor_fiber *f[BARE_FIBERS];
+    for (int i = 0; i < BARE_FIBERS; i++)
+        assert_int_equal(moor_spawn(&f[i], return_arg, NULL, NULL), 0);
+    for (int i = 0; i < BARE_FIBERS; i++)
+        assert_int_equal(moor_join(f[i], NULL), 0);
+    moor__stack_counts c;
+    moor__stack_pool_counts(&ex->pool, &c);
+    assert_int_equal(c.slabs_bare, 0); /* a short burst: not trimmed yet */
+    assert_int_equal(moor_sleep(moor_deadline_in(20)), 0);
+    moor__stack_pool_counts(&ex->pool, &c);
+    assert_int_equal(c.slabs_bare, 0); /* a short park is not an idle moment */
+    assert_int_equal(moor_sleep(moor_deadline_in(150)), 0);
+    moor__stack_pool_counts(&ex->pool, &c);
+    assert_int_equal(c.slabs_bare, 5); /* as an explicit trim: all but the hot stack's slab */
+    assert_int_equal(c.cold, BARE_FIBERS - 1);
+    moor_executor_free(ex);
+}
+
 static void test_stack_bare_slab_regains_guards(void **state)
 {
     (void)state;
@@ -1112,6 +1139,7 @@ int main(void)
         TEST(test_stack_slab_neighbour_overflow_madvise),
         TEST(test_stack_slab_neighbour_overflow_mprotect),
         TEST(test_stack_bare_slab_regains_guards),
+        TEST(test_stack_idle_executor_trims),
         TEST(test_stack_bare_slab_overflow_named),
         TEST(test_stack_guard_mode_from_env),
         TEST(test_stack_out_of_mappings_mprotect),
