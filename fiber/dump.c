@@ -256,7 +256,7 @@ static void dump_fiber(const sink *s, const moor_executor *ex, const moor_fiber 
     moor__fmt_str(&line, "  fiber ");
     moor__fmt_u64(&line, f->id);
     moor__fmt_str(&line, " \"");
-    moor__fmt_str(&line, moor_fiber_name(f));
+    moor__fmt_str(&line, f->name[0] ? f->name : "fiber"); /* as moor_fiber_name */
     moor__fmt_str(&line, "\"");
     if (f->state == MOOR__FIBER_DONE)
         moor__fmt_str(&line, f->detached ? " done" : " done (not joined)");
@@ -328,11 +328,8 @@ static void dump_executor(const sink *s, const moor_executor *ex)
         dump_task(s, &ex->block_on_task, "block_on", now);
 }
 
-void moor_dump(FILE *out)
+void moor__dump_executor(const moor_executor *ex, FILE *out)
 {
-    moor_executor *ex = moor__tls_executor;
-    if (!ex)
-        return;
     dump_executor(&(sink){out, -1}, ex);
     fflush(out);
 }
@@ -347,6 +344,34 @@ void moor__dump_deadlock(moor_executor *ex)
 
 /* ---- SIGQUIT -------------------------------------------------------------------------------- */
 
+/* The live executors, for the SIGQUIT dump (on_sigquit): pushed at new, unlinked at
+ * free under live_lock; the signal handler walks it without the lock, which is safe because
+ * an executor's memory is never given back. */
+static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
+static moor_executor *live_head;
+
+void moor__live_add(moor_executor *ex)
+{
+    pthread_mutex_lock(&live_lock);
+    ex->live_next = live_head;
+    __atomic_store_n(&live_head, ex, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&live_lock);
+}
+
+void moor__live_remove(moor_executor *ex)
+{
+    pthread_mutex_lock(&live_lock);
+    for (moor_executor **p = &live_head; *p; p = &(*p)->live_next) {
+        if (*p == ex) {
+            __atomic_store_n(p, ex->live_next, __ATOMIC_RELEASE);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&live_lock);
+}
+
+
+
 static void on_sigquit(int signum)
 {
     (void)signum;
@@ -360,7 +385,7 @@ static void on_sigquit(int signum)
     moor__fmt_str(&line, "moor: SIGQUIT: dump of every executor (read while they run: best "
                          "effort)");
     emit(&s, &line);
-    for (moor_executor *ex = moor__executors_live(); ex;
+    for (moor_executor *ex = __atomic_load_n(&live_head, __ATOMIC_ACQUIRE); ex;
          ex = __atomic_load_n(&ex->live_next, __ATOMIC_ACQUIRE))
         if (__atomic_load_n(&ex->alive, __ATOMIC_RELAXED))
             dump_executor(&s, ex);

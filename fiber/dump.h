@@ -1,11 +1,14 @@
-/* Introspection (dump.c): what moor_dump prints, the SIGQUIT dump, deadlock detection, and
- * the registry of future kinds that names a wait with its argument. The formatting helpers
- * below are async-signal-safe (plain stores into a caller's buffer), so that the describe
- * ops of moor's own future types can run in the SIGQUIT handler. */
+/* Introspection (dump.c), below the executor: it reads the executor's structures and calls
+ * none of executor.c's functions, so that the run loop can call it. What moor_dump prints,
+ * the SIGQUIT dump, deadlock detection, and the registry of future kinds that names a wait
+ * with its argument. The formatting helpers below are async-signal-safe (plain stores into a
+ * caller's buffer), so that the describe ops of moor's own future types can run in the
+ * SIGQUIT handler. */
 #ifndef MOOR_FIBER_DUMP_H
 #define MOOR_FIBER_DUMP_H
 
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 
 #include "moor.h"
@@ -43,7 +46,12 @@ int moor__deadlocked(moor_executor *ex);
 /* The deadlock report on stderr: a first line that says so, then the dump. */
 void moor__dump_deadlock(moor_executor *ex);
 
-/* The first of the live executors (moor_executor.live_next links the others); executor.c. */
-moor_executor *moor__executors_live(void);
+/* The dump of one executor (moor_dump's body, for the calling thread's). */
+void moor__dump_executor(const moor_executor *ex, FILE *out);
+
+/* The live executors, which the SIGQUIT dump walks: an executor is added when it is made and
+ * removed when it is freed (moor_executor.live_next links them). */
+void moor__live_add(moor_executor *ex);
+void moor__live_remove(moor_executor *ex);
 
 #endif

@@ -79,34 +79,6 @@ static void context_setup_once(void)
 static pthread_mutex_t recycle_lock = PTHREAD_MUTEX_INITIALIZER;
 static moor_executor *recycled;
 
-/* The live executors, for the SIGQUIT dump (moor__executors_live): pushed at new, unlinked at
- * free under live_lock; the signal handler walks it without the lock, which is safe because
- * an executor's memory is never given back. */
-static pthread_mutex_t live_lock = PTHREAD_MUTEX_INITIALIZER;
-static moor_executor *live_head;
-
-static void live_add(moor_executor *ex)
-{
-    pthread_mutex_lock(&live_lock);
-    ex->live_next = live_head;
-    __atomic_store_n(&live_head, ex, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&live_lock);
-}
-
-static void live_remove(moor_executor *ex)
-{
-    pthread_mutex_lock(&live_lock);
-    for (moor_executor **p = &live_head; *p; p = &(*p)->live_next) {
-        if (*p == ex) {
-            __atomic_store_n(p, ex->live_next, __ATOMIC_RELEASE);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&live_lock);
-}
-
-moor_executor *moor__executors_live(void) { return __atomic_load_n(&live_head, __ATOMIC_ACQUIRE); }
-
 static void remote_sync_init(moor_executor *ex)
 {
     pthread_condattr_t ca;
@@ -221,7 +193,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     pthread_mutex_unlock(&ex->remote_lock);
     __atomic_add_fetch(&moor__executors_alive, 1, __ATOMIC_SEQ_CST); /* moor_set_allocator */
     moor__tls_executor = ex;
-    live_add(ex);
+    moor__live_add(ex);
     *out = ex;
     return 0;
 fail:
@@ -258,7 +230,7 @@ void moor_executor_free(moor_executor *ex)
         moor__free(ex->task_chunks[i]);
     moor__free(ex->task_chunks);
     moor__overflow_thread_fini(ex);
-    live_remove(ex);
+    moor__live_remove(ex);
     moor__tls_executor = NULL;
     __atomic_sub_fetch(&moor__executors_alive, 1, __ATOMIC_SEQ_CST);
     /* From now on a wake from another thread finds it dead and does nothing. */
@@ -285,6 +257,13 @@ void moor_executor_stats_get(const moor_executor *ex, moor_executor_stats *out)
                                  .fibers_alive = alive, .switches = ex->switches,
                                  .wakeups = ex->wakeups, .stacks_mapped = sc.mapped,
                                  .stacks_pooled = sc.hot + sc.cold, .guard = ex->pool.mode};
+}
+
+void moor_dump(FILE *out)
+{
+    moor_executor *ex = moor__tls_executor;
+    if (ex)
+        moor__dump_executor(ex, out);
 }
 
 moor_executor_stats moor_stats(void)
