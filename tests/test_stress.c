@@ -105,6 +105,7 @@ typedef struct chan_model {
     int ordered;        /* received only by its sink, then by the final drain */
     int closed;         /* set just before moor_chan_close */
     uint32_t *last_seq; /* ordered: per sender, the seq last received (0: none) */
+    int64_t close_at;   /* a worker may close it from then on (the closer does at the end) */
 } chan_model;
 
 /* Every fiber the round makes has a record here, indexed by its id; the array is made for
@@ -124,6 +125,7 @@ typedef struct worker {
     int steps;         /* steps done */
     uint32_t seq;      /* messages made */
     int chan;          /* W_SINK: its channel */
+    size_t home;       /* the channel it sends on most */
     intptr_t result;   /* what it returned */
 } worker;
 
@@ -197,7 +199,8 @@ typedef struct round_state {
     promise_rec *p;
     uint32_t np, capp;
     moor_waitgroup wg;     /* workers that have not finished their steps */
-    int64_t end;           /* when the closer closes every channel */
+    uint64_t steps_done;   /* steps the workers have ended */
+    unsigned cancel_permille; /* chance that a cancel op cancels */
     unsigned weight[OP_COUNT];
     unsigned total_weight;
     remote rem;
@@ -362,8 +365,12 @@ static void recv_failed(worker *w, const chan_model *c, int rc, int64_t deadline
     }
 }
 
+/* Half the time the worker's own channel, so that a sender's values queue up behind each
+ * other on one channel, which is what the order check needs. */
 static size_t pick_chan(worker *w)
 {
+    if (below(&w->rng, 2))
+        return w->home;
     return below(&w->rng, (uint32_t)R.nchans);
 }
 
@@ -519,10 +526,12 @@ static void op_sleep(worker *w)
         EXPECT(w, rc == -ECANCELED && moor_cancelled(), "sleep returned %d", rc);
 }
 
+/* Close a channel, once its time has come: thousands of workers would otherwise close every
+ * channel in the round's first millisecond. */
 static void op_close(worker *w)
 {
     chan_model *c = &R.chans[pick_chan(w)];
-    if (c->closed)
+    if (c->closed || moor_now() < c->close_at)
         return;
     c->closed = 1;
     moor_chan_close(c->ch);
@@ -531,9 +540,13 @@ static void op_close(worker *w)
 /* Cancel a fiber of the round that has a handle: a worker (maybe w itself) or a sink. */
 static void op_cancel(worker *w)
 {
+    if (below(&w->rng, 1000) >= R.cancel_permille)
+        return;
     for (int tries = 0; tries < 4; tries++) {
         worker *t = &R.w[below(&w->rng, R.nw)];
         if ((t->kind != W_WORKER && t->kind != W_SINK) || !t->f)
+            continue;
+        if (t->kind == W_SINK && below(&w->rng, 8)) /* a cancelled sink ends its channel's order */
             continue;
         if (!t->returned)
             t->cancelled = 1;
@@ -554,6 +567,7 @@ static worker *new_worker(worker *parent, int kind, uint64_t salt)
     worker *c = &R.w[R.nw];
     *c = (worker){.id = R.nw, .kind = kind, .depth = parent ? parent->depth + 1 : 0};
     c->rng = mix64(R.seed ^ mix64(c->id) ^ salt);
+    c->home = below(&c->rng, (uint32_t)R.nchans);
     R.nw++;
     return c;
 }
@@ -1086,6 +1100,7 @@ static intptr_t worker_fn(void *arg)
         case OP_IO_CLOSE: op_io_close(w); break;
         }
         w->steps++;
+        R.steps_done++;
     }
     moor_waitgroup_done(&R.wg);
     while (nchildren)
@@ -1109,7 +1124,7 @@ static intptr_t sink_fn(void *arg)
         msg m;
         int rc;
         int64_t deadline = -1;
-        switch (below(&w->rng, 3)) {
+        switch (below(&w->rng, 4)) {
         case 0:
             deadline = pick_deadline(w);
             rc = moor_chan_recv(c->ch, &m, deadline);
@@ -1132,6 +1147,10 @@ static intptr_t sink_fn(void *arg)
             rc = moor_future_done(&op.base) ? (int)op.base.result : -ECANCELED;
             break;
         }
+        case 2:
+            /* A slow receiver: the buffer fills, senders queue up behind it. */
+            moor_sleep(moor_deadline_in(below(&w->rng, 3)));
+            continue;
         default:
             rc = moor_chan_try_recv(c->ch, &m);
             if (rc == -EAGAIN) {
@@ -1153,14 +1172,24 @@ static intptr_t sink_fn(void *arg)
     return w->result;
 }
 
-/* Once every worker has done its steps, or at the round's end, close the channels still
+/* Once every worker has done its steps, or once no step has ended for STALL_MS (the workers
+ * left all wait on channels, with no deadline, for one another), close the channels still
  * open: that ends every wait on them. */
+#define STALL_MS 20
+
 static intptr_t closer_fn(void *arg)
 {
     (void)arg;
-    int rc = moor_waitgroup_wait(&R.wg, R.end);
-    EXPECT((worker *)NULL, rc == 0 || (rc == -ETIMEDOUT && moor_now() >= R.end),
-           "closer: waitgroup_wait returned %d", rc);
+    uint64_t last = UINT64_MAX;
+    for (;;) {
+        int rc = moor_waitgroup_wait(&R.wg, moor_deadline_in(STALL_MS));
+        if (rc == 0)
+            break;
+        EXPECT((worker *)NULL, rc == -ETIMEDOUT, "closer: waitgroup_wait returned %d", rc);
+        if (R.steps_done == last)
+            break;
+        last = R.steps_done;
+    }
     for (size_t i = 0; i < R.nchans; i++) {
         if (!R.chans[i].closed) {
             R.chans[i].closed = 1;
@@ -1243,12 +1272,14 @@ static void run_round(unsigned no)
                                     no, watchdog_s(), run_seed, run_seed);
     alarm(watchdog_s());
 
-    /* What this round does most: every op gets a random weight (closing and cancelling
-     * stay rarer, and some rounds cancel nothing). */
+    /* What this round does most: every op gets a random weight; closing and cancelling stay
+     * rarer (a channel closes no sooner than its close_at; some rounds cancel nothing). */
     for (int op = 0; op < OP_COUNT; op++)
         R.weight[op] = 1 + below(&rng, 10);
-    R.weight[OP_CLOSE] = below(&rng, 2);
-    R.weight[OP_CANCEL] = below(&rng, 4);
+    R.weight[OP_CLOSE] = 1;
+    R.weight[OP_CANCEL] = 1;
+    static const unsigned cancel_rates[] = {0, 30, 100, 400};
+    R.cancel_permille = cancel_rates[below(&rng, 4)];
     R.weight[OP_IO_STREAM] = below(&rng, 3);
     for (int op = 0; op < OP_COUNT; op++)
         if (op_skipped(op))
@@ -1269,7 +1300,7 @@ static void run_round(unsigned no)
     /* Channels: unbuffered and buffered; the unordered ones first, then those with a sink. */
     static const size_t caps[] = {0, 0, 1, 2, 8, 64};
     R.nchans = 2 + below(&rng, MAX_CHANS - 1);
-    size_t nordered = below(&rng, (uint32_t)(R.nchans / 2 + 1));
+    size_t nordered = 1 + below(&rng, (uint32_t)(R.nchans / 2));
     R.nunordered = R.nchans - nordered;
     for (size_t i = 0; i < R.nchans; i++) {
         chan_model *c = &R.chans[i];
@@ -1287,7 +1318,8 @@ static void run_round(unsigned no)
     assert_int_equal(pthread_create(&R.rem.thread, NULL, remote_main, &R.rem), 0);
 
     R.wg = (moor_waitgroup)MOOR_WAITGROUP_INIT;
-    R.end = moor_deadline_in(20 + below(&rng, 100));
+    for (size_t i = 0; i < R.nchans; i++)
+        R.chans[i].close_at = below(&rng, 2) ? moor_deadline_in(below(&rng, 200)) : INT64_MAX;
 
     worker **top = calloc(R.lim.max_fibers, sizeof *top);
     assert_non_null(top);
@@ -1406,12 +1438,14 @@ static void test_stress_random(void **state)
     signal(SIGALRM, watchdog);
     int64_t start = moor_now();
     unsigned rounds = 0;
-    uint64_t fibers = 0, values = 0, promises = 0, cancels = 0, losers = 0, ops[OP_COUNT] = {0};
+    uint64_t fibers = 0, values = 0, received = 0, promises = 0, cancels = 0, losers = 0;
+    uint64_t ops[OP_COUNT] = {0};
     do {
         run_round(rounds);
         rounds++;
         fibers += R.nw;
         values += R.nv;
+        received += R.received;
         promises += R.np;
         cancels += R.cancels;
         losers += R.promise_losers;
@@ -1422,9 +1456,10 @@ static void test_stress_random(void **state)
     } while (moor_now() - start < run_ms);
     signal(SIGALRM, SIG_DFL);
 
-    printf("stress: %u rounds in %" PRId64 " ms: %" PRIu64 " fibers, %" PRIu64 " values, %" PRIu64
-           " promises (%" PRIu64 " left done by a select they lost), %" PRIu64 " cancels;",
-           rounds, moor_now() - start, fibers, values, promises, losers, cancels);
+    printf("stress: %u rounds in %" PRId64 " ms: %" PRIu64 " fibers, %" PRIu64 " values (%" PRIu64
+           " received), %" PRIu64 " promises (%" PRIu64 " left done by a select they lost), %" PRIu64
+           " cancels;",
+           rounds, moor_now() - start, fibers, values, received, promises, losers, cancels);
     for (int op = 0; op < OP_COUNT; op++)
         printf(" %s %" PRIu64, op_names[op], ops[op]);
     printf("\n");
