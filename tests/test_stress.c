@@ -1228,9 +1228,9 @@ static limits run_limits(void)
         l.top_span = 140;
     }
     if (UNDER_VALGRIND) {
-        l.max_fibers = 300;
-        l.top_min = 60;
-        l.top_span = 100;
+        l.max_fibers = 800;
+        l.top_min = 100;
+        l.top_span = 200;
         l.steps_max = 20;
         l.io_max = 96 * 1024;
     }
@@ -1440,7 +1440,7 @@ static void test_stress_random(void **state)
         run_seed = mix64(((uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec) ^
                          ((uint64_t)getpid() << 40));
     }
-    int64_t run_ms = env_ms("MOOR_STRESS_MS", UNDER_VALGRIND ? 1000 : UNDER_TSAN ? 2000 : 2500);
+    int64_t run_ms = env_ms("MOOR_STRESS_MS", UNDER_VALGRIND ? 1500 : UNDER_TSAN ? 2000 : 2500);
     printf("stress seed: 0x%016" PRIx64 ", replay with MOOR_STRESS_SEED=0x%016" PRIx64
            " (MOOR_STRESS_MS=%" PRId64 ")\n",
            run_seed, run_seed, run_ms);
