@@ -218,6 +218,7 @@ typedef struct round_state {
     /* tallies, for the summary and the model */
     uint64_t sent_ok, send_failed, received, cancels, ops[OP_COUNT];
     uint64_t promise_losers; /* promise futures left done by a select the sleep won */
+    uint64_t send_errors[5]; /* failed sends by send_error_index */
 } round_state;
 
 static round_state R;
@@ -311,6 +312,12 @@ static msg new_msg(worker *w, size_t chan)
     return m;
 }
 
+/* Failed sends by cause, for the summary: closed, timed out, cancelled, would block, other. */
+static int send_error_index(int rc)
+{
+    return rc == -EPIPE ? 0 : rc == -ETIMEDOUT ? 1 : rc == -ECANCELED ? 2 : rc == -EAGAIN ? 3 : 4;
+}
+
 /* The send of m on chan c returned rc (try: from moor_chan_try_send). */
 static void sent(worker *w, const chan_model *c, const msg *m, int rc, int64_t deadline,
                  int was_closed, int try)
@@ -325,6 +332,7 @@ static void sent(worker *w, const chan_model *c, const msg *m, int rc, int64_t d
     }
     v->send = V_FAILED;
     R.send_failed++;
+    R.send_errors[send_error_index(rc)]++;
     EXPECT(w, !v->received, "value %u: received, but its send reported %d", m->id, rc);
     if (rc == -EPIPE)
         EXPECT(w, c->closed, "value %u: -EPIPE from a channel that is open", m->id);
@@ -509,6 +517,7 @@ static void op_select(worker *w)
             if (!done) {
                 R.v[out[i].id].send = V_FAILED;
                 R.send_failed++;
+                R.send_errors[4]++;
                 EXPECT(w, !R.v[out[i].id].received,
                        "value %u: received, but its send in a select was cancelled", out[i].id);
             } else {
@@ -602,6 +611,25 @@ static void join_checked(worker *w, worker *c, int with_deadline)
         c->deadline_join = 1;
         rc = moor_join_deadline(c->f, &result, deadline);
     } else {
+        if (w && below(&w->rng, 3) == 0) {
+            /* Wait for it through its future, against a sleep: a sleep that wins lets go of
+             * the wait, not of the fiber; one way or the other the join below reaps it. */
+            moor_future *done = moor_fiber_future(c->f);
+            moor_sleep_future sf;
+            int64_t timeout_at = moor_deadline_in(below(&w->rng, 4));
+            moor_sleep_init(&sf, timeout_at);
+            moor_future *futs[2] = {done, &sf.base};
+            int src = moor_select(futs, 2, -1);
+            if (src == 0)
+                EXPECT(w, c->returned && done->result == c->result,
+                       "the future of fiber %u: done with %ld (returned %d, with %ld)", c->id,
+                       (long)done->result, c->returned, (long)c->result);
+            else if (src == 1)
+                EXPECT(w, moor_now() >= timeout_at, "select over a fiber: the sleep won early");
+            else
+                EXPECT(w, src == -ECANCELED && moor_cancelled(),
+                       "select over a fiber returned %d", src);
+        }
         rc = moor_join(c->f, &result);
     }
     c->f = NULL;
@@ -1330,7 +1358,7 @@ static void run_round(unsigned no)
 
     R.wg = (moor_waitgroup)MOOR_WAITGROUP_INIT;
     for (size_t i = 0; i < R.nchans; i++)
-        R.chans[i].close_at = below(&rng, 2) ? moor_deadline_in(below(&rng, 200)) : INT64_MAX;
+        R.chans[i].close_at = below(&rng, 3) ? INT64_MAX : moor_deadline_in(below(&rng, 1000));
 
     worker **top = calloc(R.lim.max_fibers, sizeof *top);
     assert_non_null(top);
@@ -1450,7 +1478,7 @@ static void test_stress_random(void **state)
     int64_t start = moor_now();
     unsigned rounds = 0;
     uint64_t fibers = 0, values = 0, received = 0, promises = 0, cancels = 0, losers = 0;
-    uint64_t ops[OP_COUNT] = {0};
+    uint64_t ops[OP_COUNT] = {0}, send_errors[5] = {0};
     do {
         run_round(rounds);
         rounds++;
@@ -1462,6 +1490,8 @@ static void test_stress_random(void **state)
         losers += R.promise_losers;
         for (int op = 0; op < OP_COUNT; op++)
             ops[op] += R.ops[op];
+        for (int i = 0; i < 5; i++)
+            send_errors[i] += R.send_errors[i];
         if (__atomic_load_n(&failures, __ATOMIC_SEQ_CST))
             break;
     } while (moor_now() - start < run_ms);
@@ -1473,7 +1503,9 @@ static void test_stress_random(void **state)
            rounds, moor_now() - start, fibers, values, received, promises, losers, cancels);
     for (int op = 0; op < OP_COUNT; op++)
         printf(" %s %" PRIu64, op_names[op], ops[op]);
-    printf("\n");
+    printf("\nstress: failed sends: %" PRIu64 " closed, %" PRIu64 " timed out, %" PRIu64
+           " cancelled, %" PRIu64 " would block, %" PRIu64 " lost a select\n",
+           send_errors[0], send_errors[1], send_errors[2], send_errors[3], send_errors[4]);
     int n = __atomic_load_n(&failures, __ATOMIC_SEQ_CST);
     if (n)
         fail_msg("%d divergences in round %u (seed 0x%016" PRIx64
