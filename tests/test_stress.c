@@ -137,6 +137,8 @@ typedef struct worker {
     uint32_t seq;      /* messages made */
     int chan;          /* W_SINK: its channel */
     size_t home;       /* the channel it sends on most */
+    int op;            /* the op it is in (for the watchdog's report) */
+    int reaping;       /* its steps are done: it joins its children */
     intptr_t result;   /* what it returned */
 } worker;
 
@@ -211,6 +213,8 @@ typedef struct round_state {
     uint32_t np, capp;
     moor_waitgroup wg;     /* workers that have not finished their steps */
     uint64_t steps_done;   /* steps the workers have ended */
+    int closer_done;       /* the closer has closed every channel */
+    int helpers[3];        /* helper fibers running: resolvers, stream readers, close waiters */
     unsigned cancel_permille; /* chance that a cancel op cancels */
     unsigned weight[OP_COUNT];
     unsigned total_weight;
@@ -811,10 +815,12 @@ typedef struct local_resolver {
 static intptr_t resolver_fn(void *arg)
 {
     local_resolver *lr = arg;
+    R.helpers[0]++;
     if (lr->wait == 1)
         moor_yield();
     else if (lr->wait > 1)
         moor_sleep(moor_deadline_in(lr->wait - 2));
+    R.helpers[0]--;
     return moor_promise_resolve(lr->p, lr->value);
 }
 
@@ -964,6 +970,7 @@ typedef struct stream_reader {
 static intptr_t stream_reader_fn(void *arg)
 {
     stream_reader *sr = arg;
+    R.helpers[1]++;
     unsigned char buf[IO_CHUNK];
     uint64_t total = 0;
     intptr_t result = 0;
@@ -992,6 +999,7 @@ static intptr_t stream_reader_fn(void *arg)
             moor_yield();
     }
     moor_close(sr->fd);
+    R.helpers[1]--;
     return result < 0 ? -1 : (intptr_t)total;
 }
 
@@ -1056,7 +1064,10 @@ static intptr_t close_waiter_fn(void *arg)
     close_waiter *cw = arg;
     char c;
     cw->started = 1;
-    return moor_read(cw->fd, &c, 1, -1);
+    R.helpers[2]++;
+    ssize_t rc = moor_read(cw->fd, &c, 1, -1);
+    R.helpers[2]--;
+    return rc;
 }
 
 /* A fiber waits to read from a socket that gets no data; moor_close of the fd wakes it with
@@ -1121,6 +1132,7 @@ static intptr_t worker_fn(void *arg)
         }
         int op = pick_op(w);
         R.ops[op]++;
+        w->op = op;
         switch (op) {
         case OP_YIELD: moor_yield(); break;
         case OP_SLEEP: op_sleep(w); break;
@@ -1142,6 +1154,8 @@ static intptr_t worker_fn(void *arg)
         R.steps_done++;
     }
     moor_waitgroup_done(&R.wg);
+    w->op = OP_JOIN;
+    w->reaping = 1;
     while (nchildren)
         op_join(w, children, &nchildren);
     w->result = expected_result(w);
@@ -1235,6 +1249,7 @@ static intptr_t closer_fn(void *arg)
             moor_chan_close(R.chans[i].ch);
         }
     }
+    R.closer_done = 1;
     return 0;
 }
 
@@ -1281,10 +1296,44 @@ static int op_skipped(int op)
 static char watchdog_msg[256];
 static size_t watchdog_len;
 
+/* A hung round: say so with the seed, then what is still running and where, so that the
+ * replay can be aimed (snprintf in a handler: the thread is parked in the executor, not in
+ * stdio or malloc, and the process ends here anyway). */
 static void watchdog(int sig)
 {
     (void)sig;
+    static char buf[8192];
     ssize_t n = write(STDERR_FILENO, watchdog_msg, watchdog_len);
+    size_t len = 0;
+#define WD(...)                                                                               \
+    do {                                                                                      \
+        if (len < sizeof buf)                                                                 \
+            len += (size_t)snprintf(buf + len, sizeof buf - len, __VA_ARGS__);                \
+    } while (0)
+    WD("stress: closer %s; workers with steps left %zu; steps done %" PRIu64
+       "; helpers running: %d resolvers, %d stream readers, %d close waiters; remote queue %zu\n",
+       R.closer_done ? "done" : "waiting", R.wg.count, R.steps_done, R.helpers[0],
+       R.helpers[1], R.helpers[2], R.rem.count);
+    for (size_t i = 0; i < R.nchans; i++)
+        WD("stress: chan %zu: cap %zu%s, %s, %zu buffered\n", i, R.chans[i].cap,
+           R.chans[i].ordered ? " (ordered)" : "", R.chans[i].closed ? "closed" : "open",
+           moor_chan_len(R.chans[i].ch));
+    /* First the fibers that wait on something else than their children, then the others. */
+    int shown = 0;
+    for (uint32_t k = 0; k < 2 * R.nw && shown < 30; k++) {
+        const worker *w = &R.w[k % R.nw];
+        int parent = w->reaping || w->op == OP_SCOPE || w->op == OP_JOIN;
+        if (w->returned || w->kind == W_HELPER || parent != (k >= R.nw))
+            continue;
+        shown++;
+        WD("stress: fiber %u (%s, depth %d) not returned: %s %s, step %d%s\n", w->id,
+           w->kind == W_WORKER ? "worker" : w->kind == W_SCOPED ? "scoped" : "sink", w->depth,
+           w->reaping ? "reaping its children," : "in",
+           w->reaping ? "" : w->kind == W_SINK ? "its receive loop" : op_names[w->op],
+           w->steps, w->cancelled ? ", cancelled" : "");
+    }
+#undef WD
+    n = write(STDERR_FILENO, buf, len < sizeof buf ? len : sizeof buf - 1);
     (void)n;
     _exit(EXIT_FAILURE);
 }
