@@ -94,6 +94,7 @@ type client struct {
 // writer sends up to batch queued lines per system call (net.Buffers: writev).
 func (c *client) writer() {
 	defer close(c.written)
+	var bufs net.Buffers // reused: its backing array outlives each write
 	for {
 		c.out.mu.Lock()
 		for len(c.out.msgs) == 0 && !c.out.leaving {
@@ -109,8 +110,7 @@ func (c *client) writer() {
 		if n > batch {
 			n = batch
 		}
-		bufs := make(net.Buffers, n)
-		copy(bufs, c.out.msgs[:n])
+		bufs = append(bufs[:0], c.out.msgs[:n]...)
 		size := 0
 		for _, b := range bufs {
 			size += len(b)
@@ -121,7 +121,11 @@ func (c *client) writer() {
 		}
 		c.out.mu.Unlock()
 
-		_, err := bufs.WriteTo(c.conn)
+		unsent := bufs // WriteTo consumes the slice it is called on
+		_, err := unsent.WriteTo(c.conn)
+		for i := range bufs {
+			bufs[i] = nil // sent lines may be freed
+		}
 		c.out.mu.Lock()
 		c.out.bytes -= size
 		c.out.mu.Unlock()
