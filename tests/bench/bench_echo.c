@@ -7,11 +7,19 @@
  * alternate between the servers; the figures are medians over the rounds.
  *
  *   bench_echo [seconds-per-round] [rounds]      (defaults: 2 and 5)
+ *
+ * With --external, no server is started: the same load client drives a server that is
+ * already listening at HOST:PORT (a peer's, such as tests/bench/peers/go/echo), one round
+ * after another, and prints echo_external_msgs_per_s (the median) and its spread. Pin that
+ * server to one core and this program to the other (taskset) to keep the layout above.
+ *
+ *   bench_echo --external HOST:PORT [seconds-per-round] [rounds]
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <ev.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <moor.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -176,12 +184,10 @@ typedef struct client {
     size_t got;
 } client;
 
-static int client_connect(int port)
+static int client_connect(const struct sockaddr_in *sa)
 {
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    for (int tries = 0; connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0; tries++) {
+    for (int tries = 0; connect(fd, (const struct sockaddr *)sa, sizeof *sa) < 0; tries++) {
         if (tries > 100) {
             perror("client connect");
             exit(1);
@@ -195,13 +201,13 @@ static int client_connect(int port)
 }
 
 /* Ping-pong on every connection for `seconds`; returns messages (round trips) per second. */
-static double load(int port, double seconds)
+static double load(const struct sockaddr_in *sa, double seconds)
 {
     static const char msg[MSG] = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde";
     client cl[CONNECTIONS];
     int ep = epoll_create1(EPOLL_CLOEXEC);
     for (int i = 0; i < CONNECTIONS; i++) {
-        cl[i].fd = client_connect(port);
+        cl[i].fd = client_connect(sa);
         cl[i].got = 0;
         struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &cl[i]};
         epoll_ctl(ep, EPOLL_CTL_ADD, cl[i].fd, &ev);
@@ -265,7 +271,9 @@ static double run_round(int use_moor, double seconds)
         _exit(0);
     }
     close(lfd);
-    double rate = load(port, seconds);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    double rate = load(&sa, seconds);
     kill(pid, SIGKILL);
     waitpid(pid, NULL, 0);
     return rate;
@@ -283,8 +291,56 @@ static double median(double *v, int n)
     return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
 }
 
+/* HOST:PORT (IPv4; HOST a name or a dotted quad) into *sa; -1 if it does not resolve. */
+static int parse_host_port(const char *arg, struct sockaddr_in *sa)
+{
+    char host[256];
+    const char *colon = strrchr(arg, ':');
+    if (!colon || colon == arg || (size_t)(colon - arg) >= sizeof host || !colon[1])
+        return -1;
+    memcpy(host, arg, (size_t)(colon - arg));
+    host[colon - arg] = '\0';
+    struct addrinfo hints = {.ai_family = AF_INET, .ai_socktype = SOCK_STREAM}, *res;
+    if (getaddrinfo(host, colon + 1, &hints, &res) != 0)
+        return -1;
+    memcpy(sa, res->ai_addr, sizeof *sa);
+    freeaddrinfo(res);
+    return 0;
+}
+
+/* --external: rounds against a server someone else started; no ratio, nothing alternates. */
+static int run_external(int argc, char **argv)
+{
+    struct sockaddr_in sa;
+    double seconds = argc > 3 ? atof(argv[3]) : 2.0;
+    int rounds = argc > 4 ? atoi(argv[4]) : 5;
+    if (argc < 3 || argc > 5 || seconds <= 0 || rounds < 1 || rounds > MAX_ROUNDS) {
+        fprintf(stderr, "usage: %s --external HOST:PORT [seconds-per-round > 0] [rounds 1..%d]\n",
+                argv[0], MAX_ROUNDS);
+        return 2;
+    }
+    if (parse_host_port(argv[2], &sa) < 0) {
+        fprintf(stderr, "%s: cannot resolve \"%s\" (want HOST:PORT)\n", argv[0], argv[2]);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    double e[MAX_ROUNDS];
+    for (int i = 0; i < rounds; i++) {
+        e[i] = load(&sa, seconds);
+        fprintf(stderr, "round %d: external %.0f msgs/s\n", i + 1, e[i]);
+    }
+    double em = median(e, rounds); /* sorts e */
+    printf("echo_external_msgs_per_s: %.0f msgs/s\n", em);
+    printf("echo_external_msgs_per_s_spread: %.0f..%.0f msgs/s\n", e[0], e[rounds - 1]);
+    printf("\n%d connections, %d-byte ping-pong to %s, %d rounds of %.1f s, median\n",
+           CONNECTIONS, MSG, argv[2], rounds, seconds);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "--external") == 0)
+        return run_external(argc, argv);
     double seconds = argc > 1 ? atof(argv[1]) : 2.0;
     int rounds = argc > 2 ? atoi(argv[2]) : 5;
     if (seconds <= 0 || rounds < 1 || rounds > MAX_ROUNDS) {

@@ -1,0 +1,3 @@
+module moor/peers/go
+
+go 1.19
