@@ -19,6 +19,8 @@
 //                                  cache warm
 //   spawn_join_warm_protected_ns   (information) the same with protected_fixedsize_stack, which
 //                                  has no cache: mmap + mprotect + munmap each time
+//   spawn_join_warm_pooled_ns      (information) the same with pooled_fixedsize_stack, Boost's
+//                                  allocator that keeps freed stacks (unguarded)
 //   spawn_join_cold_ns             COLD_K fibers spawned, then all joined, each on a fresh
 //                                  protected_fixedsize_stack (a guard page, as moor's stacks
 //                                  have): the guarded comparison with moor's cold figure
@@ -223,15 +225,17 @@ void empty_fn() {}
 
 // Warm: one fiber at a time, so the allocator hands the same stack back each time (malloc's
 // free list for fixedsize_stack; protected_fixedsize_stack has no cache and maps anew).
-template <typename Alloc> uint64_t bench_spawn_warm(uint64_t n)
+// The allocator is passed by copy, as a program would pass it: copies of a
+// pooled_fixedsize_stack share one pool.
+template <typename Alloc> uint64_t bench_spawn_warm(uint64_t n, Alloc salloc = Alloc())
 {
     for (uint64_t i = 0; i < n / 16; i++) {
-        fibers::fiber f(std::allocator_arg, Alloc(), empty_fn);
+        fibers::fiber f(std::allocator_arg, salloc, empty_fn);
         f.join();
     }
     uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < n; i++) {
-        fibers::fiber f(std::allocator_arg, Alloc(), empty_fn);
+        fibers::fiber f(std::allocator_arg, salloc, empty_fn);
         f.join();
     }
     uint64_t t1 = now_ns();
@@ -459,6 +463,7 @@ enum figure {
     YIELD_FP,
     SPAWN_WARM,
     SPAWN_WARM_PROT,
+    SPAWN_WARM_POOLED,
     SPAWN_COLD,
     SPAWN_COLD_DEFAULT,
     CHAN_ASYM,
@@ -471,7 +476,8 @@ const char *const figure_key[NFIGURES] = {
     "raw_switch_round_trip_ns",     "yield_round_trip_asym_ns",
     "yield_round_trip_ns",          "yield_round_trip_fp_asym_ns",
     "yield_round_trip_fp_ns",       "spawn_join_warm_ns",
-    "spawn_join_warm_protected_ns", "spawn_join_cold_ns",
+    "spawn_join_warm_protected_ns", "spawn_join_warm_pooled_ns",
+    "spawn_join_cold_ns",
     "spawn_join_cold_default_ns",   "chan_round_trip_asym_ns",
     "chan_round_trip_ns",           "chan1_round_trip_ns",
 };
@@ -490,6 +496,7 @@ void round_all(uint64_t *r, const counts &n, ctx::fcontext_t &raw)
     std::feclearexcept(FE_ALL_EXCEPT);
     r[SPAWN_WARM] = bench_spawn_warm<fibers::default_stack>(n.spawn);
     r[SPAWN_WARM_PROT] = bench_spawn_warm<fibers::protected_fixedsize_stack>(n.spawn_prot);
+    r[SPAWN_WARM_POOLED] = bench_spawn_warm<fibers::pooled_fixedsize_stack>(n.spawn);
     r[SPAWN_COLD] = bench_spawn_cold<fibers::protected_fixedsize_stack>(n.cold);
     r[SPAWN_COLD_DEFAULT] = bench_spawn_cold<fibers::default_stack>(n.cold);
     r[CHAN_ASYM] = bench_pingpong_asym(n.chan);
@@ -580,7 +587,7 @@ int main(int argc, char **argv)
                 boost::context::stack_traits::default_size() / 1024);
 
     const uint64_t iters[NFIGURES] = {n.raw,   n.yield, n.yield, n.yield,
-                                      n.yield, n.spawn, n.spawn_prot,
+                                      n.yield, n.spawn, n.spawn_prot, n.spawn,
                                       n.cold,  n.cold,  n.chan,  n.chan, n.chan};
     std::printf("\n%d repetitions, median shown, after one warm-up round; scale %s\n", REPS,
                 scale_arg);
