@@ -55,6 +55,43 @@ static void die(const char *msg)
     exit(1);
 }
 
+/* ---- the raw reference: a jump_fcontext round trip on a stack of the bench's own ---------- */
+
+#ifdef BENCH_RAW_JUMP
+#include <sys/mman.h>
+
+#include "fiber/fcontext.h"
+
+#define BENCH_RAW_STACK (64u * 1024u)
+
+/* The other side: jump straight back, for ever. */
+static void bench_raw_bounce(transfer_t t)
+{
+    for (;;)
+        t = jump_fcontext(t.fctx, NULL);
+}
+
+/* Picoseconds per round trip main -> context -> main over n round trips (after n/16 warm). */
+static uint64_t bench_raw_round_trip(uint64_t n)
+{
+    static void *stack;
+    static fcontext_t ctx;
+    if (!stack) {
+        stack = mmap(NULL, BENCH_RAW_STACK, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack == MAP_FAILED)
+            die("mmap of the raw context's stack failed");
+        ctx = make_fcontext((char *)stack + BENCH_RAW_STACK, BENCH_RAW_STACK, bench_raw_bounce);
+    }
+    for (uint64_t i = 0; i < n / 16; i++)
+        ctx = jump_fcontext(ctx, NULL).fctx;
+    uint64_t t0 = now_ns();
+    for (uint64_t i = 0; i < n; i++)
+        ctx = jump_fcontext(ctx, NULL).fctx;
+    return ps_per_op(t0, now_ns(), n);
+}
+#endif
+
 static void spawn_checked(moor_fiber **out, moor_fiber_fn fn, void *arg)
 {
     check(moor_spawn(out, fn, arg, NULL), "moor_spawn");

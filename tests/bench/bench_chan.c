@@ -4,7 +4,9 @@
  *   chan_round_trip_ns        two fibers ping-pong an int over two channels of capacity 0:
  *                             A -> B, then B -> A; both fibers run the same function
  *   chan1_round_trip_ns       the same with capacity 1
- *   chan_round_trip_asym_ns   (information) the capacity-0 ping-pong written as two functions,
+ *   raw_switch_round_trip_ns  jump_fcontext main -> context -> main: the reference of
+ *                             chan_asym_vs_raw_ratio
+ *   chan_round_trip_asym_ns   the capacity-0 ping-pong written as two functions,
  *                             one that sends then receives and one that receives then sends
  *   mutex_lock_unlock_ns      moor_mutex_lock + moor_mutex_unlock, uncontended, in one fiber
  *   select2_ns                one round: moor_select over two receive futures, satisfied by a
@@ -32,6 +34,7 @@
 #include <time.h>
 
 #define BENCH_NAME "bench_chan"
+#define BENCH_RAW_JUMP
 #include "bench.h"
 #include "moor.h"
 
@@ -343,11 +346,12 @@ static uint64_t bench_select2(uint64_t n)
 
 /* ---- results -------------------------------------------------------------------------- */
 
-enum figure { CHAN0, CHAN1, CHAN0_ASYM, MUTEX, SELECT2, YIELD, NFIGURES };
+enum figure { CHAN0, CHAN1, CHAN0_ASYM, MUTEX, SELECT2, YIELD, RAW, NFIGURES };
 
 static const char *const figure_key[NFIGURES] = {
     "chan_round_trip_ns",   "chan1_round_trip_ns", "chan_round_trip_asym_ns",
     "mutex_lock_unlock_ns", "select2_ns",          "yield_round_trip_ns",
+    "raw_switch_round_trip_ns",
 };
 
 /* a - b in picoseconds as signed nanoseconds with one decimal. */
@@ -358,8 +362,11 @@ static const char *fmt_ns_diff(char *buf, size_t len, uint64_t a, uint64_t b)
     return buf;
 }
 
+/* chan_asym_vs_raw_ratio: the channel round trip in the shape real programs have, against the
+ * raw jump measured in the same run (issue 17's target). */
 static const struct bench_ratio ratios[] = {
     {"chan_vs_yield_ratio", CHAN0, YIELD, 200, "2"},
+    {"chan_asym_vs_raw_ratio", CHAN0_ASYM, RAW, 450, "4.5"},
 };
 #define NRATIOS (sizeof ratios / sizeof ratios[0])
 
@@ -377,6 +384,7 @@ static void round_all(uint64_t *r, void *ctx)
     r[CHAN0_ASYM] = bench_pingpong_asym(n->chan);
     r[MUTEX] = bench_mutex(n->mutex);
     r[SELECT2] = bench_select2(n->select);
+    r[RAW] = bench_raw_round_trip(n->yield);
 }
 
 int main(int argc, char **argv)
@@ -396,7 +404,8 @@ int main(int argc, char **argv)
     bench_print_keys(figure_key, st, NFIGURES, ratios, NRATIOS);
     bench_print_cpu_model();
 
-    const uint64_t iters[NFIGURES] = {n.chan, n.chan, n.chan, n.mutex, n.select, n.yield};
+    const uint64_t iters[NFIGURES] = {n.chan,   n.chan,  n.chan, n.mutex,
+                                      n.select, n.yield, n.yield};
     bench_print_table(scale_arg, figure_key, st, iters, NFIGURES);
     char b1[32];
     printf("\nchan_round_trip_asym_ns (information): two functions, %s ns; on x86 the return "
