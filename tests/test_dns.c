@@ -36,67 +36,9 @@
 
 #include "fixture.h"
 
-#define DNSMASQ "/usr/sbin/dnsmasq"
-
-/* ---- the server ------------------------------------------------------------------------ */
-
-typedef struct dns_server {
-    pid_t pid; /* 0: none */
-    int port;
-    char dir[64];
-    char hosts[128];
-} dns_server;
+#include "dnsmasq.h"
 
 static dns_server srv;
-
-/* A free loopback port, for UDP and TCP both (the server may still lose it to a race: the
- * caller tries again). */
-static int free_port(void)
-{
-    int u = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    assert_true(u >= 0);
-    struct sockaddr_in in = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    assert_int_equal(bind(u, (struct sockaddr *)&in, sizeof in), 0);
-    socklen_t len = sizeof in;
-    assert_int_equal(getsockname(u, (struct sockaddr *)&in, &len), 0);
-    int t = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(t >= 0);
-    int ok = bind(t, (struct sockaddr *)&in, sizeof in) == 0;
-    close(t);
-    close(u);
-    return ok ? ntohs(in.sin_port) : 0;
-}
-
-/* Does the server answer? One A query for `name`, by hand, waiting up to wait_ms. */
-static int server_answers(int port, const char *name, int wait_ms)
-{
-    unsigned char q[300] = {0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0};
-    size_t n = 12;
-    for (const char *p = name; *p;) {
-        size_t l = strcspn(p, ".");
-        q[n++] = (unsigned char)l;
-        memcpy(q + n, p, l);
-        n += l;
-        p += l;
-        if (*p == '.')
-            p++;
-    }
-    q[n++] = 0;
-    q[n++] = 0, q[n++] = 1, q[n++] = 0, q[n++] = 1;
-    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    assert_true(s >= 0);
-    struct sockaddr_in in = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port),
-                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    int ok = 0;
-    if (sendto(s, q, n, 0, (struct sockaddr *)&in, sizeof in) == (ssize_t)n) {
-        struct pollfd pfd = {s, POLLIN, 0};
-        unsigned char buf[512];
-        ok = poll(&pfd, 1, wait_ms) == 1 && recv(s, buf, sizeof buf, 0) >= 12 &&
-             buf[0] == 0x12 && buf[1] == 0x34;
-    }
-    close(s);
-    return ok;
-}
 
 /* cmocka's skip, saying why. */
 #define skip_msg(msg)                                                                         \
@@ -105,78 +47,15 @@ static int server_answers(int port, const char *name, int wait_ms)
         skip();                                                                               \
     } while (0)
 
-static pid_t spawn_dnsmasq(int port)
-{
-    char a_port[32], a_hosts[160];
-    snprintf(a_port, sizeof a_port, "--port=%d", port);
-    snprintf(a_hosts, sizeof a_hosts, "--addn-hosts=%s", srv.hosts);
-    fflush(NULL);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        int null = open("/dev/null", O_RDWR);
-        dup2(null, 0), dup2(null, 1), dup2(null, 2);
-        /* As root it would drop to "nobody", who may not read the hosts file: it stays. */
-        char *argv[] = {DNSMASQ, "--keep-in-foreground", a_port, "--listen-address=127.0.0.1",
-                        "--bind-interfaces", "--no-resolv", "--no-hosts", a_hosts,
-                        "--local=/test/", "--conf-file=/dev/null", "--pid-file=",
-                        "--cache-size=0", geteuid() == 0 ? "--user=root" : NULL, NULL};
-        execv(DNSMASQ, argv);
-        _exit(127);
-    }
-    return pid;
-}
+static void server_stop(void) { dnsmasq_stop(&srv); }
 
-static void server_stop(void)
-{
-    if (srv.pid > 0) {
-        kill(srv.pid, SIGKILL); /* stopped or not */
-        while (waitpid(srv.pid, NULL, 0) < 0 && errno == EINTR)
-            ;
-    }
-    srv.pid = 0;
-    if (srv.hosts[0])
-        unlink(srv.hosts);
-    if (srv.dir[0])
-        rmdir(srv.dir);
-    srv.hosts[0] = srv.dir[0] = '\0';
-    unsetenv("MOOR_DNS_SERVERS");
-}
-
-/* Start a server for `hosts` (a hosts file's text; its first name is used to see that it
- * answers) and point MOOR_DNS_SERVERS at it. Skips the case without dnsmasq. */
+/* Start a server for `hosts` (a hosts file's text; `probe` is a name in it) and point
+ * MOOR_DNS_SERVERS at it. Skips the case without dnsmasq. */
 static void server_start(const char *hosts, const char *probe)
 {
-    if (access(DNSMASQ, X_OK) != 0)
+    if (!dnsmasq_installed())
         skip_msg("skipped: " DNSMASQ " is not installed (apt-get install dnsmasq-base)");
-    snprintf(srv.dir, sizeof srv.dir, "/tmp/moor-dns-XXXXXX");
-    assert_non_null(mkdtemp(srv.dir));
-    snprintf(srv.hosts, sizeof srv.hosts, "%s/hosts", srv.dir);
-    FILE *f = fopen(srv.hosts, "w");
-    assert_non_null(f);
-    fputs(hosts, f);
-    assert_int_equal(fclose(f), 0);
-    for (int tries = 0; tries < 5; tries++) {
-        int port = free_port();
-        if (!port)
-            continue;
-        srv.pid = spawn_dnsmasq(port);
-        srv.port = port;
-        for (int i = 0; i < 200; i++) {
-            if (server_answers(port, probe, 50)) {
-                char env[64];
-                snprintf(env, sizeof env, "127.0.0.1:%d", port);
-                setenv("MOOR_DNS_SERVERS", env, 1);
-                return;
-            }
-            if (waitpid(srv.pid, NULL, WNOHANG) == srv.pid)
-                break; /* it exited: the port was taken meanwhile */
-        }
-        kill(srv.pid, SIGKILL);
-        waitpid(srv.pid, NULL, 0);
-        srv.pid = 0;
-    }
-    fail_msg("dnsmasq did not start");
+    dnsmasq_start(&srv, hosts, probe);
 }
 
 static int dns_setup(void **state) { return fixture_setup(state); }

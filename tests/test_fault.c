@@ -27,6 +27,7 @@
 #include "fiber/list.h"
 
 #include "fixture.h"
+#include "dnsmasq.h"
 
 /* ---- the counting allocator ---------------------------------------------------------------- */
 
@@ -734,109 +735,18 @@ static void test_fault_io(void **state)
 
 /* ---- DNS ------------------------------------------------------------------------------------- */
 
-#define DNSMASQ "/usr/sbin/dnsmasq"
+/* A dnsmasq on a free loopback port serving two names (tests/dnsmasq.h, as test_dns.c). */
+static dns_server dns;
 
-/* A dnsmasq on a free loopback port serving one name (as tests/test_dns.c starts it). */
-static struct {
-    pid_t pid;
-    char dir[64], hosts[128];
-} dns;
+static void dns_stop(void) { dnsmasq_stop(&dns); }
 
-static int dns_free_port(void)
-{
-    int u = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
-    assert_true(u >= 0);
-    struct sockaddr_in in = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    assert_int_equal(bind(u, (struct sockaddr *)&in, sizeof in), 0);
-    socklen_t len = sizeof in;
-    assert_int_equal(getsockname(u, (struct sockaddr *)&in, &len), 0);
-    int t = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    assert_true(t >= 0);
-    int ok = bind(t, (struct sockaddr *)&in, sizeof in) == 0;
-    close(t);
-    close(u);
-    return ok ? ntohs(in.sin_port) : 0;
-}
-
-static void dns_stop(void)
-{
-    if (dns.pid > 0) {
-        kill(dns.pid, SIGKILL);
-        while (waitpid(dns.pid, NULL, 0) < 0 && errno == EINTR)
-            ;
-    }
-    dns.pid = 0;
-    if (dns.hosts[0])
-        unlink(dns.hosts);
-    if (dns.dir[0])
-        rmdir(dns.dir);
-    dns.hosts[0] = dns.dir[0] = '\0';
-    unsetenv("MOOR_DNS_SERVERS");
-}
-
-/* 1 once a lookup of fault.test through moor answers, with MOOR_DNS_SERVERS set; 0 if the
- * server could not start on this port. */
-static int dns_try(int port)
-{
-    char a_port[32], a_hosts[160];
-    snprintf(a_port, sizeof a_port, "--port=%d", port);
-    snprintf(a_hosts, sizeof a_hosts, "--addn-hosts=%s", dns.hosts);
-    fflush(NULL);
-    dns.pid = fork();
-    assert_true(dns.pid >= 0);
-    if (dns.pid == 0) {
-        int null = open("/dev/null", O_RDWR);
-        dup2(null, 0), dup2(null, 1), dup2(null, 2);
-        char *argv[] = {DNSMASQ, "--keep-in-foreground", a_port, "--listen-address=127.0.0.1",
-                        "--bind-interfaces", "--no-resolv", "--no-hosts", a_hosts,
-                        "--local=/test/", "--conf-file=/dev/null", "--pid-file=",
-                        "--cache-size=0", geteuid() == 0 ? "--user=root" : NULL, NULL};
-        execv(DNSMASQ, argv);
-        _exit(127);
-    }
-    char env[64];
-    snprintf(env, sizeof env, "127.0.0.1:%d", port);
-    setenv("MOOR_DNS_SERVERS", env, 1);
-    moor_executor *ex = ex_new();
-    int ok = 0;
-    for (int i = 0; i < 100 && !ok; i++) {
-        if (waitpid(dns.pid, NULL, WNOHANG) == dns.pid) {
-            dns.pid = 0; /* it exited: the port was taken meanwhile */
-            break;
-        }
-        struct addrinfo *res;
-        ok = moor_resolve("fault.test", NULL, NULL, moor_deadline_in(100), &res) == 0;
-        moor_resolve_free(res);
-        if (!ok)
-            sleep_ms(20);
-    }
-    ex_free(ex);
-    if (!ok && dns.pid > 0) {
-        kill(dns.pid, SIGKILL);
-        waitpid(dns.pid, NULL, 0);
-        dns.pid = 0;
-    }
-    return ok;
-}
-
+/* 0 without dnsmasq. */
 static int dns_start(void)
 {
-    if (access(DNSMASQ, X_OK) != 0)
+    if (!dnsmasq_installed())
         return 0;
-    snprintf(dns.dir, sizeof dns.dir, "/tmp/moor-fault-XXXXXX");
-    assert_non_null(mkdtemp(dns.dir));
-    snprintf(dns.hosts, sizeof dns.hosts, "%s/hosts", dns.dir);
-    FILE *f = fopen(dns.hosts, "w");
-    assert_non_null(f);
-    fputs("10.1.2.3 fault.test\n127.0.0.1 dial.test\n", f);
-    assert_int_equal(fclose(f), 0);
-    for (int tries = 0; tries < 5; tries++) {
-        int port = dns_free_port();
-        if (port && dns_try(port))
-            return 1;
-    }
-    fail_msg("dnsmasq did not start");
-    return 0;
+    dnsmasq_start(&dns, "10.1.2.3 fault.test\n127.0.0.1 dial.test\n", "fault.test");
+    return 1;
 }
 
 #define DNS_ARMED_MS 500
