@@ -121,14 +121,20 @@ MOOR__WAIT_OP int promise_ready(moor_future *fut, moor_cx *cx)
 }
 
 /* Register the awaiting task, under the lock the resolver takes: a resolve that comes after
- * it wakes this waker, one that came before is seen by the next ready. */
+ * it wakes this waker. One that came between ready's look and here found no waker to wake
+ * (on the first poll there is none yet): the task wakes itself, and its next poll takes the
+ * value. */
 MOOR__WAIT_OP int promise_park(moor_future *fut, moor_cx *cx)
 {
     moor_promise_future *pf = moor_container_of(fut, moor_promise_future, base);
     moor_promise *p = pf->promise;
     pthread_mutex_lock(&p->lock);
-    p->waker = cx->waker;
+    int resolved = p->state == PROMISE_RESOLVED;
+    if (!resolved)
+        p->waker = cx->waker;
     pthread_mutex_unlock(&p->lock);
+    if (resolved)
+        moor__wake(&cx->waker);
     return 0;
 }
 

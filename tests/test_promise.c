@@ -201,6 +201,63 @@ static void test_promise_resolved_from_another_thread(void **state)
     ex_free(ex);
 }
 
+/* A resolve from another thread that lands while the awaiter's first poll is between
+ * looking (not resolved yet) and registering its waker must still wake it (found by
+ * test_stress as a rare hang: the resolve found no waker, the registration came after it
+ * and nothing looked again). Many rounds, the resolver released as the awaiter starts its
+ * await; each await has a deadline, so a lost wake shows as an await that lasted until it
+ * (the resolver resolves within microseconds) instead of a hang. */
+typedef struct race_await {
+    moor_promise *p;   /* atomic: published for the resolver */
+    int round;         /* atomic: the round the resolver may resolve */
+    int stop;          /* atomic */
+} race_await;
+
+static void *race_await_resolver(void *arg)
+{
+    race_await *ra = arg;
+    for (int done = 0;;) {
+        int r;
+        while ((r = __atomic_load_n(&ra->round, __ATOMIC_ACQUIRE)) == done)
+            if (__atomic_load_n(&ra->stop, __ATOMIC_ACQUIRE))
+                return NULL;
+        moor_promise *p = __atomic_load_n(&ra->p, __ATOMIC_ACQUIRE);
+        /* A delay that varies from round to round, so that some resolves land inside the
+         * awaiter's first poll, whatever its speed. */
+        for (volatile int spin = 0; spin < (r * 7) % 400; spin++)
+            ;
+        FCHECK(moor_promise_resolve(p, r) == 0);
+        done = r;
+    }
+}
+
+static void test_promise_resolve_races_first_poll(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    dropped = 0;
+    race_await ra = {0};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, race_await_resolver, &ra), 0);
+    int rounds = UNDER_VALGRIND ? 500 : 20000, lost = 0;
+    for (int i = 1; i <= rounds && !lost; i++) {
+        moor_promise *p = new_promise();
+        __atomic_store_n(&ra.p, p, __ATOMIC_RELEASE);
+        __atomic_store_n(&ra.round, i, __ATOMIC_RELEASE); /* go */
+        /* A lost wake is found by the deadline: the next poll then takes the value, late. */
+        int64_t deadline = moor_deadline_in(3000);
+        intptr_t r = moor_promise_await(p, deadline);
+        if (r != i || moor_now() >= deadline)
+            lost = i;
+    }
+    __atomic_store_n(&ra.stop, 1, __ATOMIC_RELEASE);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    if (lost)
+        fail_msg("round %d: the await returned without the value (a lost wake)", lost);
+    assert_int_equal(dropped_now(), 0);
+    ex_free(ex);
+}
+
 /* A resolve from another thread races the awaiter's cancel, many times, with the two sides
  * released together. Whatever the order, the value is received exactly once or dropped
  * exactly once, never both, never neither, and nothing freed is touched (ASan, TSan). */
@@ -422,6 +479,7 @@ int main(void)
         TEST(test_promise_resolver_outlives_executor),
         TEST(test_promise_executor_freed_with_awaiter_half),
         TEST(test_promise_awaited_from_another_thread),
+        TEST(test_promise_resolve_races_first_poll),
     };
     return RUN_TESTS(tests);
 }
