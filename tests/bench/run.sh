@@ -11,82 +11,95 @@
 # of the runs and their min..max), SCALE: their iteration-count scale (default 0.5). The micro
 # benchmarks run on core 1 (taskset), one program at a time. Writes BUILD_DIR/bench-results/
 # (each program's output, results.tsv, and ratios.png when gnuplot is there).
+# RUN_SH_TABLE_ONLY=1 prints the table and the plot again from BUILD_DIR's last results.
 set -u
 cd "$(dirname "$0")/../.."
 build=${1:-build-bench} reps=${2:-3} scale=${3:-0.5}
 out=$build/bench-results
 start=$SECONDS
 
-cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null || exit 1
-cmake --build "$build" -j"$(nproc)" >/dev/null || { echo "run.sh: build failed" >&2; exit 1; }
-rm -rf "$out" && mkdir -p "$out"
-absbuild=$(cd "$build" && pwd)
-bench=$build/tests/bench
-pin="taskset -c 1"
-command -v taskset >/dev/null || pin=
-
-skipped=()
-have_boost=0 have_go=0
-if [ -x "$bench/peers/boost_fiber" ]; then
-    have_boost=1
+if [ -n "${RUN_SH_TABLE_ONLY-}" ]; then
+    # Print the table and the plot again from an earlier run's results.
+    skipped=()
+    [ -f "$out/boost.1" ] || skipped+=("Boost.Fiber: no results in $out")
+    [ -f "$out/go.1" ] || skipped+=("Go: no results in $out")
 else
-    skipped+=("Boost.Fiber: not built (libboost-fiber-dev or a C++ compiler missing: sh .ci/deps bench)")
-fi
-if command -v go >/dev/null; then
-    export GOCACHE=${GOCACHE:-$absbuild/go-cache} GOFLAGS=-buildvcs=false
-    if (cd tests/bench/peers/go && go build -o "$absbuild/peers-go/" ./bench ./echo ./chat) \
-        >"$out/go-build.log" 2>&1; then
-        have_go=1
+    cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=Release >/dev/null || exit 1
+    cmake --build "$build" -j"$(nproc)" >/dev/null || { echo "run.sh: build failed" >&2; exit 1; }
+    rm -rf "$out" && mkdir -p "$out"
+    absbuild=$(cd "$build" && pwd)
+    bench=$build/tests/bench
+    pin="taskset -c 1"
+    command -v taskset >/dev/null || pin=
+
+    skipped=()
+    have_boost=0 have_go=0
+    if [ -x "$bench/peers/boost_fiber" ]; then
+        have_boost=1
     else
-        skipped+=("Go: go build failed (see $out/go-build.log)")
+        skipped+=("Boost.Fiber: not built (libboost-fiber-dev or a C++ compiler missing: sh .ci/deps bench)")
     fi
-else
-    skipped+=("Go: no go toolchain (golang-go: sh .ci/deps bench)")
-fi
-gobin=$build/peers-go
+    if command -v go >/dev/null; then
+        export GOCACHE=${GOCACHE:-$absbuild/go-cache} GOFLAGS=-buildvcs=false
+        if (cd tests/bench/peers/go && go build -o "$absbuild/peers-go/" ./bench ./echo ./chat) \
+            >"$out/go-build.log" 2>&1; then
+            have_go=1
+        else
+            skipped+=("Go: go build failed (see $out/go-build.log)")
+        fi
+    else
+        skipped+=("Go: no go toolchain (golang-go: sh .ci/deps bench)")
+    fi
+    gobin=$build/peers-go
 
-# ---- run ---------------------------------------------------------------------------------
-echo "run.sh: $reps runs of each micro benchmark at scale $scale, then sleepers, echo, chat" >&2
-for r in $(seq "$reps"); do
-    $pin "$bench/bench_switch" "$scale" >"$out/moor-switch.$r" 2>&1
-    $pin "$bench/bench_chan" "$scale" >"$out/moor-chan.$r" 2>&1
-    [ $have_boost = 1 ] && $pin "$bench/peers/boost_fiber" "$scale" >"$out/boost.$r" 2>&1
-    [ $have_go = 1 ] && GOMAXPROCS=1 $pin "$gobin/bench" "$scale" >"$out/go.$r" 2>&1
-    echo "run.sh: run $r of $reps done ($((SECONDS - start)) s)" >&2
-done
-# 100,000 sleepers (bench_scale's small phases: 100,000 suspended fibers too)
-$pin "$bench/bench_scale" 100000 >"$out/moor-scale.1" 2>&1
+    # ---- run ---------------------------------------------------------------------------------
+    echo "run.sh: $reps runs of each micro benchmark at scale $scale, then sleepers, echo, chat" >&2
+    for r in $(seq "$reps"); do
+        $pin "$bench/bench_switch" "$scale" >"$out/moor-switch.$r" 2>&1
+        $pin "$bench/bench_chan" "$scale" >"$out/moor-chan.$r" 2>&1
+        [ $have_boost = 1 ] && $pin "$bench/peers/boost_fiber" "$scale" >"$out/boost.$r" 2>&1
+        [ $have_go = 1 ] && GOMAXPROCS=1 $pin "$gobin/bench" "$scale" >"$out/go.$r" 2>&1
+        echo "run.sh: run $r of $reps done ($((SECONDS - start)) s)" >&2
+    done
+    # 100,000 sleepers (bench_scale's small phases: 100,000 suspended fibers too)
+    $pin "$bench/bench_scale" 100000 >"$out/moor-scale.1" 2>&1
 
-# Echo: moor and raw libev by bench_echo itself; the Go server pinned to core 0, driven by the
-# same client on core 1.
-"$bench/bench_echo" 2 3 >"$out/moor-echo.1" 2>&1
-if [ $have_go = 1 ]; then
-    taskset -c 0 "$gobin/echo" >"$out/go-echo-server" 2>&1 &
-    gopid=$!
-    for _ in $(seq 50); do grep -q '^listening:' "$out/go-echo-server" && break; sleep 0.1; done
-    addr=$(awk '/^listening:/ {print $2}' "$out/go-echo-server")
-    $pin "$bench/bench_echo" --external "$addr" 2 3 >"$out/go-echo.1" 2>&1
-    kill "$gopid" 2>/dev/null
-    wait "$gopid" 2>/dev/null
-fi
+    # Echo: moor and raw libev by bench_echo itself; the Go server pinned to core 0, driven by the
+    # same client on core 1.
+    "$bench/bench_echo" 2 3 >"$out/moor-echo.1" 2>&1
+    if [ $have_go = 1 ]; then
+        taskset -c 0 "$gobin/echo" >"$out/go-echo-server" 2>&1 &
+        gopid=$!
+        for _ in $(seq 50); do grep -q '^listening:' "$out/go-echo-server" && break; sleep 0.1; done
+        addr=$(awk '/^listening:/ {print $2}' "$out/go-echo-server")
+        $pin "$bench/bench_echo" --external "$addr" 2 3 >"$out/go-echo.1" 2>&1
+        kill "$gopid" 2>/dev/null
+        wait "$gopid" 2>/dev/null
+    fi
 
-# Chat: moor-chat and the Go server (one core, then Go's default) under moor-chat-load.
-chatb=tests/bench/peers/go/chat_bench.sh
-load=$build/examples/chat/moor-chat-load
-bash "$chatb" "$build/examples/chat/moor-chat" "$load" "$reps" >"$out/moor-chat.1" 2>&1
-if [ $have_go = 1 ]; then
-    GOMAXPROCS=1 bash "$chatb" "$gobin/chat" "$load" "$reps" >"$out/go-chat.1" 2>&1
-    GOMAXPROCS=$(nproc) bash "$chatb" "$gobin/chat" "$load" "$reps" >"$out/gomp-chat.1" 2>&1
+    # Chat: moor-chat and the Go server (one core, then Go's default) under moor-chat-load.
+    chatb=tests/bench/peers/go/chat_bench.sh
+    load=$build/examples/chat/moor-chat-load
+    bash "$chatb" "$build/examples/chat/moor-chat" "$load" "$reps" >"$out/moor-chat.1" 2>&1
+    if [ $have_go = 1 ]; then
+        GOMAXPROCS=1 bash "$chatb" "$gobin/chat" "$load" "$reps" >"$out/go-chat.1" 2>&1
+        GOMAXPROCS=$(nproc) bash "$chatb" "$gobin/chat" "$load" "$reps" >"$out/gomp-chat.1" 2>&1
+    fi
 fi
 
 # ---- the table -----------------------------------------------------------------------------
 # value FILE-PREFIX KEY: "median lo hi" of KEY's value over the runs FILE-PREFIX.*, or "- - -".
+# A program run once that takes its own median prints "KEY_spread: lo..hi": that is the spread.
 value() {
+    local spread
+    spread=$(cat "$out/$1".* 2>/dev/null | awk -v k="$2_spread:" '$1 == k {print $2; exit}')
     cat "$out/$1".* 2>/dev/null | awk -v k="$2:" '$1 == k && $2 != "-" {print $2}' | sort -g |
-        awk '{v[NR] = $1}
+        awk -v sp="$spread" '{v[NR] = $1}
              END {if (!NR) {print "- - -"; exit}
                   m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-                  print m, v[1], v[NR]}'
+                  lo = v[1]; hi = v[NR]
+                  if (NR == 1 && split(sp, b, /\.\./) == 2) {lo = b[1]; hi = b[2]}
+                  print m, lo, hi}'
 }
 
 # workload | unit | better | moor source, key | boost key | go source, key | go (all cores) source
@@ -162,7 +175,7 @@ set ytics ("1/64" 1.0/64, "1/16" 1.0/16, "1/4" 0.25, "1/2" 0.5, "1" 1, "2" 2, "4
 set xtics rotate by 40 right noenhanced
 set bmargin 13
 set lmargin 22
-set key top right
+set key outside top center horizontal
 set datafile separator "\t"
 set datafile missing "—"
 plot "$tsv" using 2:xtic(1) title "vs Boost.Fiber", "" using 3 title "vs Go (GOMAXPROCS=1)", 1 notitle lw 2 lc rgb "black"
