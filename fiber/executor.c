@@ -175,7 +175,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     struct sigaction sa;
     if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
         signal(SIGPIPE, SIG_IGN);
-    ex->ctx.started = 1; /* the thread's own stack: it will wait inside moor__switch */
+    ex->ctx.resume = moor__resume_ret; /* the thread's own stack: it will wait inside moor__switch */
     static pthread_once_t fp_once = PTHREAD_ONCE_INIT;
     pthread_once(&fp_once, context_setup_once);
     ex->driver = &plain_driver;
@@ -772,10 +772,9 @@ static transfer_t fiber_entry(transfer_t t)
     if (f->detached) {
         ex->zombie = f; /* not released here: we are still running on its stack */
     } else {
-        moor_waker joiner = f->joiner;
-        moor__wake(&joiner);
+        moor__wake(&f->joiner); /* no local's address taken: the switch stays a tail call */
     }
-    moor__switch_final(&f->ctx, moor__fiber_next(ex));
+    return moor__switch_last(&f->ctx, moor__fiber_next(ex));
 }
 
 /* ---- join future ----------------------------------------------------------------------- */
@@ -980,7 +979,6 @@ int moor_join(moor_fiber *f, intptr_t *result)
             f->joiner = (moor_waker){f->ex, &self->task, self->task.gen};
             moor__fiber_suspend(self, &f->join_fut);
         }
-        f->joiner = (moor_waker){0};
     } else if (f->state != MOOR__FIBER_DONE) {
         /* From plain code: run the executor until the fiber has returned. Not a block_on of
          * join_fut, which would need a task slot, and so could fail for want of memory. */
