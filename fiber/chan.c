@@ -62,9 +62,13 @@ void moor_chan_free(moor_chan *ch)
 
 size_t moor_chan_len(const moor_chan *ch) { return ch->count; }
 
+/* The i-th value from the head (i <= count <= cap, head < cap: one wrap at most, no division). */
 static inline unsigned char *slot(moor_chan *ch, size_t i)
 {
-    return ch->ring + ((ch->head + i) % ch->cap) * ch->elem_size;
+    size_t at = ch->head + i;
+    if (at >= ch->cap)
+        at -= ch->cap;
+    return ch->ring + at * ch->elem_size;
 }
 
 /* Values of the common sizes are copied inline, not through a libc call. */
@@ -92,6 +96,15 @@ static inline void complete(moor__waiter *w, intptr_t result)
     op->completed = 1;
     op->base.result = result;
     moor__wake(&w->waker);
+}
+
+/* complete() for a plain waiter of a channel of ex, the calling thread's executor. */
+static inline void complete_plain(moor_executor *ex, moor__waiter *w)
+{
+    moor_chan_future *op = moor_container_of(w, moor_chan_future, waiter);
+    op->completed = 1;
+    op->base.result = 0;
+    moor__wake_registered(ex, &w->waker);
 }
 
 /* Send now if it needs no waiting: to a waiting receiver, or into the ring. 0, -EAGAIN,
@@ -125,7 +138,8 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
     if (ch->count) {
         (void)moor__claim(cx);
         copy_elem(elem, slot(ch, 0), ch->elem_size);
-        ch->head = (ch->head + 1) % ch->cap;
+        if (++ch->head == ch->cap)
+            ch->head = 0;
         ch->count--;
         /* A slot is free: the first waiting sender moves its value in. */
         moor__waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
@@ -334,8 +348,8 @@ int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
         /* A receiver waits (so the ring is empty and the channel open): hand the value over. */
         moor__waitq_take_first(&ch->receivers, w);
         copy_elem(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->elem_size);
-        complete(w, 0);
-        moor__coop_spend();
+        complete_plain(ch->ex, w);
+        moor__coop_spend_on(ch->ex);
         return 0;
     }
     int rc = try_send(ch, elem, NULL);
@@ -354,8 +368,8 @@ int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
          * senders came after): take its value. */
         moor__waitq_take_first(&ch->senders, w);
         copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem, ch->elem_size);
-        complete(w, 0);
-        moor__coop_spend();
+        complete_plain(ch->ex, w);
+        moor__coop_spend_on(ch->ex);
         return 0;
     }
     int rc = try_recv(ch, elem, NULL);
