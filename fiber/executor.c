@@ -775,7 +775,9 @@ static transfer_t fiber_entry(transfer_t t)
     if (f->detached) {
         ex->zombie = f; /* not released here: we are still running on its stack */
     } else {
-        moor__wake(&f->joiner); /* no local's address taken: the switch stays a tail call */
+        /* Registered: join_cancel clears it when a joiner gives up. No local's address is
+         * taken here, so the switch below stays a tail call. */
+        moor__wake_registered(ex, &f->joiner);
     }
     return moor__switch_last(&f->ctx, moor__fiber_next(ex));
 }
