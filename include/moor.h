@@ -252,6 +252,52 @@ MOOR_API int moor_executor_run(moor_executor *ex);
 MOOR_API intptr_t moor_block_on(moor_future *fut);
 
 /* ------------------------------------------------------------------------------------------
+ * Many cores: an executor per thread. Fibers never move between threads; values cross them
+ * through moor_spawn_remote, wakers and promises (and SO_REUSEPORT listeners spread
+ * connections, see moor_tcp_listen_opt). docs/CORES.md has the patterns.
+ * ---------------------------------------------------------------------------------------- */
+
+/* Run n executors on n new threads and wait for them: thread i makes an executor (attr, may
+ * be NULL), spawns fn(arg) as its first fiber (named "thread i"), runs the executor until no
+ * task is left (fibers fn spawned included) and frees it. moor_thread_index() in thread i
+ * returns i. fn starts on no thread before every thread has made its executor (or failed
+ * to), so moor_thread_executor() finds each one from the start.
+ *
+ * The calling thread only starts the threads and joins them: it runs no executor meanwhile
+ * (one it has of its own is left alone, not run). The threads start with the caller's signal
+ * mask: block the signals that must not land on an executor's thread before the call.
+ *
+ * Returns once every thread that started has been joined: 0, or the error of the
+ * lowest-numbered thread that failed: -errno of starting it (-EAGAIN), of making its
+ * executor (as moor_executor_new: -ENOMEM, -EINVAL) or of spawning fn's fiber; -EDEADLK
+ * when its executor deadlocked (moor_executor_run: the dump went to stderr). A failure of
+ * one thread does not stop the others: they run and are joined. A deadlocked executor has
+ * every fiber cancelled and is run again, so that they clean up and it can be freed; if tasks
+ * still cannot finish (a plain task of moor_spawn_future waiting on a local future, a fiber
+ * that waits again for ever after its cancel), the executor is left allocated with them
+ * (said on stderr) and its thread ends. results (NULL: not wanted) gets, for each i, fn's
+ * return value, or that thread's error when fn could not run or its executor deadlocked.
+ * fn's own return values are not errors of the call, negative ones included.
+ * Errors before any thread starts: -EINVAL (n is 0 or above INT_MAX, fn is NULL), -ENOMEM.
+ * Misuse (assertion): called from a fiber (it would stall the fiber's executor). */
+MOOR_API int moor_threads_run(size_t n, moor_fiber_fn fn, void *arg, const moor_executor_attr *attr,
+                              intptr_t *results);
+
+/* The index of the calling thread in its moor_threads_run (0..n-1), or -1 outside one (in
+ * the calling thread, in moor_blocking's workers). */
+MOOR_API int moor_thread_index(void);
+
+/* From a thread of a moor_threads_run: the executor of thread i of the same run, for
+ * moor_spawn_remote and moor_executor_hold; NULL if i is out of range, if that thread has no
+ * executor (it failed to make one) or has freed it, and outside a run. The handle is good
+ * for a spawn for as long as thread i's executor cannot run out of tasks: while fn's fiber on
+ * it has not returned, or while it is held (moor_executor_hold). A thread that others feed
+ * with spawns is held (by its own fn, or by a feeder before fn returns) and released by the
+ * feeders once they are done; an executor may not end before its feeders have finished,
+ * because its memory may then become another thread's executor. */
+MOOR_API moor_executor *moor_thread_executor(size_t i);
+
+/* ------------------------------------------------------------------------------------------
  * Fibers
  *
  * Stack layout of a fiber (one mapping; grows down; never moved or resized):
@@ -582,6 +628,18 @@ MOOR_API int moor_connect(int fd, const struct sockaddr *addr, socklen_t addrlen
  * non-blocking and close-on-exec. Listeners set SO_REUSEADDR. Return an fd or -errno
  * (-EINVAL for an address that is not numeric). Close them with moor_close. */
 MOOR_API int moor_tcp_listen(const char *host, int port, int backlog);
+
+/* moor_tcp_listen with options (flags 0: the same call). MOOR_TCP_REUSEPORT sets
+ * SO_REUSEPORT, so that several sockets (one per executor) listen on the same address and
+ * port and the kernel spreads new connections among them by a hash of the connection's
+ * addresses and ports; each must set it, and all belong to the same user (another process of
+ * that user could join the group and take connections). With port 0 each call gets a port
+ * of its own: listen once on port 0, read the port with moor_socket_port, and make the
+ * others on that port. A connection queued on one listener is accepted there only: closing a
+ * listener resets the connections queued on it, not those of the others. Errors as
+ * moor_tcp_listen, and -EINVAL for an unknown flag bit (nothing is made). */
+#define MOOR_TCP_REUSEPORT 1u
+MOOR_API int moor_tcp_listen_opt(const char *host, int port, int backlog, unsigned flags);
 MOOR_API int moor_tcp_connect(const char *host, int port, int64_t deadline);
 MOOR_API int moor_unix_listen(const char *path, int backlog);
 MOOR_API int moor_unix_connect(const char *path, int64_t deadline);
