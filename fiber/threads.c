@@ -18,7 +18,12 @@ typedef struct run_thread {
     size_t index;
     pthread_t thread;
     int started;            /* pthread_create succeeded: to be joined */
-    moor_executor *ex;      /* atomic: the thread's executor while it has one, else NULL */
+    moor_executor *ex;      /* atomic: the thread's executor while fn's fiber may run on it
+                               (see moor_thread_executor), else NULL */
+    moor_promise *others_done; /* resolved once fn has returned on every thread */
+    int runs_fn;            /* fn's fiber was spawned: counted in fns_running (set at the
+                               barrier, read-only after) */
+    int fn_returned;        /* this thread's fn has returned (its own thread only) */
     intptr_t result;        /* fn's return value, or the thread's error (error != 0) */
     int error;              /* 0, or why fn could not run or its executor deadlocked */
 } run_thread;
@@ -29,25 +34,71 @@ struct threads_run {
     const moor_executor_attr *attr;
     size_t n;
     run_thread *threads;
-    /* The start barrier: no fn runs before every thread that started has made its
-     * executor (or failed to), so that moor_thread_executor finds them all. */
+    /* The start barrier: no fn runs before every thread that started has made its executor
+     * and spawned fn's fiber (or failed to), so that moor_thread_executor finds them all. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     size_t arrived;          /* threads at the barrier */
     size_t expected;         /* threads started; SIZE_MAX until every create was tried */
+    int go;                  /* the barrier is open */
+    size_t fns_running;      /* atomic: fns that have not returned */
 };
 
 /* The calling thread's place in its run, or NULL outside one. */
 static __thread run_thread *tls_thread;
 
+/* Under run->lock, once every started thread has arrived: count the fns that will run and
+ * open the barrier. */
+static void barrier_open(threads_run *run)
+{
+    size_t fns = 0;
+    for (size_t i = 0; i < run->n; i++) {
+        run_thread *t = &run->threads[i];
+        t->runs_fn = t->started && __atomic_load_n(&t->ex, __ATOMIC_ACQUIRE) != NULL;
+        fns += (size_t)t->runs_fn;
+    }
+    __atomic_store_n(&run->fns_running, fns, __ATOMIC_RELEASE);
+    run->go = 1;
+    pthread_cond_broadcast(&run->cond);
+}
+
 static void barrier_wait(threads_run *run)
 {
     pthread_mutex_lock(&run->lock);
     run->arrived++;
-    pthread_cond_broadcast(&run->cond);
-    while (run->arrived < run->expected)
+    if (run->arrived == run->expected && !run->go)
+        barrier_open(run);
+    while (!run->go)
         pthread_cond_wait(&run->cond, &run->lock);
     pthread_mutex_unlock(&run->lock);
+}
+
+/* fn has returned on the calling thread (or will never return there: its executor was
+ * given up on). The last of the run lets every first fiber end. */
+static void fn_done(run_thread *t)
+{
+    threads_run *run = t->run;
+    t->fn_returned = 1;
+    if (__atomic_sub_fetch(&run->fns_running, 1, __ATOMIC_ACQ_REL) != 0)
+        return;
+    for (size_t i = 0; i < run->n; i++)
+        if (run->threads[i].runs_fn)
+            moor_promise_resolve(run->threads[i].others_done, 0);
+}
+
+/* Each thread's first fiber: fn, then a wait until fn has returned on every thread, so that
+ * an executor of the run cannot end (and its memory become another executor) while an fn
+ * elsewhere may still spawn onto it. A promise is never called a deadlock, but fn waits
+ * before it, so a deadlock inside fn is still found. */
+static intptr_t first_fiber(void *p)
+{
+    run_thread *t = p;
+    intptr_t result = t->run->fn(t->run->arg);
+    fn_done(t);
+    /* In a fiber cancelled after a deadlock this returns at once: the executor ends with
+     * its fibers, and spawns onto it fail (-ESRCH). */
+    moor_promise_await(t->others_done, -1);
+    return result;
 }
 
 /* After a deadlock: cancel every fiber of ex, so that their waits return -ECANCELED and they
@@ -74,12 +125,11 @@ static int run_to_end(moor_executor *ex)
     if (rc != -EDEADLK)
         return rc;
     /* Cancel and run again while that makes progress: a cancelled fiber may wait in a
-     * moor_join for a child that has its own cleanup to do, or a fiber may spawn more. */
+     * moor_join for a child that has its own cleanup to do, or spawn one. */
     for (;;) {
         size_t before = ex->ntasks;
         size_t cancelled = cancel_all(ex);
-        int again = moor_executor_run(ex);
-        if (again == 0 || (cancelled == 0 && ex->ntasks >= before))
+        if (moor_executor_run(ex) == 0 || (cancelled == 0 && ex->ntasks >= before))
             break;
     }
     return -EDEADLK;
@@ -92,13 +142,19 @@ static void *thread_main(void *p)
     tls_thread = t;
 
     moor_executor *ex = NULL;
-    int rc = moor_executor_new(&ex, run->attr);
     moor_fiber *first = NULL;
+    int rc = moor_executor_new(&ex, run->attr);
+    if (rc == 0)
+        rc = moor_promise_new(&t->others_done, NULL);
     if (rc == 0) {
         char name[MOOR__FIBER_NAME_MAX];
         snprintf(name, sizeof name, "thread %zu", t->index);
         moor_fiber_attr fattr = {.name = name, .stack_size = 0};
-        rc = moor_spawn(&first, run->fn, run->arg, &fattr);
+        rc = moor_spawn(&first, first_fiber, t, &fattr);
+        if (rc < 0) {
+            moor_promise_drop(t->others_done);
+            moor_promise_resolve(t->others_done, 0);
+        }
     }
     /* Published before the barrier, and only with fn's fiber spawned: a spawn from another
      * thread that finds the handle finds a task here that keeps the executor from ending. */
@@ -110,8 +166,7 @@ static void *thread_main(void *p)
         rc = run_to_end(ex);
         intptr_t result = 0;
         if (ex->ntasks == 0) {
-            /* Done (or cancelled after a deadlock): the join does not wait. */
-            moor_join(first, &result);
+            moor_join(first, &result); /* done, or cancelled after a deadlock: no wait */
             __atomic_store_n(&t->ex, NULL, __ATOMIC_RELEASE);
             moor_executor_free(ex);
         } else {
@@ -119,6 +174,8 @@ static void *thread_main(void *p)
                             "task(s) could not be cancelled; it is left allocated with them\n",
                     t->index, ex->ntasks);
             __atomic_store_n(&t->ex, NULL, __ATOMIC_RELEASE);
+            if (!t->fn_returned)
+                fn_done(t); /* it never will: let the others end */
         }
         t->result = rc < 0 ? rc : result;
     } else {
@@ -163,7 +220,8 @@ int moor_threads_run(size_t n, moor_fiber_fn fn, void *arg, const moor_executor_
     }
     pthread_mutex_lock(&run.lock);
     run.expected = started;
-    pthread_cond_broadcast(&run.cond);
+    if (run.arrived == run.expected && !run.go)
+        barrier_open(&run);
     pthread_mutex_unlock(&run.lock);
 
     int rc = 0;

@@ -261,7 +261,10 @@ MOOR_API intptr_t moor_block_on(moor_future *fut);
  * be NULL), spawns fn(arg) as its first fiber (named "thread i"), runs the executor until no
  * task is left (fibers fn spawned included) and frees it. moor_thread_index() in thread i
  * returns i. fn starts on no thread before every thread has made its executor (or failed
- * to), so moor_thread_executor() finds each one from the start.
+ * to), so moor_thread_executor() finds each one from the start. Once fn has returned, the
+ * first fiber waits until fn has returned on every thread before it ends: an executor of the
+ * run stays up while any fn may still spawn onto it (moor_spawn_remote), and a deadlock
+ * inside fn is still found, the wait coming after it.
  *
  * The calling thread only starts the threads and joins them: it runs no executor meanwhile
  * (one it has of its own is left alone, not run). The threads start with the caller's signal
@@ -288,13 +291,15 @@ MOOR_API int moor_threads_run(size_t n, moor_fiber_fn fn, void *arg, const moor_
 MOOR_API int moor_thread_index(void);
 
 /* From a thread of a moor_threads_run: the executor of thread i of the same run, for
- * moor_spawn_remote and moor_executor_hold; NULL if i is out of range, if that thread has no
- * executor (it failed to make one) or has freed it, and outside a run. The handle is good
- * for a spawn for as long as thread i's executor cannot run out of tasks: while fn's fiber on
- * it has not returned, or while it is held (moor_executor_hold). A thread that others feed
- * with spawns is held (by its own fn, or by a feeder before fn returns) and released by the
- * feeders once they are done; an executor may not end before its feeders have finished,
- * because its memory may then become another thread's executor. */
+ * moor_spawn_remote and moor_executor_hold; NULL if i is out of range, if that thread could
+ * not run fn (no executor) or has freed its executor, and outside a run. The handle is good
+ * while thread i's executor cannot end: until fn has returned on every thread (see
+ * moor_threads_run), or while it is held. So fn may spawn onto any executor of the run at
+ * any time; a feeder that goes on after its fn has returned (a fiber fn spawned, another
+ * thread) takes a hold on the target (moor_executor_hold) before its fn returns and releases
+ * it when it is done: an executor that ended may be recycled as another thread's, and a
+ * spawn onto a stale handle would land there. The exception is a thread whose executor
+ * deadlocked: its fibers are cancelled, and it may end before the other fns return. */
 MOOR_API moor_executor *moor_thread_executor(size_t i);
 
 /* ------------------------------------------------------------------------------------------
