@@ -212,6 +212,54 @@ static void test_threads_run_one_executor_fails(void **state)
     assert_int_equal(p.found_1, 0);
 }
 
+/* No thread can be started (the default thread stack is made larger than any mapping can
+ * be): every thread's error is reported, fn runs nowhere, and the call returns. In a child:
+ * the default attributes are the process's. */
+static void no_threads_child(void *arg)
+{
+    (void)arg;
+    pthread_attr_t attr;
+    CHILD_REQUIRE(pthread_attr_init(&attr) == 0);
+    CHILD_REQUIRE(pthread_attr_setstacksize(&attr, (size_t)1 << 46) == 0);
+    CHILD_REQUIRE(pthread_setattr_default_np(&attr) == 0);
+    basic_run b = {.n = 3};
+    intptr_t results[3] = {1, 1, 1};
+    int rc = moor_threads_run(3, basic_fn, &b, NULL, results);
+    CHILD_REQUIRE(rc == -EAGAIN);
+    for (int i = 0; i < 3; i++) {
+        CHILD_REQUIRE(results[i] == rc);
+        CHILD_REQUIRE(b.seen[i] == 0);
+    }
+}
+
+static void test_threads_run_threads_cannot_start(void **state)
+{
+    (void)state;
+    if (UNDER_VALGRIND) {
+        print_message("skipped under valgrind: it makes thread stacks of its own size\n");
+        skip();
+    }
+    child_report r;
+    child_run(no_threads_child, NULL, &r);
+    expect_child_ok(&r);
+}
+
+/* fn's own negative values are results, not errors of the call. */
+static intptr_t negative_fn(void *arg)
+{
+    (void)arg;
+    return -ENOENT - moor_thread_index();
+}
+
+static void test_threads_run_negative_results_are_not_errors(void **state)
+{
+    (void)state;
+    intptr_t results[2];
+    assert_int_equal(moor_threads_run(2, negative_fn, NULL, NULL, results), 0);
+    assert_int_equal(results[0], -ENOENT);
+    assert_int_equal(results[1], -ENOENT - 1);
+}
+
 /* ---- deadlocks -------------------------------------------------------------------------------- */
 
 typedef struct dead_run {
@@ -700,6 +748,8 @@ int main(void)
         TEST(test_threads_run_from_a_fiber_asserts),
         TEST(test_threads_run_executor_new_fails_everywhere),
         TEST(test_threads_run_one_executor_fails),
+        TEST(test_threads_run_threads_cannot_start),
+        TEST(test_threads_run_negative_results_are_not_errors),
         TEST(test_threads_run_deadlock_in_one_reported),
         TEST(test_threads_run_deadlock_everywhere_reported),
         TEST(test_threads_run_gives_up_on_uncancellable_tasks),
