@@ -545,14 +545,18 @@ static void test_threads_cross_thread_work_accounted(void **state)
 
 #define CONNS 200
 
+/* Two executors accept on listeners that share a port, a plain thread is the client, and the
+ * stop is docs/CORES.md's: a fiber spawned onto each executor closes its listener, which
+ * wakes the accepting fiber with -EBADF. */
 typedef struct reuse_run {
-    int fds[2];            /* the listeners, one per thread */
+    int fds[2];                 /* the listeners, one per thread */
     int port;
-    int done;              /* atomic: the client has finished */
-    int accepted[2];       /* thread i only */
-    int answered;          /* atomic */
-    int client_ok;         /* client thread: connections answered right */
+    moor_executor *exs[2];      /* atomic: published by each fn, good until it returns */
+    int accepted[2];            /* thread i only */
+    int accept_end[2];          /* thread i only: what ended its accept loop */
+    int client_ok;              /* client thread only */
     int client_errors;
+    int stop_errors;
 } reuse_run;
 
 static intptr_t reuse_conn(void *arg)
@@ -569,22 +573,27 @@ static intptr_t reuse_conn(void *arg)
     return 0;
 }
 
+static intptr_t reuse_stop(void *arg)
+{
+    reuse_run *r = arg;
+    FCHECK(moor_close(r->fds[moor_thread_index()]) == 0);
+    return 0;
+}
+
 static intptr_t reuse_fn(void *arg)
 {
     reuse_run *r = arg;
     int i = moor_thread_index();
-    while (!__atomic_load_n(&r->done, __ATOMIC_ACQUIRE)) {
-        /* A short deadline: the loop looks at `done` between accepts. */
-        int c = moor_accept(r->fds[i], NULL, NULL, moor_deadline_in(20));
-        if (c == -ETIMEDOUT)
-            continue;
-        FCHECK(c >= 0);
-        if (c < 0)
-            break;
+    __atomic_store_n(&r->exs[i], moor_executor_current(), __ATOMIC_RELEASE);
+    for (;;) {
+        int c = moor_accept(r->fds[i], NULL, NULL, moor_deadline_in(SAFETY_MS));
+        if (c < 0) {
+            r->accept_end[i] = c;
+            return 0;
+        }
         r->accepted[i]++;
         FCHECK(moor_spawn(NULL, reuse_conn, (void *)(intptr_t)c, NULL) == 0);
     }
-    return 0;
 }
 
 static void *reuse_client(void *arg)
@@ -609,7 +618,14 @@ static void *reuse_client(void *arg)
             r->client_errors++;
         close(fd);
     }
-    __atomic_store_n(&r->done, 1, __ATOMIC_RELEASE);
+    /* Stop both: each fn runs until its listener is closed, so its executor is up. */
+    for (int i = 0; i < 2; i++) {
+        moor_executor *ex;
+        while (!(ex = __atomic_load_n(&r->exs[i], __ATOMIC_ACQUIRE)))
+            nanosleep(&(struct timespec){0, 1000000}, NULL);
+        if (moor_spawn_remote(ex, reuse_stop, r) != 0)
+            r->stop_errors++;
+    }
     return NULL;
 }
 
@@ -637,14 +653,15 @@ static void test_threads_reuseport_spreads_connections(void **state)
     assert_int_equal(rc, 0);
     assert_int_equal(r.client_errors, 0);
     assert_int_equal(r.client_ok, CONNS);
+    assert_int_equal(r.stop_errors, 0);
+    assert_int_equal(r.accept_end[0], -EBADF);
+    assert_int_equal(r.accept_end[1], -EBADF);
     assert_int_equal(r.accepted[0] + r.accepted[1], CONNS);
     /* The kernel hashes each connection's ports: 200 all on one side would be a 2^-199
      * chance, or a listener that is not sharing. */
     assert_true(r.accepted[0] > 0);
     assert_true(r.accepted[1] > 0);
     assert_int_equal(fiber_failed(), 0);
-    assert_int_equal(moor_close(r.fds[0]), 0);
-    assert_int_equal(moor_close(r.fds[1]), 0);
 }
 
 static void test_threads_listen_opt_flags(void **state)
