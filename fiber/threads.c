@@ -116,12 +116,27 @@ static size_t cancel_all(moor_executor *ex)
     return n;
 }
 
-/* Run ex until no task is left. 0, or -EDEADLK if it deadlocked: then its fibers have been
- * cancelled and run to their end, as far as they would go. Returns with tasks still pending
- * only if the cancels could not end them. */
+/* moor_executor_run, and while it finds no task left but a hold on ex (a feeder on another
+ * thread means to spawn onto it), wait for the spawn or the release and run again: a plain
+ * run returns once no task is left, held or not. The spawn and the release both unpark the
+ * driver, and an unpark that comes before the park makes it return at once, so neither is
+ * missed. */
+static int run_while_held(moor_executor *ex)
+{
+    for (;;) {
+        int rc = moor_executor_run(ex);
+        if (rc < 0 || !__atomic_load_n(&ex->holds, __ATOMIC_ACQUIRE))
+            return rc;
+        ex->driver->park(ex->driver_self, -1);
+    }
+}
+
+/* Run ex until no task and no hold is left. 0, or -EDEADLK if it deadlocked: then its fibers
+ * have been cancelled and run to their end, as far as they would go. Returns with tasks still
+ * pending only if the cancels could not end them. */
 static int run_to_end(moor_executor *ex)
 {
-    int rc = moor_executor_run(ex);
+    int rc = run_while_held(ex);
     if (rc != -EDEADLK)
         return rc;
     /* Cancel and run again while that makes progress: a cancelled fiber may wait in a
@@ -129,7 +144,7 @@ static int run_to_end(moor_executor *ex)
     for (;;) {
         size_t before = ex->ntasks;
         size_t cancelled = cancel_all(ex);
-        if (moor_executor_run(ex) == 0 || (cancelled == 0 && ex->ntasks >= before))
+        if (run_while_held(ex) == 0 || (cancelled == 0 && ex->ntasks >= before))
             break;
     }
     return -EDEADLK;

@@ -259,7 +259,9 @@ MOOR_API intptr_t moor_block_on(moor_future *fut);
 
 /* Run n executors on n new threads and wait for them: thread i makes an executor (attr, may
  * be NULL), spawns fn(arg) as its first fiber (named "thread i"), runs the executor until no
- * task is left (fibers fn spawned included) and frees it. moor_thread_index() in thread i
+ * task is left (fibers fn spawned included) and no hold is on it (moor_executor_hold: a
+ * held executor with no task waits for spawns until the release, where a plain
+ * moor_executor_run would return), and frees it. moor_thread_index() in thread i
  * returns i. fn starts on no thread before every thread has made its executor (or failed
  * to), so moor_thread_executor() finds each one from the start. Once fn has returned, the
  * first fiber waits until fn has returned on every thread before it ends: an executor of the

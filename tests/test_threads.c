@@ -466,8 +466,9 @@ static intptr_t late_feeder(void *arg)
 {
     cross_run *c = arg;
     moor_executor *ex1 = moor_thread_executor(1);
-    for (int k = 0; k < 5; k++)
-        moor_yield(); /* fn has returned by now */
+    /* Long enough for every fn to have returned and thread 1 to have run out of tasks: only
+     * the hold keeps its executor, idle, from ending. */
+    moor_sleep(moor_deadline_in(WAIT_MS));
     for (int k = 0; k < FED; k++)
         if (moor_spawn_remote(ex1, fed_fiber, c) != 0)
             __atomic_add_fetch(&c->feeder_spawn_errors, 1, __ATOMIC_RELAXED);
