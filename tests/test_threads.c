@@ -46,6 +46,13 @@ static intptr_t basic_child(void *arg)
     return 0;
 }
 
+/* On a moor_blocking worker: a thread of no run. */
+static intptr_t worker_index(void *arg)
+{
+    (void)arg;
+    return moor_thread_index() == -1 && moor_thread_executor(0) == NULL;
+}
+
 static intptr_t basic_fn(void *arg)
 {
     basic_run *b = arg;
@@ -64,6 +71,11 @@ static intptr_t basic_fn(void *arg)
     FCHECK(moor_thread_executor(SIZE_MAX) == NULL);
     for (int k = 0; k < CHILDREN; k++)
         FCHECK(moor_spawn(NULL, basic_child, &b->children[i], NULL) == 0);
+    if (i == 0) {
+        intptr_t outside = 0;
+        FCHECK(moor_blocking(worker_index, NULL, &outside, -1) == 0);
+        FCHECK(outside == 1);
+    }
     return 1000 + i;
 }
 
@@ -542,6 +554,61 @@ static void test_threads_cross_thread_work_accounted(void **state)
     free(c);
 }
 
+/* A hold and its release racing with the held executor running out of tasks: the release
+ * comes at once or after a few turns, with a spawn or without one, over many runs. Every
+ * spawn runs, no release is lost (a lost one would hang the run), none is doubled (an
+ * assertion). */
+#define HOLD_RUNS FIBER_COUNT(200, 40)
+
+typedef struct hold_race {
+    int round;
+    int fed;                   /* atomic */
+    int spawn_errors;          /* atomic */
+} hold_race;
+
+static intptr_t hold_fed(void *arg)
+{
+    hold_race *h = arg;
+    __atomic_add_fetch(&h->fed, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static intptr_t hold_feeder(void *arg)
+{
+    hold_race *h = arg;
+    moor_executor *ex1 = moor_thread_executor(1);
+    for (int k = 0; k < h->round % 4; k++)
+        moor_yield();
+    if (h->round % 2 == 0 && moor_spawn_remote(ex1, hold_fed, h) != 0)
+        __atomic_add_fetch(&h->spawn_errors, 1, __ATOMIC_RELAXED);
+    moor_executor_release(ex1);
+    return 0;
+}
+
+static intptr_t hold_fn(void *arg)
+{
+    hold_race *h = arg;
+    if (moor_thread_index() == 0) {
+        moor_executor_hold(moor_thread_executor(1));
+        FCHECK(moor_spawn(NULL, hold_feeder, h, NULL) == 0);
+    }
+    return 0;
+}
+
+static void test_threads_hold_release_races_the_end(void **state)
+{
+    (void)state;
+    hold_race h = {0, 0, 0};
+    int expect = 0;
+    for (h.round = 0; h.round < HOLD_RUNS; h.round++) {
+        assert_int_equal(moor_threads_run(2, hold_fn, &h, NULL, NULL), 0);
+        expect += h.round % 2 == 0;
+        assert_int_equal(h.fed, expect);
+    }
+    assert_int_equal(h.spawn_errors, 0);
+    assert_int_equal(fiber_failed(), 0);
+}
+
 /* ---- SO_REUSEPORT ------------------------------------------------------------------------------ */
 
 #define CONNS 200
@@ -772,6 +839,7 @@ int main(void)
         TEST(test_threads_run_deadlock_everywhere_reported),
         TEST(test_threads_run_gives_up_on_uncancellable_tasks),
         TEST(test_threads_cross_thread_work_accounted),
+        TEST(test_threads_hold_release_races_the_end),
         TEST(test_threads_reuseport_spreads_connections),
         TEST(test_threads_listen_opt_flags),
         TEST(test_threads_local_object_from_another_thread_asserts),
