@@ -635,6 +635,9 @@ MOOR_API int moor_connect(int fd, const struct sockaddr *addr, socklen_t addrlen
  * non-blocking and close-on-exec. Listeners set SO_REUSEADDR. Return an fd or -errno
  * (-EINVAL for an address that is not numeric). Close them with moor_close. */
 MOOR_API int moor_tcp_listen(const char *host, int port, int backlog);
+MOOR_API int moor_tcp_connect(const char *host, int port, int64_t deadline);
+MOOR_API int moor_unix_listen(const char *path, int backlog);
+MOOR_API int moor_unix_connect(const char *path, int64_t deadline);
 
 /* moor_tcp_listen with options (flags 0: the same call). MOOR_TCP_REUSEPORT sets
  * SO_REUSEPORT, so that several sockets (one per executor) listen on the same address and
@@ -647,9 +650,6 @@ MOOR_API int moor_tcp_listen(const char *host, int port, int backlog);
  * moor_tcp_listen, and -EINVAL for an unknown flag bit (nothing is made). */
 #define MOOR_TCP_REUSEPORT 1u
 MOOR_API int moor_tcp_listen_opt(const char *host, int port, int backlog, unsigned flags);
-MOOR_API int moor_tcp_connect(const char *host, int port, int64_t deadline);
-MOOR_API int moor_unix_listen(const char *path, int backlog);
-MOOR_API int moor_unix_connect(const char *path, int64_t deadline);
 
 /* The local port a socket is bound to (after listening on port 0), or -errno. */
 MOOR_API int moor_socket_port(int fd);
