@@ -646,7 +646,8 @@ MOOR_API int moor_unix_connect(const char *path, int64_t deadline);
  * that user could join the group and take connections). With port 0 each call gets a port
  * of its own: listen once on port 0, read the port with moor_socket_port, and make the
  * others on that port. A connection queued on one listener is accepted there only: closing a
- * listener resets the connections queued on it, not those of the others. Errors as
+ * listener resets the connections queued on it, not those of the others (unless the
+ * sysctl net.ipv4.tcp_migrate_req moves them to the others, Linux 5.14+). Errors as
  * moor_tcp_listen, and -EINVAL for an unknown flag bit (nothing is made). */
 #define MOOR_TCP_REUSEPORT 1u
 MOOR_API int moor_tcp_listen_opt(const char *host, int port, int backlog, unsigned flags);

@@ -732,6 +732,78 @@ static void test_threads_reuseport_spreads_connections(void **state)
     assert_int_equal(fiber_failed(), 0);
 }
 
+/* What docs/CORES.md says of closing one listener of a group: the connections queued on it
+ * are reset (unless the kernel migrates them, net.ipv4.tcp_migrate_req), the others' are
+ * still accepted. No executor: plain accept4 on the non-blocking listeners. */
+#define QUEUED 24
+
+static int migrate_req(void)
+{
+    FILE *f = fopen("/proc/sys/net/ipv4/tcp_migrate_req", "r");
+    int v = 0;
+    if (f) {
+        if (fscanf(f, "%d", &v) != 1)
+            v = 0;
+        fclose(f);
+    }
+    return v;
+}
+
+static void test_threads_reuseport_close_resets_only_its_queue(void **state)
+{
+    (void)state;
+    int a = moor_tcp_listen_opt("127.0.0.1", 0, 64, MOOR_TCP_REUSEPORT);
+    assert_true(a >= 0);
+    int port = moor_socket_port(a);
+    int b = moor_tcp_listen_opt("127.0.0.1", port, 64, MOOR_TCP_REUSEPORT);
+    assert_true(b >= 0);
+    struct sockaddr_in sin = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    int clients[QUEUED];
+    for (int k = 0; k < QUEUED; k++) {
+        clients[k] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        assert_true(clients[k] >= 0);
+        struct timeval tv = {.tv_sec = SAFETY_MS / 1000};
+        setsockopt(clients[k], SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        /* The handshake completes in the kernel: queued, not accepted. */
+        assert_int_equal(connect(clients[k], (struct sockaddr *)&sin, sizeof sin), 0);
+    }
+    assert_int_equal(moor_close(a), 0);
+    /* b's queue: accept and answer each. */
+    int on_b = 0;
+    for (;;) {
+        int c = accept4(b, NULL, NULL, SOCK_CLOEXEC);
+        if (c < 0) {
+            assert_true(errno == EAGAIN || errno == EWOULDBLOCK);
+            break;
+        }
+        assert_int_equal(write(c, "b", 1), 1);
+        close(c);
+        on_b++;
+    }
+    int answered = 0, reset = 0;
+    for (int k = 0; k < QUEUED; k++) {
+        char ch;
+        ssize_t n = read(clients[k], &ch, 1);
+        if (n == 1 && ch == 'b')
+            answered++;
+        else if (n < 0 && errno == ECONNRESET)
+            reset++;
+        close(clients[k]);
+    }
+    assert_int_equal(answered, on_b);
+    if (migrate_req()) {
+        print_message("net.ipv4.tcp_migrate_req is set: a's queue moved to b\n");
+        assert_int_equal(answered, QUEUED);
+    } else {
+        assert_int_equal(answered + reset, QUEUED);
+        /* Both queues had some: 24 on one side would be a 2^-23 chance. */
+        assert_true(reset > 0);
+        assert_true(answered > 0);
+    }
+    assert_int_equal(moor_close(b), 0);
+}
+
 static void test_threads_listen_opt_flags(void **state)
 {
     (void)state;
@@ -841,6 +913,7 @@ int main(void)
         TEST(test_threads_cross_thread_work_accounted),
         TEST(test_threads_hold_release_races_the_end),
         TEST(test_threads_reuseport_spreads_connections),
+        TEST(test_threads_reuseport_close_resets_only_its_queue),
         TEST(test_threads_listen_opt_flags),
         TEST(test_threads_local_object_from_another_thread_asserts),
     };
