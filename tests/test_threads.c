@@ -838,6 +838,91 @@ static void test_threads_listen_opt_flags(void **state)
     moor_close(e);
 }
 
+/* ---- a graceful stop on a signal, as docs/CORES.md describes ------------------------------ */
+
+typedef struct stop_run {
+    int fds[2];
+    int stopped;          /* atomic: the run returned */
+    int accept_end[2];    /* thread i only */
+    int signalled;        /* thread 0 only: what moor_signal_wait returned */
+    int spawn_errors;     /* thread 0 only */
+} stop_run;
+
+static intptr_t stop_listener(void *arg)
+{
+    stop_run *s = arg;
+    CHILD_REQUIRE(moor_close(s->fds[moor_thread_index()]) == 0);
+    return 0;
+}
+
+static intptr_t stop_on_signal(void *arg)
+{
+    stop_run *s = arg;
+    s->signalled = moor_signal_wait(SIGUSR1, moor_deadline_in(SAFETY_MS));
+    for (size_t j = 0; j < 2; j++)
+        if (moor_spawn_remote(moor_thread_executor(j), stop_listener, s) != 0)
+            s->spawn_errors++;
+    return 0;
+}
+
+static intptr_t stop_fn(void *arg)
+{
+    stop_run *s = arg;
+    int i = moor_thread_index();
+    if (i == 0)
+        CHILD_REQUIRE(moor_spawn(NULL, stop_on_signal, s, NULL) == 0);
+    for (;;) {
+        int c = moor_accept(s->fds[i], NULL, NULL, moor_deadline_in(SAFETY_MS));
+        if (c < 0) {
+            s->accept_end[i] = c;
+            return 0;
+        }
+        moor_close(c);
+    }
+}
+
+/* Until the run has stopped: a signal sent before the wait began is ignored (SIG_IGN). */
+static void *stop_raiser(void *arg)
+{
+    stop_run *s = arg;
+    while (!__atomic_load_n(&s->stopped, __ATOMIC_ACQUIRE)) {
+        kill(getpid(), SIGUSR1);
+        nanosleep(&(struct timespec){0, 5000000}, NULL);
+    }
+    return NULL;
+}
+
+static void stop_child(void *arg)
+{
+    (void)arg;
+    signal(SIGUSR1, SIG_IGN);
+    stop_run s = {.fds = {-1, -1}};
+    s.fds[0] = moor_tcp_listen_opt("127.0.0.1", 0, 16, MOOR_TCP_REUSEPORT);
+    CHILD_REQUIRE(s.fds[0] >= 0);
+    s.fds[1] = moor_tcp_listen_opt("127.0.0.1", moor_socket_port(s.fds[0]), 16,
+                                   MOOR_TCP_REUSEPORT);
+    CHILD_REQUIRE(s.fds[1] >= 0);
+    pthread_t raiser;
+    CHILD_REQUIRE(pthread_create(&raiser, NULL, stop_raiser, &s) == 0);
+    intptr_t results[2];
+    int rc = moor_threads_run(2, stop_fn, &s, NULL, results);
+    __atomic_store_n(&s.stopped, 1, __ATOMIC_RELEASE);
+    pthread_join(raiser, NULL);
+    CHILD_REQUIRE(rc == 0);
+    CHILD_REQUIRE(s.signalled == SIGUSR1);
+    CHILD_REQUIRE(s.spawn_errors == 0);
+    CHILD_REQUIRE(s.accept_end[0] == -EBADF);
+    CHILD_REQUIRE(s.accept_end[1] == -EBADF);
+}
+
+static void test_threads_stop_on_a_signal(void **state)
+{
+    (void)state;
+    child_report r;
+    child_run(stop_child, NULL, &r);
+    expect_child_ok(&r);
+}
+
 /* ---- a local-only object from another executor's thread ------------------------------------ */
 
 typedef struct misuse_run {
@@ -915,6 +1000,7 @@ int main(void)
         TEST(test_threads_reuseport_spreads_connections),
         TEST(test_threads_reuseport_close_resets_only_its_queue),
         TEST(test_threads_listen_opt_flags),
+        TEST(test_threads_stop_on_a_signal),
         TEST(test_threads_local_object_from_another_thread_asserts),
     };
     return RUN_TESTS(tests);
