@@ -274,6 +274,35 @@ static void test_threads_run_negative_results_are_not_errors(void **state)
 
 /* ---- deadlocks -------------------------------------------------------------------------------- */
 
+/* stderr into a temporary file while a run prints its deadlock dumps, so that the test
+ * checks them (and shows them in its log afterwards). */
+static FILE *capture_file;
+static int saved_stderr = -1;
+
+static void capture_begin(void)
+{
+    fflush(stderr);
+    capture_file = tmpfile();
+    assert_non_null(capture_file);
+    saved_stderr = dup(STDERR_FILENO);
+    assert_true(saved_stderr >= 0);
+    assert_true(dup2(fileno(capture_file), STDERR_FILENO) >= 0);
+}
+
+static const char *capture_end(void)
+{
+    static char text[65536];
+    fflush(stderr);
+    assert_true(dup2(saved_stderr, STDERR_FILENO) >= 0);
+    close(saved_stderr);
+    rewind(capture_file);
+    size_t n = fread(text, 1, sizeof text - 1, capture_file);
+    text[n] = '\0';
+    fclose(capture_file);
+    fputs(text, stderr);
+    return text;
+}
+
 typedef struct dead_run {
     int deadlock_mask;      /* the indices whose fn waits for ever */
     int fn_rc[MAX_THREADS]; /* what the wait returned there (thread i only) */
@@ -325,7 +354,15 @@ static void test_threads_run_deadlock_in_one_reported(void **state)
     (void)state;
     dead_run d = {.deadlock_mask = 1 << 1};
     intptr_t results[3];
-    assert_int_equal(moor_threads_run(3, dead_fn, &d, NULL, results), -EDEADLK);
+    capture_begin();
+    int rc = moor_threads_run(3, dead_fn, &d, NULL, results);
+    const char *err = capture_end();
+    assert_int_equal(rc, -EDEADLK);
+    /* The dump names the deadlocked thread's first fiber, and only that executor's. */
+    assert_non_null(strstr(err, "moor: deadlock"));
+    assert_non_null(strstr(err, "\"thread 1\" waiting on chan recv"));
+    assert_null(strstr(err, "\"thread 0\""));
+    assert_null(strstr(err, "\"thread 2\""));
     assert_int_equal(results[0], 0);
     assert_int_equal(results[1], -EDEADLK);
     assert_int_equal(results[2], 2);
@@ -343,7 +380,12 @@ static void test_threads_run_deadlock_everywhere_reported(void **state)
     (void)state;
     dead_run d = {.deadlock_mask = 3};
     intptr_t results[2];
-    assert_int_equal(moor_threads_run(2, dead_fn, &d, NULL, results), -EDEADLK);
+    capture_begin();
+    int rc = moor_threads_run(2, dead_fn, &d, NULL, results);
+    const char *err = capture_end();
+    assert_int_equal(rc, -EDEADLK);
+    assert_non_null(strstr(err, "\"thread 0\" waiting on chan recv"));
+    assert_non_null(strstr(err, "\"thread 1\" waiting on chan recv"));
     assert_int_equal(results[0], -EDEADLK);
     assert_int_equal(results[1], -EDEADLK);
     assert_int_equal(d.cleaned[0], 1);
