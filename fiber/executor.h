@@ -411,10 +411,13 @@ static inline void moor__fiber_resume(moor_executor *ex, moor_fiber *f)
 static inline moor__ctx *moor__fiber_next(moor_executor *ex)
 {
     moor_task *t = ex->run_head;
-    if (t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left &&
-        !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED)) {
+    if (__builtin_expect(t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left &&
+                             !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED),
+                         1)) {
         ex->handoffs_left--; /* counted as a switch when the run loop gets its turn */
-        moor__runq_pop(ex);
+        ex->run_head = t->next; /* moor__runq_pop, with t known to be the head */
+        if (!t->next)
+            ex->run_tail = NULL;
         t->state = MOOR__TASK_RUNNING;
         moor_fiber *next = (moor_fiber *)(void *)t; /* task is the first member */
         ex->current = next;
