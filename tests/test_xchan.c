@@ -460,11 +460,13 @@ static void test_xchan_deadlines(void **state)
 
 typedef struct race {
     moor_xchan *ch;
-    int n;                  /* values 0..n-1 */
+    int n;                  /* rounds at least; values 0..4n-1 */
     int stop;               /* atomic: the sender is done */
-    unsigned char *sent;    /* [n]: the send reported success */
-    unsigned char *got;     /* [n]: times received */
-    int sends_ok, recvs_ok, cancels, timeouts;
+    int started;            /* atomic: the receiver runs */
+    unsigned char *sent;    /* [4n]: the send reported success */
+    unsigned char *got;     /* [4n]: times received */
+    int sends_ok, recvs_ok;
+    int gave_up[2];         /* cancels and timeouts, of the receiver [0] and the sender [1] */
 } race;
 
 typedef struct race_op {
@@ -499,20 +501,22 @@ static intptr_t cancel_fn(void *arg)
 }
 
 /* One operation, with a deadline of 0-1 ms and a cancel after 0-3 yields: whichever comes
- * first, or the counterpart. */
+ * first, or the counterpart. One in eight waits 20 ms uncancelled, so that the two sides
+ * meet however the threads are scheduled. */
 static int race_one(race *r, race_op *op, unsigned seed)
 {
-    op->deadline = moor_now() + (int64_t)(seed % 2);
-    moor_fiber *f, *c;
+    int patient = seed % 8 == 0;
+    op->deadline = moor_now() + (patient ? 20 : (int64_t)(seed / 8 % 2));
+    moor_fiber *f, *c = NULL;
     FCHECK(moor_spawn(&f, race_op_fn, op, NULL) == 0);
-    canceller cc = {f, (int)(seed / 2 % 4)};
-    FCHECK(moor_spawn(&c, cancel_fn, &cc, NULL) == 0);
-    FCHECK(moor_join(c, NULL) == 0);
+    canceller cc = {f, (int)(seed / 16 % 4)};
+    if (!patient)
+        FCHECK(moor_spawn(&c, cancel_fn, &cc, NULL) == 0);
+    if (c)
+        FCHECK(moor_join(c, NULL) == 0);
     moor_join(f, NULL);
-    if (op->rc == -ECANCELED)
-        r->cancels++;
-    else if (op->rc == -ETIMEDOUT)
-        r->timeouts++;
+    if (op->rc == -ECANCELED || op->rc == -ETIMEDOUT)
+        r->gave_up[op->send]++;
     else
         FCHECK(op->rc == 0);
     return op->rc;
@@ -521,7 +525,10 @@ static int race_one(race *r, race_op *op, unsigned seed)
 static intptr_t race_sender(void *arg)
 {
     race *r = arg;
-    for (int i = 0; i < r->n; i++) {
+    while (!__atomic_load_n(&r->started, __ATOMIC_ACQUIRE))
+        sched_yield();
+    /* n rounds, and more (up to 4n) until a tenth of n got through. */
+    for (int i = 0; i < 4 * r->n && (i < r->n || r->sends_ok < r->n / 10); i++) {
         race_op op = {.r = r, .value = i, .send = 1};
         if (race_one(r, &op, (unsigned)i * 2654435761u >> 7) == 0) {
             r->sent[i] = 1;
@@ -536,12 +543,13 @@ static intptr_t race_receiver(void *arg)
 {
     race *r = arg;
     unsigned seed = 12345;
+    __atomic_store_n(&r->started, 1, __ATOMIC_RELEASE);
     while (!__atomic_load_n(&r->stop, __ATOMIC_ACQUIRE)) {
         race_op op = {.r = r, .value = -1, .send = 0};
         seed = seed * 1103515245u + 12345u;
         if (race_one(r, &op, seed >> 9) == 0) {
-            FCHECK(op.value >= 0 && op.value < r->n);
-            if (op.value >= 0 && op.value < r->n)
+            FCHECK(op.value >= 0 && op.value < 4 * r->n);
+            if (op.value >= 0 && op.value < 4 * r->n)
                 r->got[op.value]++;
             r->recvs_ok++;
         }
@@ -557,23 +565,24 @@ static intptr_t race_receiver(void *arg)
 
 static void race_run(size_t cap)
 {
-    race r = {.ch = xchan_new(sizeof(int), cap), .n = rounds(3000)};
-    r.sent = calloc((size_t)r.n, 1);
-    r.got = calloc((size_t)r.n, 1);
+    /* Each round spawns two fibers: under TSan a fiber costs about a millisecond. */
+    race r = {.ch = xchan_new(sizeof(int), cap), .n = UNDER_TSAN ? 250 : rounds(3000)};
+    r.sent = calloc(4 * (size_t)r.n, 1);
+    r.got = calloc(4 * (size_t)r.n, 1);
     assert_true(r.sent && r.got);
     ex_thread a, b;
     ex_thread_start(&a, race_sender, &r);
     ex_thread_start(&b, race_receiver, &r);
     ex_thread_join(&a);
     ex_thread_join(&b);
-    for (int i = 0; i < r.n; i++)
+    for (int i = 0; i < 4 * r.n; i++)
         assert_int_equal(r.got[i], r.sent[i]); /* received exactly once iff sent */
     assert_int_equal(r.sends_ok, r.recvs_ok);
     /* The race was run: some operations completed, some gave up (lower bounds only). */
     assert_true(r.sends_ok > 0);
-    assert_true(r.cancels + r.timeouts > 0);
-    print_message("capacity %zu: %d sent, %d cancels, %d timeouts\n", cap, r.sends_ok, r.cancels,
-                  r.timeouts);
+    assert_true(r.gave_up[0] + r.gave_up[1] > 0);
+    print_message("capacity %zu: %d sent; gave up: %d sends, %d receives\n", cap, r.sends_ok,
+                  r.gave_up[1], r.gave_up[0]);
     free(r.sent);
     free(r.got);
     moor_xchan_free(r.ch);
@@ -673,6 +682,460 @@ static void test_xchan_select_with_local(void **state)
     ex_free(ex);
 }
 
+/* Rounds of a select over the xchan and a local channel, both fed at about the same moment:
+ * whichever wins, the other's value stays where it was, to be taken by a later round. The
+ * sender on the other thread sends plainly, or (capacity 1) through a select of its own that
+ * gives up now and then and sends the same value again. */
+typedef struct sel_race {
+    moor_xchan *xc;
+    int n;
+    int sender_selects;
+    unsigned char *got;
+    int retries;
+} sel_race;
+
+static intptr_t sel_race_sender(void *arg)
+{
+    sel_race *r = arg;
+    for (int i = 0; i < r->n; i++) {
+        if (!r->sender_selects) {
+            FCHECK(moor_xchan_send(r->xc, &i, -1) == 0);
+            continue;
+        }
+        for (;;) {
+            moor_xchan_future xf;
+            moor_sleep_future sf;
+            moor_xchan_send_init(&xf, r->xc, &i, -1);
+            moor_sleep_init(&sf, moor_deadline_in(1 + i % 2));
+            moor_future *futs[] = {&xf.base, &sf.base};
+            int w = moor_select(futs, 2, -1);
+            if (w == 0) {
+                FCHECK(xf.base.result == 0);
+                break;
+            }
+            FCHECK(w == 1);
+            r->retries++;
+        }
+    }
+    moor_xchan_close(r->xc);
+    return 0;
+}
+
+typedef struct local_feed {
+    moor_chan *lc;
+    int stop;
+    int sent;
+} local_feed;
+
+static intptr_t local_feeder(void *arg)
+{
+    local_feed *lf = arg;
+    int i = 0;
+    while (!lf->stop) {
+        for (int k = 0; k < i % 3; k++)
+            moor_yield();
+        if (moor_chan_send(lf->lc, &i, -1) != 0)
+            break;
+        lf->sent++;
+        i++;
+    }
+    return 0;
+}
+
+static void sel_race_run(size_t cap, int sender_selects)
+{
+    moor_executor *ex = ex_new();
+    sel_race r = {.xc = xchan_new(sizeof(int), cap), .n = rounds(2000),
+                  .sender_selects = sender_selects};
+    r.got = calloc((size_t)r.n, 1);
+    assert_non_null(r.got);
+    local_feed lf = {.stop = 0};
+    assert_int_equal(moor_chan_new(&lf.lc, sizeof(int), 1), 0);
+    moor_fiber *feeder;
+    assert_int_equal(moor_spawn(&feeder, local_feeder, &lf, NULL), 0);
+    ex_thread t;
+    ex_thread_start(&t, sel_race_sender, &r);
+    int xv, lv, local_got = 0, xchan_got = 0;
+    for (;;) {
+        moor_xchan_future xf;
+        moor_chan_future cf;
+        xv = -1;
+        moor_xchan_recv_init(&xf, r.xc, &xv, -1);
+        moor_chan_recv_init(&cf, lf.lc, &lv, -1);
+        moor_future *futs[] = {&xf.base, &cf.base};
+        int w = moor_select(futs, 2, moor_deadline_in(SAFETY_MS));
+        assert_true(w == 0 || w == 1);
+        if (w == 1) {
+            assert_int_equal(cf.base.result, 0);
+            local_got++;
+            continue;
+        }
+        if (xf.base.result == -EPIPE)
+            break;
+        assert_int_equal(xf.base.result, 0);
+        assert_in_range(xv, 0, r.n - 1);
+        r.got[xv]++;
+        xchan_got++;
+    }
+    ex_thread_join(&t);
+    lf.stop = 1;
+    while (moor_chan_try_recv(lf.lc, &lv) == 0) /* the feeder's last ones */
+        local_got++;
+    moor_chan_close(lf.lc);
+    assert_int_equal(moor_join(feeder, NULL), 0);
+    while (moor_chan_try_recv(lf.lc, &lv) == 0)
+        local_got++;
+    assert_int_equal(local_got, lf.sent);
+    assert_int_equal(xchan_got, r.n);
+    for (int i = 0; i < r.n; i++)
+        assert_int_equal(r.got[i], 1);
+    print_message("capacity %zu%s: %d local wins, %d sender retries\n", cap,
+                  sender_selects ? ", sender in a select" : "", local_got, r.retries);
+    moor_chan_free(lf.lc);
+    moor_xchan_free(r.xc);
+    free(r.got);
+    ex_free(ex);
+}
+
+static void test_xchan_select_races(void **state)
+{
+    (void)state;
+    sel_race_run(0, 0);
+    sel_race_run(1, 0);
+    sel_race_run(1, 1);
+}
+
+/* Two selects of one executor meet over a rendezvous channel (each claims the other's select
+ * on its own thread); a select never pairs its own send with its own receive. */
+typedef struct sel_pair {
+    moor_xchan *xc;
+    int send;
+    int value;
+    int winner;
+} sel_pair;
+
+static intptr_t sel_pair_fn(void *arg)
+{
+    sel_pair *p = arg;
+    moor_xchan_future xf;
+    moor_sleep_future sf;
+    if (p->send)
+        moor_xchan_send_init(&xf, p->xc, &p->value, -1);
+    else
+        moor_xchan_recv_init(&xf, p->xc, &p->value, -1);
+    moor_sleep_init(&sf, moor_deadline_in(SAFETY_MS));
+    moor_future *futs[] = {&xf.base, &sf.base};
+    p->winner = moor_select(futs, 2, -1);
+    FCHECK(xf.base.result == 0);
+    return 0;
+}
+
+static void test_xchan_select_same_executor(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_xchan *xc = xchan_new(sizeof(int), 0);
+    sel_pair rx = {xc, 0, -1, -1}, tx = {xc, 1, 77, -1};
+    moor_fiber *a, *b;
+    assert_int_equal(moor_spawn(&a, sel_pair_fn, &rx, NULL), 0);
+    assert_int_equal(moor_spawn(&b, sel_pair_fn, &tx, NULL), 0);
+    assert_int_equal(moor_join(a, NULL), 0);
+    assert_int_equal(moor_join(b, NULL), 0);
+    assert_int_equal(rx.winner, 0);
+    assert_int_equal(tx.winner, 0);
+    assert_int_equal(rx.value, 77);
+    /* Its own send and receive in one select: they do not pair, the deadline ends it. */
+    int out = 5, in = -1;
+    moor_xchan_future sf, rf;
+    moor_xchan_send_init(&sf, xc, &out, -1);
+    moor_xchan_recv_init(&rf, xc, &in, -1);
+    moor_future *futs[] = {&sf.base, &rf.base};
+    assert_int_equal(moor_select(futs, 2, moor_deadline_in(WAIT_MS)), -ETIMEDOUT);
+    assert_int_equal(in, -1);
+    assert_int_equal(moor_xchan_try_recv(xc, &in), -EAGAIN); /* nothing left queued */
+    moor_xchan_free(xc);
+    ex_free(ex);
+}
+
+/* ---- values of any size ------------------------------------------------------------------------ */
+
+typedef struct big {
+    uint32_t seq;
+    unsigned char bytes[300];
+    uint32_t sum;
+} big;
+
+static intptr_t big_sender(void *arg)
+{
+    for (uint32_t i = 0; i < 500; i++) {
+        big b = {.seq = i, .sum = 0};
+        for (size_t k = 0; k < sizeof b.bytes; k++) {
+            b.bytes[k] = (unsigned char)(i * 31 + k);
+            b.sum += b.bytes[k];
+        }
+        FCHECK(moor_xchan_send(arg, &b, -1) == 0);
+    }
+    moor_xchan_close(arg);
+    return 0;
+}
+
+static void test_xchan_large_values(void **state)
+{
+    (void)state;
+    moor_xchan *ch = xchan_new(sizeof(big), 3);
+    ex_thread t;
+    ex_thread_start(&t, big_sender, ch);
+    moor_executor *ex = ex_new();
+    big b;
+    uint32_t n = 0;
+    while (moor_xchan_recv(ch, &b, -1) == 0) {
+        uint32_t sum = 0;
+        for (size_t k = 0; k < sizeof b.bytes; k++)
+            sum += b.bytes[k];
+        assert_int_equal(b.seq, n);
+        assert_int_equal(sum, b.sum);
+        n++;
+    }
+    assert_int_equal(n, 500);
+    ex_thread_join(&t);
+    ex_free(ex);
+    moor_xchan_free(ch);
+}
+
+/* ---- the executors and the channel's lifetime ---------------------------------------------------- */
+
+static intptr_t send_three(void *arg)
+{
+    for (int i = 0; i < 3; i++)
+        FCHECK(moor_xchan_send(arg, &i, -1) == 0);
+    return 0;
+}
+
+/* The executor that made and fed the channel is freed (its thread gone); another uses it on. */
+static void test_xchan_outlives_executor(void **state)
+{
+    (void)state;
+    moor_xchan *ch = xchan_new(sizeof(int), 4);
+    ex_thread t;
+    ex_thread_start(&t, send_three, ch);
+    ex_thread_join(&t);
+    moor_executor *ex = ex_new();
+    for (int i = 0; i < 3; i++) {
+        int v = -1;
+        assert_int_equal(moor_xchan_recv(ch, &v, -1), 0);
+        assert_int_equal(v, i);
+    }
+    int v;
+    assert_int_equal(moor_xchan_recv(ch, &v, moor_deadline_in(1)), -ETIMEDOUT);
+    moor_xchan_close(ch);
+    ex_free(ex);
+    moor_xchan_free(ch); /* from a thread without an executor now */
+}
+
+/* A counterpart completes a wait just as the waiter's deadline passes, and the waiter's
+ * executor is freed at once, its thread gone: the counterpart's wake (made after it releases
+ * the channel's lock) may land on a freed executor, or on the next round's executor that
+ * recycled its memory. It must wake nothing, and the value is received iff the send said so. */
+typedef struct late {
+    moor_xchan *ch;
+    int plain;   /* wait from plain code (moor_block_on) rather than a fiber */
+    int rc;
+    int value;
+    int done;    /* atomic */
+} late;
+
+static void *late_waiter(void *arg)
+{
+    late *l = arg;
+    moor_executor *ex = NULL;
+    FCHECK(moor_executor_new(&ex, NULL) == 0);
+    l->value = -1;
+    if (l->plain) {
+        l->rc = moor_xchan_recv(l->ch, &l->value, moor_deadline_in(1));
+    } else {
+        race_op op = {.value = -1, .send = 0, .deadline = moor_deadline_in(1)};
+        race r = {.ch = l->ch};
+        op.r = &r;
+        moor_fiber *f;
+        FCHECK(moor_spawn(&f, race_op_fn, &op, NULL) == 0);
+        FCHECK(moor_join(f, NULL) == 0);
+        l->rc = op.rc;
+        l->value = op.value;
+    }
+    moor_executor_free(ex);
+    __atomic_store_n(&l->done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+static void test_xchan_wake_after_executor_freed(void **state)
+{
+    (void)state;
+    int n = rounds(400), received = 0;
+    for (int i = 0; i < n; i++) {
+        late l = {.ch = xchan_new(sizeof(int), 0), .plain = i % 2};
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, late_waiter, &l), 0);
+        int sent = 0;
+        while (!__atomic_load_n(&l.done, __ATOMIC_ACQUIRE))
+            if (moor_xchan_try_send(l.ch, &i) == 0) {
+                sent = 1;
+                break;
+            }
+        assert_int_equal(pthread_join(t, NULL), 0);
+        if (sent) {
+            assert_int_equal(l.rc, 0);
+            assert_int_equal(l.value, i);
+            received++;
+        } else {
+            assert_int_equal(l.rc, -ETIMEDOUT);
+        }
+        moor_xchan_free(l.ch);
+    }
+    print_message("%d of %d rounds received\n", received, n);
+}
+
+/* A wait on an xchan is not a deadlock: another thread may end it. */
+static intptr_t dump_then_return(void *arg)
+{
+    moor_dump(arg);
+    return 0;
+}
+
+static intptr_t lone_receiver(void *arg)
+{
+    int v = -1;
+    FCHECK(moor_xchan_recv(arg, &v, -1) == 0);
+    return v;
+}
+
+static intptr_t late_sender(void *arg)
+{
+    moor_sleep(moor_deadline_in(WAIT_MS));
+    int v = 99;
+    FCHECK(moor_xchan_send(arg, &v, -1) == 0);
+    return 0;
+}
+
+static void test_xchan_wait_is_not_deadlock(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_xchan *ch = xchan_new(sizeof(int), 0);
+    char *text = NULL;
+    size_t len = 0;
+    FILE *out = open_memstream(&text, &len);
+    assert_non_null(out);
+    moor_fiber *rx, *dumper;
+    assert_int_equal(moor_spawn(&rx, lone_receiver, ch, NULL), 0);
+    assert_int_equal(moor_spawn(&dumper, dump_then_return, out, NULL), 0);
+    ex_thread t;
+    ex_thread_start(&t, late_sender, ch);
+    assert_int_equal(moor_executor_run(ex), 0); /* not -EDEADLK while the receiver waits */
+    intptr_t v = 0;
+    assert_int_equal(moor_join(rx, &v), 0);
+    assert_int_equal(v, 99);
+    assert_int_equal(moor_join(dumper, NULL), 0);
+    ex_thread_join(&t);
+    fclose(out);
+    assert_non_null(strstr(text, "waiting on xchan recv 0x"));
+    free(text);
+    moor_xchan_free(ch);
+    ex_free(ex);
+}
+
+/* ---- misuse, in forked children ---------------------------------------------------------------- */
+
+static intptr_t free_it(void *arg)
+{
+    moor_xchan_free(arg);
+    return 0;
+}
+
+static void child_free_with_waiter(void *arg)
+{
+    (void)arg;
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    moor_xchan *ch;
+    CHILD_REQUIRE(moor_xchan_new(&ch, sizeof(int), 0) == 0);
+    moor_fiber *a, *b;
+    CHILD_REQUIRE(moor_spawn(&a, lone_receiver, ch, NULL) == 0);
+    CHILD_REQUIRE(moor_spawn(&b, free_it, ch, NULL) == 0); /* runs once a waits */
+    moor_executor_run(ex);
+}
+
+static void child_close_twice(void *arg)
+{
+    (void)arg;
+    moor_xchan *ch;
+    CHILD_REQUIRE(moor_xchan_new(&ch, sizeof(int), 0) == 0);
+    moor_xchan_close(ch);
+    moor_xchan_close(ch);
+}
+
+static void child_wait_without_executor(void *arg)
+{
+    (void)arg;
+    moor_xchan *ch;
+    CHILD_REQUIRE(moor_xchan_new(&ch, sizeof(int), 0) == 0);
+    int v;
+    moor_xchan_recv(ch, &v, -1);
+}
+
+static void child_executor_freed_while_waiting(void *arg)
+{
+    (void)arg;
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    moor_xchan *ch;
+    CHILD_REQUIRE(moor_xchan_new(&ch, sizeof(int), 0) == 0);
+    moor_fiber *a;
+    CHILD_REQUIRE(moor_spawn(&a, lone_receiver, ch, NULL) == 0);
+    CHILD_REQUIRE(moor_sleep(moor_deadline_in(1)) == 0); /* a runs, and waits */
+    moor_executor_free(ex);
+}
+
+static void *cancel_elsewhere(void *arg)
+{
+    moor_executor *ex;
+    if (moor_executor_new(&ex, NULL) == 0)
+        moor_future_cancel(arg);
+    return NULL;
+}
+
+static void child_future_on_two_threads(void *arg)
+{
+    (void)arg;
+    moor_executor *ex;
+    CHILD_REQUIRE(moor_executor_new(&ex, NULL) == 0);
+    moor_xchan *ch;
+    CHILD_REQUIRE(moor_xchan_new(&ch, sizeof(int), 0) == 0);
+    int v;
+    moor_xchan_future op;
+    moor_xchan_recv_init(&op, ch, &v, -1);
+    CHILD_REQUIRE(moor_spawn_future(&op.base) == 0);
+    CHILD_REQUIRE(moor_sleep(moor_deadline_in(1)) == 0); /* polled once: pending */
+    pthread_t t;
+    CHILD_REQUIRE(pthread_create(&t, NULL, cancel_elsewhere, &op.base) == 0);
+    pthread_join(t, NULL);
+}
+
+static void test_xchan_misuse(void **state)
+{
+    (void)state;
+    child_report r;
+    child_run(child_free_with_waiter, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "moor_xchan_free: an operation still waits on the channel");
+    child_run(child_close_twice, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "moor_xchan_close: the channel is already closed");
+    child_run(child_wait_without_executor, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "moor_xchan_recv: would wait on a thread without an executor");
+    child_run(child_executor_freed_while_waiting, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "moor_executor_free: 1 task(s) still pending");
+    child_run(child_future_on_two_threads, NULL, &r);
+    expect_child_signal(&r, SIGABRT, "moor_xchan recv future cancelled on another thread");
+}
+
 int main(void)
 {
     child_signals_save();
@@ -688,6 +1151,13 @@ int main(void)
         TEST(test_xchan_deadlines),
         TEST(test_xchan_cancel_races_counterpart),
         TEST(test_xchan_select_with_local),
+        TEST(test_xchan_select_races),
+        TEST(test_xchan_select_same_executor),
+        TEST(test_xchan_large_values),
+        TEST(test_xchan_outlives_executor),
+        TEST(test_xchan_wake_after_executor_freed),
+        TEST(test_xchan_wait_is_not_deadlock),
+        TEST(test_xchan_misuse),
     };
     return RUN_TESTS(tests);
 }
