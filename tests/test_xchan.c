@@ -421,6 +421,81 @@ static void test_xchan_full_then_drained(void **state)
     moor_xchan_free(ch);
 }
 
+/* ---- FIFO among waiters of different executors ---------------------------------------------- */
+
+typedef struct queued_op {
+    moor_xchan *ch;
+    int send;
+    int value;   /* to send, or received */
+    int rc;
+    int *waiting; /* atomic: raised once this one waits */
+} queued_op;
+
+static intptr_t queued_op_fn(void *arg)
+{
+    queued_op *q = arg;
+    q->rc = q->send ? moor_xchan_send(q->ch, &q->value, moor_deadline_in(SAFETY_MS))
+                    : moor_xchan_recv(q->ch, &q->value, moor_deadline_in(SAFETY_MS));
+    return 0;
+}
+
+static intptr_t raise_waiting(void *arg)
+{
+    __atomic_add_fetch(((queued_op *)arg)->waiting, 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Its operation first, then (once it waits) the flag: the run queue is FIFO. */
+static intptr_t queued_thread(void *arg)
+{
+    moor_fiber *a, *b;
+    FCHECK(moor_spawn(&a, queued_op_fn, arg, NULL) == 0);
+    FCHECK(moor_spawn(&b, raise_waiting, arg, NULL) == 0);
+    FCHECK(moor_join(a, NULL) == 0);
+    FCHECK(moor_join(b, NULL) == 0);
+    return 0;
+}
+
+/* Three executors queue one after the other (each starts once the one before waits); the
+ * counterpart, on a fourth thread, serves them in that order. */
+static void fifo_across(int send)
+{
+    moor_xchan *ch = xchan_new(sizeof(int), 0);
+    int waiting = 0;
+    queued_op q[3];
+    ex_thread t[3];
+    for (int i = 0; i < 3; i++) {
+        q[i] = (queued_op){ch, send, send ? i : -1, -1, &waiting};
+        ex_thread_start(&t[i], queued_thread, &q[i]);
+        assert_true(wait_count(&waiting, i + 1));
+    }
+    moor_executor *ex = ex_new();
+    for (int i = 0; i < 3; i++) {
+        int v = i;
+        if (send) {
+            assert_int_equal(moor_xchan_recv(ch, &v, moor_deadline_in(SAFETY_MS)), 0);
+            assert_int_equal(v, i);
+        } else {
+            assert_int_equal(moor_xchan_send(ch, &v, moor_deadline_in(SAFETY_MS)), 0);
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        ex_thread_join(&t[i]);
+        assert_int_equal(q[i].rc, 0);
+        if (!send)
+            assert_int_equal(q[i].value, i);
+    }
+    ex_free(ex);
+    moor_xchan_free(ch);
+}
+
+static void test_xchan_fifo_across_executors(void **state)
+{
+    (void)state;
+    fifo_across(0);
+    fifo_across(1);
+}
+
 /* ---- deadlines ------------------------------------------------------------------------------ */
 
 static void test_xchan_deadlines(void **state)
@@ -619,6 +694,13 @@ static intptr_t receive_one(void *arg)
     return v;
 }
 
+static intptr_t local_send_one(void *arg)
+{
+    int one = 1;
+    FCHECK(moor_chan_send(arg, &one, -1) == 0);
+    return 0;
+}
+
 static void test_xchan_select_with_local(void **state)
 {
     (void)state;
@@ -645,19 +727,22 @@ static void test_xchan_select_with_local(void **state)
     ex_thread_join(&t);
     assert_int_equal(d.rc, 0);
 
-    /* 2. The local channel wins; the xchan receive is cancelled and takes nothing: the
-     * other thread's send (a rendezvous) is still waiting for a receiver, then gets one. */
-    d = (delayed_send){xc, 42, 0, -1};
+    /* 2. The local channel wins while the xchan receive waits (a fiber of this executor sends
+     * once the select waits); the xchan receive is cancelled and takes nothing: the other
+     * thread's send (a rendezvous), made after, waits for a receiver, then gets one. */
     int one = 1;
-    assert_int_equal(moor_chan_try_send(lc, &one), 0);
-    ex_thread_start(&t, delayed_sender, &d);
+    moor_fiber *local;
+    assert_int_equal(moor_spawn(&local, local_send_one, lc, NULL), 0);
     moor_xchan_recv_init(&xf, xc, &xv, -1);
     moor_chan_recv_init(&lf, lc, &lv, -1);
     moor_sleep_init(&sf, moor_deadline_in(SAFETY_MS));
     xv = -1;
     assert_int_equal(moor_select(futs, 3, -1), 1);
-    assert_int_equal(lv, 1);
+    assert_int_equal(moor_join(local, NULL), 0);
+    assert_int_equal(lv, one);
     assert_int_equal(xv, -1);
+    d = (delayed_send){xc, 42, 0, -1};
+    ex_thread_start(&t, delayed_sender, &d);
     assert_int_equal(moor_xchan_recv(xc, &xv, moor_deadline_in(SAFETY_MS)), 0);
     assert_int_equal(xv, 42);
     ex_thread_join(&t);
@@ -1148,6 +1233,7 @@ int main(void)
         TEST(test_xchan_close_wakes_receivers),
         TEST(test_xchan_close_wakes_senders),
         TEST(test_xchan_full_then_drained),
+        TEST(test_xchan_fifo_across_executors),
         TEST(test_xchan_deadlines),
         TEST(test_xchan_cancel_races_counterpart),
         TEST(test_xchan_select_with_local),
