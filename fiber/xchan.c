@@ -417,13 +417,21 @@ void moor_xchan_recv_init(moor_xchan_future *op, moor_xchan *ch, void *elem, int
 
 /* ---- the calls --------------------------------------------------------------------------- */
 
-/* A send or receive that has to wait: await its future (a fiber), or run the executor on it
- * (plain code). The future tries again first: the state may have changed meanwhile. */
-static int wait_op(moor_xchan *ch, void *elem, int64_t deadline, int send)
+/* A send or receive: its future, awaited (a fiber) or run by the executor (plain code); the
+ * future's first poll tries before it waits, so a call that need not wait takes the lock
+ * once. A thread without an executor can only try. */
+static int op_call(moor_xchan *ch, void *elem, int64_t deadline, int send)
 {
-    moor__assert(moor__tls_executor, "moor_xchan_%s: would wait on a thread without an "
-                                     "executor (use moor_xchan_try_%s there, or make one)",
-                 send ? "send" : "recv", send ? "send" : "recv");
+    if (__builtin_expect(!moor__tls_executor, 0)) {
+        wakes ws = {0};
+        pthread_mutex_lock(&ch->lock);
+        int rc = send ? try_send(ch, elem, NULL, &ws) : try_recv(ch, elem, NULL, &ws);
+        unlock_and_wake(ch, &ws);
+        moor__assert(rc != -EAGAIN, "moor_xchan_%s: would wait on a thread without an executor "
+                                    "(use moor_xchan_try_%s there, or make one)",
+                     send ? "send" : "recv", send ? "send" : "recv");
+        return rc;
+    }
     moor_xchan_future op;
     op_init(&op, ch, elem, deadline, send);
     return (int)moor__wait(&op.base);
@@ -431,24 +439,10 @@ static int wait_op(moor_xchan *ch, void *elem, int64_t deadline, int send)
 
 int moor_xchan_send(moor_xchan *ch, const void *elem, int64_t deadline)
 {
-    wakes ws = {0};
-    pthread_mutex_lock(&ch->lock);
-    int rc = try_send(ch, elem, NULL, &ws);
-    unlock_and_wake(ch, &ws);
-    if (rc == -EAGAIN)
-        return wait_op(ch, (void *)elem, deadline, 1);
-    moor__coop_spend();
-    return rc;
+    return op_call(ch, (void *)elem, deadline, 1);
 }
 
 int moor_xchan_recv(moor_xchan *ch, void *elem, int64_t deadline)
 {
-    wakes ws = {0};
-    pthread_mutex_lock(&ch->lock);
-    int rc = try_recv(ch, elem, NULL, &ws);
-    unlock_and_wake(ch, &ws);
-    if (rc == -EAGAIN)
-        return wait_op(ch, elem, deadline, 0);
-    moor__coop_spend();
-    return rc;
+    return op_call(ch, elem, deadline, 0);
 }

@@ -14,10 +14,21 @@
  *   xchan_local_round_trip_ns       the same over two moor_xchan, both fibers on one executor
  *   xchan_round_trip_ns             the same over two moor_xchan, the fibers on two executors
  *                                   on two threads: each hop a wake of the other thread
- *   raw_scaling_ratio               the reference: a loop of register arithmetic that shares
- *                                   nothing, on one thread and on two at once. Below 1.8 the
- *                                   machine did not give this program two cores (other work,
- *                                   SMT siblings): read cores_scaling_ratio beside it
+ *   raw_thread_round_trip_ns        the reference of xchan_round_trip_ns: two plain threads
+ *                                   ping-pong a turn under a mutex, each waiting on a condition
+ *                                   variable of its own (the plain driver parks the same way)
+ *   xchan_vs_raw_thread_ratio       xchan_round_trip_ns over it
+ *   raw_scaling_ratio               the first reference of cores_scaling_ratio: a loop of
+ *                                   register arithmetic that shares nothing, on one thread and
+ *                                   on two at once. Below 1.8 the machine did not give this
+ *                                   program two cores (other work)
+ *   raw_jump_scaling_ratio          the second: raw jump_fcontext round trips on a stack of each
+ *                                   thread's own (no moor at all), on one thread and on two.
+ *                                   A switch loop leans on what two hardware threads of one
+ *                                   core share (load/store units, predictors, L1), which the
+ *                                   register loop does not: where the two CPUs are SMT
+ *                                   siblings (a VM's vCPUs may be, whatever it reports), this
+ *                                   one stays low too, and cores_scaling_ratio cannot exceed it
  *
  * Each figure is the median of REPS repetitions after a warm-up round; a round measures every
  * figure once, so a noisy stretch of the machine hits them all alike. The two-executor figures
@@ -34,8 +45,11 @@
 #include <string.h>
 #include <time.h>
 
+#include <sys/mman.h>
+
 #define BENCH_NAME "bench_cores"
 #include "bench.h"
+#include "fiber/fcontext.h"
 #include "moor.h"
 
 /* Its targets are upper bounds; this program's (a scaling ratio) is a lower one. */
@@ -50,14 +64,15 @@ static void bench_print_targets(const struct bench_ratio *ratios, size_t nratios
 #define XCHAN_N 30000u
 
 #define SPIN_N 20000000u
+#define RAW_XTHREAD_N 30000u
 
 enum { F_YIELD_1, F_YIELD_2, F_SPAWN_1, F_SPAWN_2, F_CHAN, F_XCHAN_LOCAL, F_XCHAN, F_SPIN_1,
-       F_SPIN_2, NFIG };
+       F_SPIN_2, F_RAW_XTHREAD, F_JUMP_1, F_JUMP_2, NFIG };
 
 static const char *const table_keys[NFIG] = {
     "yield_1_executor", "yield_2_executors", "spawn_join_1_executor", "spawn_join_2_executors",
     "chan_round_trip",  "xchan_local_round_trip", "xchan_round_trip", "spin_1_thread",
-    "spin_2_threads",
+    "spin_2_threads",   "raw_thread_round_trip", "raw_jump_1_thread", "raw_jump_2_threads",
 };
 
 static moor_executor *executor_begin(void)
@@ -76,7 +91,8 @@ struct share {
     pthread_barrier_t *start; /* every executor has warmed up: the timed part begins */
     uint64_t warm, n;
     int spawn;                /* spawn + join rather than yield */
-    int spin;                 /* no executor: the register loop of raw_scaling_ratio */
+    int spin;                 /* no executor: 1 the register loop of raw_scaling_ratio, 2 the
+                                 raw switches of raw_jump_scaling_ratio */
     uint64_t t0, t1;
 };
 
@@ -143,9 +159,39 @@ static uint64_t spin(uint64_t x, uint64_t n)
 
 static volatile uint64_t spin_sink;
 
+/* The other side of a raw switch: jump straight back, for ever. */
+static void raw_bounce(transfer_t t)
+{
+    for (;;)
+        t = jump_fcontext(t.fctx, NULL);
+}
+
+#define RAW_STACK (64u * 1024u)
+
+static void raw_jumps(struct share *s)
+{
+    void *stack = mmap(NULL, RAW_STACK, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED)
+        die("mmap of a raw context's stack failed");
+    fcontext_t ctx = make_fcontext((char *)stack + RAW_STACK, RAW_STACK, raw_bounce);
+    for (uint64_t i = 0; i < s->warm; i++)
+        ctx = jump_fcontext(ctx, NULL).fctx;
+    pthread_barrier_wait(s->start);
+    s->t0 = now_ns();
+    for (uint64_t i = 0; i < s->n; i++)
+        ctx = jump_fcontext(ctx, NULL).fctx;
+    s->t1 = now_ns();
+    munmap(stack, RAW_STACK); /* the bouncer is abandoned mid-loop: it owns nothing */
+}
+
 static void *share_main(void *arg)
 {
     struct share *s = arg;
+    if (s->spin == 2) {
+        raw_jumps(s);
+        return NULL;
+    }
     if (s->spin) {
         uint64_t x = spin(88172645463325252ull, s->warm);
         pthread_barrier_wait(s->start);
@@ -300,6 +346,52 @@ static uint64_t bench_pingpong(int kind, uint64_t n)
     return ps_per_op(pp.t0, pp.t1, n);
 }
 
+/* ---- raw_thread_round_trip_ns: two threads, a mutex and two condition variables --------- */
+
+struct turns {
+    pthread_mutex_t lock;
+    pthread_cond_t cond[2];
+    int turn;    /* whose turn: 0 or 1 */
+    uint64_t n;  /* round trips */
+};
+
+static void take_turns(struct turns *t, int me)
+{
+    pthread_mutex_lock(&t->lock);
+    for (uint64_t i = 0; i < t->n; i++) {
+        while (t->turn != me)
+            pthread_cond_wait(&t->cond[me], &t->lock);
+        t->turn = 1 - me;
+        pthread_cond_signal(&t->cond[1 - me]);
+    }
+    pthread_mutex_unlock(&t->lock);
+}
+
+static void *turn_taker(void *arg)
+{
+    take_turns(arg, 1);
+    return NULL;
+}
+
+static uint64_t bench_raw_thread(uint64_t n)
+{
+    struct turns t = {.turn = 0, .n = n};
+    pthread_mutex_init(&t.lock, NULL);
+    pthread_cond_init(&t.cond[0], NULL);
+    pthread_cond_init(&t.cond[1], NULL);
+    pthread_t other;
+    if (pthread_create(&other, NULL, turn_taker, &t) != 0)
+        die("pthread_create");
+    uint64_t t0 = now_ns();
+    take_turns(&t, 0);
+    uint64_t t1 = now_ns();
+    pthread_join(other, NULL);
+    pthread_mutex_destroy(&t.lock);
+    pthread_cond_destroy(&t.cond[0]);
+    pthread_cond_destroy(&t.cond[1]);
+    return ps_per_op(t0, t1, n);
+}
+
 /* ---- main ------------------------------------------------------------------------------ */
 
 static uint64_t iters[NFIG];
@@ -309,6 +401,8 @@ static void round_fn(uint64_t *r, void *ctx)
     (void)ctx;
     r[F_SPIN_1] = bench_shares(1, 0, 1, iters[F_SPIN_1]);
     r[F_SPIN_2] = bench_shares(2, 0, 1, iters[F_SPIN_2]);
+    r[F_JUMP_1] = bench_shares(1, 0, 2, iters[F_JUMP_1]);
+    r[F_JUMP_2] = bench_shares(2, 0, 2, iters[F_JUMP_2]);
     r[F_YIELD_1] = bench_shares(1, 0, 0, iters[F_YIELD_1]);
     r[F_YIELD_2] = bench_shares(2, 0, 0, iters[F_YIELD_2]);
     r[F_SPAWN_1] = bench_shares(1, 1, 0, iters[F_SPAWN_1]);
@@ -316,6 +410,7 @@ static void round_fn(uint64_t *r, void *ctx)
     r[F_CHAN] = bench_pingpong(0, iters[F_CHAN]);
     r[F_XCHAN_LOCAL] = bench_pingpong(1, iters[F_XCHAN_LOCAL]);
     r[F_XCHAN] = bench_pingpong(2, iters[F_XCHAN]);
+    r[F_RAW_XTHREAD] = bench_raw_thread(iters[F_RAW_XTHREAD]);
 }
 
 static ull per_s(uint64_t ps_per_op_)
@@ -333,6 +428,8 @@ int main(int argc, char **argv)
     iters[F_XCHAN_LOCAL] = scaled(XCHAN_LOCAL_N, scale);
     iters[F_XCHAN] = scaled(XCHAN_N, scale);
     iters[F_SPIN_1] = iters[F_SPIN_2] = scaled(SPIN_N, scale);
+    iters[F_RAW_XTHREAD] = scaled(RAW_XTHREAD_N, scale);
+    iters[F_JUMP_1] = iters[F_JUMP_2] = scaled(YIELD_N, scale);
     feclearexcept(FE_ALL_EXCEPT);
 
     struct stats st[NFIG];
@@ -354,6 +451,8 @@ int main(int argc, char **argv)
                                                       : fmt_ratio(b, sizeof b, rs_num, rs_den));
     printf("raw_scaling_ratio: %s x\n",
            fmt_ratio(b, sizeof b, st[F_SPIN_1].median, st[F_SPIN_2].median));
+    printf("raw_jump_scaling_ratio: %s x\n",
+           fmt_ratio(b, sizeof b, st[F_JUMP_1].median, st[F_JUMP_2].median));
     static const char *const trip_keys[] = {"chan_round_trip_ns", "xchan_local_round_trip_ns",
                                             "xchan_round_trip_ns"};
     static const struct bench_ratio trip_ratios[] = {
@@ -361,6 +460,9 @@ int main(int argc, char **argv)
         {"xchan_vs_chan_ratio", 2, 0, 0, ""},
     };
     bench_print_keys(trip_keys, &st[F_CHAN], 3, trip_ratios, 2);
+    printf("raw_thread_round_trip_ns: %s ns\n", fmt_ns(b, sizeof b, st[F_RAW_XTHREAD].median));
+    printf("xchan_vs_raw_thread_ratio: %s x\n",
+           fmt_ratio(b, sizeof b, st[F_XCHAN].median, st[F_RAW_XTHREAD].median));
 
     bench_print_table(scale_arg, table_keys, st, iters, NFIG);
     uint64_t low_num = yield_lower ? ry_num : rs_num, low_den = yield_lower ? ry_den : rs_den;
