@@ -173,6 +173,7 @@ typedef struct fan {
     int id;           /* this thread's index */
     int senders_left; /* atomic: the last to finish closes (fan-in) */
     int *seen;        /* fan-out: times each value was received, [n] */
+    int select;       /* fan-out: receivers wait in selects */
 } fan;
 
 typedef struct fan_fiber {
@@ -253,7 +254,20 @@ static intptr_t fan_out_receiver(void *arg)
 {
     fan *f = arg;
     int v, last = -1, got = 0, rc;
-    while ((rc = moor_xchan_recv(f->ch, &v, -1)) == 0) {
+    for (;;) {
+        if (f->select) {
+            moor_xchan_future xf;
+            moor_sleep_future sf;
+            moor_xchan_recv_init(&xf, f->ch, &v, -1);
+            moor_sleep_init(&sf, moor_deadline_in(SAFETY_MS));
+            moor_future *futs[] = {&sf.base, &xf.base};
+            FCHECK(moor_select(futs, 2, -1) == 1);
+            rc = (int)xf.base.result;
+        } else {
+            rc = moor_xchan_recv(f->ch, &v, -1);
+        }
+        if (rc != 0)
+            break;
         FCHECK(v > last); /* one sender: its order holds at each receiver */
         FCHECK(v >= 0 && v < f->n);
         last = v;
@@ -278,9 +292,9 @@ static intptr_t fan_out_consumer(void *arg)
     return got;
 }
 
-static void fan_out(size_t cap)
+static void fan_out(size_t cap, int select)
 {
-    fan f = {.ch = xchan_new(sizeof(int), cap), .n = rounds(6000)};
+    fan f = {.ch = xchan_new(sizeof(int), cap), .n = rounds(6000), .select = select};
     f.seen = calloc((size_t)f.n, sizeof *f.seen);
     assert_non_null(f.seen);
     ex_thread t[PRODUCERS];
@@ -304,8 +318,10 @@ static void fan_out(size_t cap)
 static void test_xchan_fan_out(void **state)
 {
     (void)state;
-    fan_out(0);
-    fan_out(8);
+    fan_out(0, 0);
+    fan_out(8, 0);
+    fan_out(0, 1); /* receivers in selects, woken by the other thread's sends */
+    fan_out(8, 1);
 }
 
 /* ---- close while others wait ---------------------------------------------------------------- */
@@ -313,6 +329,7 @@ static void test_xchan_fan_out(void **state)
 typedef struct closing {
     moor_xchan *ch;
     int send;         /* the waiters send (the channel is full) or receive (it is empty) */
+    int select;       /* each waits in a select (with a long sleep beside it) */
     int waiting;      /* atomic: fibers known to wait */
     int results[FIBERS_PER];
 } closing;
@@ -325,9 +342,22 @@ typedef struct closing_fiber {
 static intptr_t closing_waiter(void *arg)
 {
     closing_fiber *cf = arg;
+    closing *c = cf->c;
     int v = 100 + cf->i;
-    cf->c->results[cf->i] = cf->c->send ? moor_xchan_send(cf->c->ch, &v, -1)
-                                        : moor_xchan_recv(cf->c->ch, &v, -1);
+    if (!c->select) {
+        c->results[cf->i] = c->send ? moor_xchan_send(c->ch, &v, -1) : moor_xchan_recv(c->ch, &v, -1);
+        return 0;
+    }
+    moor_xchan_future xf;
+    moor_sleep_future sf;
+    if (c->send)
+        moor_xchan_send_init(&xf, c->ch, &v, -1);
+    else
+        moor_xchan_recv_init(&xf, c->ch, &v, -1);
+    moor_sleep_init(&sf, moor_deadline_in(SAFETY_MS));
+    moor_future *futs[] = {&xf.base, &sf.base};
+    FCHECK(moor_select(futs, 2, -1) == 0);
+    c->results[cf->i] = (int)xf.base.result;
     return 0;
 }
 
@@ -354,10 +384,9 @@ static intptr_t closing_thread(void *arg)
     return 0;
 }
 
-static void test_xchan_close_wakes_receivers(void **state)
+static void close_wakes_receivers(int select)
 {
-    (void)state;
-    closing c = {.ch = xchan_new(sizeof(int), 0), .send = 0};
+    closing c = {.ch = xchan_new(sizeof(int), 0), .send = 0, .select = select};
     ex_thread t;
     ex_thread_start(&t, closing_thread, &c);
     assert_true(wait_count(&c.waiting, FIBERS_PER));
@@ -368,10 +397,16 @@ static void test_xchan_close_wakes_receivers(void **state)
     moor_xchan_free(c.ch);
 }
 
-static void test_xchan_close_wakes_senders(void **state)
+static void test_xchan_close_wakes_receivers(void **state)
 {
     (void)state;
-    closing c = {.ch = xchan_new(sizeof(int), 2), .send = 1};
+    close_wakes_receivers(0);
+    close_wakes_receivers(1);
+}
+
+static void close_wakes_senders(int select)
+{
+    closing c = {.ch = xchan_new(sizeof(int), 2), .send = 1, .select = select};
     int v = 1, w = 0;
     assert_int_equal(moor_xchan_try_send(c.ch, &v), 0);
     v = 2;
@@ -390,6 +425,13 @@ static void test_xchan_close_wakes_senders(void **state)
     assert_int_equal(w, 2);
     assert_int_equal(moor_xchan_try_recv(c.ch, &w), -EPIPE);
     moor_xchan_free(c.ch);
+}
+
+static void test_xchan_close_wakes_senders(void **state)
+{
+    (void)state;
+    close_wakes_senders(0);
+    close_wakes_senders(1);
 }
 
 /* A sender blocked on a full channel, a receiver drains from another thread: the sender's
