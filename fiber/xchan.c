@@ -142,12 +142,22 @@ static void complete(moor_xchan_future *op, intptr_t outcome, wakes *ws)
     __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
 }
 
-/* Wake every select waiter of q: something it may take has appeared. They stay queued. */
+/* Wake a select waiter: it stays queued, and its poll looks again. Once per poll: a burst of
+ * sends wakes a select of another thread once, not once a value. */
+static void wake_select(moor_xchan_future *w, wakes *ws)
+{
+    if (w->woken)
+        return;
+    w->woken = 1;
+    wakes_add(ws, &w->waker);
+}
+
+/* Wake every select waiter of q: something it may take has appeared. */
 static void wake_selects(moor__list *q, wakes *ws)
 {
     for (moor__node *n = q->head; n; n = n->next)
         if (op_of(n)->claim)
-            wakes_add(ws, &op_of(n)->waker);
+            wake_select(op_of(n), ws);
 }
 
 /* The first waiter of q that the calling thread may complete, off the queue, its select (if
@@ -270,7 +280,7 @@ void moor_xchan_close(moor_xchan *ch)
             next = n->next;
             moor_xchan_future *w = op_of(n);
             if (w->claim)
-                wakes_add(&ws, &w->waker);
+                wake_select(w, &ws);
             else
                 complete(w, -EPIPE, &ws);
         }
@@ -304,6 +314,7 @@ static void park(moor_xchan_future *op, const moor_cx *cx, wakes *ws)
     op->waker = cx->waker;
     op->claim = cx->claim;
     op->slot = cx->slot;
+    op->woken = 0; /* it has looked: a change from now on wakes it again */
     if (op->queued)
         return;
     moor__list_push(queue_of(op), &op->node);
@@ -397,6 +408,7 @@ static void op_init(moor_xchan_future *op, moor_xchan *ch, void *elem, int64_t d
     op->send = send;
     op->queued = 0;
     op->done = 0;
+    op->woken = 0;
     op->outcome = 0;
     op->ex = NULL;
     op->waker = (moor_waker){0};

@@ -807,6 +807,7 @@ typedef struct moor_xchan_future {
     int send;                /* private */
     int queued;              /* private: in the channel's queue (under its lock) */
     int done;                /* private, atomic: a counterpart finished it; output in outcome */
+    int woken;               /* private: woken since its last poll (select waiters) */
     intptr_t outcome;        /* private: written by the counterpart before done */
     moor_executor *ex;       /* private: the executor that polls it, NULL before */
     moor__node node;         /* private: in the channel's senders or receivers */
