@@ -1170,6 +1170,146 @@ static void test_xchan_wait_is_not_deadlock(void **state)
     ex_free(ex);
 }
 
+/* ---- random operations over two channels, three executors ------------------------------------ */
+
+#define RND_THREADS 3
+#define RND_FIBERS 4
+#define RND_OPS_MAX 600
+
+typedef struct rnd_state {
+    moor_xchan *ch[2];           /* capacity 0 and 2 */
+    int ops;                     /* per fiber */
+    unsigned char sent[RND_THREADS * RND_FIBERS][RND_OPS_MAX]; /* a send reported success */
+    unsigned char got[RND_THREADS * RND_FIBERS][RND_OPS_MAX];  /* times received; atomic */
+    int done_ops[2];             /* atomic: sends and receives that completed */
+} rnd_state;
+
+typedef struct rnd_fiber {
+    rnd_state *r;
+    int id;          /* 0 .. RND_THREADS * RND_FIBERS - 1 */
+    unsigned seed;
+} rnd_fiber;
+
+static unsigned rnd_next(unsigned *seed)
+{
+    *seed = *seed * 1103515245u + 12345u;
+    return *seed >> 8;
+}
+
+static void rnd_got(rnd_state *r, uint32_t v)
+{
+    uint32_t id = v >> 16, seq = v & 0xffff;
+    FCHECK(id < RND_THREADS * RND_FIBERS && seq < RND_OPS_MAX);
+    if (id < RND_THREADS * RND_FIBERS && seq < RND_OPS_MAX)
+        __atomic_add_fetch(&r->got[id][seq], 1, __ATOMIC_RELAXED);
+}
+
+static intptr_t rnd_fiber_fn(void *arg)
+{
+    rnd_fiber *rf = arg;
+    rnd_state *r = rf->r;
+    for (int seq = 0; seq < r->ops; seq++) {
+        unsigned x = rnd_next(&rf->seed);
+        moor_xchan *ch = r->ch[x % 2];
+        int64_t deadline = moor_deadline_in((int64_t)(x / 2 % 3)); /* 0, 1 or 2 ms */
+        uint32_t out = (uint32_t)rf->id << 16 | (uint32_t)seq, in = 0;
+        int rc;
+        switch (x / 8 % 5) {
+        case 0: /* send */
+            rc = moor_xchan_send(ch, &out, deadline);
+            FCHECK(rc == 0 || rc == -ETIMEDOUT);
+            if (rc == 0)
+                r->sent[rf->id][seq] = 1;
+            break;
+        case 1: /* receive */
+            rc = moor_xchan_recv(ch, &in, deadline);
+            FCHECK(rc == 0 || rc == -ETIMEDOUT);
+            if (rc == 0)
+                rnd_got(r, in);
+            break;
+        case 2: /* try both ways */
+            if (moor_xchan_try_send(ch, &out) == 0)
+                r->sent[rf->id][seq] = 1;
+            if (moor_xchan_try_recv(r->ch[1 - x % 2], &in) == 0)
+                rnd_got(r, in);
+            break;
+        default: { /* a select: send on one, receive on the other (or the same), a timeout */
+            moor_xchan_future sf, rf_;
+            moor_sleep_future tf;
+            moor_xchan_send_init(&sf, ch, &out, -1);
+            moor_xchan_recv_init(&rf_, r->ch[x / 64 % 2], &in, -1);
+            moor_sleep_init(&tf, deadline);
+            moor_future *futs[] = {&sf.base, &rf_.base, &tf.base};
+            int w = moor_select(futs, 3, -1);
+            FCHECK(w >= 0 && w <= 2);
+            if (w == 0 && sf.base.result == 0)
+                r->sent[rf->id][seq] = 1;
+            if (w == 1 && rf_.base.result == 0)
+                rnd_got(r, in);
+            break;
+        }
+        }
+    }
+    return 0;
+}
+
+typedef struct rnd_thread {
+    rnd_state *r;
+    int t;
+} rnd_thread;
+
+static intptr_t rnd_thread_fn(void *arg)
+{
+    rnd_thread *rt = arg;
+    rnd_fiber rfs[RND_FIBERS];
+    moor_fiber *fs[RND_FIBERS];
+    for (int i = 0; i < RND_FIBERS; i++) {
+        int id = rt->t * RND_FIBERS + i;
+        rfs[i] = (rnd_fiber){rt->r, id, (unsigned)id * 2654435761u + 1};
+        FCHECK(moor_spawn(&fs[i], rnd_fiber_fn, &rfs[i], NULL) == 0);
+    }
+    for (int i = 0; i < RND_FIBERS; i++)
+        FCHECK(moor_join(fs[i], NULL) == 0);
+    return 0;
+}
+
+static void test_xchan_random_ops(void **state)
+{
+    (void)state;
+    rnd_state *r = calloc(1, sizeof *r);
+    assert_non_null(r);
+    r->ops = UNDER_VALGRIND ? 100 : UNDER_TSAN ? 200 : RND_OPS_MAX;
+    r->ch[0] = xchan_new(sizeof(uint32_t), 0);
+    r->ch[1] = xchan_new(sizeof(uint32_t), 2);
+    ex_thread t[RND_THREADS];
+    rnd_thread rt[RND_THREADS];
+    for (int i = 0; i < RND_THREADS; i++) {
+        rt[i] = (rnd_thread){r, i};
+        ex_thread_start(&t[i], rnd_thread_fn, &rt[i]);
+    }
+    for (int i = 0; i < RND_THREADS; i++)
+        ex_thread_join(&t[i]);
+    /* What the buffered channel still holds was sent: drain it after the close. */
+    uint32_t v;
+    for (int c = 0; c < 2; c++) {
+        moor_xchan_close(r->ch[c]);
+        while (moor_xchan_try_recv(r->ch[c], &v) == 0)
+            rnd_got(r, v);
+        assert_int_equal(moor_xchan_try_recv(r->ch[c], &v), -EPIPE);
+    }
+    int sent = 0;
+    for (int id = 0; id < RND_THREADS * RND_FIBERS; id++)
+        for (int seq = 0; seq < r->ops; seq++) {
+            assert_int_equal(r->got[id][seq], r->sent[id][seq]);
+            sent += r->sent[id][seq];
+        }
+    assert_true(sent > 0);
+    print_message("%d values sent and received once each\n", sent);
+    moor_xchan_free(r->ch[0]);
+    moor_xchan_free(r->ch[1]);
+    free(r);
+}
+
 /* ---- misuse, in forked children ---------------------------------------------------------------- */
 
 static intptr_t free_it(void *arg)
@@ -1282,6 +1422,7 @@ int main(void)
         TEST(test_xchan_select_races),
         TEST(test_xchan_select_same_executor),
         TEST(test_xchan_large_values),
+        TEST(test_xchan_random_ops),
         TEST(test_xchan_outlives_executor),
         TEST(test_xchan_wake_after_executor_freed),
         TEST(test_xchan_wait_is_not_deadlock),
