@@ -683,7 +683,7 @@ static intptr_t race_receiver(void *arg)
 static void race_run(size_t cap)
 {
     /* Each round spawns two fibers: under TSan a fiber costs about a millisecond. */
-    race r = {.ch = xchan_new(sizeof(int), cap), .n = UNDER_TSAN ? 250 : rounds(3000)};
+    race r = {.ch = xchan_new(sizeof(int), cap), .n = UNDER_TSAN ? 150 : rounds(3000)};
     r.sent = calloc(4 * (size_t)r.n, 1);
     r.got = calloc(4 * (size_t)r.n, 1);
     assert_true(r.sent && r.got);
