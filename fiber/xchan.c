@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
+#include <time.h>
 
 #include "alloc.h"
 #include "assert.h"
@@ -29,6 +30,7 @@
 
 struct moor_xchan {
     pthread_mutex_t lock; /* guards everything below, and the queued waiters' fields */
+    pthread_cond_t threads; /* threads without an executor wait on it (on the monotonic clock) */
     size_t elem_size;
     size_t cap;           /* ring slots; 0 = rendezvous */
     size_t head;          /* next slot to receive from */
@@ -56,6 +58,11 @@ int moor_xchan_new(moor_xchan **out, size_t elem_size, size_t capacity)
         }
     }
     pthread_mutex_init(&ch->lock, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&ch->threads, &ca);
+    pthread_condattr_destroy(&ca);
     *out = ch;
     return 0;
 }
@@ -72,6 +79,7 @@ void moor_xchan_free(moor_xchan *ch)
                  "or a pending future, of any thread)");
     pthread_mutex_unlock(&ch->lock);
     pthread_mutex_destroy(&ch->lock);
+    pthread_cond_destroy(&ch->threads);
     moor__free(ch->ring);
     moor__free(ch);
 }
@@ -137,7 +145,10 @@ static void unqueue(moor_xchan_future *op)
 static void complete(moor_xchan_future *op, intptr_t outcome, wakes *ws)
 {
     unqueue(op);
-    wakes_add(ws, &op->waker);
+    if (op->thread) /* it waits for the lock, to look at done */
+        pthread_cond_broadcast(&op->chan->threads);
+    else
+        wakes_add(ws, &op->waker);
     op->outcome = outcome;
     __atomic_store_n(&op->done, 1, __ATOMIC_RELEASE);
 }
@@ -409,6 +420,7 @@ static void op_init(moor_xchan_future *op, moor_xchan *ch, void *elem, int64_t d
     op->queued = 0;
     op->done = 0;
     op->woken = 0;
+    op->thread = 0;
     op->outcome = 0;
     op->ex = NULL;
     op->waker = (moor_waker){0};
@@ -429,21 +441,54 @@ void moor_xchan_recv_init(moor_xchan_future *op, moor_xchan *ch, void *elem, int
 
 /* ---- the calls --------------------------------------------------------------------------- */
 
+/* A thread without an executor has nothing to run while it waits: it queues a plain waiter
+ * (completed by its counterpart like any other) and sleeps on the channel's condition
+ * variable until the waiter is done or the deadline passes. Wakes it owes others are made
+ * under the lock (the order of the locks is still the channel's, then an executor's). */
+#define THREAD_WAIT_MAX_MS (24 * 3600 * 1000) /* a far deadline is waited for in steps */
+
+static int thread_wait(moor_xchan *ch, void *elem, int64_t deadline, int send)
+{
+    moor_xchan_future op;
+    op_init(&op, ch, elem, deadline, send);
+    op.thread = 1;
+    wakes ws = {0};
+    pthread_mutex_lock(&ch->lock);
+    int rc = send ? try_send(ch, elem, NULL, &ws) : try_recv(ch, elem, NULL, &ws);
+    if (rc == -EAGAIN) {
+        moor_cx none = {{0}, NULL, NULL};
+        park(&op, &none, &ws);
+        for (;;) {
+            for (int i = 0; i < ws.n; i++)
+                moor_waker_wake(&ws.w[i]);
+            ws.n = 0;
+            if (__atomic_load_n(&op.done, __ATOMIC_RELAXED)) {
+                rc = (int)op.outcome;
+                break;
+            }
+            int64_t now = moor_now();
+            if (deadline >= 0 && now >= deadline) {
+                unqueue(&op);
+                rc = -ETIMEDOUT;
+                break;
+            }
+            int64_t until = deadline >= 0 && deadline - now < THREAD_WAIT_MAX_MS
+                                ? deadline : now + THREAD_WAIT_MAX_MS;
+            struct timespec ts = {(time_t)(until / 1000), (long)(until % 1000) * 1000000};
+            pthread_cond_timedwait(&ch->threads, &ch->lock, &ts);
+        }
+    }
+    unlock_and_wake(ch, &ws);
+    return rc;
+}
+
 /* A send or receive: its future, awaited (a fiber) or run by the executor (plain code); the
  * future's first poll tries before it waits, so a call that need not wait takes the lock
- * once. A thread without an executor can only try. */
+ * once. */
 static int op_call(moor_xchan *ch, void *elem, int64_t deadline, int send)
 {
-    if (__builtin_expect(!moor__tls_executor, 0)) {
-        wakes ws = {0};
-        pthread_mutex_lock(&ch->lock);
-        int rc = send ? try_send(ch, elem, NULL, &ws) : try_recv(ch, elem, NULL, &ws);
-        unlock_and_wake(ch, &ws);
-        moor__assert(rc != -EAGAIN, "moor_xchan_%s: would wait on a thread without an executor "
-                                    "(use moor_xchan_try_%s there, or make one)",
-                     send ? "send" : "recv", send ? "send" : "recv");
-        return rc;
-    }
+    if (__builtin_expect(!moor__tls_executor, 0))
+        return thread_wait(ch, elem, deadline, send);
     moor_xchan_future op;
     op_init(&op, ch, elem, deadline, send);
     return (int)moor__wait(&op.base);

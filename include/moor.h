@@ -758,8 +758,9 @@ MOOR_API void moor_chan_recv_init(moor_chan_future *op, moor_chan *ch, void *ele
  * is queued on it is misuse (assertion). An executor cannot be freed while one of its fibers
  * waits on a channel (moor_executor_free's rule); a counterpart that completes a wait just as
  * the waiter's executor finishes wakes nothing (wakers of a finished task or a freed executor
- * are no-ops). A thread without an executor may call the try_ variants, close and free, but
- * not wait (assertion: it has nothing to run while it waits).
+ * are no-ops). A thread without an executor (a worker of a callback library, say) may use
+ * every call but the futures: a send or receive that has to wait blocks the thread on a
+ * condition variable of the channel, until a counterpart completes it or the deadline passes.
  *
  * In moor_select (and moor_race, moor_await_deadline), a channel future competes with the
  * select's other futures on its own thread: a counterpart on another thread cannot claim
@@ -784,9 +785,9 @@ MOOR_API void moor_xchan_free(moor_xchan *ch);
  * sends get -EPIPE. Any thread; never suspends. Misuse: closing twice. */
 MOOR_API void moor_xchan_close(moor_xchan *ch);
 
-/* May suspend (from plain code: run the executor meanwhile). Return 0, -EPIPE (closed; for
- * recv: closed and drained), -ETIMEDOUT, -ECANCELED (the fiber was cancelled: nothing was
- * sent or received). Misuse: called on a thread without an executor when it has to wait. */
+/* May suspend (from plain code: run the executor meanwhile; on a thread without an executor:
+ * block the thread). Return 0, -EPIPE (closed; for recv: closed and drained), -ETIMEDOUT,
+ * -ECANCELED (the fiber was cancelled: nothing was sent or received). */
 MOOR_API int moor_xchan_send(moor_xchan *ch, const void *elem, int64_t deadline);
 MOOR_API int moor_xchan_recv(moor_xchan *ch, void *elem, int64_t deadline);
 /* Never suspend, any thread: 0, -EAGAIN (would wait), -EPIPE. */
@@ -808,6 +809,7 @@ typedef struct moor_xchan_future {
     int queued;              /* private: in the channel's queue (under its lock) */
     int done;                /* private, atomic: a counterpart finished it; output in outcome */
     int woken;               /* private: woken since its last poll (select waiters) */
+    int thread;              /* private: a thread without an executor waits on it */
     intptr_t outcome;        /* private: written by the counterpart before done */
     moor_executor *ex;       /* private: the executor that polls it, NULL before */
     moor__node node;         /* private: in the channel's senders or receivers */

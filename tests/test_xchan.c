@@ -1029,6 +1029,67 @@ static void test_xchan_large_values(void **state)
     moor_xchan_free(ch);
 }
 
+/* ---- a thread without an executor ------------------------------------------------------------- */
+
+typedef struct bare {
+    moor_xchan *in, *out;  /* the bare thread receives on in, sends on out */
+    int rc[6];
+    int64_t waited;        /* how long its timed-out receive waited */
+} bare;
+
+/* No executor here: waits block the thread. */
+static void *bare_thread(void *arg)
+{
+    bare *b = arg;
+    int v = -1;
+    int64_t t0 = moor_now();
+    b->rc[0] = moor_xchan_recv(b->in, &v, t0 + WAIT_MS); /* nobody sends yet */
+    b->waited = moor_now() - t0;
+    b->rc[1] = moor_xchan_recv(b->in, &v, -1); /* the fiber's first value */
+    b->rc[2] = v == 10 ? 0 : -1;
+    v = 20;
+    b->rc[3] = moor_xchan_send(b->out, &v, INT64_MAX); /* rendezvous: waits for the fiber */
+    v = 21;
+    b->rc[4] = moor_xchan_send(b->out, &v, moor_deadline_in(SAFETY_MS));
+    b->rc[5] = moor_xchan_recv(b->in, &v, -1); /* closed meanwhile: -EPIPE */
+    return NULL;
+}
+
+static intptr_t bare_partner(void *arg)
+{
+    bare *b = arg;
+    moor_sleep(moor_deadline_in(2 * WAIT_MS)); /* after the bare thread's timeout */
+    int v = 10;
+    FCHECK(moor_xchan_send(b->in, &v, -1) == 0);
+    for (int want = 20; want <= 21; want++) {
+        FCHECK(moor_xchan_recv(b->out, &v, moor_deadline_in(SAFETY_MS)) == 0);
+        FCHECK(v == want);
+    }
+    moor_xchan_close(b->in);
+    return 0;
+}
+
+static void test_xchan_thread_without_executor(void **state)
+{
+    (void)state;
+    bare b = {xchan_new(sizeof(int), 0), xchan_new(sizeof(int), 0), {0}, 0};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, bare_thread, &b), 0);
+    moor_executor *ex = ex_new();
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, bare_partner, &b, NULL), 0);
+    assert_int_equal(moor_join(f, NULL), 0);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    assert_int_equal(b.rc[0], -ETIMEDOUT);
+    assert_true(b.waited >= WAIT_MS);
+    for (int i = 1; i <= 4; i++)
+        assert_int_equal(b.rc[i], 0);
+    assert_int_equal(b.rc[5], -EPIPE);
+    ex_free(ex);
+    moor_xchan_free(b.in);
+    moor_xchan_free(b.out);
+}
+
 /* ---- the executors and the channel's lifetime ---------------------------------------------------- */
 
 static intptr_t send_three(void *arg)
@@ -1170,23 +1231,24 @@ static void test_xchan_wait_is_not_deadlock(void **state)
     ex_free(ex);
 }
 
-/* ---- random operations over two channels, three executors ------------------------------------ */
+/* ---- random operations over two channels, three executors and a bare thread ------------------------------------ */
 
 #define RND_THREADS 3
 #define RND_FIBERS 4
 #define RND_OPS_MAX 600
+#define RND_IDS (RND_THREADS * RND_FIBERS + 1) /* the last: a thread without an executor */
 
 typedef struct rnd_state {
     moor_xchan *ch[2];           /* capacity 0 and 2 */
     int ops;                     /* per fiber */
-    unsigned char sent[RND_THREADS * RND_FIBERS][RND_OPS_MAX]; /* a send reported success */
-    unsigned char got[RND_THREADS * RND_FIBERS][RND_OPS_MAX];  /* times received; atomic */
+    unsigned char sent[RND_IDS][RND_OPS_MAX]; /* a send reported success */
+    unsigned char got[RND_IDS][RND_OPS_MAX];  /* times received; atomic */
     int done_ops[2];             /* atomic: sends and receives that completed */
 } rnd_state;
 
 typedef struct rnd_fiber {
     rnd_state *r;
-    int id;          /* 0 .. RND_THREADS * RND_FIBERS - 1 */
+    int id;          /* 0 .. RND_IDS - 1 */
     unsigned seed;
 } rnd_fiber;
 
@@ -1199,8 +1261,8 @@ static unsigned rnd_next(unsigned *seed)
 static void rnd_got(rnd_state *r, uint32_t v)
 {
     uint32_t id = v >> 16, seq = v & 0xffff;
-    FCHECK(id < RND_THREADS * RND_FIBERS && seq < RND_OPS_MAX);
-    if (id < RND_THREADS * RND_FIBERS && seq < RND_OPS_MAX)
+    FCHECK(id < RND_IDS && seq < RND_OPS_MAX);
+    if (id < RND_IDS && seq < RND_OPS_MAX)
         __atomic_add_fetch(&r->got[id][seq], 1, __ATOMIC_RELAXED);
 }
 
@@ -1214,7 +1276,8 @@ static intptr_t rnd_fiber_fn(void *arg)
         int64_t deadline = moor_deadline_in((int64_t)(x / 2 % 3)); /* 0, 1 or 2 ms */
         uint32_t out = (uint32_t)rf->id << 16 | (uint32_t)seq, in = 0;
         int rc;
-        switch (x / 8 % 5) {
+        /* The bare thread has no futures: sends, receives and tries only. */
+        switch (x / 8 % (rf->id == RND_IDS - 1 ? 3 : 5)) {
         case 0: /* send */
             rc = moor_xchan_send(ch, &out, deadline);
             FCHECK(rc == 0 || rc == -ETIMEDOUT);
@@ -1273,6 +1336,12 @@ static intptr_t rnd_thread_fn(void *arg)
     return 0;
 }
 
+static void *rnd_bare_thread(void *arg)
+{
+    rnd_fiber_fn(arg);
+    return NULL;
+}
+
 static void test_xchan_random_ops(void **state)
 {
     (void)state;
@@ -1287,8 +1356,12 @@ static void test_xchan_random_ops(void **state)
         rt[i] = (rnd_thread){r, i};
         ex_thread_start(&t[i], rnd_thread_fn, &rt[i]);
     }
+    rnd_fiber bare_rf = {r, RND_IDS - 1, 99991};
+    pthread_t bare_t;
+    assert_int_equal(pthread_create(&bare_t, NULL, rnd_bare_thread, &bare_rf), 0);
     for (int i = 0; i < RND_THREADS; i++)
         ex_thread_join(&t[i]);
+    assert_int_equal(pthread_join(bare_t, NULL), 0);
     /* What the buffered channel still holds was sent: drain it after the close. */
     uint32_t v;
     for (int c = 0; c < 2; c++) {
@@ -1298,7 +1371,7 @@ static void test_xchan_random_ops(void **state)
         assert_int_equal(moor_xchan_try_recv(r->ch[c], &v), -EPIPE);
     }
     int sent = 0;
-    for (int id = 0; id < RND_THREADS * RND_FIBERS; id++)
+    for (int id = 0; id < RND_IDS; id++)
         for (int seq = 0; seq < r->ops; seq++) {
             assert_int_equal(r->got[id][seq], r->sent[id][seq]);
             sent += r->sent[id][seq];
@@ -1338,15 +1411,6 @@ static void child_close_twice(void *arg)
     CHILD_REQUIRE(moor_xchan_new(&ch, sizeof(int), 0) == 0);
     moor_xchan_close(ch);
     moor_xchan_close(ch);
-}
-
-static void child_wait_without_executor(void *arg)
-{
-    (void)arg;
-    moor_xchan *ch;
-    CHILD_REQUIRE(moor_xchan_new(&ch, sizeof(int), 0) == 0);
-    int v;
-    moor_xchan_recv(ch, &v, -1);
 }
 
 static void child_executor_freed_while_waiting(void *arg)
@@ -1395,8 +1459,6 @@ static void test_xchan_misuse(void **state)
     expect_child_signal(&r, SIGABRT, "moor_xchan_free: an operation still waits on the channel");
     child_run(child_close_twice, NULL, &r);
     expect_child_signal(&r, SIGABRT, "moor_xchan_close: the channel is already closed");
-    child_run(child_wait_without_executor, NULL, &r);
-    expect_child_signal(&r, SIGABRT, "moor_xchan_recv: would wait on a thread without an executor");
     child_run(child_executor_freed_while_waiting, NULL, &r);
     expect_child_signal(&r, SIGABRT, "moor_executor_free: 1 task(s) still pending");
     child_run(child_future_on_two_threads, NULL, &r);
@@ -1423,6 +1485,7 @@ int main(void)
         TEST(test_xchan_select_same_executor),
         TEST(test_xchan_large_values),
         TEST(test_xchan_random_ops),
+        TEST(test_xchan_thread_without_executor),
         TEST(test_xchan_outlives_executor),
         TEST(test_xchan_wake_after_executor_freed),
         TEST(test_xchan_wait_is_not_deadlock),
