@@ -738,7 +738,7 @@ MOOR_API void moor_chan_recv_init(moor_chan_future *op, moor_chan *ch, void *ele
  * Channels across executors
  *
  * A moor_xchan is a channel whose senders and receivers may be fibers of different executors
- * (one executor per thread), or plain code on threads that have an executor. The semantics are
+ * (one executor per thread), or plain code on any thread (see below). The semantics are
  * moor_chan's: values of a fixed size, copied; capacity 0 is a rendezvous (a send completes
  * only when a receiver takes the value), capacity N buffers N; FIFO among the senders and
  * among the receivers that wait; close, deadlines, cancellation and the try_ variants as
