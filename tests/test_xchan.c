@@ -591,14 +591,28 @@ typedef struct race_op {
     int value;   /* to send, or received */
     int rc;
     int send;
+    int select;  /* through a select (with the deadline as a sleep beside it) */
     int64_t deadline;
 } race_op;
 
 static intptr_t race_op_fn(void *arg)
 {
     race_op *op = arg;
-    op->rc = op->send ? moor_xchan_send(op->r->ch, &op->value, op->deadline)
-                      : moor_xchan_recv(op->r->ch, &op->value, op->deadline);
+    if (!op->select) {
+        op->rc = op->send ? moor_xchan_send(op->r->ch, &op->value, op->deadline)
+                          : moor_xchan_recv(op->r->ch, &op->value, op->deadline);
+        return 0;
+    }
+    moor_xchan_future xf;
+    moor_sleep_future sf;
+    if (op->send)
+        moor_xchan_send_init(&xf, op->r->ch, &op->value, -1);
+    else
+        moor_xchan_recv_init(&xf, op->r->ch, &op->value, -1);
+    moor_sleep_init(&sf, op->deadline);
+    moor_future *futs[] = {&sf.base, &xf.base};
+    int w = moor_select(futs, 2, -1);
+    op->rc = w == 1 ? (int)xf.base.result : w == 0 ? -ETIMEDOUT : w;
     return 0;
 }
 
@@ -623,6 +637,7 @@ static intptr_t cancel_fn(void *arg)
 static int race_one(race *r, race_op *op, unsigned seed)
 {
     int patient = seed % 8 == 0;
+    op->select = seed / 64 % 3 == 0; /* a third through selects */
     op->deadline = moor_now() + (patient ? 20 : (int64_t)(seed / 8 % 2));
     moor_fiber *f, *c = NULL;
     FCHECK(moor_spawn(&f, race_op_fn, op, NULL) == 0);
