@@ -876,6 +876,10 @@ static intptr_t local_feeder(void *arg)
     while (!lf->stop) {
         for (int k = 0; k < i % 3; k++)
             moor_yield();
+        /* Now and then the executor parks: a scheduler that runs one thread at a time
+         * (valgrind's) switches to the sender then, rather than at the end of its slice. */
+        if (i % 16 == 15)
+            moor_sleep(moor_deadline_in(1));
         if (moor_chan_send(lf->lc, &i, -1) != 0)
             break;
         lf->sent++;
