@@ -1,7 +1,8 @@
 /* Channels across executors (moor_xchan): fibers of executors on different threads send and
  * receive; every value is received exactly once or its send reports failure, under closes,
- * deadlines and cancels that race with the other thread. Each thread here makes its own
- * executor (ex_thread below). */
+ * deadlines and cancels that race with the other thread. The threads are a moor_threads_run,
+ * or threads that each make their own executor (ex_thread below) where a case needs one
+ * started at a given moment. */
 #include <pthread.h>
 #include <sched.h>
 
@@ -137,14 +138,19 @@ static intptr_t ponger(void *arg)
     return n;
 }
 
+/* On two executors of a moor_threads_run: thread 0 pings, thread 1 pongs. */
+static intptr_t ping_or_pong(void *arg)
+{
+    return moor_thread_index() == 0 ? pinger(arg) : ponger(arg);
+}
+
 static void ping_pong(size_t cap)
 {
     pingpong pp = {xchan_new(sizeof(int), cap), xchan_new(sizeof(int), cap), rounds(4000)};
-    ex_thread a, b;
-    ex_thread_start(&a, pinger, &pp);
-    ex_thread_start(&b, ponger, &pp);
-    assert_int_equal(ex_thread_join(&a), 0);
-    assert_int_equal(ex_thread_join(&b), pp.n);
+    intptr_t results[2] = {-1, -1};
+    assert_int_equal(moor_threads_run(2, ping_or_pong, &pp, NULL, results), 0);
+    assert_int_equal(results[0], 0);
+    assert_int_equal(results[1], pp.n);
     assert_int_equal(fiber_failed(), 0);
     moor_xchan_free(pp.ping);
     moor_xchan_free(pp.pong);
@@ -1335,19 +1341,15 @@ static intptr_t rnd_fiber_fn(void *arg)
     return 0;
 }
 
-typedef struct rnd_thread {
-    rnd_state *r;
-    int t;
-} rnd_thread;
-
+/* Thread t of the moor_threads_run: RND_FIBERS fibers of random operations. */
 static intptr_t rnd_thread_fn(void *arg)
 {
-    rnd_thread *rt = arg;
+    int t = moor_thread_index();
     rnd_fiber rfs[RND_FIBERS];
     moor_fiber *fs[RND_FIBERS];
     for (int i = 0; i < RND_FIBERS; i++) {
-        int id = rt->t * RND_FIBERS + i;
-        rfs[i] = (rnd_fiber){rt->r, id, (unsigned)id * 2654435761u + 1};
+        int id = t * RND_FIBERS + i;
+        rfs[i] = (rnd_fiber){arg, id, (unsigned)id * 2654435761u + 1};
         FCHECK(moor_spawn(&fs[i], rnd_fiber_fn, &rfs[i], NULL) == 0);
     }
     for (int i = 0; i < RND_FIBERS; i++)
@@ -1369,17 +1371,10 @@ static void test_xchan_random_ops(void **state)
     r->ops = UNDER_VALGRIND ? 100 : UNDER_TSAN ? 200 : RND_OPS_MAX;
     r->ch[0] = xchan_new(sizeof(uint32_t), 0);
     r->ch[1] = xchan_new(sizeof(uint32_t), 2);
-    ex_thread t[RND_THREADS];
-    rnd_thread rt[RND_THREADS];
-    for (int i = 0; i < RND_THREADS; i++) {
-        rt[i] = (rnd_thread){r, i};
-        ex_thread_start(&t[i], rnd_thread_fn, &rt[i]);
-    }
     rnd_fiber bare_rf = {r, RND_IDS - 1, 99991};
     pthread_t bare_t;
     assert_int_equal(pthread_create(&bare_t, NULL, rnd_bare_thread, &bare_rf), 0);
-    for (int i = 0; i < RND_THREADS; i++)
-        ex_thread_join(&t[i]);
+    assert_int_equal(moor_threads_run(RND_THREADS, rnd_thread_fn, r, NULL, NULL), 0);
     assert_int_equal(pthread_join(bare_t, NULL), 0);
     /* What the buffered channel still holds was sent: drain it after the close. */
     uint32_t v;
