@@ -251,13 +251,21 @@ __attribute__((constructor)) static void chan_kinds_register(void)
     moor_future_kind_register(&recv_kind);
 }
 
-static void op_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t deadline, int send)
+/* What every op sets of itself, the future it is aside: its channel, value and direction. */
+static inline void op_fields(moor_chan_future *op, moor_chan *ch, void *elem, int send)
 {
-    op->base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
     op->chan = ch;
     op->elem = elem;
     op->send = send;
     op->completed = 0;
+}
+
+/* A whole op, ready for its first poll. */
+static inline void op_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t deadline,
+                           int send)
+{
+    op->base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
+    op_fields(op, ch, elem, send);
     moor__waiter_init(&op->waiter);
     moor__deadline_init(&op->deadline, deadline);
 }
@@ -287,19 +295,14 @@ static inline __attribute__((always_inline)) int wait_op(moor_executor *ex, moor
 {
     moor_fiber *f = ex ? ex->current : NULL;
     moor_chan_future op;
-    op.chan = ch;
-    op.elem = elem;
-    op.send = send;
-    op.completed = 0;
     if (!f) {
-        op.base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
-        moor__waiter_init(&op.waiter);
-        moor__deadline_init(&op.deadline, deadline);
+        op_init(&op, ch, elem, deadline, send);
         return (int)moor_block_on(&op.base);
     }
     /* In a fiber op.base is never polled: its ops name the wait (moor_dump, deadlock
      * detection) and a counterpart writes its result; nothing reads the rest. */
     op.base.ops = send ? &send_ops : &recv_ops;
+    op_fields(&op, ch, elem, send);
     /* moor__waitq_push, for this fiber's task and no select (no claim: the slot is unread) */
     op.waiter.waker = (moor_waker){ex, &f->task, f->task.gen};
     op.waiter.claim = NULL;
