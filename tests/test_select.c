@@ -1526,19 +1526,19 @@ static intptr_t fw_select_fn(void *arg)
     moor_chan_recv_init(&s->ops[0], s->ch, &s->v, -1);
     moor_chan_recv_init(&s->ops[1], s->idle, &s->w, -1);
     moor_future *futs[2] = {&s->ops[0].base, &s->ops[1].base};
-    s->rc = moor_select(futs, 2, moor_deadline_in(SAFETY_MS));
+    s->rc = moor_select(futs, 2, -1); /* no deadline: a lost wake shows as a deadlock */
     return 0;
 }
 
 /* A task of another thread's executor: a fiber there awaits a gate future that keeps the
- * waker of its first poll and is ready at its next, with a deadline in case it is never
- * woken. */
+ * waker of its first poll and is ready at its next; nothing but a wake polls it again. */
 typedef struct fw_gate {
     moor_future base;
     moor_waker waker;
     int polls;
-    int published; /* atomic: waker is set */
-    intptr_t out;  /* the fiber's await: the polls, or -ETIMEDOUT */
+    int published; /* atomic: waker is set (-1: no executor could be made) */
+    int finished;  /* atomic: the fiber's await returned */
+    intptr_t out;  /* the fiber's await: the gate's polls */
 } fw_gate;
 
 static moor_poll fw_gate_poll(moor_future *fut, moor_cx *cx)
@@ -1558,7 +1558,8 @@ static const moor_future_ops fw_gate_ops = {"gate", fw_gate_poll, NULL};
 static intptr_t fw_gate_fiber(void *arg)
 {
     fw_gate *g = arg;
-    g->out = moor_await_deadline(&g->base, moor_deadline_in(SAFETY_MS));
+    g->out = moor_await(&g->base);
+    __atomic_store_n(&g->finished, 1, __ATOMIC_RELEASE);
     return 0;
 }
 
@@ -1567,15 +1568,29 @@ static void *fw_gate_thread(void *arg)
     fw_gate *g = arg;
     moor_executor *ex;
     if (moor_executor_new(&ex, NULL) != 0) {
-        g->out = -ENOMEM;
         __atomic_store_n(&g->published, -1, __ATOMIC_RELEASE);
         return NULL;
     }
+    /* The gate has no kind that calls it local: its wait is never taken for a deadlock. */
     moor_fiber *f;
     if (moor_spawn(&f, fw_gate_fiber, g, NULL) == 0)
         (void)moor_join(f, NULL);
     moor_executor_free(ex);
     return NULL;
+}
+
+/* Has the gate's fiber been woken (and finished)? If not within SAFETY_MS, wake it here so
+ * that its thread ends, and say so. */
+static int fw_gate_woken(fw_gate *g, pthread_t t)
+{
+    int64_t until = moor_now() + SAFETY_MS;
+    while (!__atomic_load_n(&g->finished, __ATOMIC_ACQUIRE) && moor_now() < until)
+        sleep_ms(1);
+    int woken = __atomic_load_n(&g->finished, __ATOMIC_ACQUIRE);
+    if (!woken)
+        moor_waker_wake(&g->waker);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    return woken;
 }
 
 static void test_select_recv_future_foreign_waker(void **state)
@@ -1659,8 +1674,10 @@ static void test_select_recv_future_foreign_waker(void **state)
             moor_chan_recv_init(&op, ch, &v, -1);
             assert_int_equal(moor_future_poll(&op.base, &remote), MOOR_PENDING);
             fw_send_now(&s, from_fiber);
-            assert_int_equal(pthread_join(t, NULL), 0); /* its fiber was woken, and ended */
-            assert_int_equal(g.out, 2);                 /* by the wake, not its deadline */
+            if (!fw_gate_woken(&g, t))
+                fail_msg("capacity %zu: the send handed the value over but did not wake the "
+                         "other thread's task", cap);
+            assert_int_equal(g.out, 2);
             assert_int_equal(v, value);
             assert_int_equal(moor_future_poll(&op.base, &remote), MOOR_READY);
             assert_int_equal(op.base.result, 0);
