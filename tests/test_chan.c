@@ -1,4 +1,5 @@
-/* Channels: creation, order at every capacity, FIFO service of waiting senders and receivers,
+/* Channels: creation, order at every capacity (plain code on either side too, past its
+ * cooperative budget), values of every size, FIFO service of waiting senders and receivers,
  * the non-blocking calls, many senders against many receivers, and misuse. Closing is tested
  * in test_chan_close.c, deadlines in test_chan_deadline.c, cancellation in
  * test_chan_cancel.c, the operation futures in test_chan_op.c, select over them in

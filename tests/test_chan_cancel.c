@@ -1,6 +1,7 @@
 /* Cancelling a fiber blocked on a channel: its call reports -ECANCELED and leaves no waiter
  * behind; a fiber cancelled before it calls does not wait at all; a value already handed
- * over (or taken) is never lost, whichever of the cancel and the hand-over comes first.
+ * over (or taken) is never lost, whichever of the cancel and the hand-over comes first,
+ * also when the hand-over is a blocking call's fast path.
  *
  * Checks inside fibers are FCHECKs (fixture.h). */
 #include <errno.h>

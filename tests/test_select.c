@@ -1,7 +1,8 @@
 /* Select and the combinators: one winner out of 1,000 channel operations with the losers
  * cancelled cleanly, deadlines, never two values taken, a sleep against a channel, race,
- * timeout, join_all, retry (awaited, block_on'd and spawned as a plain task), and
- * cancellation of a fiber waiting in a select.
+ * timeout, join_all, retry (awaited, block_on'd and spawned as a plain task),
+ * cancellation of a fiber waiting in a select, a select's lost waiter ahead of a plain one,
+ * and a receive future whose waker is not a fiber's.
  *
  * Checks inside fibers are FCHECKs (fixture.h). Timing is asserted only as a lower bound. */
 #include <errno.h>
