@@ -1,10 +1,12 @@
 /* Select and the combinators: one winner out of 1,000 channel operations with the losers
  * cancelled cleanly, deadlines, never two values taken, a sleep against a channel, race,
- * timeout, join_all, retry (awaited, block_on'd and spawned as a plain task), and
- * cancellation of a fiber waiting in a select.
+ * timeout, join_all, retry (awaited, block_on'd and spawned as a plain task),
+ * cancellation of a fiber waiting in a select, a select's lost waiter ahead of a plain one,
+ * and a receive future whose waker is not a fiber's.
  *
  * Checks inside fibers are FCHECKs (fixture.h). Timing is asserted only as a lower bound. */
 #include <errno.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1340,6 +1342,353 @@ static void test_select_ready_results_in_cancelled_fiber(void **state)
     ex_free(ex);
 }
 
+/* ---- a select's lost waiter ahead of a plain one -----------------------------------------
+ * A select that has been won elsewhere keeps its waiters on the other channels until it runs
+ * and cancels them. A plain call that comes in the meantime must pass over such a waiter (its
+ * select may take nothing more) and serve the plain waiter queued behind it, on the fast
+ * paths of moor_chan_send and moor_chan_recv as well. */
+
+typedef struct lost_sel {
+    moor_chan *a, *b;
+    int send;            /* the select sends on a and b (else it receives) */
+    int va, vb;          /* its buffers */
+    moor_chan_future ops[2];
+    int rc;
+    int returned;
+} lost_sel;
+
+static intptr_t lost_sel_fn(void *arg)
+{
+    lost_sel *l = arg;
+    if (l->send) {
+        moor_chan_send_init(&l->ops[0], l->a, &l->va, -1);
+        moor_chan_send_init(&l->ops[1], l->b, &l->vb, -1);
+    } else {
+        moor_chan_recv_init(&l->ops[0], l->a, &l->va, -1);
+        moor_chan_recv_init(&l->ops[1], l->b, &l->vb, -1);
+    }
+    moor_future *futs[2] = {&l->ops[0].base, &l->ops[1].base};
+    l->rc = moor_select(futs, 2, -1);
+    l->returned = 1;
+    return l->rc;
+}
+
+/* What plain code or a fiber does once both wait: win the select on b without waiting, then
+ * make the blocking call on a. */
+typedef struct lost_counterpart {
+    lost_sel *l;
+    int b_rc, b_got;
+    int a_rc, a_got;
+} lost_counterpart;
+
+static void lost_counterpart_calls(lost_counterpart *c)
+{
+    lost_sel *l = c->l;
+    if (l->send) {
+        c->b_rc = moor_chan_try_recv(l->b, &c->b_got);
+        c->a_rc = moor_chan_recv(l->a, &c->a_got, -1);
+    } else {
+        int vb = 20, va = 10;
+        c->b_rc = moor_chan_try_send(l->b, &vb);
+        c->a_rc = moor_chan_send(l->a, &va, -1);
+    }
+}
+
+static intptr_t lost_counterpart_fn(void *arg)
+{
+    lost_counterpart_calls(arg);
+    return 0;
+}
+
+static void test_select_lost_waiter_before_plain_waiter(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    for (unsigned combo = 0; combo < 16; combo++) {
+        int send = combo & 1;              /* the select sends (else receives) */
+        size_t cap = (combo >> 1) & 1;     /* a and b: rendezvous, or a ring of one */
+        int use_future = (combo >> 2) & 1; /* P waits by future (else by call) */
+        int from_fiber = (combo >> 3) & 1; /* the counterpart is a fiber (else plain code) */
+        if (send && cap)
+            continue; /* senders wait only on a full ring: no receive would be a hand-off */
+        lost_sel l = {.a = chan_new(sizeof(int), cap), .b = chan_new(sizeof(int), cap),
+                      .send = send, .va = send ? 1 : -1, .vb = send ? 2 : -1, .rc = -99};
+        moor_fiber *sf, *pf;
+        assert_int_equal(moor_spawn(&sf, lost_sel_fn, &l, NULL), 0);
+        settle(); /* the select waits on a and b */
+        assert_false(l.returned);
+        /* P waits on a behind the select: a receive if the select receives, else a send. */
+        chan_call p = {.ch = l.a, .send = send, .use_future = use_future, .deadline = -1,
+                       .value = 30, .got = -1};
+        assert_int_equal(moor_spawn(&pf, chan_call_fn, &p, NULL), 0);
+        settle();
+        assert_false(p.returned);
+        lost_counterpart c = {.l = &l, .b_rc = 1, .b_got = -1, .a_rc = 1, .a_got = -1};
+        if (from_fiber) {
+            moor_fiber *cf;
+            assert_int_equal(moor_spawn(&cf, lost_counterpart_fn, &c, NULL), 0);
+            assert_int_equal(moor_join(cf, NULL), 0);
+        } else {
+            lost_counterpart_calls(&c);
+        }
+        intptr_t r = -1;
+        assert_int_equal(moor_join(sf, &r), 0);
+        assert_int_equal(r, 1);
+        assert_int_equal(c.b_rc, 0);
+        assert_int_equal(c.a_rc, 0);
+        assert_int_equal(l.rc, 1); /* the select won on b, and only on b */
+        assert_true(moor_future_done(&l.ops[1].base));
+        assert_int_equal(l.ops[1].base.result, 0);
+        if (send ? c.a_got != 30 : l.va != -1)
+            fail_msg("combo %u: the call on a paired with the select, which had won on b "
+                     "(the call on a got %d; the select's buffer for a holds %d)", combo,
+                     c.a_got, l.va);
+        assert_false(moor_future_done(&l.ops[0].base));
+        if (send) {
+            assert_int_equal(c.b_got, 2);  /* the select's value on b */
+        } else {
+            assert_int_equal(l.vb, 20);
+        }
+        assert_int_equal(moor_join(pf, NULL), 0);
+        assert_int_equal(p.rc, 0);
+        if (!send)
+            assert_int_equal(p.got, 10);   /* P got the value sent on a */
+        /* Nothing is left on either channel, and nobody waits. */
+        int x = 1;
+        for (int i = 0; i < 2; i++) {
+            moor_chan *ch = i ? l.b : l.a;
+            assert_int_equal(moor_chan_len(ch), 0);
+            assert_int_equal(moor_chan_try_recv(ch, &x), -EAGAIN);
+            if (!cap)
+                assert_int_equal(moor_chan_try_send(ch, &x), -EAGAIN);
+        }
+        moor_chan_free(l.a);
+        moor_chan_free(l.b);
+    }
+    ex_free(ex);
+}
+
+/* ---- a receive future whose waker is not a fiber's -----------------------------------------
+ * A moor_chan_recv_init future waits with the waker of whatever polls it: a select (whose
+ * claim keeps it off moor_chan_send's fast path), a plain task, a zeroed waker (a future
+ * polled by hand), or a task of another thread's executor. Completed by moor_chan_send (from
+ * plain code and from a fiber), the value arrives exactly once, and the waker is woken. */
+
+typedef struct fw_send {
+    moor_chan *ch;
+    int value;
+    int rc;
+    int yields; /* before the send (in a fiber) */
+} fw_send;
+
+static intptr_t fw_send_fn(void *arg)
+{
+    fw_send *s = arg;
+    for (int i = 0; i < s->yields; i++)
+        moor_yield();
+    s->rc = moor_chan_send(s->ch, &s->value, -1);
+    return 0;
+}
+
+/* Send s->value from a fiber, or from plain code; assert it went. */
+static void fw_send_now(fw_send *s, int from_fiber)
+{
+    s->rc = 1;
+    if (from_fiber) {
+        moor_fiber *f;
+        assert_int_equal(moor_spawn(&f, fw_send_fn, s, NULL), 0);
+        assert_int_equal(moor_join(f, NULL), 0);
+    } else {
+        fw_send_fn(s);
+    }
+    assert_int_equal(s->rc, 0);
+}
+
+/* The value is gone from the channel: not buffered as well, nobody else served. */
+static void fw_channel_empty(moor_chan *ch, size_t cap)
+{
+    int x = 1;
+    assert_int_equal(moor_chan_len(ch), 0);
+    assert_int_equal(moor_chan_try_recv(ch, &x), -EAGAIN);
+    if (!cap)
+        assert_int_equal(moor_chan_try_send(ch, &x), -EAGAIN);
+}
+
+typedef struct fw_select {
+    moor_chan *ch, *idle;
+    int v, w;
+    moor_chan_future ops[2];
+    int rc;
+} fw_select;
+
+static intptr_t fw_select_fn(void *arg)
+{
+    fw_select *s = arg;
+    moor_chan_recv_init(&s->ops[0], s->ch, &s->v, -1);
+    moor_chan_recv_init(&s->ops[1], s->idle, &s->w, -1);
+    moor_future *futs[2] = {&s->ops[0].base, &s->ops[1].base};
+    s->rc = moor_select(futs, 2, -1); /* no deadline: a lost wake shows as a deadlock */
+    return 0;
+}
+
+/* A task of another thread's executor: a fiber there awaits a gate future that keeps the
+ * waker of its first poll and is ready at its next; nothing but a wake polls it again. */
+typedef struct fw_gate {
+    moor_future base;
+    moor_waker waker;
+    int polls;
+    int published; /* atomic: waker is set (-1: no executor could be made) */
+    int finished;  /* atomic: the fiber's await returned */
+    intptr_t out;  /* the fiber's await: the gate's polls */
+} fw_gate;
+
+static moor_poll fw_gate_poll(moor_future *fut, moor_cx *cx)
+{
+    fw_gate *g = moor_container_of(fut, fw_gate, base);
+    if (g->polls++ == 0) {
+        g->waker = cx->waker;
+        __atomic_store_n(&g->published, 1, __ATOMIC_RELEASE);
+        return MOOR_PENDING;
+    }
+    fut->result = g->polls;
+    return MOOR_READY;
+}
+
+static const moor_future_ops fw_gate_ops = {"gate", fw_gate_poll, NULL};
+
+static intptr_t fw_gate_fiber(void *arg)
+{
+    fw_gate *g = arg;
+    g->out = moor_await(&g->base);
+    __atomic_store_n(&g->finished, 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static void *fw_gate_thread(void *arg)
+{
+    fw_gate *g = arg;
+    moor_executor *ex;
+    if (moor_executor_new(&ex, NULL) != 0) {
+        __atomic_store_n(&g->published, -1, __ATOMIC_RELEASE);
+        return NULL;
+    }
+    /* The gate has no kind that calls it local: its wait is never taken for a deadlock. */
+    moor_fiber *f;
+    if (moor_spawn(&f, fw_gate_fiber, g, NULL) == 0)
+        (void)moor_join(f, NULL);
+    moor_executor_free(ex);
+    return NULL;
+}
+
+/* Has the gate's fiber been woken (and finished)? If not within SAFETY_MS, wake it here so
+ * that its thread ends, and say so. */
+static int fw_gate_woken(fw_gate *g, pthread_t t)
+{
+    int64_t until = moor_now() + SAFETY_MS;
+    while (!__atomic_load_n(&g->finished, __ATOMIC_ACQUIRE) && moor_now() < until)
+        sleep_ms(1);
+    int woken = __atomic_load_n(&g->finished, __ATOMIC_ACQUIRE);
+    if (!woken)
+        moor_waker_wake(&g->waker);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    return woken;
+}
+
+static void test_select_recv_future_foreign_waker(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    for (size_t cap = 0; cap <= 1; cap++) {
+        for (int from_fiber = 0; from_fiber < 2; from_fiber++) {
+            moor_chan *ch = chan_new(sizeof(int), cap);
+            int value = 70 + (int)cap * 2 + from_fiber;
+            fw_send s = {ch, value, 1, 0};
+
+            /* In a select: in a fiber when plain code sends, in plain code when a fiber does
+             * (its sender waits for the select, which it finds polled and pending). */
+            fw_select sel = {.ch = ch, .idle = chan_new(sizeof(int), cap), .v = -1, .w = -1,
+                             .rc = -99};
+            if (!from_fiber) {
+                moor_fiber *sf;
+                assert_int_equal(moor_spawn(&sf, fw_select_fn, &sel, NULL), 0);
+                settle();
+                assert_int_equal(sel.rc, -99); /* it waits */
+                fw_send_now(&s, 0);
+                assert_int_equal(moor_join(sf, NULL), 0);
+            } else {
+                s.rc = 1;
+                s.yields = 3;
+                moor_fiber *f;
+                assert_int_equal(moor_spawn(&f, fw_send_fn, &s, NULL), 0);
+                fw_select_fn(&sel); /* the sender sends while the select waits */
+                assert_int_equal(moor_join(f, NULL), 0);
+                assert_int_equal(s.rc, 0);
+                s.yields = 0;
+            }
+            assert_int_equal(sel.rc, 0);
+            assert_int_equal(sel.ops[0].base.result, 0);
+            assert_int_equal(sel.v, value);
+            assert_false(moor_future_done(&sel.ops[1].base));
+            assert_int_equal(sel.w, -1);
+            fw_channel_empty(ch, cap);
+            fw_channel_empty(sel.idle, cap);
+            moor_chan_free(sel.idle);
+
+            /* In a plain task: the send wakes the task, whose next poll finds the value. */
+            int v = -1;
+            moor_chan_future op;
+            moor_chan_recv_init(&op, ch, &v, -1);
+            assert_int_equal(moor_spawn_future(&op.base), 0);
+            settle(); /* polled once: it waits */
+            assert_false(moor_future_done(&op.base));
+            fw_send_now(&s, from_fiber);
+            assert_int_equal(moor_executor_run(ex), 0); /* the task is woken and finishes */
+            assert_true(moor_future_done(&op.base));
+            assert_int_equal(op.base.result, 0);
+            assert_int_equal(v, value);
+            fw_channel_empty(ch, cap);
+
+            /* Polled by hand with a zeroed waker, which wakes nothing: the value is there at
+             * the next poll. */
+            v = -1;
+            moor_cx none = {{NULL, NULL, 0}, NULL, NULL};
+            moor_chan_recv_init(&op, ch, &v, -1);
+            assert_int_equal(moor_future_poll(&op.base, &none), MOOR_PENDING);
+            fw_send_now(&s, from_fiber);
+            assert_int_equal(v, value); /* handed over at the send */
+            assert_int_equal(moor_future_poll(&op.base, &none), MOOR_READY);
+            assert_int_equal(op.base.result, 0);
+            fw_channel_empty(ch, cap);
+
+            /* Polled by hand with the waker of a task of another thread: the send wakes that
+             * task, across threads. */
+            fw_gate g;
+            memset(&g, 0, sizeof g);
+            moor_future_init(&g.base, &fw_gate_ops, 0);
+            pthread_t t;
+            assert_int_equal(pthread_create(&t, NULL, fw_gate_thread, &g), 0);
+            while (__atomic_load_n(&g.published, __ATOMIC_ACQUIRE) == 0)
+                sleep_ms(1);
+            assert_int_equal(__atomic_load_n(&g.published, __ATOMIC_ACQUIRE), 1);
+            v = -1;
+            moor_cx remote = {g.waker, NULL, NULL};
+            moor_chan_recv_init(&op, ch, &v, -1);
+            assert_int_equal(moor_future_poll(&op.base, &remote), MOOR_PENDING);
+            fw_send_now(&s, from_fiber);
+            if (!fw_gate_woken(&g, t))
+                fail_msg("capacity %zu: the send handed the value over but did not wake the "
+                         "other thread's task", cap);
+            assert_int_equal(g.out, 2);
+            assert_int_equal(v, value);
+            assert_int_equal(moor_future_poll(&op.base, &remote), MOOR_READY);
+            assert_int_equal(op.base.result, 0);
+            fw_channel_empty(ch, cap);
+            moor_chan_free(ch);
+        }
+    }
+    ex_free(ex);
+}
+
 int main(void)
 {
     child_signals_save();
@@ -1367,6 +1716,8 @@ int main(void)
         TEST(test_select_retry_of_recv_wins_select),
         TEST(test_select_user_wrapper_claims_for_itself),
         TEST(test_select_ready_results_in_cancelled_fiber),
+        TEST(test_select_lost_waiter_before_plain_waiter),
+        TEST(test_select_recv_future_foreign_waker),
     };
     return RUN_TESTS(tests);
 }
