@@ -777,6 +777,14 @@ void chat_guest_seen(unsigned long n)
     hub_unlock();
 }
 
+unsigned long chat_guests(void)
+{
+    hub_lock();
+    unsigned long n = hub.guests;
+    hub_unlock();
+    return n;
+}
+
 /* ---- main ------------------------------------------------------------------------------- */
 
 static void usage(const char *why)

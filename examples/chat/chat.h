@@ -23,4 +23,7 @@ void chat_renamed(const char *old, const char *now);
 /* chat.c: guest<n> was handed out by the cluster; local names start above it. */
 void chat_guest_seen(unsigned long n);
 
+/* chat.c: the highest guest number handed out or seen here. */
+unsigned long chat_guests(void);
+
 #endif /* MOOR_CHAT_H */

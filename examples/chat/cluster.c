@@ -122,14 +122,19 @@ static const char lua_leave[] =
     "redis.call('PUBLISH', '" CHANNEL "', id .. ' Q ' .. nick)\n"
     "return 1\n";
 
-/* ARGV: id, ttl, then every local nick. Registers id as alive with exactly these members,
- * each nick claimed for it; a nick another instance holds is exchanged for a new guest name.
- * If the others had taken id for dead (its heartbeat expired), its old members leave and
- * the new ones join, in the others' eyes. Returns {old1, new1, old2, new2, ...}: the
- * exchanged names. */
+/* ARGV: id, ttl, guests, then every local nick. Registers id as alive with exactly these
+ * members, each nick claimed for it; a nick another instance holds is exchanged for a new
+ * guest name. If the others had taken id for dead (its heartbeat expired), its old members
+ * leave and the new ones join, in the others' eyes. The guest counter goes up to `guests`
+ * (the highest this instance has seen: a Redis that restarted empty starts from there).
+ * Returns {old1, new1, old2, new2, ...}: the exchanged names. */
 static const char lua_register[] =
     LUA_NEW_GUEST
     "local id, ttl = ARGV[1], ARGV[2]\n"
+    "local guests = tonumber(ARGV[3])\n"
+    "if (tonumber(redis.call('GET', 'moor-chat:guests')) or 0) < guests then\n"
+    "  redis.call('SET', 'moor-chat:guests', guests)\n"
+    "end\n"
     "local ik, mk = 'moor-chat:instance:' .. id, 'moor-chat:members:' .. id\n"
     "local alive = redis.call('EXISTS', ik) == 1\n"
     "if not alive then\n"
@@ -141,7 +146,7 @@ static const char lua_register[] =
     "redis.call('SET', ik, '1', 'EX', ttl)\n"
     "redis.call('SADD', 'moor-chat:instances', id)\n"
     "local out = {}\n"
-    "for i = 3, #ARGV do\n"
+    "for i = 4, #ARGV do\n"
     "  local nick = ARGV[i]\n"
     "  local cur = redis.call('GET', 'moor-chat:nick:' .. nick)\n"
     "  if cur and cur ~= id then\n"
@@ -286,6 +291,9 @@ static void dispatch(const char *p, size_t len)
     char nick[MAX_NICK + 1];
     memcpy(nick, who, wlen);
     nick[wlen] = '\0';
+    unsigned long g;
+    if (kind == 'J' && sscanf(nick, "guest%lu", &g) == 1)
+        chat_guest_seen(g); /* so that a name made here while the room is split is new */
     if (kind == 'L' && space && rlen >= 1 && rlen <= MAX_LINE)
         chat_remote_line(nick, rest, rlen);
     else if (kind == 'J' && !space)
@@ -323,18 +331,20 @@ static int enroll(void)
 {
     size_t n;
     char **nicks = chat_local_nicks(&n);
-    const char **argv = malloc((5 + n) * sizeof *argv);
+    const char **argv = malloc((6 + n) * sizeof *argv);
     if (!nicks || !argv) {
         free(nicks);
         free(argv);
         return -ENOMEM;
     }
+    char guests[32];
+    snprintf(guests, sizeof guests, "%lu", chat_guests());
     argv[0] = "EVAL", argv[1] = lua_register, argv[2] = "0", argv[3] = cl.id;
-    argv[4] = TTL_S;
+    argv[4] = TTL_S, argv[5] = guests;
     for (size_t i = 0; i < n; i++)
-        argv[5 + i] = nicks[i];
+        argv[6 + i] = nicks[i];
     redisReply *r = NULL;
-    int rc = command_argv(&r, (int)(5 + n), argv, NULL);
+    int rc = command_argv(&r, (int)(6 + n), argv, NULL);
     free(argv);
     free(nicks);
     if (rc < 0)
