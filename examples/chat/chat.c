@@ -63,6 +63,7 @@ void moor_chat_free(void *ptr);
  * gets a copy of its own: the count is not atomic). */
 typedef struct msg {
     struct msg *next; /* in an inbox, on its way to another executor */
+    uint64_t seq;     /* there: when it was said, on the hub's clock */
     size_t refs;
     size_t len;
     char text[]; /* len bytes, the last one '\n' */
@@ -71,6 +72,8 @@ typedef struct msg {
 typedef struct client {
     struct client *prev, *next;   /* in the room of its executor */
     struct client *hprev, *hnext; /* in the hub, under its lock */
+    uint64_t since;             /* when it came in, on the hub's clock: it gets what other
+                                   executors' clients said after that, not before */
     int fd;
     char nick[MAX_NICK + 1];    /* written under the hub's lock: other executors read it */
     msg **box;                  /* the outbox: a ring of `cap` slots, `len` used from `head` */
@@ -105,6 +108,7 @@ static struct {
     client *head;               /* everyone, on every executor */
     size_t count;
     unsigned long guests;       /* connections so far, for guest<N> */
+    uint64_t clock;             /* ticks at each entry into the room and each post */
     int stopping;               /* a signal came: executors that start now stop at once */
     inbox inbox[MAX_THREADS];
 } hub = {.lock = PTHREAD_MUTEX_INITIALIZER};
@@ -218,30 +222,38 @@ static void announce_local(client *except, msg *m)
     msg_unref(m);
 }
 
-/* A copy of m to every other executor's inbox, its mailman woken if it sleeps. Without
- * memory for a copy that executor's clients miss the line (as a client is dropped when its
- * outbox cannot grow). */
+/* A copy of m to every other executor's inbox, stamped with the hub's clock, their mailmen
+ * woken if they sleep. Without memory for a copy, that executor's clients miss the line (as
+ * a client is dropped when its outbox cannot grow). */
 static void post(const msg *m)
 {
+    msg *copies[MAX_THREADS];
+    moor_promise *bells[MAX_THREADS];
     for (size_t k = 0; k < hub.threads; k++) {
-        if (k == self)
-            continue;
-        msg *copy = malloc(sizeof *copy + m->len);
-        if (!copy)
-            continue;
-        memcpy(copy, m, sizeof *copy + m->len);
-        copy->refs = 1;
-        copy->next = NULL;
-        hub_lock();
-        inbox *in = &hub.inbox[k];
-        *(in->tail ? &in->tail->next : &in->head) = copy;
-        in->tail = copy;
-        moor_promise *bell = in->bell;
-        in->bell = NULL;
-        hub_unlock();
-        if (bell)
-            moor_promise_resolve(bell, 0);
+        copies[k] = k == self ? NULL : malloc(sizeof *copies[k] + m->len);
+        if (copies[k]) {
+            memcpy(copies[k], m, sizeof *copies[k] + m->len);
+            copies[k]->refs = 1;
+            copies[k]->next = NULL;
+        }
     }
+    hub_lock();
+    uint64_t seq = ++hub.clock;
+    for (size_t k = 0; k < hub.threads; k++) {
+        inbox *in = &hub.inbox[k];
+        bells[k] = NULL;
+        if (!copies[k])
+            continue;
+        copies[k]->seq = seq;
+        *(in->tail ? &in->tail->next : &in->head) = copies[k];
+        in->tail = copies[k];
+        bells[k] = in->bell;
+        in->bell = NULL;
+    }
+    hub_unlock();
+    for (size_t k = 0; k < hub.threads; k++)
+        if (bells[k])
+            moor_promise_resolve(bells[k], 0);
 }
 
 /* A message to everyone in the room, on every executor, but `except`; consumes m. */
@@ -269,7 +281,10 @@ static intptr_t mailman(void *arg)
         hub_unlock();
         for (msg *next; mail; mail = next) {
             next = mail->next;
-            announce_local(NULL, mail);
+            for (client *p = room.head; p; p = p->next)
+                if (p->since < mail->seq) /* it was in when the line was said */
+                    deliver(p, mail);
+            msg_unref(mail);
         }
         if (moor_cancelled())
             return 0;
@@ -488,6 +503,7 @@ static void enter(client *c)
             snprintf(c->nick, sizeof c->nick, "guest%lu", ++hub.guests);
         while (find(c->nick, strlen(c->nick)));
     hub_add(c);
+    c->since = ++hub.clock;
     hub_unlock();
 }
 
@@ -846,7 +862,7 @@ int main(int argc, char **argv)
     memset(&room, 0, sizeof room);
     hub_lock();
     hub.threads = (size_t)threads;
-    hub.head = NULL, hub.count = 0, hub.guests = 0, hub.stopping = 0;
+    hub.head = NULL, hub.count = 0, hub.guests = 0, hub.clock = 0, hub.stopping = 0;
     memset(hub.inbox, 0, sizeof hub.inbox);
     hub_unlock();
 
