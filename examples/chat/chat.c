@@ -491,13 +491,18 @@ static int handle(client *c, const char *line, size_t len)
 static void enter(client *c)
 {
     int named = -1;
+    char stale[MAX_NICK + 1] = "";
 #ifdef MOOR_CHAT_REDIS
     if (redis_host)
         named = cluster_join(c->nick, sizeof c->nick);
 #endif
     hub_lock();
-    if (named == 0 && find(c->nick, strlen(c->nick)))
-        named = -1; /* named here while the room was split: the local rule wins */
+    if (named == 0 && find(c->nick, strlen(c->nick))) {
+        /* A local client took that name while the room was split: it keeps it, and the
+         * newcomer's claim is given back below. */
+        strcpy(stale, c->nick);
+        named = -1;
+    }
     if (named < 0)
         do
             snprintf(c->nick, sizeof c->nick, "guest%lu", ++hub.guests);
@@ -505,6 +510,12 @@ static void enter(client *c)
     hub_add(c);
     c->since = ++hub.clock;
     hub_unlock();
+#ifdef MOOR_CHAT_REDIS
+    if (stale[0])
+        cluster_leave(stale);
+#else
+    (void)stale;
+#endif
 }
 
 /* Take c out of the hub (and the other instances' rooms). */
