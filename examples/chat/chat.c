@@ -74,6 +74,8 @@ typedef struct client {
     struct client *hprev, *hnext; /* in the hub, under its lock */
     uint64_t since;             /* when it came in, on the hub's clock: it gets what other
                                    executors' clients said after that, not before */
+    unsigned long long ticket;  /* --redis: its join's place (cluster_joins_seen); 0 if it
+                                   came in while the room was local only */
     int fd;
     char nick[MAX_NICK + 1];    /* written under the hub's lock: other executors read it */
     msg **box;                  /* the outbox: a ring of `cap` slots, `len` used from `head` */
@@ -494,8 +496,10 @@ static void enter(client *c)
     char stale[MAX_NICK + 1] = "";
 #ifdef MOOR_CHAT_REDIS
     if (redis_host)
-        named = cluster_join(c->nick, sizeof c->nick);
+        named = cluster_join(c->nick, sizeof c->nick, &c->ticket);
 #endif
+    if (named < 0)
+        c->ticket = 0;
     hub_lock();
     if (named == 0 && find(c->nick, strlen(c->nick))) {
         /* A local client took that name while the room was split: it keeps it, and the
@@ -753,19 +757,41 @@ static int listen_shared(const char *host, int port)
 
 /* ---- what cluster.c asks of the room ------------------------------------------------------ */
 
+#ifdef MOOR_CHAT_REDIS
+/* To the local clients that were in when another instance's client said it; consumes m. */
+static void announce_remote(msg *m)
+{
+    unsigned long long seen = cluster_joins_seen();
+    for (client *p = room.head; p; p = p->next)
+        if (p->ticket <= seen)
+            deliver(p, m);
+    msg_unref(m);
+}
+
 void chat_remote_line(const char *nick, const char *text, size_t len)
 {
-    announce_local(NULL, msg_new(text, len, "%s: ", nick));
+    announce_remote(msg_new(text, len, "%s: ", nick));
 }
 
 void chat_remote_notice(const char *fmt, ...)
 {
+    char text[2 * MAX_NICK + 64];
     va_list ap;
     va_start(ap, fmt);
-    char head[8 + MAX_LINE];
-    vsnprintf(head, sizeof head, fmt, ap);
+    vsnprintf(text, sizeof text, fmt, ap);
     va_end(ap);
-    announce_local(NULL, msg_new(NULL, 0, "* %s", head));
+    announce_remote(msg_new(NULL, 0, "* %s", text));
+}
+#endif
+
+void chat_notice(const char *fmt, ...)
+{
+    char text[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(text, sizeof text, fmt, ap);
+    va_end(ap);
+    announce_local(NULL, msg_new(NULL, 0, "* %s", text));
 }
 
 char **chat_local_nicks(size_t *count)

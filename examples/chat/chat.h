@@ -8,9 +8,13 @@
 #define MAX_LINE (4096)         /* longest line accepted, without its newline */
 #define MAX_NICK (32)
 
-/* chat.c: deliver what a client of another instance said or did to every local client. */
-void chat_remote_line(const char *nick, const char *text, size_t len);   /* "nick: text" */
-void chat_remote_notice(const char *fmt, ...) __attribute__((format(printf, 1, 2))); /* "* ..." */
+/* chat.c: deliver what a client of another instance said or did to the local clients that
+ * were in when it was said (see cluster_joins_seen), "nick: text" or "* ...". */
+void chat_remote_line(const char *nick, const char *text, size_t len);
+void chat_remote_notice(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* chat.c: news of the link, "* ...", to every local client. */
+void chat_notice(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /* chat.c: the nicks of the local clients, as one allocation the caller frees: an array of
  * *count pointers to the strings that follow it. NULL without memory (*count is then 0). */

@@ -69,6 +69,8 @@ static struct {
     unsigned gen;               /* counts connections: a failure of an older one is old news */
     int fail;                   /* the error that ended the current connection, or 0 */
     int stopping;
+    unsigned long long joins_sent; /* lua_join scripts sent (cluster_join's tickets) */
+    unsigned long long joins_seen; /* their J messages that have come back */
     moor_sem kick;              /* the link's fiber looks again: a failure, or the stop */
     moor_event started;         /* the first attempt to connect is over */
     moor_fiber *link;
@@ -277,8 +279,7 @@ static int valid_nick(const char *s, size_t len)
  * malformed (the channel is open to any Redis client) is ignored. */
 static void dispatch(const char *p, size_t len)
 {
-    if (len < ID_LEN + 4 || p[ID_LEN] != ' ' || p[ID_LEN + 2] != ' ' ||
-        memcmp(p, cl.id, ID_LEN) == 0)
+    if (len < ID_LEN + 4 || p[ID_LEN] != ' ' || p[ID_LEN + 2] != ' ')
         return;
     char kind = p[ID_LEN + 1];
     const char *who = p + ID_LEN + 3, *end = p + len;
@@ -286,6 +287,11 @@ static void dispatch(const char *p, size_t len)
     size_t wlen = (size_t)((space ? space : end) - who);
     const char *rest = space ? space + 1 : end;
     size_t rlen = (size_t)(end - rest);
+    if (memcmp(p, cl.id, ID_LEN) == 0) {
+        if (kind == 'J' && cl.joins_seen < cl.joins_sent)
+            cl.joins_seen++; /* one of ours is in, for the others' news from now on */
+        return;
+    }
     if (!valid_nick(who, wlen))
         return;
     char nick[MAX_NICK + 1];
@@ -410,7 +416,7 @@ static intptr_t link_run(void *arg)
         if (down) {
             fprintf(stderr, "moor-chat: redis %s:%d is back: the room is shared again\n",
                     cl.host, cl.port);
-            chat_remote_notice("the room is shared again (redis is back)");
+            chat_notice("the room is shared again (redis is back)");
         }
         down = 0, backoff = BACKOFF_MIN_MS;
         moor_fiber *lst = NULL;
@@ -432,17 +438,25 @@ static intptr_t link_run(void *arg)
             moor_cancel(lst);
             moor_join(lst, NULL);
         }
+        /* What came before the loss is delivered still (the command connection may have
+         * failed first). */
+        moor_redis_message *m;
+        while (moor_redis_pending(cl.sub) > 0 && moor_redis_next_message(cl.sub, 0, &m) == 0) {
+            dispatch(m->payload, m->len);
+            moor_redis_message_free(m);
+        }
         if (cl.stopping && !cl.fail)
             eval(NULL, lua_bye, 1, cl.id, NULL, NULL, NULL);
         rc = cl.fail;
         cl.up = 0;
+        cl.joins_seen = cl.joins_sent; /* no J of the old link comes any more */
         moor_redis_close(cl.sub);
         moor_redis_close(cl.cmd);
         cl.sub = cl.cmd = NULL;
         if (!cl.stopping) {
             fprintf(stderr, "moor-chat: lost redis %s:%d (%s): the room is local only now; "
                     "reconnecting\n", cl.host, cl.port, moor_strerror(rc));
-            chat_remote_notice("the room is local only now (lost the connection to redis)");
+            chat_notice("the room is local only now (lost the connection to redis)");
             down = 1;
         }
     }
@@ -458,6 +472,11 @@ static void make_id(char *out)
     }
     for (size_t i = 0; i < sizeof raw; i++)
         sprintf(out + 2 * i, "%02x", raw[i]);
+}
+
+unsigned long long cluster_joins_seen(void)
+{
+    return cl.joins_seen;
 }
 
 /* ---- what chat.c calls ------------------------------------------------------------------- */
@@ -484,12 +503,21 @@ void cluster_stop(void)
     cl.link = NULL;
 }
 
-int cluster_join(char *nick, size_t size)
+int cluster_join(char *nick, size_t size, unsigned long long *ticket)
 {
+    if (!cl.up)
+        return -ENOTCONN;
+    /* Counted as sent before it is: a failure that may have kept it from Redis fails the
+     * link (below), which reaches every ticket. */
+    *ticket = ++cl.joins_sent;
+    unsigned gen = cl.gen;
     redisReply *r = NULL;
     int rc = eval(&r, lua_join, 2, cl.id, TTL_S, NULL, NULL);
-    if (rc < 0)
+    if (rc < 0) {
+        if (rc != -ECANCELED) /* a cancelled call was sent all the same */
+            link_failed(gen, rc == -ENOTCONN ? -ECONNRESET : rc);
         return rc;
+    }
     if (r->type != REDIS_REPLY_INTEGER) {
         moor_redis_reply_free(r);
         return -EPROTO;

@@ -14,9 +14,16 @@ int cluster_start(const char *host, int port);
 void cluster_stop(void);
 
 /* A new client's name: guest<N> with N counted over every instance, claimed for this
- * instance, and its join published. 0 with nick set, or a negative error: the room is local
- * only (nick untouched). May suspend. */
-int cluster_join(char *nick, size_t size);
+ * instance, and its join published. 0 with nick set and *ticket its place among this
+ * instance's joins, or a negative error: the room is local only (nick untouched). May
+ * suspend. */
+int cluster_join(char *nick, size_t size, unsigned long long *ticket);
+
+/* How many of this instance's joins have come back on the channel. The client with a given
+ * ticket is in the room, for what the other instances' clients say, once this reaches it:
+ * what came on the channel before its own join was said before it came in (Redis orders
+ * the channel). While the room is local only, every ticket handed out is reached. */
+unsigned long long cluster_joins_seen(void);
 
 /* Publish a client's line, its nick change, its leaving. Lines and leaves return nothing:
  * with no link the room is local only and nobody else is told. cluster_rename claims `now`
