@@ -1267,6 +1267,45 @@ static void test_chat_redis_nick(void **state)
     expect_line(a, want);
     snprintf(want, sizeof want, "* %s is now bob", nb2);
     expect_line(a, want);
+    /* Both ask for one name at once, again and again: exactly one of them gets it. The
+     * loser's refusal and the news of the winner's new name come by different roads (the
+     * command's reply, the channel): in either order. */
+    static const char *const names[] = {"alice", "bob"};
+    cl *both[] = {a, b2};
+    int wins[2] = {0, 0};
+    for (int round = 0; round < 20; round++) {
+        cl_send(a, "/nick race%d\n", round);
+        cl_send(b2, "/nick race%d\n", round);
+        char mine[64], first[128];
+        snprintf(mine, sizeof mine, "* you are now race%d", round);
+        char *got = cl_line(a);
+        assert_non_null(got);
+        snprintf(first, sizeof first, "%s", got);
+        int w = strcmp(first, mine) == 0 ? 0 : 1, l = !w;
+        if (w == 1)
+            expect_line(b2, mine);
+        char news[64], seen[2][128];
+        snprintf(news, sizeof news, "* %s is now race%d", names[w], round);
+        for (int i = 0; i < 2; i++) {
+            if (i == 0 && l == 0) {
+                snprintf(seen[0], sizeof seen[0], "%s", first);
+                continue;
+            }
+            got = cl_line(both[l]);
+            assert_non_null(got);
+            snprintf(seen[i], sizeof seen[i], "%s", got);
+        }
+        if (!((strcmp(seen[0], "* error: nick taken") == 0 && strcmp(seen[1], news) == 0) ||
+              (strcmp(seen[1], "* error: nick taken") == 0 && strcmp(seen[0], news) == 0)))
+            fail_msg("round %d: the loser heard \"%s\" and \"%s\"", round, seen[0], seen[1]);
+        wins[w]++;
+        cl_send(both[w], "/nick %s\n", names[w]); /* back, for the next round */
+        snprintf(news, sizeof news, "* you are now %s", names[w]);
+        expect_line(both[w], news);
+        snprintf(news, sizeof news, "* race%d is now %s", round, names[w]);
+        expect_line(both[l], news);
+    }
+    print_message("20 races for a name: a won %d, b %d\n", wins[0], wins[1]);
     server_stop_of(&srv, SIGTERM);
     server_stop_of(&srv2, SIGTERM);
 }
@@ -1317,6 +1356,94 @@ static void test_chat_redis_instance_killed(void **state)
     cl_send(a, "/nick carol\n");
     expect_line(a, "* you are now carol");
     server_stop_of(&srv, SIGTERM);
+}
+
+/* PUBLISH payload on the room's channel from a plain connection of the test's own (the
+ * channel is open to any Redis client): how many subscribers got it. */
+static long long redis_publish_raw(const void *payload, size_t len)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in in = {.sin_family = AF_INET, .sin_port = htons((uint16_t)redis.port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(connect(fd, (struct sockaddr *)&in, sizeof in), 0);
+    char head[128];
+    int h = snprintf(head, sizeof head, "*3\r\n$7\r\nPUBLISH\r\n$14\r\nmoor-chat:room\r\n$%zu\r\n",
+                     len);
+    cl c = {.fd = fd};
+    cl_write(&c, head, (size_t)h);
+    cl_write(&c, payload, len);
+    cl_write(&c, "\r\n", 2);
+    char reply[64] = {0};
+    size_t got = 0;
+    while (got < sizeof reply - 1 && !memchr(reply, '\n', got)) {
+        struct pollfd p = {fd, POLLIN, 0};
+        assert_int_equal(poll(&p, 1, SAFETY_MS), 1);
+        ssize_t n = read(fd, reply + got, sizeof reply - 1 - got);
+        assert_true(n > 0);
+        got += (size_t)n;
+    }
+    close(fd);
+    long long receivers = -1;
+    assert_int_equal(sscanf(reply, ":%lld", &receivers), 1);
+    return receivers;
+}
+
+/* Anything published on the channel that is not an instance's message is ignored; a
+ * well-formed one from anybody is delivered, as it is (any byte in a line). */
+static void test_chat_redis_garbage_on_channel(void **state)
+{
+    (void)state;
+    redis_pair_start(0);
+    char na[MAX_NICK_TEST + 1], nb[MAX_NICK_TEST + 1], want[128];
+    cl *a = cl_enter(&srv, na);
+    cl *b = cl_enter(&srv2, nb);
+    snprintf(want, sizeof want, "* %s joined", nb);
+    expect_line(a, want);
+    static char big[6000];
+    memset(big, 'x', sizeof big);
+    memcpy(big, "0123456789abcdef L mallory ", 27);
+    static const struct {
+        const char *p;
+        size_t len;
+    } junk[] = {
+#define J(s) {s, sizeof s - 1}
+        J(""), J("x"), J("0123456789abcdef"), J("0123456789abcdef L"),
+        J("0123456789abcdef L "), J("0123456789abcdef L  hi"),
+        J("0123456789abcdef L 012345678901234567890123456789012 hi"), /* a nick of 33 */
+        J("0123456789abcdef L bad.nick hi"), J("0123456789abcdef L ni\0ck hi"),
+        J("0123456789abcdef L mallory"), J("0123456789abcdef L mallory "),
+        J("0123456789abcdef Z mallory"), J("0123456789abcdef J mallory extra"),
+        J("0123456789abcdef Q"), J("0123456789abcdef N mallory"),
+        J("0123456789abcdef N mallory bad.nick"), J("0123456789abcdef N mallory "),
+        J("0123456789abcdefXL mallory hi"), J("0123456789abcdef LXmallory hi"),
+#undef J
+        {big, 27 + 4097}, /* a line of 4097 bytes: longer than a client may send */
+    };
+    for (size_t i = 0; i < sizeof junk / sizeof junk[0]; i++)
+        assert_int_equal(redis_publish_raw(junk[i].p, junk[i].len), 2);
+    static const char line[] = "0123456789abcdef L mallory hi\0there\xff";
+    assert_int_equal(redis_publish_raw(line, sizeof line - 1), 2);
+    assert_int_equal(redis_publish_raw("0123456789abcdef J mallory", 26), 2);
+    assert_int_equal(redis_publish_raw(big, 27 + 4096), 2); /* the longest line */
+    cl *both[] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        size_t len;
+        char *got = cl_line_within(both[i], SAFETY_MS, &len);
+        assert_non_null(got);
+        assert_int_equal(len, 18);
+        assert_memory_equal(got, "mallory: hi\0there\xff", 18);
+        expect_line(both[i], "* mallory joined");
+        got = cl_line_within(both[i], SAFETY_MS, &len);
+        assert_non_null(got);
+        assert_int_equal(len, 9 + 4096);
+        assert_memory_equal(got, "mallory: xxxx", 13);
+    }
+    cl_send(b, "still fine\n");
+    snprintf(want, sizeof want, "%s: still fine", nb);
+    expect_line(a, want);
+    server_stop_of(&srv, SIGTERM);
+    server_stop_of(&srv2, SIGTERM);
 }
 
 /* Wait for `want` in what server s wrote on stderr. */
@@ -1461,6 +1588,7 @@ int main(void)
     const struct CMUnitTest redis_cases[] = {
         CHAT_TEST(test_chat_redis_lines),
         CHAT_TEST(test_chat_redis_nick),
+        CHAT_TEST(test_chat_redis_garbage_on_channel),
         CHAT_TEST(test_chat_redis_instance_killed),
         CHAT_TEST(test_chat_redis_server_killed),
     };
