@@ -62,9 +62,13 @@ void moor_chan_free(moor_chan *ch)
 
 size_t moor_chan_len(const moor_chan *ch) { return ch->count; }
 
+/* The i-th value from the head (i <= count <= cap, head < cap: one wrap at most, no division). */
 static inline unsigned char *slot(moor_chan *ch, size_t i)
 {
-    return ch->ring + ((ch->head + i) % ch->cap) * ch->elem_size;
+    size_t at = ch->head + i;
+    if (at >= ch->cap)
+        at -= ch->cap;
+    return ch->ring + at * ch->elem_size;
 }
 
 /* Values of the common sizes are copied inline, not through a libc call. */
@@ -92,6 +96,15 @@ static inline void complete(moor__waiter *w, intptr_t result)
     op->completed = 1;
     op->base.result = result;
     moor__wake(&w->waker);
+}
+
+/* complete() for a plain waiter of a channel of ex, the calling thread's executor. */
+static inline void complete_plain(moor_executor *ex, moor__waiter *w)
+{
+    moor_chan_future *op = moor_container_of(w, moor_chan_future, waiter);
+    op->completed = 1;
+    op->base.result = 0;
+    moor__wake_registered(ex, &w->waker);
 }
 
 /* Send now if it needs no waiting: to a waiting receiver, or into the ring. 0, -EAGAIN,
@@ -125,7 +138,8 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
     if (ch->count) {
         (void)moor__claim(cx);
         copy_elem(elem, slot(ch, 0), ch->elem_size);
-        ch->head = (ch->head + 1) % ch->cap;
+        if (++ch->head == ch->cap)
+            ch->head = 0;
         ch->count--;
         /* A slot is free: the first waiting sender moves its value in. */
         moor__waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
@@ -276,23 +290,68 @@ static void waiter_unlink(void *arg)
 /* A send or receive that has to wait. In a fiber it queues its op and waits for the
  * counterpart to complete it, without a future poll in between; plain code runs the
  * executor on the op as a future. */
-static int wait_op(moor_chan *ch, void *elem, int64_t deadline, int send)
+static inline __attribute__((always_inline)) int wait_op(moor_chan *ch, void *elem,
+                                                        int64_t deadline, int send)
 {
-    moor_chan_future op;
-    op_init(&op, ch, elem, deadline, send);
     moor_executor *ex = moor__tls_executor;
     moor_fiber *f = ex ? ex->current : NULL;
-    if (!f)
+    moor_chan_future op;
+    op.base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
+    op.chan = ch;
+    op.elem = elem;
+    op.send = send;
+    op.completed = 0;
+    if (!f) {
+        moor__waiter_init(&op.waiter);
+        moor__deadline_init(&op.deadline, deadline);
         return (int)moor_block_on(&op.base);
+    }
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     moor__waitq_push(send ? &ch->senders : &ch->receivers, &op.waiter, &cx);
+    if (deadline < 0) {
+        /* No deadline, the common case: moor__fiber_wait_completion's loop without the
+         * deadline (so op.deadline is never looked at), written out here so that a channel
+         * round trip costs no call beyond the switch. */
+        moor__wait_stamp(ex, &f->task);
+        while (!op.completed) {
+            if (f->cancelled) {
+                waiter_unlink(&op);
+                return -ECANCELED;
+            }
+            moor__fiber_suspend(f, &op.base);
+        }
+        return (int)op.base.result;
+    }
+    moor__deadline_init(&op.deadline, deadline);
     return moor__fiber_wait_completion(f, &op.completed, &op.base, &op.deadline,
                                        waiter_unlink, &op, 1);
 }
 
+/* The first waiter of q if a plain call may pair with it at once: one that is no select's
+ * (a select's waiter needs its claim, which try_send and try_recv handle). NULL otherwise. */
+static inline moor__waiter *plain_waiter(const moor__list *q)
+{
+    moor__node *n = q->head;
+    if (!n)
+        return NULL;
+    moor__waiter *w = moor__waiter_of(n);
+    return w->claim ? NULL : w;
+}
+
+/* The public calls wait inline (not through a call of their own), so that a waiting fiber's
+ * backtrace reads moor_chan_send or moor_chan_recv right above the caller. */
 int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
 {
     owner_check(ch, "moor_chan_send");
+    moor__waiter *w = plain_waiter(&ch->receivers);
+    if (w) {
+        /* A receiver waits (so the ring is empty and the channel open): hand the value over. */
+        moor__waitq_take_first(&ch->receivers, w);
+        copy_elem(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->elem_size);
+        complete_plain(ch->ex, w);
+        moor__coop_spend_on(ch->ex);
+        return 0;
+    }
     int rc = try_send(ch, elem, NULL);
     if (rc == -EAGAIN)
         return wait_op(ch, (void *)elem, deadline, 1);
@@ -303,6 +362,16 @@ int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
 int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
 {
     owner_check(ch, "moor_chan_recv");
+    moor__waiter *w = ch->count ? NULL : plain_waiter(&ch->senders);
+    if (w) {
+        /* A sender waits and the ring is empty (a rendezvous channel, or a drained ring whose
+         * senders came after): take its value. */
+        moor__waitq_take_first(&ch->senders, w);
+        copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem, ch->elem_size);
+        complete_plain(ch->ex, w);
+        moor__coop_spend_on(ch->ex);
+        return 0;
+    }
     int rc = try_recv(ch, elem, NULL);
     if (rc == -EAGAIN)
         return wait_op(ch, elem, deadline, 0);

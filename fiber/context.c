@@ -53,9 +53,7 @@ __attribute__((noinline)) void moor__switch(moor__ctx *from, moor__ctx *to)
 {
     moor__fp_clear_flags(to);
 #ifdef MOOR_ASAN_FIBERS
-    /* NULL tells ASan the leaving stack is gone for good. */
-    __sanitizer_start_switch_fiber(from->finished ? NULL : &from->asan_fake, to->stack_lo,
-                                   to->stack_size);
+    __sanitizer_start_switch_fiber(&from->asan_fake, to->stack_lo, to->stack_size);
 #endif
 #ifdef MOOR_TSAN_FIBERS
     __tsan_switch_to_fiber(to->tsan_fiber, 0);

@@ -1,5 +1,5 @@
 /* The one place where moor switches stacks. Every switch between the executor and a fiber
- * goes through moor__switch (moor__switch_final too, when a fiber leaves for good), so this is
+ * goes through moor__switch (or moor__switch_last, when a fiber leaves for good), so this is
  * where the tools hook in: ASan's fiber annotations, TSan's fiber API, and the clearing of
  * the floating-point sticky flags that keeps jump_fcontext's MXCSR reload cheap. */
 #ifndef MOOR_FIBER_CONTEXT_H
@@ -39,14 +39,20 @@
 /* A place to resume: the executor's own stack, or a fiber's. */
 typedef struct moor__ctx {
     fcontext_t fctx;      /* where to jump to resume it; set each time it switches away */
-    const void *stack_lo; /* lowest usable address (ASan); the executor's is learnt */
-    size_t stack_size;    /* usable bytes from stack_lo (ASan) */
+#ifdef MOOR_ASAN_FIBERS
+    const void *stack_lo; /* lowest usable address; the executor's is learnt */
+    size_t stack_size;    /* usable bytes from stack_lo */
     void *asan_fake;      /* ASan's fake stack of this context while it is switched away */
+#endif
     void *tsan_fiber;     /* TSan's fiber for this context */
-    transfer_t (*entry)(transfer_t); /* run on top of it at its first switch (never returns) */
-    int started;          /* it has run: it waits inside moor__switch, not at its entry */
-    int finished;         /* it switches away for the last time (ASan forgets its stack) */
+    /* What ontop_fcontext runs on top of it when it is switched to: its entry (which never
+     * returns) the first time, then moor__resume_ret, once it waits inside moor__switch. */
+    transfer_t (*resume)(transfer_t);
 } moor__ctx;
+
+/* ontop_fcontext's function for a context that waits in moor__switch: returns at once, to
+ * the resume address on top of the stack (see context.c). */
+transfer_t moor__resume_ret(transfer_t t) __attribute__((visibility("hidden")));
 
 /* Floating-point state across switches. jump_fcontext stores the leaving side's MXCSR in
  * its saved frame and loads the arriving side's from its frame. On some CPUs loading a
@@ -108,19 +114,37 @@ void moor__switch(moor__ctx *from, moor__ctx *to);
  * top of its stack; either way through the same ontop_fcontext call (see context.c). */
 static inline transfer_t moor__jump(moor__ctx *from, moor__ctx *to)
 {
-    extern transfer_t moor__resume_ret(transfer_t t) __attribute__((visibility("hidden")));
-    transfer_t (*fn)(transfer_t) = to->started ? moor__resume_ret : to->entry;
-    to->started = 1;
+    transfer_t (*fn)(transfer_t) = to->resume;
+    to->resume = moor__resume_ret;
     return ontop_fcontext(to->fctx, from, fn);
 }
 
-/* Leave `from` for the last time: its stack may be reused as soon as `to` runs. Through
- * moor__switch like every switch, so that the return-stack predictor stays in step. */
-__attribute__((noreturn)) static inline void moor__switch_final(moor__ctx *from, moor__ctx *to)
+/* Leave `from` for the last time: its stack may be reused as soon as `to` runs. To be used as
+ * `return moor__switch_last(...)` at the end of a context's entry function, so that the
+ * compiler makes the jump a tail call: the context then leaves without a call, as it came in
+ * without one (ontop_fcontext jumps to the entry), and everything it did in between was
+ * balanced calls and returns. The return-stack predictor holds exactly what it held when the
+ * context was entered, which is what the context that entered it expects on its return: a
+ * fiber spawned and joined (or run by the executor) hands back with every return predicted.
+ * Through moor__switch instead, the two calls it makes would leave two entries that the
+ * resumed side pops as its own, mispredicting twice (see context.c).
+ *
+ * moor__jump's two lines are written out here: called inline, gcc 12 copies the pair it
+ * returns and makes a plain call. Without the tail call (an unoptimised build) it is still
+ * correct: the pushed return address is never used. */
+static inline __attribute__((always_inline)) transfer_t moor__switch_last(moor__ctx *from,
+                                                                          moor__ctx *to)
 {
-    from->finished = 1;
-    moor__switch(from, to);
-    __builtin_unreachable();
+    moor__fp_clear_flags(to);
+#ifdef MOOR_ASAN_FIBERS
+    __sanitizer_start_switch_fiber(NULL, to->stack_lo, to->stack_size); /* gone for good */
+#endif
+#ifdef MOOR_TSAN_FIBERS
+    __tsan_switch_to_fiber(to->tsan_fiber, 0);
+#endif
+    transfer_t (*fn)(transfer_t) = to->resume;
+    to->resume = moor__resume_ret;
+    return ontop_fcontext(to->fctx, from, fn);
 }
 
 /* A fresh context's initial frame, as make_fcontext builds it (registers to restore, the
@@ -152,12 +176,12 @@ static inline void moor__ctx_make(moor__ctx *ctx, void *lo, size_t size,
     } else {
         ctx->fctx = make_fcontext((char *)lo + size, size, moor__ctx_no_trampoline);
     }
-    ctx->entry = entry;
+    ctx->resume = entry;
+#ifdef MOOR_ASAN_FIBERS
     ctx->stack_lo = lo;
     ctx->stack_size = size;
     ctx->asan_fake = NULL;
-    ctx->started = 0;
-    ctx->finished = 0;
+#endif
 }
 
 #endif

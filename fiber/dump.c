@@ -305,7 +305,7 @@ static void dump_executor(const sink *s, const moor_executor *ex)
     moor__fmt_str(&line, " fibers, ");
     moor__fmt_u64(&line, ex->timers.n);
     moor__fmt_str(&line, " timers, ");
-    moor__fmt_u64(&line, ex->switches);
+    moor__fmt_u64(&line, moor__switches(ex));
     moor__fmt_str(&line, " switches, ");
     moor__fmt_u64(&line, ex->wakeups);
     moor__fmt_str(&line, " wakeups");

@@ -175,7 +175,8 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     struct sigaction sa;
     if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
         signal(SIGPIPE, SIG_IGN);
-    ex->ctx.started = 1; /* the thread's own stack: it will wait inside moor__switch */
+    ex->ctx.resume = moor__resume_ret; /* the thread's own stack: it will wait inside moor__switch */
+    ex->handoffs_left = MOOR__HANDOFF_BUDGET;
     static pthread_once_t fp_once = PTHREAD_ONCE_INIT;
     pthread_once(&fp_once, context_setup_once);
     ex->driver = &plain_driver;
@@ -254,7 +255,7 @@ void moor_executor_stats_get(const moor_executor *ex, moor_executor_stats *out)
     moor__stack_counts sc;
     moor__stack_pool_counts(&ex->pool, &sc);
     *out = (moor_executor_stats){.tasks = ex->ntasks, .fibers = fibers, .timers = ex->timers.n,
-                                 .fibers_alive = alive, .switches = ex->switches,
+                                 .fibers_alive = alive, .switches = moor__switches(ex),
                                  .wakeups = ex->wakeups, .stacks_mapped = sc.mapped,
                                  .stacks_pooled = sc.hot + sc.cold, .guard = ex->pool.mode};
 }
@@ -508,8 +509,10 @@ static inline void task_run(moor_executor *ex, moor_task *t)
 {
     t->state = MOOR__TASK_RUNNING;
     if (t->kind == MOOR__TASK_FIBER) {
-        ex->handoffs_left = MOOR__HANDOFF_BUDGET;
         moor__fiber_resume(ex, moor_container_of(t, moor_fiber, task));
+        /* Count its hand-offs now rather than one by one (a store fewer per switch). */
+        ex->switches += MOOR__HANDOFF_BUDGET - ex->handoffs_left;
+        ex->handoffs_left = MOOR__HANDOFF_BUDGET;
         return;
     }
     moor_cx cx = {{ex, t, t->gen}, NULL, NULL};
@@ -772,10 +775,11 @@ static transfer_t fiber_entry(transfer_t t)
     if (f->detached) {
         ex->zombie = f; /* not released here: we are still running on its stack */
     } else {
-        moor_waker joiner = f->joiner;
-        moor__wake(&joiner);
+        /* Registered: join_cancel clears it when a joiner gives up. No local's address is
+         * taken here, so the switch below stays a tail call. */
+        moor__wake_registered(ex, &f->joiner);
     }
-    moor__switch_final(&f->ctx, moor__fiber_next(ex));
+    return moor__switch_last(&f->ctx, moor__fiber_next(ex));
 }
 
 /* ---- join future ----------------------------------------------------------------------- */
@@ -980,7 +984,6 @@ int moor_join(moor_fiber *f, intptr_t *result)
             f->joiner = (moor_waker){f->ex, &self->task, self->task.gen};
             moor__fiber_suspend(self, &f->join_fut);
         }
-        f->joiner = (moor_waker){0};
     } else if (f->state != MOOR__FIBER_DONE) {
         /* From plain code: run the executor until the fiber has returned. Not a block_on of
          * join_fut, which would need a task slot, and so could fail for want of memory. */

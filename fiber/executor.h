@@ -99,7 +99,9 @@ struct moor_executor {
     moor_fiber *current;             /* the fiber running now, or NULL */
     moor_fiber *zombie;              /* a detached fiber that finished on its own stack; the
                                         next context to run releases it */
-    unsigned handoffs_left;          /* fiber-to-fiber switches before the run loop gets a turn */
+    unsigned handoffs_left;          /* fiber-to-fiber switches before the run loop gets a turn;
+                                        MOOR__HANDOFF_BUDGET less it: the hand-offs not yet
+                                        counted in `switches` (moor__switches) */
     moor__ctx ctx;                   /* the executor's own context: the thread's stack */
     int *errno_ptr;                  /* this thread's errno: fibers never migrate */
     uint64_t next_gen;               /* generations are never reused, so stale wakers miss */
@@ -109,7 +111,8 @@ struct moor_executor {
     int running;                     /* inside run/block_on */
     int64_t now;                     /* moor_now() at the executor's last look at the clock
                                         (each park, every 64 tasks run): wait stamps */
-    uint64_t switches;               /* fibers switched to (moor_stats) */
+    uint64_t switches;               /* fibers switched to (moor_stats), but the hand-offs of
+                                        the run in progress: read moor__switches */
     uint64_t wakeups;                /* waiting tasks made runnable (moor_stats) */
     moor_task *live_hint;            /* deadlock detection: a task last found waiting on
                                         something non-local, looked at first; NULL when it
@@ -253,6 +256,25 @@ static inline void moor__wake(const moor_waker *w)
     moor_waker_wake(w);
 }
 
+/* moor__wake for the waker a wait still registered on one of ex's objects holds (a waiter in
+ * a channel's queue, say): its task is alive in the generation the waker names, so only the
+ * state is looked at. ex is the calling thread's executor. */
+static inline void moor__wake_registered(moor_executor *ex, const moor_waker *w)
+{
+    moor_task *t = w->task;
+    if (__builtin_expect(!t || w->ex != ex, 0)) {
+        moor__wake(w);
+        return;
+    }
+    if (t->state == MOOR__TASK_IDLE) {
+        t->state = MOOR__TASK_SCHEDULED;
+        ex->wakeups++;
+        moor__runq_push(ex, t);
+    } else if (t->state == MOOR__TASK_RUNNING) {
+        t->state = MOOR__TASK_NOTIFIED;
+    }
+}
+
 /* The bookkeeping of a task whose poll returned PENDING: back on the queue if it was woken
  * meanwhile, else idle until a wake. */
 static inline void moor__task_pending(moor_executor *ex, moor_task *t)
@@ -391,8 +413,7 @@ static inline moor__ctx *moor__fiber_next(moor_executor *ex)
     moor_task *t = ex->run_head;
     if (t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left &&
         !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED)) {
-        ex->handoffs_left--;
-        ex->switches++;
+        ex->handoffs_left--; /* counted as a switch when the run loop gets its turn */
         moor__runq_pop(ex);
         t->state = MOOR__TASK_RUNNING;
         moor_fiber *next = (moor_fiber *)(void *)t; /* task is the first member */
@@ -401,6 +422,12 @@ static inline moor__ctx *moor__fiber_next(moor_executor *ex)
     }
     ex->current = NULL;
     return &ex->ctx;
+}
+
+/* Fibers switched to so far: those counted, and the hand-offs of the run in progress. */
+static inline uint64_t moor__switches(const moor_executor *ex)
+{
+    return ex->switches + (MOOR__HANDOFF_BUDGET - ex->handoffs_left);
 }
 
 /* The poll adapter's PENDING: the running fiber stops until its task is woken and picked
@@ -443,6 +470,14 @@ void moor__coop_yield(moor_executor *ex);
  * before returning, which refills it. (Waits do not refill it: that would cost a store on
  * every switch, and a fiber that also waits yields at most once per 128 such operations.) In plain code (no fiber) the executor's own budget is spent, and a turn of
  * the executor is run instead. Cheap: a thread-local load, a decrement and a branch. */
+/* moor__coop_spend, for a caller that has the calling thread's executor at hand. */
+static inline void moor__coop_spend_on(moor_executor *ex)
+{
+    moor_fiber *f = ex->current;
+    if (__builtin_expect(f ? --f->budget == 0 : --ex->plain_budget == 0, 0))
+        moor__coop_yield(ex);
+}
+
 static inline void moor__coop_spend(void)
 {
     moor_executor *ex = moor__tls_executor;

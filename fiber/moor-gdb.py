@@ -81,6 +81,16 @@ def _field_offset(struct_type, name):
                     % (struct_type, name))
 
 
+_resume_ret = []
+
+
+def _resume_ret_address():
+    """Where moor__resume_ret is: a context's `resume` holds it once the context has run."""
+    if not _resume_ret:
+        _resume_ret.append(int(gdb.parse_and_eval("(long)&moor__resume_ret")))
+    return _resume_ret[0]
+
+
 def _has_field(value, name):
     return any(f.name == name for f in value.type.strip_typedefs().fields())
 
@@ -110,9 +120,11 @@ class Fiber:
         self.name = name if name else "fiber"  # moor_fiber_name's default
         ctx = value["ctx"]
         self.fctx = int(ctx["fctx"])
-        self.started = int(ctx["started"]) != 0
-        self.stack_lo = int(ctx["stack_lo"])
-        self.stack_size = int(ctx["stack_size"])
+        # A context runs its entry at its first switch, moor__resume_ret at every later one.
+        self.started = int(ctx["resume"]) == _resume_ret_address()
+        # The usable stack: from above the guard at the mapping's base up to this block.
+        self.stack_lo = int(value["stack_base"]) + int(ex["pool"]["guard"])
+        self.stack_size = self.addr - self.stack_lo if self.stack_lo < self.addr else 0
         self.state = self._state(states)
 
     def _state(self, states):

@@ -125,6 +125,14 @@ static inline void moor__waitq_remove(moor__list *q, moor__waiter *w)
     w->queued = 0;
 }
 
+/* Take w, the first waiter of q and no select's, off it: moor__waitq_take for such a waiter,
+ * which has no claim to look at. */
+static inline void moor__waitq_take_first(moor__list *q, moor__waiter *w)
+{
+    moor__list_unlink_head(q, &w->node);
+    w->queued = 0;
+}
+
 /* The first waiter that may still be completed, taken off the queue with its select claimed
  * for its slot; waiters whose select was won elsewhere are dropped from the queue (their
  * select cancels them). Waiters of the taker's own select (`mine`, NULL for none) are passed

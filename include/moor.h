@@ -252,6 +252,59 @@ MOOR_API int moor_executor_run(moor_executor *ex);
 MOOR_API intptr_t moor_block_on(moor_future *fut);
 
 /* ------------------------------------------------------------------------------------------
+ * Many cores: an executor per thread. Fibers never move between threads; values cross them
+ * through moor_spawn_remote, wakers and promises (and SO_REUSEPORT listeners spread
+ * connections, see moor_tcp_listen_opt). docs/CORES.md has the patterns.
+ * ---------------------------------------------------------------------------------------- */
+
+/* Run n executors on n new threads and wait for them: thread i makes an executor (attr, may
+ * be NULL), spawns fn(arg) as its first fiber (named "thread i"), runs the executor until no
+ * task is left (fibers fn spawned included) and no hold is on it (moor_executor_hold: a
+ * held executor with no task waits for spawns until the release, where a plain
+ * moor_executor_run would return), and frees it. moor_thread_index() in thread i
+ * returns i. fn starts on no thread before every thread has made its executor (or failed
+ * to), so moor_thread_executor() finds each one from the start. Once fn has returned, the
+ * first fiber waits until fn has returned on every thread before it ends: an executor of the
+ * run stays up while any fn may still spawn onto it (moor_spawn_remote), and a deadlock
+ * inside fn is still found, the wait coming after it.
+ *
+ * The calling thread only starts the threads and joins them: it runs no executor meanwhile
+ * (one it has of its own is left alone, not run). The threads start with the caller's signal
+ * mask: block the signals that must not land on an executor's thread before the call.
+ *
+ * Returns once every thread that started has been joined: 0, or the error of the
+ * lowest-numbered thread that failed: -errno of starting it (-EAGAIN), of making its
+ * executor (as moor_executor_new: -ENOMEM, -EINVAL) or of spawning fn's fiber; -EDEADLK
+ * when its executor deadlocked (moor_executor_run: the dump went to stderr). A failure of
+ * one thread does not stop the others: they run and are joined. A deadlocked executor has
+ * every fiber cancelled and is run again, so that they clean up and it can be freed; if tasks
+ * still cannot finish (a plain task of moor_spawn_future waiting on a local future, a fiber
+ * that waits again for ever after its cancel), the executor is left allocated with them
+ * (said on stderr) and its thread ends. results (NULL: not wanted) gets, for each i, fn's
+ * return value, or that thread's error when fn could not run or its executor deadlocked.
+ * fn's own return values are not errors of the call, negative ones included.
+ * Errors before any thread starts: -EINVAL (n is 0 or above INT_MAX, fn is NULL), -ENOMEM.
+ * Misuse (assertion): called from a fiber (it would stall the fiber's executor). */
+MOOR_API int moor_threads_run(size_t n, moor_fiber_fn fn, void *arg, const moor_executor_attr *attr,
+                              intptr_t *results);
+
+/* The index of the calling thread in its moor_threads_run (0..n-1), or -1 outside one (in
+ * the calling thread, in moor_blocking's workers). */
+MOOR_API int moor_thread_index(void);
+
+/* From a thread of a moor_threads_run: the executor of thread i of the same run, for
+ * moor_spawn_remote and moor_executor_hold; NULL if i is out of range, if that thread could
+ * not run fn (no executor) or has freed its executor, and outside a run. The handle is good
+ * while thread i's executor cannot end: until fn has returned on every thread (see
+ * moor_threads_run), or while it is held. So fn may spawn onto any executor of the run at
+ * any time; a feeder that goes on after its fn has returned (a fiber fn spawned, another
+ * thread) takes a hold on the target (moor_executor_hold) before its fn returns and releases
+ * it when it is done: an executor that ended may be recycled as another thread's, and a
+ * spawn onto a stale handle would land there. The exception is a thread whose executor
+ * deadlocked: its fibers are cancelled, and it may end before the other fns return. */
+MOOR_API moor_executor *moor_thread_executor(size_t i);
+
+/* ------------------------------------------------------------------------------------------
  * Fibers
  *
  * Stack layout of a fiber (one mapping; grows down; never moved or resized):
@@ -585,6 +638,19 @@ MOOR_API int moor_tcp_listen(const char *host, int port, int backlog);
 MOOR_API int moor_tcp_connect(const char *host, int port, int64_t deadline);
 MOOR_API int moor_unix_listen(const char *path, int backlog);
 MOOR_API int moor_unix_connect(const char *path, int64_t deadline);
+
+/* moor_tcp_listen with options (flags 0: the same call). MOOR_TCP_REUSEPORT sets
+ * SO_REUSEPORT, so that several sockets (one per executor) listen on the same address and
+ * port and the kernel spreads new connections among them by a hash of the connection's
+ * addresses and ports; each must set it, and all belong to the same user (another process of
+ * that user could join the group and take connections). With port 0 each call gets a port
+ * of its own: listen once on port 0, read the port with moor_socket_port, and make the
+ * others on that port. A connection queued on one listener is accepted there only: closing a
+ * listener resets the connections queued on it, not those of the others (unless the
+ * sysctl net.ipv4.tcp_migrate_req moves them to the others, Linux 5.14+). Errors as
+ * moor_tcp_listen, and -EINVAL for an unknown flag bit (nothing is made). */
+#define MOOR_TCP_REUSEPORT 1u
+MOOR_API int moor_tcp_listen_opt(const char *host, int port, int backlog, unsigned flags);
 
 /* The local port a socket is bound to (after listening on port 0), or -errno. */
 MOOR_API int moor_socket_port(int fd);

@@ -116,7 +116,7 @@ static int unix_addr(const char *path, struct sockaddr_un *un, socklen_t *len)
     return 0;
 }
 
-static int listen_on(const struct sockaddr *addr, socklen_t len, int backlog)
+static int listen_on(const struct sockaddr *addr, socklen_t len, int backlog, unsigned flags)
 {
     int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
@@ -124,7 +124,11 @@ static int listen_on(const struct sockaddr *addr, socklen_t len, int backlog)
     int one = 1;
     if (addr->sa_family != AF_UNIX)
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    if (bind(fd, addr, len) < 0 || listen(fd, backlog) < 0) {
+    /* Unlike SO_REUSEADDR, a listener that asked to share its port and could not must say
+     * so: its siblings would fail to bind, or it would take every connection alone. */
+    if (((flags & MOOR_TCP_REUSEPORT) &&
+         setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0) ||
+        bind(fd, addr, len) < 0 || listen(fd, backlog) < 0) {
         int err = errno;
         close(fd);
         return -err;
@@ -153,10 +157,17 @@ static int connect_to(const struct sockaddr *addr, socklen_t len, int64_t deadli
 
 int moor_tcp_listen(const char *host, int port, int backlog)
 {
+    return moor_tcp_listen_opt(host, port, backlog, 0);
+}
+
+int moor_tcp_listen_opt(const char *host, int port, int backlog, unsigned flags)
+{
+    if (flags & ~MOOR_TCP_REUSEPORT)
+        return -EINVAL;
     struct sockaddr_storage ss;
     socklen_t len;
     int rc = parse_addr(host, port, &ss, &len);
-    return rc < 0 ? rc : listen_on((struct sockaddr *)&ss, len, backlog);
+    return rc < 0 ? rc : listen_on((struct sockaddr *)&ss, len, backlog, flags);
 }
 
 int moor_tcp_connect(const char *host, int port, int64_t deadline)
@@ -172,7 +183,7 @@ int moor_unix_listen(const char *path, int backlog)
     struct sockaddr_un un;
     socklen_t len;
     int rc = unix_addr(path, &un, &len);
-    return rc < 0 ? rc : listen_on((struct sockaddr *)&un, len, backlog);
+    return rc < 0 ? rc : listen_on((struct sockaddr *)&un, len, backlog, 0);
 }
 
 int moor_unix_connect(const char *path, int64_t deadline)

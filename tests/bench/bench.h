@@ -72,7 +72,7 @@ static void bench_raw_bounce(transfer_t t)
 }
 
 /* Picoseconds per round trip main -> context -> main over n round trips (after n/16 warm). */
-static uint64_t bench_raw_round_trip(uint64_t n)
+__attribute__((unused)) static uint64_t bench_raw_round_trip(uint64_t n)
 {
     static void *stack;
     static fcontext_t ctx;
@@ -88,6 +88,55 @@ static uint64_t bench_raw_round_trip(uint64_t n)
     uint64_t t0 = now_ns();
     for (uint64_t i = 0; i < n; i++)
         ctx = jump_fcontext(ctx, NULL).fctx;
+    return ps_per_op(t0, now_ns(), n);
+}
+
+/* The same round trip in the different-functions shape, with nothing of a runtime in it: a
+ * driver loop and a worker loop, different functions, each switching through one out-of-line
+ * call (as every stackful runtime's suspend is one). On x86 the return out of that call after
+ * each switch lands in the other function than the one the return-stack predictor expects,
+ * so each switch costs a mispredicted return: what this shape costs any runtime built on
+ * fcontext. A runtime's figure in this shape over this one is what the runtime itself adds. */
+static fcontext_t bench_raw_asym_other; /* where the other side waits */
+
+static __attribute__((noinline)) void bench_raw_asym_switch(void)
+{
+    bench_raw_asym_other = jump_fcontext(bench_raw_asym_other, NULL).fctx;
+}
+
+static __attribute__((noinline)) void bench_raw_asym_worker(void)
+{
+    for (;;)
+        bench_raw_asym_switch();
+}
+
+static void bench_raw_asym_entry(transfer_t t)
+{
+    bench_raw_asym_other = t.fctx;
+    bench_raw_asym_worker();
+}
+
+static __attribute__((noinline)) void bench_raw_asym_driver(uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        bench_raw_asym_switch();
+}
+
+__attribute__((unused)) static uint64_t bench_raw_asym_round_trip(uint64_t n)
+{
+    static void *stack;
+    if (!stack) {
+        stack = mmap(NULL, BENCH_RAW_STACK, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+        if (stack == MAP_FAILED)
+            die("mmap of the raw context's stack failed");
+        bench_raw_asym_other = make_fcontext((char *)stack + BENCH_RAW_STACK, BENCH_RAW_STACK,
+                                             bench_raw_asym_entry);
+        bench_raw_asym_switch(); /* the worker starts and switches straight back */
+    }
+    bench_raw_asym_driver(n / 16);
+    uint64_t t0 = now_ns();
+    bench_raw_asym_driver(n);
     return ps_per_op(t0, now_ns(), n);
 }
 #endif

@@ -8,6 +8,9 @@
  *                             chan_asym_vs_raw_ratio
  *   chan_round_trip_asym_ns   the capacity-0 ping-pong written as two functions,
  *                             one that sends then receives and one that receives then sends
+ *   raw_switch_round_trip_asym_ns  (information) the raw round trip in that shape: a driver
+ *                             and a worker function, each switching through one out-of-line
+ *                             call; what the shape itself costs (bench.h)
  *   mutex_lock_unlock_ns      moor_mutex_lock + moor_mutex_unlock, uncontended, in one fiber
  *   select2_ns                one round: moor_select over two receive futures, satisfied by a
  *                             partner fiber's send on one of the two channels, alternately
@@ -346,12 +349,12 @@ static uint64_t bench_select2(uint64_t n)
 
 /* ---- results -------------------------------------------------------------------------- */
 
-enum figure { CHAN0, CHAN1, CHAN0_ASYM, MUTEX, SELECT2, YIELD, RAW, NFIGURES };
+enum figure { CHAN0, CHAN1, CHAN0_ASYM, MUTEX, SELECT2, YIELD, RAW, RAW_ASYM, NFIGURES };
 
 static const char *const figure_key[NFIGURES] = {
     "chan_round_trip_ns",   "chan1_round_trip_ns", "chan_round_trip_asym_ns",
     "mutex_lock_unlock_ns", "select2_ns",          "yield_round_trip_ns",
-    "raw_switch_round_trip_ns",
+    "raw_switch_round_trip_ns", "raw_switch_round_trip_asym_ns",
 };
 
 /* a - b in picoseconds as signed nanoseconds with one decimal. */
@@ -370,6 +373,11 @@ static const struct bench_ratio ratios[] = {
 };
 #define NRATIOS (sizeof ratios / sizeof ratios[0])
 
+/* Information: what moor adds to the raw switch in the different-functions shape. */
+static const struct bench_ratio info_ratios[] = {
+    {"chan_asym_vs_raw_asym_ratio", CHAN0_ASYM, RAW_ASYM, 0, "-"},
+};
+
 /* The iteration counts of this run, at its scale. */
 struct counts {
     uint64_t yield, chan, mutex, select;
@@ -385,6 +393,7 @@ static void round_all(uint64_t *r, void *ctx)
     r[MUTEX] = bench_mutex(n->mutex);
     r[SELECT2] = bench_select2(n->select);
     r[RAW] = bench_raw_round_trip(n->yield);
+    r[RAW_ASYM] = bench_raw_asym_round_trip(n->yield);
 }
 
 int main(int argc, char **argv)
@@ -402,10 +411,11 @@ int main(int argc, char **argv)
     bench_repeat(NFIGURES, round_all, &n, st);
 
     bench_print_keys(figure_key, st, NFIGURES, ratios, NRATIOS);
+    bench_print_keys(figure_key, st, 0, info_ratios, 1);
     bench_print_cpu_model();
 
-    const uint64_t iters[NFIGURES] = {n.chan,   n.chan,  n.chan, n.mutex,
-                                      n.select, n.yield, n.yield};
+    const uint64_t iters[NFIGURES] = {n.chan,   n.chan,  n.chan,  n.mutex,
+                                      n.select, n.yield, n.yield, n.yield};
     bench_print_table(scale_arg, figure_key, st, iters, NFIGURES);
     char b1[32];
     printf("\nchan_round_trip_asym_ns (information): two functions, %s ns; on x86 the return "

@@ -13,6 +13,9 @@
  *                                thread have raised floating-point exception flags
  *   yield_round_trip_fp_asym_ns  the same in the different-functions shape
  *   yield_round_trip_fp_each_ns  (information) a flag raised by each fiber before every yield
+ *   raw_switch_round_trip_asym_ns  (information) the raw round trip in the different-functions
+ *                                shape: a driver and a worker function, each switching through
+ *                                one out-of-line call; what that shape itself costs (bench.h)
  *
  * Each figure is the median of REPS repetitions, after one warm-up round that is thrown away.
  * A round runs every measurement once, so that a noisy stretch of the machine hits all of
@@ -43,6 +46,7 @@
 #include "fiber/fcontext.h"
 #include "fiber/future.h"
 #define BENCH_NAME "bench_switch"
+#define BENCH_RAW_JUMP
 #include "bench.h"
 #include "moor.h"
 
@@ -403,14 +407,14 @@ static uint64_t bench_poll(uint64_t n, int checked)
 
 enum figure {
     RAW, YIELD, SPAWN_WARM, SPAWN_COLD, YIELD_FP, YIELD_FP_EACH, POLL, POLL_DIRECT, YIELD_ASYM,
-    YIELD_FP_ASYM, NFIGURES
+    YIELD_FP_ASYM, RAW_ASYM, NFIGURES
 };
 
 static const char *const figure_key[NFIGURES] = {
     "raw_switch_round_trip_ns", "yield_round_trip_ns",    "spawn_join_warm_ns",
     "spawn_join_cold_ns",       "yield_round_trip_fp_ns", "yield_round_trip_fp_each_ns",
     "poll_pin_checked_ns",      "poll_unchecked_ns",      "yield_round_trip_asym_ns",
-    "yield_round_trip_fp_asym_ns",
+    "yield_round_trip_fp_asym_ns", "raw_switch_round_trip_asym_ns",
 };
 
 static const char *guard_name(moor_guard_mode mode)
@@ -437,6 +441,11 @@ static const struct bench_ratio ratios[] = {
 };
 #define NRATIOS (sizeof ratios / sizeof ratios[0])
 
+/* Information: what moor adds to the raw switch in the different-functions shape. */
+static const struct bench_ratio info_ratios[] = {
+    {"yield_asym_vs_raw_asym_ratio", YIELD_ASYM, RAW_ASYM, 0, "-"},
+};
+
 /* The iteration counts of this run, at its scale, and what the measurements need. */
 struct run {
     uint64_t raw_n, yield, spawn, cold, fp_each;
@@ -457,6 +466,7 @@ static void round_all(uint64_t *r, void *ctx)
     r[POLL_DIRECT] = bench_poll(run->yield, 0);
     r[YIELD_ASYM] = bench_yield_shaped(run->yield, FP_NONE, DIFFERENT_FUNCTIONS);
     r[YIELD_FP_ASYM] = bench_yield_shaped(run->yield, FP_BEFORE, DIFFERENT_FUNCTIONS);
+    r[RAW_ASYM] = bench_raw_asym_round_trip(run->raw_n);
 }
 
 int main(int argc, char **argv)
@@ -482,6 +492,7 @@ int main(int argc, char **argv)
     feclearexcept(FE_ALL_EXCEPT);
 
     bench_print_keys(figure_key, st, NFIGURES, ratios, NRATIOS);
+    bench_print_keys(figure_key, st, 0, info_ratios, 1);
     /* What the pin check adds to a poll (medians; 0 when lost in the noise). */
     uint64_t poll_ps = st[POLL].median, direct_ps = st[POLL_DIRECT].median;
     uint64_t extra_ps = poll_ps > direct_ps ? poll_ps - direct_ps : 0;
@@ -491,7 +502,7 @@ int main(int argc, char **argv)
 
     const uint64_t iters[NFIGURES] = {run.raw_n, run.yield,   run.spawn, run.cold,
                                       run.yield, run.fp_each, run.yield, run.yield,
-                                      run.yield, run.yield};
+                                      run.yield, run.yield, run.raw_n};
     bench_print_table(scale_arg, figure_key, st, iters, NFIGURES);
     bench_print_targets(ratios, NRATIOS, st);
 
