@@ -25,7 +25,6 @@
  */
 #include <moor.h>
 
-#include <arpa/inet.h>
 #include <getopt.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -98,8 +97,7 @@ typedef struct inbox {
     msg *head, *tail;
     moor_promise *bell;         /* the mailman's while it waits for mail (the poster who
                                    takes it resolves it), else NULL */
-    moor_executor *ex;          /* NULL until its thread has made it, and once it is gone */
-    int lfd;                    /* its listener */
+    int lfd;                    /* its listener; -1 once its server has closed it */
 } inbox;
 
 /* What every executor shares. Fields below `lock` are read and written under it, by plain
@@ -111,7 +109,6 @@ static struct {
     size_t count;
     unsigned long guests;       /* connections so far, for guest<N> */
     uint64_t clock;             /* ticks at each entry into the room and each post */
-    int stopping;               /* a signal came: executors that start now stop at once */
     inbox inbox[MAX_THREADS];
 } hub = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
@@ -606,28 +603,18 @@ static intptr_t stop_here(void *arg)
     return 0;
 }
 
-/* Stop the servers of every other executor, and of those that start later. From plain code
- * or a fiber, on any thread. */
-static void stop_all(void)
-{
-    moor_executor *others[MAX_THREADS];
-    hub_lock();
-    hub.stopping = 1;
-    for (size_t k = 0; k < hub.threads; k++)
-        others[k] = k == self ? NULL : hub.inbox[k].ex;
-    hub_unlock();
-    /* One that has already gone (-ESRCH) has nothing to stop. */
-    for (size_t k = 0; k < hub.threads; k++)
-        if (others[k])
-            moor_spawn_remote(others[k], stop_here, NULL);
-}
-
-/* Wait for one signal, then stop the servers of every executor. */
+/* Wait for one signal, then stop the servers of every executor. The others' handles are
+ * good: this is the first executor's server (moor_threads_run's fn), which has not
+ * returned. One whose thread could not run its server (NULL) has nothing to stop. */
 static intptr_t stop_on(void *arg)
 {
     if (moor_signal_wait((int)(intptr_t)arg, -1) < 0)
         return 0;
-    stop_all();
+    for (size_t k = 1; k < hub.threads; k++) {
+        moor_executor *ex = moor_thread_executor(k);
+        if (ex)
+            moor_spawn_remote(ex, stop_here, NULL);
+    }
     moor_cancel(server);
     return 0;
 }
@@ -655,6 +642,7 @@ static intptr_t serve(void *arg)
         fprintf(stderr, "moor-chat: %s\n", failed);
         moor_scope_close(&helpers, -1);
         moor_close(lfd);
+        hub.inbox[self].lfd = -1;
         return 1;
     }
     if (self == 0) {
@@ -673,6 +661,7 @@ static intptr_t serve(void *arg)
         /* fd < 0: cancelled, or out of descriptors (moor waits 100 ms before the next try) */
     }
     moor_close(lfd);
+    hub.inbox[self].lfd = -1;
     room.closing = 1;
     announce_local(NULL, msg_new(NULL, 0, "* server shutting down"));
     moor_scope_close(&clients, moor_deadline_in(2 * LINGER_MS));
@@ -684,75 +673,13 @@ static intptr_t serve(void *arg)
     return 0;
 }
 
-/* One executor's whole run on the calling thread: 0, or 1 if it failed. */
-static int run_executor(size_t index)
+/* --threads N: the server of executor i of moor_threads_run, its first fiber. */
+static intptr_t serve_thread(void *arg)
 {
-    self = index;
-    inbox *in = &hub.inbox[index];
-    moor_executor *ex = NULL;
-    int rc = moor_executor_new(&ex, NULL);
-    if (rc >= 0)
-        rc = moor_spawn(&server, serve, (void *)(intptr_t)in->lfd, NULL);
-    if (rc < 0) {
-        fprintf(stderr, "moor-chat: %s\n", moor_strerror(rc));
-        close(in->lfd);
-        if (ex)
-            moor_executor_free(ex);
-        stop_all(); /* one executor short: the others stop too */
-        return 1;
-    }
-    hub_lock();
-    in->ex = ex;
-    int stopping = hub.stopping;
-    hub_unlock();
-    if (stopping) /* a signal came before this executor could be told */
-        moor_cancel(server);
-    intptr_t failed = 0;
-    moor_join(server, &failed); /* -ECANCELED: a signal stopped it, as it should */
-    hub_lock();
-    in->ex = NULL;
-    hub_unlock();
-    moor_executor_free(ex);
-    return failed ? 1 : 0;
-}
-
-static void *thread_main(void *arg)
-{
-    return (void *)(intptr_t)run_executor((size_t)(uintptr_t)arg);
-}
-
-/* A listener that shares its port with the other executors' (SO_REUSEPORT), on a numeric
- * address as moor_tcp_listen takes it. An fd or -errno. */
-static int listen_shared(const char *host, int port)
-{
-    struct sockaddr_storage ss;
-    memset(&ss, 0, sizeof ss);
-    struct sockaddr_in *in4 = (struct sockaddr_in *)&ss;
-    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
-    socklen_t len;
-    if (!host || !*host || inet_pton(AF_INET, host, &in4->sin_addr) == 1) {
-        in4->sin_family = AF_INET;
-        in4->sin_port = htons((uint16_t)port);
-        len = sizeof *in4;
-    } else if (inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
-        in6->sin6_family = AF_INET6;
-        in6->sin6_port = htons((uint16_t)port);
-        len = sizeof *in6;
-    } else {
-        return -EINVAL;
-    }
-    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return -errno;
-    int one = 1;
-    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
-        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0 ||
-        bind(fd, (struct sockaddr *)&ss, len) < 0 || listen(fd, SOMAXCONN) < 0) {
-        int err = -errno;
-        close(fd);
-        return err;
-    }
-    return fd;
+    (void)arg;
+    self = (size_t)moor_thread_index();
+    server = moor_self();
+    return serve((void *)(intptr_t)hub.inbox[self].lfd);
 }
 
 /* ---- what cluster.c asks of the room ------------------------------------------------------ */
@@ -899,7 +826,7 @@ int main(int argc, char **argv)
     memset(&room, 0, sizeof room);
     hub_lock();
     hub.threads = (size_t)threads;
-    hub.head = NULL, hub.count = 0, hub.guests = 0, hub.clock = 0, hub.stopping = 0;
+    hub.head = NULL, hub.count = 0, hub.guests = 0, hub.clock = 0;
     memset(hub.inbox, 0, sizeof hub.inbox);
     hub_unlock();
 
@@ -911,10 +838,11 @@ int main(int argc, char **argv)
     }
     signal(SIGPIPE, SIG_IGN); /* a write to a reset connection is an error, not a death */
 
-    /* The listeners, all on one port (the first one's, with -p 0). */
+    /* The listeners, all on one port (the first one's, with -p 0): the kernel spreads the
+     * connections over them. */
     for (long k = 0; k < threads; k++) {
-        int fd = threads == 1 ? moor_tcp_listen(bind_addr, (int)port, SOMAXCONN)
-                              : listen_shared(bind_addr, (int)port);
+        int fd = moor_tcp_listen_opt(bind_addr, (int)port, SOMAXCONN,
+                                     threads > 1 ? MOOR_TCP_REUSEPORT : 0);
         if (fd >= 0 && k == 0)
             port = moor_socket_port(fd);
         if (fd < 0) {
@@ -928,29 +856,32 @@ int main(int argc, char **argv)
         hub.inbox[k].lfd = fd;
     }
 
-    pthread_t tids[MAX_THREADS];
-    long started = 1;
-    for (; started < threads; started++) {
-        int rc = pthread_create(&tids[started], NULL, thread_main, (void *)(uintptr_t)started);
-        if (rc != 0) {
-            fprintf(stderr, "moor-chat: thread %ld: %s\n", started, moor_strerror(-rc));
-            break;
-        }
-    }
     int failed = 0;
-    if (started == threads) {
-        failed = run_executor(0);
-    } else { /* stop the ones that started: none has a client yet */
-        for (long k = started; k < threads; k++)
-            close(hub.inbox[k].lfd);
-        close(hub.inbox[0].lfd);
-        stop_all();
-        failed = 1;
-    }
-    for (long k = 1; k < started; k++) {
-        void *res;
-        pthread_join(tids[k], &res);
-        failed |= (int)(intptr_t)res;
+    if (threads == 1) { /* the executor of this thread */
+        moor_executor *ex;
+        int rc = moor_executor_new(&ex, NULL);
+        if (rc >= 0 && (rc = moor_spawn(&server, serve, (void *)(intptr_t)hub.inbox[0].lfd,
+                                        NULL)) < 0)
+            moor_executor_free(ex);
+        if (rc < 0) {
+            fprintf(stderr, "moor-chat: %s\n", moor_strerror(rc));
+            close(hub.inbox[0].lfd);
+            return 1;
+        }
+        intptr_t result = 0;
+        moor_join(server, &result); /* -ECANCELED: a signal stopped it, as it should */
+        moor_executor_free(ex);
+        failed = result != 0;
+    } else { /* an executor on each of `threads` threads of their own */
+        intptr_t results[MAX_THREADS];
+        int rc = moor_threads_run((size_t)threads, serve_thread, NULL, NULL, results);
+        if (rc < 0)
+            fprintf(stderr, "moor-chat: %s\n", moor_strerror(rc));
+        for (long k = 0; k < threads; k++) {
+            failed |= rc < 0 || results[k] != 0;
+            if (hub.inbox[k].lfd >= 0) /* its thread could not serve */
+                close(hub.inbox[k].lfd);
+        }
     }
     /* Mail posted to executors that had already stopped. */
     for (long k = 0; k < threads; k++)
