@@ -12,16 +12,20 @@
  * the server's memory stays bounded. A scope owns the readers, so shutting down is one
  * moor_scope_close.
  *
- * --threads N: N executors, one per thread, each with a listener of its own on the same port
- * (SO_REUSEPORT: the kernel spreads the connections). A fiber never leaves its thread, so
- * each executor has a room of its own: its local clients, whose outboxes only its fibers
- * touch. What the executors share is the hub: who is in (nicks, /who, guest numbers) under
- * one lock that no fiber holds across a wait, and an inbox per executor. A line goes to the
- * local clients at once, and a copy of it to every other executor's inbox, whose mailman
- * fiber hands it to its own clients. One sender posts in order and each mailman delivers in
- * order, so every receiver sees each sender's lines in the order they were sent.
+ * --threads N: N executors on N threads (moor_threads_run), each with a listener of its own
+ * on the same port (MOOR_TCP_REUSEPORT: the kernel spreads the connections). A fiber never
+ * leaves its thread, so each executor has a room of its own: its local clients, whose
+ * outboxes only its fibers touch. What the executors share is the hub: who is in (nicks,
+ * /who, guest numbers) under one lock that no fiber holds across a wait, and an inbox per
+ * executor. A line goes to the local clients at once, and a copy of it to every other
+ * executor's inbox, whose mailman fiber hands it to its own clients. One sender posts in
+ * order and each mailman delivers in order, so every receiver sees each sender's lines in
+ * the order they were sent. Posts and arrivals are stamped with the hub's clock, so that a
+ * client hears what was said after it came in, and nothing from before. The first executor
+ * waits for SIGINT and SIGTERM and stops the others' servers with moor_spawn_remote.
  *
  * --redis HOST:PORT: several moor-chat processes share one room through Redis (cluster.c).
+ * One or the other: --redis runs on one executor.
  */
 #include <moor.h>
 
