@@ -57,8 +57,11 @@ start_chat() {
     servers+=($!)
     local port=
     for _ in $(seq 100); do
-        port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$tmp/listen.$n")
-        [ -n "$port" ] && break
+        # the whole line, its newline included (a read may catch the write half done)
+        if [ -s "$tmp/listen.$n" ] && [ -z "$(tail -c 1 "$tmp/listen.$n")" ]; then
+            port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$tmp/listen.$n")
+            break
+        fi
         sleep 0.05
     done
     [ -n "$port" ] || { echo "bench.sh: moor-chat did not start" >&2; cat "$tmp/server.err.$n" >&2; exit 1; }
@@ -127,7 +130,14 @@ run() {
     echo "# $setup $name ($rep/$reps): moor-chat-load -p $ports $*"
     before=$(sum_cpu "${servers[@]}")
     [ -n "$redis" ] && rbefore=$(cpu_ticks "$redis")
-    "$load" -p "$ports" "$@" >"$out" || status=1
+    if ! "$load" -p "$ports" "$@" >"$out"; then
+        status=1
+        local n
+        for n in "${!servers[@]}"; do # what the servers said, if anything
+            kill -0 "${servers[$n]}" 2>/dev/null || echo "bench.sh: moor-chat ${servers[$n]} has died" >&2
+            [ -s "$tmp/server.err.$n" ] && sed "s/^/server $n: /" "$tmp/server.err.$n" >&2
+        done
+    fi
     after=$(sum_cpu "${servers[@]}")
     [ -n "$redis" ] && rafter=$(cpu_ticks "$redis")
     local p
