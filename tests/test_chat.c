@@ -663,10 +663,11 @@ static void test_chat_per_sender_order(void **state)
     for (unsigned i = 0; i < N; i++)
         expect_silence(c[i]);
     if (threads > 1) {
-        /* The clients were spread over the executors: each thread that served any wrote a
-         * tenth or more of the lines. One with no client writes only the few bytes of a
-         * wake per batch of mail (under 3% of it all); that the kernel put at most one of
-         * the 20 clients on one of two executors has odds of 4 in 100,000. */
+        /* The clients were spread over the executors: each thread that served two or more
+         * wrote a tenth or more of the lines. One with no client writes only the few bytes
+         * of a wake per batch of mail (under 3% of it all); that the kernel put at most one
+         * of the 20 clients on one of two executors has odds of 4 in 100,000. On four, at
+         * least two of them serve some. */
         assert_int_equal(server_thread_writes(tid1, w1, 8), nt);
         unsigned long long total = 0, delta[8];
         for (size_t i = 0; i < nt; i++) {
@@ -678,7 +679,8 @@ static void test_chat_per_sender_order(void **state)
             print_message("thread %ld wrote %llu of %llu bytes\n", tid1[i], delta[i], total);
             busy += delta[i] * 10 >= total;
         }
-        assert_int_equal(busy, (size_t)threads);
+        assert_true(busy >= 2);
+        assert_true(busy == (size_t)threads || threads > 2); /* 20 over 4: some may get few */
     }
     server_stop();
 }
@@ -1532,6 +1534,18 @@ static void test_chat_redis_server_killed(void **state)
 }
 #endif /* MOOR_CHAT_REDIS */
 
+/* The protocol's core on four executors. */
+static void test_chat_four_threads(void **state)
+{
+    threads = 4;
+    test_chat_welcome_and_joined(state);
+    test_chat_messages(state);
+    test_chat_nick(state);
+    test_chat_who_sorted(state);
+    test_chat_per_sender_order(state);
+    threads = 2;
+}
+
 static int on_two_threads(void **state)
 {
     (void)state;
@@ -1582,6 +1596,7 @@ int main(void)
         CHAT_TEST(test_chat_many_clients),
         CHAT_TEST(test_chat_sigterm),
         CHAT_TEST(test_chat_sigint),
+        CHAT_TEST(test_chat_four_threads),
     };
     failed |= cmocka_run_group_tests_name("chat --threads 2", threaded, on_two_threads, NULL);
 #ifdef MOOR_CHAT_REDIS
