@@ -1105,6 +1105,7 @@ static void test_chat_rlimit_and_usage(void **state)
 /* Each case starts its own redis-server on a free loopback port (the keys start empty) and
  * two moor-chat --redis instances on it; without redis-server the cases are skipped, saying
  * so, as test_redis's are. */
+static void redis_pair_start_on(int capture_err);
 
 static void redis_pair_start(int capture_err)
 {
@@ -1114,6 +1115,12 @@ static void redis_pair_start(int capture_err)
                       "skipped\n", moor_strerror(rc));
         skip();
     }
+    redis_pair_start_on(capture_err);
+}
+
+/* The two instances, on redis.port (whether or not a server is there). */
+static void redis_pair_start_on(int capture_err)
+{
     char addr[64];
     snprintf(addr, sizeof addr, "127.0.0.1:%d", redis.port);
     const char *extra[] = {"--redis", addr, NULL};
@@ -1532,6 +1539,73 @@ static void test_chat_redis_server_killed(void **state)
     server_stop_of(&srv, SIGTERM);
     server_stop_of(&srv2, SIGTERM);
 }
+/* No Redis when the instances start: each serves its own clients and says so, then joins
+ * the room once Redis is there. */
+static void test_chat_redis_late(void **state)
+{
+    (void)state;
+    if (!redis_server_path()) {
+        print_message("no redis-server: install redis-server or set MOOR_REDIS_SERVER; "
+                      "skipped\n");
+        skip();
+    }
+    redis.port = redis_server_free_port();
+    assert_true(redis.port > 0);
+    redis_pair_start_on(1);
+    expect_stderr(&srv, "the room is local only for now");
+    expect_stderr(&srv2, "the room is local only for now");
+    char na[MAX_NICK_TEST + 1], nb[MAX_NICK_TEST + 1], want[128];
+    cl *a = cl_enter(&srv, na);
+    cl *b = cl_enter(&srv2, nb);
+    assert_string_equal(na, "guest1"); /* each counts alone */
+    assert_string_equal(nb, "guest1");
+    cl_send(a, "/who\n");
+    expect_line(a, "* online: guest1");
+    if (redis_server_start_on(&redis, redis.port) < 0) /* taken meanwhile, say */
+        skip();
+    /* Both named their first client guest1, alone: when they meet, the one that registers
+     * second renames its own (and says so), then says the room is one again. */
+    static const char back[] = "* the room is shared again (redis is back)";
+    int renamed = 0;
+    cl *ab[] = {a, b};
+    char *names[] = {na, nb};
+    for (int i = 0; i < 2; i++) {
+        char *got;
+        while ((got = cl_line(ab[i])) && strcmp(got, back) != 0) {
+            char old[64], now[64];
+            if (sscanf(got, "* %63s is now %63s (another instance had that name", old,
+                       now) == 2 && strcmp(old, names[i]) == 0) {
+                strcpy(names[i], now);
+                renamed++;
+            } else if (!is_joined(got)) {
+                fail_msg("unexpected \"%s\"", got);
+            }
+        }
+        assert_non_null(got);
+    }
+    assert_int_equal(renamed, 1);
+    assert_string_not_equal(na, nb);
+    /* Both are in now (each heard the other join, or not, as they registered). */
+    const char *both[] = {na, nb};
+    qsort(both, 2, sizeof both[0], by_bytes);
+    snprintf(want, sizeof want, "* online: %s %s", both[0], both[1]);
+    for (int64_t end = moor_now() + SAFETY_MS;;) {
+        cl_send(a, "/who\n");
+        char *got;
+        while ((got = cl_line(a)) && strncmp(got, "* online: ", 10) != 0)
+            assert_true(is_joined(got));
+        assert_non_null(got);
+        if (strcmp(got, want) == 0)
+            break;
+        assert_true(moor_now() < end);
+        sleep_ms(50);
+    }
+    cl_send(b, "hello\n");
+    snprintf(want, sizeof want, "%s: hello", nb);
+    expect_past_joins(a, want);
+    server_stop_of(&srv, SIGTERM);
+    server_stop_of(&srv2, SIGTERM);
+}
 #endif /* MOOR_CHAT_REDIS */
 
 /* The protocol's core on four executors. */
@@ -1604,6 +1678,7 @@ int main(void)
         CHAT_TEST(test_chat_redis_lines),
         CHAT_TEST(test_chat_redis_nick),
         CHAT_TEST(test_chat_redis_garbage_on_channel),
+        CHAT_TEST(test_chat_redis_late),
         CHAT_TEST(test_chat_redis_instance_killed),
         CHAT_TEST(test_chat_redis_server_killed),
     };
