@@ -384,8 +384,10 @@ static int link_open(void)
         rc = enroll();
         if (rc == 0 && cl.fail)
             rc = cl.fail;
-        if (rc < 0)
+        if (rc < 0) {
             cl.up = 0, cl.cmd = cl.sub = NULL;
+            cl.joins_seen = cl.joins_sent; /* joins made meanwhile: no J will come */
+        }
     }
     if (rc < 0) {
         if (sub)
