@@ -76,7 +76,9 @@ start_redis() {
             --loglevel warning >/dev/null 2>&1 &
         redis=$!
         for _ in $(seq 50); do
-            redis-cli -p "$redis_port" ping 2>/dev/null | grep -q PONG && return
+            # ours, not another one that had the port (then ours has died: try another)
+            redis-cli -p "$redis_port" info server 2>/dev/null | tr -d '\r' |
+                grep -qx "process_id:$redis" && return
             kill -0 "$redis" 2>/dev/null || break
             sleep 0.05
         done
