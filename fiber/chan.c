@@ -98,15 +98,6 @@ static inline void complete(moor__waiter *w, intptr_t result)
     moor__wake(&w->waker);
 }
 
-/* complete() for a plain waiter of a channel of ex, the calling thread's executor. */
-static inline void complete_plain(moor_executor *ex, moor__waiter *w)
-{
-    moor_chan_future *op = moor_container_of(w, moor_chan_future, waiter);
-    op->completed = 1;
-    op->base.result = 0;
-    moor__wake_registered(ex, &w->waker);
-}
-
 /* Send now if it needs no waiting: to a waiting receiver, or into the ring. 0, -EAGAIN,
  * -EPIPE. `cx`: the op trying, for select's claim (NULL for plain calls). */
 static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const void *elem, const moor_cx *cx)
@@ -260,13 +251,21 @@ __attribute__((constructor)) static void chan_kinds_register(void)
     moor_future_kind_register(&recv_kind);
 }
 
-static void op_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t deadline, int send)
+/* What every op sets of itself, the future it is aside: its channel, value and direction. */
+static inline void op_fields(moor_chan_future *op, moor_chan *ch, void *elem, int send)
 {
-    op->base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
     op->chan = ch;
     op->elem = elem;
     op->send = send;
     op->completed = 0;
+}
+
+/* A whole op, ready for its first poll. */
+static inline void op_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t deadline,
+                           int send)
+{
+    op->base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
+    op_fields(op, ch, elem, send);
     moor__waiter_init(&op->waiter);
     moor__deadline_init(&op->deadline, deadline);
 }
@@ -289,25 +288,26 @@ static void waiter_unlink(void *arg)
 
 /* A send or receive that has to wait. In a fiber it queues its op and waits for the
  * counterpart to complete it, without a future poll in between; plain code runs the
- * executor on the op as a future. */
-static inline __attribute__((always_inline)) int wait_op(moor_chan *ch, void *elem,
-                                                        int64_t deadline, int send)
+ * executor on the op as a future. ex: the calling thread's executor (the caller checked the
+ * channel is its). */
+static inline __attribute__((always_inline)) int wait_op(moor_executor *ex, moor_chan *ch,
+                                                        void *elem, int64_t deadline, int send)
 {
-    moor_executor *ex = moor__tls_executor;
     moor_fiber *f = ex ? ex->current : NULL;
     moor_chan_future op;
-    op.base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
-    op.chan = ch;
-    op.elem = elem;
-    op.send = send;
-    op.completed = 0;
     if (!f) {
-        moor__waiter_init(&op.waiter);
-        moor__deadline_init(&op.deadline, deadline);
+        op_init(&op, ch, elem, deadline, send);
         return (int)moor_block_on(&op.base);
     }
-    moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
-    moor__waitq_push(send ? &ch->senders : &ch->receivers, &op.waiter, &cx);
+    /* In a fiber op.base is never polled: its ops name the wait (moor_dump, deadlock
+     * detection) and a counterpart writes its result; nothing reads the rest. */
+    op.base.ops = send ? &send_ops : &recv_ops;
+    op_fields(&op, ch, elem, send);
+    /* moor__waitq_push, for this fiber's task and no select (no claim: the slot is unread) */
+    op.waiter.waker = (moor_waker){ex, &f->task, f->task.gen};
+    op.waiter.claim = NULL;
+    moor__list_push(send ? &ch->senders : &ch->receivers, &op.waiter.node);
+    op.waiter.queued = 1;
     if (deadline < 0) {
         /* No deadline, the common case: moor__fiber_wait_completion's loop without the
          * deadline (so op.deadline is never looked at), written out here so that a channel
@@ -338,43 +338,117 @@ static inline moor__waiter *plain_waiter(const moor__list *q)
     return w->claim ? NULL : w;
 }
 
-/* The public calls wait inline (not through a call of their own), so that a waiting fiber's
- * backtrace reads moor_chan_send or moor_chan_recv right above the caller. */
-int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
+/* Sizes the hand-off below copies inline; others go the general way. */
+static inline int inline_size(size_t size)
+{
+    return size == 4 || size == 8 || size == 16;
+}
+
+/* copy_elem for an inline_size: no memcpy call left to make. */
+static inline void copy_small(void *dst, const void *src, size_t size)
+{
+    if (size == 4)
+        memcpy(dst, src, 4);
+    else if (size == 8)
+        memcpy(dst, src, 8);
+    else
+        memcpy(dst, src, 16);
+}
+
+/* A value was handed to a plain waiter of ex's channel whose waker is not simply a task of
+ * ex (or has none): wake it the general way, then count the operation. Out of line, and
+ * reached by a tail call, so that the hand-off itself needs no stack frame. */
+static __attribute__((noinline, cold)) int handed_off_wake(moor_executor *ex, moor__waiter *w)
+{
+    moor__wake(&w->waker);
+    moor__coop_spend_on(ex);
+    return 0;
+}
+
+/* The hand-off's budget is spent: yield, then report the hand-off (0). */
+static __attribute__((noinline, cold)) int handed_off_yield(moor_executor *ex)
+{
+    moor__coop_yield(ex);
+    return 0;
+}
+
+/* Give w, the first waiter of q (a plain one, of ex), its completion (the value is copied
+ * already): complete() with moor__wake_registered, then moor__coop_spend_on, their rare turns
+ * as tail calls. */
+static inline __attribute__((always_inline)) int hand_off(moor_executor *ex, moor__list *q,
+                                                         moor__waiter *w)
+{
+    moor__waitq_take_first(q, w);
+    moor_chan_future *op = moor_container_of(w, moor_chan_future, waiter);
+    op->completed = 1;
+    op->base.result = 0;
+    moor_task *t = w->waker.task;
+    if (__builtin_expect(!t || w->waker.ex != ex, 0))
+        return handed_off_wake(ex, w);
+    if (t->state == MOOR__TASK_IDLE) {
+        t->state = MOOR__TASK_SCHEDULED;
+        ex->wakeups++;
+        moor__runq_push(ex, t);
+    } else if (t->state == MOOR__TASK_RUNNING) {
+        t->state = MOOR__TASK_NOTIFIED;
+    }
+    moor_fiber *f = ex->current;
+    if (__builtin_expect(f ? --f->budget == 0 : --ex->plain_budget == 0, 0))
+        return handed_off_yield(ex);
+    return 0;
+}
+
+/* moor_chan_send's every case but a hand-off to a waiting plain receiver. A sender that
+ * waits shows this function in a backtrace, just above its caller. */
+static __attribute__((noinline)) int moor_chan_send_waiting(moor_chan *ch, const void *elem,
+                                                           int64_t deadline)
 {
     owner_check(ch, "moor_chan_send");
-    moor__waiter *w = plain_waiter(&ch->receivers);
-    if (w) {
-        /* A receiver waits (so the ring is empty and the channel open): hand the value over. */
-        moor__waitq_take_first(&ch->receivers, w);
-        copy_elem(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->elem_size);
-        complete_plain(ch->ex, w);
-        moor__coop_spend_on(ch->ex);
-        return 0;
-    }
     int rc = try_send(ch, elem, NULL);
     if (rc == -EAGAIN)
-        return wait_op(ch, (void *)elem, deadline, 1);
+        return wait_op(moor__tls_executor, ch, (void *)elem, deadline, 1);
     moor__coop_spend();
     return rc;
 }
 
+int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
+{
+    moor_executor *ex = ch->ex;
+    moor__node *n = ch->receivers.head;
+    /* A receiver waits (so the ring is empty and the channel open), not in a select: hand the
+     * value over. This path has no frame and no call (see hand_off); everything else, the
+     * owner check's first binding included, is moor_chan_send_waiting's. */
+    if (__builtin_expect(n && ex == moor__tls_executor && inline_size(ch->elem_size), 1)) {
+        moor__waiter *w = moor__waiter_of(n);
+        if (!w->claim) {
+            copy_small(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->elem_size);
+            return hand_off(ex, &ch->receivers, w);
+        }
+    }
+    return moor_chan_send_waiting(ch, elem, deadline);
+}
+
+/* The public receive waits inline (not through a call of its own), so that a waiting fiber's
+ * backtrace reads moor_chan_recv right above the caller. */
 int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
 {
     owner_check(ch, "moor_chan_recv");
-    moor__waiter *w = ch->count ? NULL : plain_waiter(&ch->senders);
-    if (w) {
-        /* A sender waits and the ring is empty (a rendezvous channel, or a drained ring whose
-         * senders came after): take its value. */
-        moor__waitq_take_first(&ch->senders, w);
-        copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem, ch->elem_size);
-        complete_plain(ch->ex, w);
-        moor__coop_spend_on(ch->ex);
-        return 0;
+    moor_executor *ex = ch->ex;
+    if (!ch->count) {
+        moor__waiter *w = plain_waiter(&ch->senders);
+        if (w) {
+            /* A sender waits and the ring is empty (a rendezvous channel, or a drained ring
+             * whose senders came after): take its value. */
+            copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem,
+                      ch->elem_size);
+            return hand_off(ex, &ch->senders, w);
+        }
+        if (!ch->senders.head && !ch->closed)
+            return wait_op(ex, ch, elem, deadline, 0); /* nothing to take: wait */
     }
     int rc = try_recv(ch, elem, NULL);
     if (rc == -EAGAIN)
-        return wait_op(ch, elem, deadline, 0);
-    moor__coop_spend();
+        return wait_op(ex, ch, elem, deadline, 0);
+    moor__coop_spend(); /* ex may be NULL: a channel used by plain code with no executor */
     return rc;
 }

@@ -51,13 +51,7 @@ void moor__ctx_no_trampoline(transfer_t t)
 
 __attribute__((noinline)) void moor__switch(moor__ctx *from, moor__ctx *to)
 {
-    moor__fp_clear_flags(to);
-#ifdef MOOR_ASAN_FIBERS
-    __sanitizer_start_switch_fiber(&from->asan_fake, to->stack_lo, to->stack_size);
-#endif
-#ifdef MOOR_TSAN_FIBERS
-    __tsan_switch_to_fiber(to->tsan_fiber, 0);
-#endif
+    moor__switch_leave(from, to, 0);
     transfer_t t = moor__jump(from, to);
     moor__switch_arrived(t, from);
 }

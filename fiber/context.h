@@ -119,6 +119,25 @@ static inline transfer_t moor__jump(moor__ctx *from, moor__ctx *to)
     return ontop_fcontext(to->fctx, from, fn);
 }
 
+/* What every switch does before its jump, in moor__switch and moor__switch_last alike: clear
+ * the sticky floating-point flags in the target's saved frame, and tell ASan and TSan which
+ * stack runs next (for_good: `from` is never resumed, ASan may forget its stack). */
+static inline __attribute__((always_inline)) void moor__switch_leave(moor__ctx *from,
+                                                                    moor__ctx *to, int for_good)
+{
+    moor__fp_clear_flags(to);
+#ifdef MOOR_ASAN_FIBERS
+    __sanitizer_start_switch_fiber(for_good ? NULL : &from->asan_fake, to->stack_lo,
+                                   to->stack_size);
+#else
+    (void)from;
+    (void)for_good;
+#endif
+#ifdef MOOR_TSAN_FIBERS
+    __tsan_switch_to_fiber(to->tsan_fiber, 0);
+#endif
+}
+
 /* Leave `from` for the last time: its stack may be reused as soon as `to` runs. To be used as
  * `return moor__switch_last(...)` at the end of a context's entry function, so that the
  * compiler makes the jump a tail call: the context then leaves without a call, as it came in
@@ -135,13 +154,7 @@ static inline transfer_t moor__jump(moor__ctx *from, moor__ctx *to)
 static inline __attribute__((always_inline)) transfer_t moor__switch_last(moor__ctx *from,
                                                                           moor__ctx *to)
 {
-    moor__fp_clear_flags(to);
-#ifdef MOOR_ASAN_FIBERS
-    __sanitizer_start_switch_fiber(NULL, to->stack_lo, to->stack_size); /* gone for good */
-#endif
-#ifdef MOOR_TSAN_FIBERS
-    __tsan_switch_to_fiber(to->tsan_fiber, 0);
-#endif
+    moor__switch_leave(from, to, 1);
     transfer_t (*fn)(transfer_t) = to->resume;
     to->resume = moor__resume_ret;
     return ontop_fcontext(to->fctx, from, fn);

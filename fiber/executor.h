@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <stdint.h>
 
+#include "assert.h"
 #include "context.h"
 #include "list.h"
 #include "moor.h"
@@ -266,6 +267,11 @@ static inline void moor__wake_registered(moor_executor *ex, const moor_waker *w)
         moor__wake(w);
         return;
     }
+#ifndef NDEBUG
+    moor__assert(t->gen == w->gen, "a registered waker names task %p, which has moved on: a "
+                                   "waiting future was dropped without its cancel",
+                 (void *)t);
+#endif
     if (t->state == MOOR__TASK_IDLE) {
         t->state = MOOR__TASK_SCHEDULED;
         ex->wakeups++;
@@ -325,7 +331,8 @@ struct moor_fiber {
     moor_fiber_fn fn;
     void *arg;
     intptr_t result;       /* fn's return value, once DONE */
-    moor_waker joiner;     /* who waits in join_fut; zeroed when nobody */
+    moor_waker joiner;     /* who waits in join_fut: zeroed at spawn and when a waiting
+                              future gives up; it may still name the last joiner after */
     moor__node link;       /* in the executor's list of fibers not yet released */
     char *stack_base;      /* the mapping: guard at stack_base, this block at its top */
     size_t map_size;
@@ -411,10 +418,13 @@ static inline void moor__fiber_resume(moor_executor *ex, moor_fiber *f)
 static inline moor__ctx *moor__fiber_next(moor_executor *ex)
 {
     moor_task *t = ex->run_head;
-    if (t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left &&
-        !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED)) {
+    if (__builtin_expect(t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left &&
+                             !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED),
+                         1)) {
         ex->handoffs_left--; /* counted as a switch when the run loop gets its turn */
-        moor__runq_pop(ex);
+        ex->run_head = t->next; /* moor__runq_pop, with t known to be the head */
+        if (!t->next)
+            ex->run_tail = NULL;
         t->state = MOOR__TASK_RUNNING;
         moor_fiber *next = (moor_fiber *)(void *)t; /* task is the first member */
         ex->current = next;
@@ -468,9 +478,9 @@ void moor__coop_yield(moor_executor *ex);
 /* Count one operation that completed without waiting (an I/O call with data or room, a
  * channel value that was there, a free lock); when the calling task's budget is spent, yield
  * before returning, which refills it. (Waits do not refill it: that would cost a store on
- * every switch, and a fiber that also waits yields at most once per 128 such operations.) In plain code (no fiber) the executor's own budget is spent, and a turn of
- * the executor is run instead. Cheap: a thread-local load, a decrement and a branch. */
-/* moor__coop_spend, for a caller that has the calling thread's executor at hand. */
+ * every switch, and a fiber that also waits yields at most once per 128 such operations.) In
+ * plain code (no fiber) the executor's own budget is spent, and a turn of the executor is run
+ * instead. Cheap: a decrement and a branch. ex: the calling thread's executor. */
 static inline void moor__coop_spend_on(moor_executor *ex)
 {
     moor_fiber *f = ex->current;
@@ -478,14 +488,13 @@ static inline void moor__coop_spend_on(moor_executor *ex)
         moor__coop_yield(ex);
 }
 
+/* moor__coop_spend_on, for a caller without the executor at hand (a thread-local load more),
+ * on a thread that may have none. */
 static inline void moor__coop_spend(void)
 {
     moor_executor *ex = moor__tls_executor;
-    if (!ex)
-        return;
-    moor_fiber *f = ex->current;
-    if (__builtin_expect(f ? --f->budget == 0 : --ex->plain_budget == 0, 0))
-        moor__coop_yield(ex);
+    if (ex)
+        moor__coop_spend_on(ex);
 }
 
 /* Await in a fiber, block_on in plain code: how every call that can wait waits. */

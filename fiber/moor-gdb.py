@@ -84,10 +84,25 @@ def _field_offset(struct_type, name):
 _resume_ret = []
 
 
+def _forget_resume_ret(event=None):
+    """A new run, process, core or program: moor__resume_ret may be elsewhere now."""
+    del _resume_ret[:]
+
+
+for _event in ("new_objfile", "clear_objfiles", "exited", "new_inferior"):
+    if hasattr(gdb.events, _event):
+        getattr(gdb.events, _event).connect(_forget_resume_ret)
+
+
 def _resume_ret_address():
-    """Where moor__resume_ret is: a context's `resume` holds it once the context has run."""
+    """Where moor__resume_ret is: a context's `resume` holds it once the context has run.
+    Looked up once per program load (see _forget_resume_ret), not once per fiber."""
     if not _resume_ret:
-        _resume_ret.append(int(gdb.parse_and_eval("(long)&moor__resume_ret")))
+        try:
+            _resume_ret.append(int(gdb.parse_and_eval("(long)&moor__resume_ret")))
+        except gdb.error:
+            raise MoorError("no symbol moor__resume_ret: the program is not linked with this "
+                            "moor, or has no symbols")
     return _resume_ret[0]
 
 

@@ -801,6 +801,96 @@ MOOR_API void moor_chan_send_init(moor_chan_future *op, moor_chan *ch, const voi
 MOOR_API void moor_chan_recv_init(moor_chan_future *op, moor_chan *ch, void *elem, int64_t deadline);
 
 /* ------------------------------------------------------------------------------------------
+ * Channels across executors
+ *
+ * A moor_xchan is a channel whose senders and receivers may be fibers of different executors
+ * (one executor per thread), or plain code on any thread (see below). The semantics are
+ * moor_chan's: values of a fixed size, copied; capacity 0 is a rendezvous (a send completes
+ * only when a receiver takes the value), capacity N buffers N; FIFO among the senders and
+ * among the receivers that wait; close, deadlines, cancellation and the try_ variants as
+ * above. Every value is received exactly once, or its send reports failure: a deadline or a
+ * cancel that races with a counterpart on another thread either takes back the whole
+ * operation or reports it done (a value received is returned even to a cancelled fiber).
+ *
+ * It is the cross-thread path: a lock inside the channel, the value copied under it, and the
+ * other side woken with moor_waker_wake (thread-safe). Between fibers of one executor,
+ * moor_chan is several times cheaper (bench_cores: xchan_local_round_trip_ns beside
+ * chan_round_trip_ns).
+ *
+ * Ownership and lifetime. A channel belongs to no executor: any thread may make it, use it
+ * and free it, and it outlives the executors of the threads that used it (an executor that
+ * made it may be freed while others go on with it). Free it once no operation waits on it
+ * and no future of it is pending, whoever made it: freeing it while a send, receive or future
+ * is queued on it is misuse (assertion). An executor cannot be freed while one of its fibers
+ * waits on a channel (moor_executor_free's rule); a counterpart that completes a wait just as
+ * the waiter's executor finishes wakes nothing (wakers of a finished task or a freed executor
+ * are no-ops). A thread without an executor (a worker of a callback library, say) may use
+ * every call but the futures: a send or receive that has to wait blocks the thread on a
+ * condition variable of the channel, until a counterpart completes it or the deadline passes.
+ *
+ * In moor_select (and moor_race, moor_await_deadline), a channel future competes with the
+ * select's other futures on its own thread: a counterpart on another thread cannot claim
+ * the select, so it wakes the future, which takes the value (or hands it over) when its select
+ * polls it, if no other future has won by then. Such a future is therefore served when polled,
+ * not in FIFO order with the plain waiters, and two selects on different threads never meet
+ * over a rendezvous channel (capacity 0): each waits for a counterpart that is not a select
+ * (or for its deadline). Give a channel between selects of two threads a capacity of 1 or
+ * more. Futures awaited alone (moor_await, moor_block_on, moor_spawn_future) wait in FIFO
+ * order and are completed by the counterpart directly.
+ * ---------------------------------------------------------------------------------------- */
+
+typedef struct moor_xchan moor_xchan;
+
+/* A new channel, owned by no executor; any thread. Errors: -EINVAL (elem_size 0, or
+ * elem_size * capacity overflows), -ENOMEM. */
+MOOR_API int moor_xchan_new(moor_xchan **out, size_t elem_size, size_t capacity);
+/* Free a channel (NULL is fine); any thread. Buffered values are dropped. Misuse: an
+ * operation still waits on it, or a future of it is pending. */
+MOOR_API void moor_xchan_free(moor_xchan *ch);
+/* Close: waiting senders get -EPIPE; receivers drain what is buffered, then get -EPIPE; later
+ * sends get -EPIPE. Any thread; never suspends. Misuse: closing twice. */
+MOOR_API void moor_xchan_close(moor_xchan *ch);
+
+/* May suspend (from plain code: run the executor meanwhile; on a thread without an executor:
+ * block the thread). Return 0, -EPIPE (closed; for recv: closed and drained), -ETIMEDOUT,
+ * -ECANCELED (the fiber was cancelled: nothing was sent or received). */
+MOOR_API int moor_xchan_send(moor_xchan *ch, const void *elem, int64_t deadline);
+MOOR_API int moor_xchan_recv(moor_xchan *ch, void *elem, int64_t deadline);
+/* Never suspend, any thread: 0, -EAGAIN (would wait), -EPIPE. */
+MOOR_API int moor_xchan_try_send(moor_xchan *ch, const void *elem);
+MOOR_API int moor_xchan_try_recv(moor_xchan *ch, void *elem);
+/* Buffered values now (stale as soon as it returns, if other threads use the channel). */
+MOOR_API size_t moor_xchan_len(moor_xchan *ch);
+
+/* A send or receive as a future (for moor_select and the combinators; see above for how a
+ * select is served): output 0, -EPIPE, -ETIMEDOUT. `elem` must stay valid until it is done
+ * or cancelled: a counterpart on another thread reads or writes it until then. Caller owned;
+ * must not move once polled; polled and cancelled on one thread (misuse otherwise). Moor's
+ * deadlock detection never counts a wait on it as a deadlock: another thread may end it. */
+typedef struct moor_xchan_future {
+    moor_future base;        /* public: poll, await, select this */
+    moor_xchan *chan;        /* read-only */
+    void *elem;              /* private */
+    int send;                /* private */
+    int queued;              /* private: in the channel's queue (under its lock) */
+    int done;                /* private, atomic: a counterpart finished it; output in outcome */
+    int woken;               /* private: woken since its last poll (select waiters) */
+    int thread;              /* private: a thread without an executor waits on it */
+    intptr_t outcome;        /* private: written by the counterpart before done */
+    moor_executor *ex;       /* private: the executor that polls it, NULL before */
+    moor__node node;         /* private: in the channel's senders or receivers */
+    moor_waker waker;        /* private: who to wake (under the channel's lock) */
+    struct moor__claim *claim; /* private: its select's claim, or NULL */
+    const void *slot;        /* private: its slot in that select */
+    moor__deadline deadline; /* private */
+} moor_xchan_future;
+
+MOOR_API void moor_xchan_send_init(moor_xchan_future *op, moor_xchan *ch, const void *elem,
+                                   int64_t deadline);
+MOOR_API void moor_xchan_recv_init(moor_xchan_future *op, moor_xchan *ch, void *elem,
+                                   int64_t deadline);
+
+/* ------------------------------------------------------------------------------------------
  * Synchronisation between fibers of one executor. Caller-owned structs, initialised with
  * their _INIT macro (all zero but a semaphore's permits); all waits are FIFO and take a
  * deadline; they return 0, -ETIMEDOUT or -ECANCELED. Each object belongs to the executor of

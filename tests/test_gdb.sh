@@ -142,6 +142,21 @@ grep -q '^no process: run the program, attach to it, or load a core$' "$out" ||
     bad "$out: no 'no process'"
 if grep -q 'Python Exception\|Traceback' "$work/none.out" "$out"; then bad "Python error"; fi
 
+# ---- 1b. a second run in the same gdb session, the program at other addresses ---------------
+# The script must not keep what it learnt of the first run (where moor__resume_ret was, which
+# tells a fiber that has run from one that has not).
+out=$work/rerun.out
+gdb_batch -ex 'set disable-randomization off' -ex run -ex 'moor fibers' -ex kill -ex run \
+    -ex 'echo ---- second run\n' -ex 'moor fibers' -ex kill --args "$target" trap >"$out"
+if [ "$(grep -c 'received signal SIGTRAP' "$out")" = 2 ]; then
+    check_row "$out" 4 yielder ready
+    if grep -Eq '^ +4 +0x[0-9a-f]+ +yielder .*not started' "$out"; then
+        bad "$out: after a second run the yielder, which has run, reads as not started"
+    fi
+else
+    bad "$out: the target did not stop twice under gdb"
+fi
+
 # ---- 2 to 4. attached by pid; cores -----------------------------------------------------------
 # start_paused GUARD: start the target stopped in its running fiber; sets pid and guard.
 start_paused() {

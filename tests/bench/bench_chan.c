@@ -11,6 +11,8 @@
  *   raw_switch_round_trip_asym_ns  (information) the raw round trip in that shape: a driver
  *                             and a worker function, each switching through one out-of-line
  *                             call; what the shape itself costs (bench.h)
+ *   chan_asym_vs_raw_asym_ratio  (information) chan_round_trip_asym_ns over it: what moor's
+ *                             channel and switch add in that shape
  *   mutex_lock_unlock_ns      moor_mutex_lock + moor_mutex_unlock, uncontended, in one fiber
  *   select2_ns                one round: moor_select over two receive futures, satisfied by a
  *                             partner fiber's send on one of the two channels, alternately

@@ -16,6 +16,8 @@
  *   raw_switch_round_trip_asym_ns  (information) the raw round trip in the different-functions
  *                                shape: a driver and a worker function, each switching through
  *                                one out-of-line call; what that shape itself costs (bench.h)
+ *   yield_asym_vs_raw_asym_ratio (information) yield_round_trip_asym_ns over it: what moor itself
+ *                                adds to a switch in that shape
  *
  * Each figure is the median of REPS repetitions, after one warm-up round that is thrown away.
  * A round runs every measurement once, so that a noisy stretch of the machine hits all of
