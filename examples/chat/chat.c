@@ -267,6 +267,31 @@ static void announce(client *except, msg *m)
     announce_local(except, m);
 }
 
+/* Hand mail to the local clients that were in when it was said, in the order it was
+ * posted; consumes it. */
+static void hand_out(msg *mail)
+{
+    for (msg *next; mail; mail = next) {
+        next = mail->next;
+        for (client *p = room.head; p; p = p->next)
+            if (p->since < mail->seq)
+                deliver(p, mail);
+        msg_unref(mail);
+    }
+}
+
+/* Hand out what is in this executor's inbox now, without waiting for the mailman: a client
+ * that leaves gets first what was said before it left (its /quit may have come in before
+ * the mailman's turn). */
+static void collect_mail(void)
+{
+    hub_lock();
+    msg *mail = hub.inbox[self].head;
+    hub.inbox[self].head = hub.inbox[self].tail = NULL;
+    hub_unlock();
+    hand_out(mail);
+}
+
 /* This executor's mailman: hands what the other executors posted to the local clients, in
  * the order it was posted, until it is cancelled. */
 static intptr_t mailman(void *arg)
@@ -282,13 +307,7 @@ static intptr_t mailman(void *arg)
         if (!mail && !moor_cancelled() && (rc = moor_promise_new(&bell, NULL)) == 0)
             in->bell = bell;
         hub_unlock();
-        for (msg *next; mail; mail = next) {
-            next = mail->next;
-            for (client *p = room.head; p; p = p->next)
-                if (p->since < mail->seq) /* it was in when the line was said */
-                    deliver(p, mail);
-            msg_unref(mail);
-        }
+        hand_out(mail);
         if (moor_cancelled())
             return 0;
         if (rc < 0) { /* no memory for the bell: look again soon */
@@ -577,6 +596,8 @@ static intptr_t client_run(void *arg)
             if (n < 0 || handle(&c, line, (size_t)n) < 0)
                 break; /* MOOR_EOF, a reset, /quit */
         }
+        if (hub.threads > 1)
+            collect_mail();
         room_remove(&c);
     } else {
         c.dropped = 1;
