@@ -56,7 +56,7 @@ start_chat() {
     "$chat" -p 0 "$@" >"$tmp/listen.$n" 2>"$tmp/server.err.$n" &
     servers+=($!)
     local port=
-    for _ in $(seq 100); do
+    for _ in $(seq 300); do # 15 s: with --redis it first tries to reach Redis (up to 5 s)
         # the whole line, its newline included (a read may catch the write half done)
         if [ -s "$tmp/listen.$n" ] && [ -z "$(tail -c 1 "$tmp/listen.$n")" ]; then
             port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$tmp/listen.$n")
