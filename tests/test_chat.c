@@ -6,6 +6,7 @@
 #include "fixture.h"
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -16,27 +17,53 @@
 #endif
 
 #define OUTBOX_MAX (1 << 20) /* the server's bound on a client's unsent bytes */
+#define MAX_NICK_TEST 32     /* the longest nick */
+
+#ifdef MOOR_CHAT_REDIS
+#include "server.h" /* examples/redis: a redis-server of the test's own */
+#endif
 
 /* ---- the server ------------------------------------------------------------------------ */
 
-static struct {
+typedef struct server {
     pid_t pid;   /* 0: none running */
     int out;     /* its stdout */
+    int err;     /* its stderr, when the case reads it; else -1 (the test's own) */
     int port;
-} srv;
+} server;
 
-/* Start moor-chat -p 0 and wait for its "listening on" line; with nofile > 0, the child
- * lowers its soft RLIMIT_NOFILE to that before the exec. */
-static void server_start_limit(rlim_t nofile)
+static server srv = {.err = -1};  /* the server of the case; with --redis, the first one */
+static server srv2 = {.err = -1}; /* with --redis, the second instance */
+#ifdef MOOR_CHAT_REDIS
+static redis_server redis;        /* with --redis, theirs; stopped by the teardown */
+#endif
+
+/* The executors of the servers the cases start (--threads): the protocol runs on 1, then on
+ * 2, where clients of one executor talk to clients of the other. */
+static int threads = 1;
+
+/* Start moor-chat -p 0 with the extra arguments (NULL-terminated; NULL for none) and wait
+ * for its "listening on" line; with nofile > 0, the child lowers its soft RLIMIT_NOFILE to
+ * that before the exec; with capture_err, its stderr comes to s->err. */
+static void server_spawn(server *s, rlim_t nofile, const char *const *extra, int capture_err)
 {
-    int out[2];
+    int out[2], err[2] = {-1, -1};
     assert_int_equal(pipe2(out, O_CLOEXEC), 0);
+    if (capture_err)
+        assert_int_equal(pipe2(err, O_CLOEXEC), 0);
+    char *argv[16] = {"moor-chat", "-p", "0"};
+    for (size_t i = 0; extra && extra[i]; i++) {
+        assert_true(i + 4 < sizeof argv / sizeof argv[0]);
+        argv[3 + i] = (char *)extra[i];
+    }
     fflush(NULL);
     pid_t pid = fork();
     assert_true(pid >= 0);
     if (pid == 0) {
         prctl(PR_SET_PDEATHSIG, SIGKILL); /* never outlive the test */
         dup2(out[1], STDOUT_FILENO);
+        if (capture_err)
+            dup2(err[1], STDERR_FILENO);
         if (nofile) {
             struct rlimit rl;
             getrlimit(RLIMIT_NOFILE, &rl);
@@ -51,38 +78,50 @@ static void server_start_limit(rlim_t nofile)
         snprintf(opts, sizeof opts, "%s%squarantine_size_mb=4", old ? old : "", old ? ":" : "");
         setenv("ASAN_OPTIONS", opts, 1);
 #endif
-        execl(MOOR_CHAT_BIN, "moor-chat", "-p", "0", (char *)NULL);
+        execv(MOOR_CHAT_BIN, argv);
         _exit(127);
     }
     close(out[1]);
-    srv.pid = pid;
-    srv.out = out[0];
+    if (capture_err)
+        close(err[1]);
+    s->pid = pid;
+    s->out = out[0];
+    s->err = err[0];
     char line[128];
     size_t len = 0;
     while (len < sizeof line - 1 && !memchr(line, '\n', len)) {
-        struct pollfd p = {srv.out, POLLIN, 0};
+        struct pollfd p = {s->out, POLLIN, 0};
         assert_int_equal(poll(&p, 1, SAFETY_MS), 1);
-        ssize_t n = read(srv.out, line + len, 1); /* byte by byte: leave anything after it */
+        ssize_t n = read(s->out, line + len, 1); /* byte by byte: leave anything after it */
         assert_int_equal(n, 1);
         len++;
     }
     line[len] = '\0';
     char nl;
-    assert_int_equal(sscanf(line, "listening on 127.0.0.1:%d%c", &srv.port, &nl), 2);
+    assert_int_equal(sscanf(line, "listening on 127.0.0.1:%d%c", &s->port, &nl), 2);
     assert_int_equal(nl, '\n');
-    assert_true(srv.port > 0 && srv.port < 65536);
+    assert_true(s->port > 0 && s->port < 65536);
+}
+
+/* The case's server, on `threads` executors. */
+static void server_start_limit(rlim_t nofile)
+{
+    char n[16];
+    snprintf(n, sizeof n, "%d", threads);
+    const char *extra[] = {"--threads", n, NULL};
+    server_spawn(&srv, nofile, threads > 1 ? extra : NULL, 0);
 }
 
 static void server_start(void) { server_start_limit(0); }
 
-/* Wait for the server to exit (up to SAFETY_MS); its status, or -1 if it has not. */
-static int server_wait(void)
+/* Wait for a server to exit (up to SAFETY_MS); its status, or -1 if it has not. */
+static int server_wait(server *s)
 {
     for (int ms = 0; ms < SAFETY_MS; ms += 5) {
         int status;
-        pid_t r = waitpid(srv.pid, &status, WNOHANG);
-        if (r == srv.pid) {
-            srv.pid = 0;
+        pid_t r = waitpid(s->pid, &status, WNOHANG);
+        if (r == s->pid) {
+            s->pid = 0;
             return status;
         }
         sleep_ms(5);
@@ -91,11 +130,11 @@ static int server_wait(void)
 }
 
 /* Send sig and check that the server exits 0 and printed nothing after its first line. */
-static void server_stop_sig(int sig)
+static void server_stop_of(server *s, int sig)
 {
-    assert_int_equal(kill(srv.pid, sig), 0);
+    assert_int_equal(kill(s->pid, sig), 0);
     int64_t t0 = moor_now();
-    int status = server_wait();
+    int status = server_wait(s);
     print_message("moor-chat exited %lld ms after signal %d\n", (long long)(moor_now() - t0),
                   sig);
     if (status == -1)
@@ -104,10 +143,14 @@ static void server_stop_sig(int sig)
         fail_msg("moor-chat killed by signal %d", WTERMSIG(status));
     assert_int_equal(WEXITSTATUS(status), 0);
     char rest[64];
-    assert_int_equal(read(srv.out, rest, sizeof rest), 0); /* exactly one line on stdout */
-    close(srv.out);
+    assert_int_equal(read(s->out, rest, sizeof rest), 0); /* exactly one line on stdout */
+    close(s->out);
+    if (s->err >= 0)
+        close(s->err);
+    s->err = -1;
 }
 
+static void server_stop_sig(int sig) { server_stop_of(&srv, sig); }
 static void server_stop(void) { server_stop_sig(SIGTERM); }
 
 /* A field of /proc/PID/status in kB (VmRSS, VmHWM). */
@@ -127,6 +170,34 @@ static long server_status_kb(const char *field)
     return kb;
 }
 
+/* The bytes each thread of the server has written (wchar of /proc/PID/task/TID/io: its
+ * clients' lines, and a few bytes per wake of another thread) into w[], their ids into
+ * tid[]; how many threads. */
+static size_t server_thread_writes(long *tid, unsigned long long *w, size_t max)
+{
+    char path[320], line[128];
+    snprintf(path, sizeof path, "/proc/%d/task", (int)srv.pid);
+    DIR *d = opendir(path);
+    assert_non_null(d);
+    size_t n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) && n < max) {
+        if (e->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof path, "/proc/%d/task/%s/io", (int)srv.pid, e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;
+        tid[n] = strtol(e->d_name, NULL, 10), w[n] = 0;
+        while (fgets(line, sizeof line, f))
+            sscanf(line, "wchar: %llu", &w[n]);
+        fclose(f);
+        n++;
+    }
+    closedir(d);
+    return n;
+}
+
 /* ---- clients ----------------------------------------------------------------------------- */
 
 typedef struct cl {
@@ -139,20 +210,22 @@ typedef struct cl {
 static cl *clients[4096]; /* every client of the case, closed by the teardown */
 static size_t nclients;
 
-static cl *cl_connect(void)
+static cl *cl_connect_to(const server *s)
 {
     assert_true(nclients < sizeof clients / sizeof clients[0]);
     cl *c = calloc(1, sizeof *c);
     assert_non_null(c);
     c->fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     assert_true(c->fd >= 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)srv.port)};
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)s->port)};
     a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     assert_int_equal(connect(c->fd, (struct sockaddr *)&a, sizeof a), 0);
     setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &(int){1}, sizeof(int));
     clients[nclients++] = c;
     return c;
 }
+
+static cl *cl_connect(void) { return cl_connect_to(&srv); }
 
 static void cl_close(cl *c)
 {
@@ -280,6 +353,15 @@ static void expect_silence(cl *c)
         fail_msg("expected nothing, got \"%s\"", got);
 }
 
+/* "* <nick> joined": news that may or may not come, as an instance (or an executor) hears of a
+ * client of another that joined about when its own did. */
+static int is_joined(const char *s)
+{
+    size_t n = strlen(s);
+    return strncmp(s, "* ", 2) == 0 && n > 9 && strcmp(s + n - 7, " joined") == 0 &&
+           !memchr(s + 2, ' ', n - 9);
+}
+
 /* Connect n clients one by one; each gets its welcome and every earlier one hears it
  * joined. Their nicks are guest<first>, guest<first+1>, ... */
 static void join(cl **out, size_t n, unsigned first)
@@ -303,12 +385,22 @@ static int chat_teardown(void **state)
         free(clients[i]);
     }
     nclients = 0;
-    if (srv.pid > 0) {
-        kill(srv.pid, SIGKILL);
-        waitpid(srv.pid, NULL, 0);
-        close(srv.out);
-        srv.pid = 0;
+    server *both[] = {&srv, &srv2};
+    for (size_t i = 0; i < 2; i++) {
+        server *s = both[i];
+        if (s->pid > 0) {
+            kill(s->pid, SIGKILL);
+            waitpid(s->pid, NULL, 0);
+            close(s->out);
+            s->pid = 0;
+        }
+        if (s->err >= 0)
+            close(s->err);
+        s->err = -1;
     }
+#ifdef MOOR_CHAT_REDIS
+    redis_server_stop(&redis);
+#endif
     return fixture_teardown(state);
 }
 
@@ -538,6 +630,9 @@ static void test_chat_per_sender_order(void **state)
     server_start();
     cl *c[N];
     join(c, N, 1);
+    long tid0[8], tid1[8];
+    unsigned long long w0[8], w1[8];
+    size_t nt = server_thread_writes(tid0, w0, 8);
     for (unsigned seq = 0; seq < lines; seq++)
         for (unsigned i = 0; i < N; i++)
             cl_send(c[i], "m %u\n", seq);
@@ -567,6 +662,26 @@ static void test_chat_per_sender_order(void **state)
     }
     for (unsigned i = 0; i < N; i++)
         expect_silence(c[i]);
+    if (threads > 1) {
+        /* The clients were spread over the executors: each thread that served two or more
+         * wrote a tenth or more of the lines. One with no client writes only the few bytes
+         * of a wake per batch of mail (under 3% of it all); that the kernel put at most one
+         * of the 20 clients on one of two executors has odds of 4 in 100,000. On four, at
+         * least two of them serve some. */
+        assert_int_equal(server_thread_writes(tid1, w1, 8), nt);
+        unsigned long long total = 0, delta[8];
+        for (size_t i = 0; i < nt; i++) {
+            assert_int_equal(tid1[i], tid0[i]);
+            total += delta[i] = w1[i] - w0[i];
+        }
+        size_t busy = 0;
+        for (size_t i = 0; i < nt; i++) {
+            print_message("thread %ld wrote %llu of %llu bytes\n", tid1[i], delta[i], total);
+            busy += delta[i] * 10 >= total;
+        }
+        assert_true(busy >= 2);
+        assert_true(busy == (size_t)threads || threads > 2); /* 20 over 4: some may get few */
+    }
     server_stop();
 }
 
@@ -825,15 +940,29 @@ static void test_chat_many_clients(void **state)
     server_start();
     static cl *c[2000];
     char want[64];
-    for (unsigned i = 0; i < n; i++) /* all at once: the accept queue keeps their order */
+    /* All at once: one accept queue keeps their order. Two executors each take from a queue
+     * of their own, so there the numbers are 1..n in some order, each once. */
+    static unsigned num[2000];
+    static unsigned char seen[2001];
+    memset(seen, 0, sizeof seen);
+    for (unsigned i = 0; i < n; i++)
         c[i] = cl_connect();
     for (unsigned i = 0; i < n; i++) {
-        snprintf(want, sizeof want, "* welcome guest%u", i + 1);
-        expect_line(c[i], want);
+        char *got = cl_line(c[i]);
+        assert_non_null(got);
+        assert_int_equal(sscanf(got, "* welcome guest%u", &num[i]), 1);
+        if (threads == 1)
+            assert_int_equal(num[i], i + 1);
+        assert_true(num[i] >= 1 && num[i] <= n && !seen[num[i]]);
+        seen[num[i]] = 1;
     }
     cl_send(c[n - 1], "/who\n");
     size_t len;
-    char *s = cl_line_within(c[n - 1], SAFETY_MS, &len);
+    char *s;
+    /* On two executors the last to connect may not be the last to join: news of some that
+     * joined just before it may still come. */
+    while ((s = cl_line_within(c[n - 1], SAFETY_MS, &len)) && threads > 1 && is_joined(s))
+        ;
     assert_non_null(s);
     assert_memory_equal(s, "* online: ", 10);
     unsigned names = 1;
@@ -841,12 +970,34 @@ static void test_chat_many_clients(void **state)
         names += s[i] == ' ';
     assert_int_equal(names, n);
     cl_send(c[0], "hello from the first\n");
-    expect_line(c[n - 1], "guest1: hello from the first");
-    for (unsigned i = 2; i < n; i++) { /* the second hears everyone join first */
-        snprintf(want, sizeof want, "* guest%u joined", i + 1);
-        expect_line(c[1], want);
+    char hello[64];
+    snprintf(hello, sizeof hello, "guest%u: hello from the first", num[0]);
+    while ((s = cl_line(c[n - 1])) && threads > 1 && is_joined(s))
+        ;
+    assert_non_null(s);
+    assert_string_equal(s, hello);
+    if (threads == 1) {
+        for (unsigned i = 2; i < n; i++) { /* the second hears everyone join first */
+            snprintf(want, sizeof want, "* guest%u joined", i + 1);
+            expect_line(c[1], want);
+        }
+    } else {
+        /* Whoever joined after it (and maybe some just before, whose news was on its way
+         * from the other executor), each once, never itself, and nothing else. */
+        memset(seen, 0, sizeof seen);
+        for (;;) {
+            char *got = cl_line(c[1]);
+            assert_non_null(got);
+            if (strcmp(got, hello) == 0)
+                break;
+            unsigned j;
+            assert_int_equal(sscanf(got, "* guest%u joined", &j), 1);
+            assert_true(j >= 1 && j <= n && j != num[1] && !seen[j]);
+            seen[j] = 1;
+        }
     }
-    expect_line(c[1], "guest1: hello from the first");
+    if (threads == 1)
+        expect_line(c[1], hello);
     for (unsigned i = 0; i < n; i++)
         cl_close(c[i]);
     cl *last = cl_connect();
@@ -919,11 +1070,17 @@ static void test_chat_rlimit_and_usage(void **state)
 
     /* Usage errors exit 2; an address that cannot be listened on exits 1. */
     static const struct {
-        const char *argv[6];
+        const char *argv[8];
         int status;
     } bad[] = {{{"moor-chat", "-x"}, 2},          {{"moor-chat", "-p", "abc"}, 2},
                {{"moor-chat", "-p", "70000"}, 2}, {{"moor-chat", "-p", "-1"}, 2},
-               {{"moor-chat", "extra"}, 2},       {{"moor-chat", "-b", "no.such", "-p", "0"}, 1}};
+               {{"moor-chat", "extra"}, 2},       {{"moor-chat", "-b", "no.such", "-p", "0"}, 1},
+               {{"moor-chat", "--threads", "0"}, 2}, {{"moor-chat", "--threads", "65"}, 2},
+               {{"moor-chat", "--threads", "2x"}, 2}, {{"moor-chat", "--threads"}, 2},
+               {{"moor-chat", "--redis", "6379"}, 2}, {{"moor-chat", "--redis", ":6379"}, 2},
+               {{"moor-chat", "--redis", "127.0.0.1:0"}, 2},
+               {{"moor-chat", "--redis", "127.0.0.1:6379", "--threads", "2"}, 2},
+               {{"moor-chat", "-b", "no.such", "-p", "0", "--threads", "2"}, 1}};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         fflush(NULL);
         pid_t pid = fork();
@@ -940,6 +1097,534 @@ static void test_chat_rlimit_and_usage(void **state)
         assert_true(WIFEXITED(status));
         assert_int_equal(WEXITSTATUS(status), bad[i].status);
     }
+}
+
+/* ---- --redis: two instances, one room ------------------------------------------------------ */
+
+#ifdef MOOR_CHAT_REDIS
+/* Each case starts its own redis-server on a free loopback port (the keys start empty) and
+ * two moor-chat --redis instances on it; without redis-server the cases are skipped, saying
+ * so, as test_redis's are. */
+static void redis_pair_start_on(int capture_err);
+
+static void redis_pair_start(int capture_err)
+{
+    int rc = redis_server_start(&redis);
+    if (rc < 0) {
+        print_message("no redis-server (%s): install redis-server or set MOOR_REDIS_SERVER; "
+                      "skipped\n", moor_strerror(rc));
+        skip();
+    }
+    redis_pair_start_on(capture_err);
+}
+
+/* The two instances, on redis.port (whether or not a server is there). */
+static void redis_pair_start_on(int capture_err)
+{
+    char addr[64];
+    snprintf(addr, sizeof addr, "127.0.0.1:%d", redis.port);
+    const char *extra[] = {"--redis", addr, NULL};
+    server_spawn(&srv, 0, extra, capture_err);
+    server_spawn(&srv2, 0, extra, capture_err);
+}
+
+/* The next line that is not such news must be `want`. */
+#define expect_past_joins(c, want) expect_past_joins_at(c, want, __FILE__, __LINE__)
+static void expect_past_joins_at(cl *c, const char *want, const char *file, int line)
+{
+    char *got;
+    while ((got = cl_line(c)) && is_joined(got) && strcmp(got, want) != 0)
+        ;
+    if (!got || strcmp(got, want) != 0) {
+        print_message("expected \"%s\", got %s%s%s\n", want, got ? "\"" : "",
+                      got ? got : (c->eof ? "EOF" : "nothing"), got ? "\"" : "");
+        _fail(file, line);
+    }
+}
+
+/* A client of server s, its nick (from its welcome) in nick. */
+static cl *cl_enter(const server *s, char *nick)
+{
+    cl *c = cl_connect_to(s);
+    char *got = cl_line(c);
+    assert_non_null(got);
+    assert_int_equal(sscanf(got, "* welcome %32s", nick), 1);
+    return c;
+}
+
+/* Lines of each sender arrive at each receiver in the order sent: every receiver in rx gets
+ * `lines` lines "<x> <seq>" from every sender in tx but itself (x: the sender's index). */
+static void expect_in_order(cl **rx, size_t nrx, cl **tx, char (*txnick)[MAX_NICK_TEST + 1],
+                            size_t ntx, unsigned lines)
+{
+    static unsigned next[8][8];
+    size_t got[8] = {0}, want[8], done = 0;
+    assert_true(nrx <= 8 && ntx <= 8);
+    memset(next, 0, sizeof next);
+    for (size_t i = 0; i < nrx; i++) {
+        want[i] = 0;
+        for (size_t j = 0; j < ntx; j++)
+            want[i] += rx[i] != tx[j] ? lines : 0;
+        done += want[i] == 0;
+    }
+    for (unsigned seq = 0; seq < lines; seq++)
+        for (size_t j = 0; j < ntx; j++)
+            cl_send(tx[j], "%zu %u\n", j, seq);
+    while (done < nrx) {
+        struct pollfd p[8];
+        for (size_t i = 0; i < nrx; i++)
+            p[i] = (struct pollfd){rx[i]->fd, got[i] < want[i] ? POLLIN : 0, 0};
+        assert_true(poll(p, nrx, SAFETY_MS) > 0);
+        for (size_t i = 0; i < nrx; i++) {
+            if (!p[i].revents)
+                continue;
+            cl_fill(rx[i]);
+            assert_false(rx[i]->eof);
+            char *s, who[64];
+            while ((s = cl_take(rx[i], NULL))) {
+                if (is_joined(s))
+                    continue;
+                size_t from;
+                unsigned seq;
+                if (sscanf(s, "%63[^:]: %zu %u", who, &from, &seq) != 3 || from >= ntx ||
+                    strcmp(who, txnick[from]) != 0 || tx[from] == rx[i])
+                    fail_msg("receiver %zu: unexpected \"%.60s\"", i, s);
+                assert_int_equal(seq, next[i][from]++);
+                if (++got[i] == want[i])
+                    done++;
+            }
+        }
+    }
+}
+
+/* Clients of both instances hear each other, each sender's lines in order, never their own;
+ * /who lists the clients of both. */
+static void test_chat_redis_lines(void **state)
+{
+    (void)state;
+    redis_pair_start(0);
+    char nick[3][MAX_NICK_TEST + 1], want[128];
+    cl *a1 = cl_enter(&srv, nick[0]);
+    cl *b1 = cl_enter(&srv2, nick[1]);
+    assert_string_not_equal(nick[0], nick[1]); /* guest numbers count over both */
+    snprintf(want, sizeof want, "* %s joined", nick[1]);
+    expect_line(a1, want);
+    cl *a2 = cl_enter(&srv, nick[2]);
+    snprintf(want, sizeof want, "* %s joined", nick[2]);
+    expect_line(a1, want);
+    expect_line(b1, want); /* and not a1's join: that was before b1 came in */
+    cl_send(a1, "hello from a\n");
+    snprintf(want, sizeof want, "%s: hello from a", nick[0]);
+    expect_line(a2, want);
+    expect_line(b1, want);
+    cl_send(b1, "hello from b\n");
+    snprintf(want, sizeof want, "%s: hello from b", nick[1]);
+    expect_line(a1, want);
+    expect_line(a2, want);
+    cl *all[] = {a1, b1, a2};
+    expect_in_order(all, 3, all, nick, 2, 300); /* a1 and b1 talk at once, all three hear */
+    const char *sorted[] = {nick[0], nick[1], nick[2]};
+    qsort(sorted, 3, sizeof sorted[0], by_bytes);
+    snprintf(want, sizeof want, "* online: %s %s %s", sorted[0], sorted[1], sorted[2]);
+    cl_send(a2, "/who\n");
+    expect_line(a2, want);
+    cl_send(b1, "/who\n");
+    expect_line(b1, want);
+    expect_silence(a1);
+    server_stop_of(&srv2, SIGTERM);
+    snprintf(want, sizeof want, "* %s left", nick[1]); /* a graceful stop says goodbye */
+    expect_line(a1, want);
+    server_stop_of(&srv, SIGTERM);
+}
+
+/* A nick is one client's over both instances; one that leaves gives it back. */
+static void test_chat_redis_nick(void **state)
+{
+    (void)state;
+    redis_pair_start(0);
+    char na[MAX_NICK_TEST + 1], nb[MAX_NICK_TEST + 1], want[128];
+    cl *a = cl_enter(&srv, na);
+    cl *b = cl_enter(&srv2, nb);
+    snprintf(want, sizeof want, "* %s joined", nb);
+    expect_line(a, want);
+    cl_send(b, "/nick alice\n");
+    expect_line(b, "* you are now alice");
+    snprintf(want, sizeof want, "* %s is now alice", nb);
+    expect_line(a, want);
+    cl_send(a, "/nick alice\n");
+    expect_line(a, "* error: nick taken");
+    cl_send(a, "/nick bob\n");
+    expect_line(a, "* you are now bob");
+    snprintf(want, sizeof want, "* %s is now bob", na);
+    expect_line(b, want);
+    cl_send(b, "/nick bob\n");
+    expect_line(b, "* error: nick taken");
+    cl_send(a, "/who\n");
+    expect_line(a, "* online: alice bob");
+    cl_send(b, "/quit\n");
+    expect_eof(b);
+    expect_line(a, "* alice left");
+    cl_send(a, "/nick alice\n"); /* given back when its client left */
+    expect_line(a, "* you are now alice");
+    char nb2[MAX_NICK_TEST + 1];
+    cl *b2 = cl_enter(&srv2, nb2);
+    cl_send(b2, "/nick alice\n");
+    expect_line(b2, "* error: nick taken"); /* and no news from before it came in */
+    cl_send(b2, "/nick bob\n"); /* alice's old name is free too */
+    expect_line(b2, "* you are now bob");
+    snprintf(want, sizeof want, "* %s joined", nb2);
+    expect_line(a, want);
+    snprintf(want, sizeof want, "* %s is now bob", nb2);
+    expect_line(a, want);
+    /* Both ask for one name at once, again and again: exactly one of them gets it. The
+     * loser's refusal and the news of the winner's new name come by different roads (the
+     * command's reply, the channel): in either order. */
+    static const char *const names[] = {"alice", "bob"};
+    cl *both[] = {a, b2};
+    int wins[2] = {0, 0};
+    for (int round = 0; round < 20; round++) {
+        cl_send(a, "/nick race%d\n", round);
+        cl_send(b2, "/nick race%d\n", round);
+        char mine[64], first[128];
+        snprintf(mine, sizeof mine, "* you are now race%d", round);
+        char *got = cl_line(a);
+        assert_non_null(got);
+        snprintf(first, sizeof first, "%s", got);
+        int w = strcmp(first, mine) == 0 ? 0 : 1, l = !w;
+        if (w == 1)
+            expect_line(b2, mine);
+        char news[64], seen[2][128];
+        snprintf(news, sizeof news, "* %s is now race%d", names[w], round);
+        for (int i = 0; i < 2; i++) {
+            if (i == 0 && l == 0) {
+                snprintf(seen[0], sizeof seen[0], "%s", first);
+                continue;
+            }
+            got = cl_line(both[l]);
+            assert_non_null(got);
+            snprintf(seen[i], sizeof seen[i], "%s", got);
+        }
+        if (!((strcmp(seen[0], "* error: nick taken") == 0 && strcmp(seen[1], news) == 0) ||
+              (strcmp(seen[1], "* error: nick taken") == 0 && strcmp(seen[0], news) == 0)))
+            fail_msg("round %d: the loser heard \"%s\" and \"%s\"", round, seen[0], seen[1]);
+        wins[w]++;
+        cl_send(both[w], "/nick %s\n", names[w]); /* back, for the next round */
+        snprintf(news, sizeof news, "* you are now %s", names[w]);
+        expect_line(both[w], news);
+        snprintf(news, sizeof news, "* race%d is now %s", round, names[w]);
+        expect_line(both[l], news);
+    }
+    print_message("20 races for a name: a won %d, b %d\n", wins[0], wins[1]);
+    server_stop_of(&srv, SIGTERM);
+    server_stop_of(&srv2, SIGTERM);
+}
+
+/* An instance killed outright: its clients leave, for the others, once its heartbeat has
+ * expired (a few seconds), and their nicks are free again. */
+static void test_chat_redis_instance_killed(void **state)
+{
+    (void)state;
+    redis_pair_start(0);
+    char na[MAX_NICK_TEST + 1], nb1[MAX_NICK_TEST + 1], nb2[MAX_NICK_TEST + 1], want[128];
+    cl *a = cl_enter(&srv, na);
+    cl *b1 = cl_enter(&srv2, nb1);
+    cl_enter(&srv2, nb2);
+    snprintf(want, sizeof want, "* %s joined", nb2);
+    expect_line(b1, want);
+    cl_send(b1, "/nick carol\n");
+    expect_line(b1, "* you are now carol");
+    snprintf(want, sizeof want, "* %s joined", nb1);
+    expect_line(a, want);
+    snprintf(want, sizeof want, "* %s joined", nb2);
+    expect_line(a, want);
+    snprintf(want, sizeof want, "* %s is now carol", nb1);
+    expect_line(a, want);
+    kill(srv2.pid, SIGKILL);
+    waitpid(srv2.pid, NULL, 0);
+    srv2.pid = 0;
+    int64_t t0 = moor_now();
+    char left2[64];
+    snprintf(left2, sizeof left2, "* %s left", nb2);
+    int carol = 0, other = 0;
+    while (!(carol && other)) {
+        char *got = cl_line(a);
+        assert_non_null(got);
+        if (strcmp(got, "* carol left") == 0 && !carol)
+            carol = 1;
+        else if (strcmp(got, left2) == 0 && !other)
+            other = 1;
+        else
+            fail_msg("unexpected \"%s\"", got);
+    }
+    int64_t ms = moor_now() - t0;
+    print_message("the killed instance's clients left %lld ms after the kill\n", (long long)ms);
+    assert_true(ms < 10000); /* 3 s of heartbeat TTL and a 1 s sweep; slack for a busy box */
+    snprintf(want, sizeof want, "* online: %s", na);
+    cl_send(a, "/who\n");
+    expect_line(a, want);
+    cl_send(a, "/nick carol\n");
+    expect_line(a, "* you are now carol");
+    server_stop_of(&srv, SIGTERM);
+}
+
+/* PUBLISH payload on the room's channel from a plain connection of the test's own (the
+ * channel is open to any Redis client): how many subscribers got it. */
+static long long redis_publish_raw(const void *payload, size_t len)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    assert_true(fd >= 0);
+    struct sockaddr_in in = {.sin_family = AF_INET, .sin_port = htons((uint16_t)redis.port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    assert_int_equal(connect(fd, (struct sockaddr *)&in, sizeof in), 0);
+    char head[128];
+    int h = snprintf(head, sizeof head, "*3\r\n$7\r\nPUBLISH\r\n$14\r\nmoor-chat:room\r\n$%zu\r\n",
+                     len);
+    cl c = {.fd = fd};
+    cl_write(&c, head, (size_t)h);
+    cl_write(&c, payload, len);
+    cl_write(&c, "\r\n", 2);
+    char reply[64] = {0};
+    size_t got = 0;
+    while (got < sizeof reply - 1 && !memchr(reply, '\n', got)) {
+        struct pollfd p = {fd, POLLIN, 0};
+        assert_int_equal(poll(&p, 1, SAFETY_MS), 1);
+        ssize_t n = read(fd, reply + got, sizeof reply - 1 - got);
+        assert_true(n > 0);
+        got += (size_t)n;
+    }
+    close(fd);
+    long long receivers = -1;
+    assert_int_equal(sscanf(reply, ":%lld", &receivers), 1);
+    return receivers;
+}
+
+/* Anything published on the channel that is not an instance's message is ignored; a
+ * well-formed one from anybody is delivered, as it is (any byte in a line). */
+static void test_chat_redis_garbage_on_channel(void **state)
+{
+    (void)state;
+    redis_pair_start(0);
+    char na[MAX_NICK_TEST + 1], nb[MAX_NICK_TEST + 1], want[128];
+    cl *a = cl_enter(&srv, na);
+    cl *b = cl_enter(&srv2, nb);
+    snprintf(want, sizeof want, "* %s joined", nb);
+    expect_line(a, want);
+    static char big[6000];
+    memset(big, 'x', sizeof big);
+    memcpy(big, "0123456789abcdef L mallory ", 27);
+    static const struct {
+        const char *p;
+        size_t len;
+    } junk[] = {
+#define J(s) {s, sizeof s - 1}
+        J(""), J("x"), J("0123456789abcdef"), J("0123456789abcdef L"),
+        J("0123456789abcdef L "), J("0123456789abcdef L  hi"),
+        J("0123456789abcdef L 012345678901234567890123456789012 hi"), /* a nick of 33 */
+        J("0123456789abcdef L bad.nick hi"), J("0123456789abcdef L ni\0ck hi"),
+        J("0123456789abcdef L mallory"), J("0123456789abcdef L mallory "),
+        J("0123456789abcdef Z mallory"), J("0123456789abcdef J mallory extra"),
+        J("0123456789abcdef Q"), J("0123456789abcdef N mallory"),
+        J("0123456789abcdef N mallory bad.nick"), J("0123456789abcdef N mallory "),
+        J("0123456789abcdefXL mallory hi"), J("0123456789abcdef LXmallory hi"),
+#undef J
+        {big, 27 + 4097}, /* a line of 4097 bytes: longer than a client may send */
+    };
+    for (size_t i = 0; i < sizeof junk / sizeof junk[0]; i++)
+        assert_int_equal(redis_publish_raw(junk[i].p, junk[i].len), 2);
+    static const char line[] = "0123456789abcdef L mallory hi\0there\xff";
+    assert_int_equal(redis_publish_raw(line, sizeof line - 1), 2);
+    assert_int_equal(redis_publish_raw("0123456789abcdef J mallory", 26), 2);
+    assert_int_equal(redis_publish_raw(big, 27 + 4096), 2); /* the longest line */
+    cl *both[] = {a, b};
+    for (int i = 0; i < 2; i++) {
+        size_t len;
+        char *got = cl_line_within(both[i], SAFETY_MS, &len);
+        assert_non_null(got);
+        assert_int_equal(len, 18);
+        assert_memory_equal(got, "mallory: hi\0there\xff", 18);
+        expect_line(both[i], "* mallory joined");
+        got = cl_line_within(both[i], SAFETY_MS, &len);
+        assert_non_null(got);
+        assert_int_equal(len, 9 + 4096);
+        assert_memory_equal(got, "mallory: xxxx", 13);
+    }
+    cl_send(b, "still fine\n");
+    snprintf(want, sizeof want, "%s: still fine", nb);
+    expect_line(a, want);
+    server_stop_of(&srv, SIGTERM);
+    server_stop_of(&srv2, SIGTERM);
+}
+
+/* Wait for `want` in what server s wrote on stderr. */
+static void expect_stderr(server *s, const char *want)
+{
+    static char buf[8192];
+    size_t len = 0;
+    int64_t end = moor_now() + SAFETY_MS;
+    for (;;) {
+        buf[len] = '\0';
+        if (strstr(buf, want))
+            return;
+        struct pollfd p = {s->err, POLLIN, 0};
+        int left = (int)(end - moor_now());
+        if (left <= 0 || poll(&p, 1, left) <= 0 || len == sizeof buf - 1)
+            fail_msg("no \"%s\" on stderr; it said: \"%s\"", want, buf);
+        ssize_t n = read(s->err, buf + len, sizeof buf - 1 - len);
+        if (n <= 0)
+            fail_msg("stderr closed without \"%s\"; it said: \"%s\"", want, buf);
+        len += (size_t)n;
+    }
+}
+
+/* redis-server killed: each instance serves its own clients as a room of its own, says so
+ * to them and on stderr; once Redis is back the room is one again. */
+static void test_chat_redis_server_killed(void **state)
+{
+    (void)state;
+    redis_pair_start(1);
+    char na1[MAX_NICK_TEST + 1], na2[MAX_NICK_TEST + 1], nb[MAX_NICK_TEST + 1], want[160];
+    cl *a1 = cl_enter(&srv, na1);
+    cl *a2 = cl_enter(&srv, na2);
+    cl *b = cl_enter(&srv2, nb);
+    /* Once A has heard of b, the names it makes alone are new to B as well (else the two
+     * sides of the split could both make guest3, and one would be renamed when they meet). */
+    snprintf(want, sizeof want, "* %s joined", nb);
+    expect_past_joins(a1, want);
+    int port = redis.port;
+    redis_server_stop(&redis);
+    static const char lost[] = "* the room is local only now (lost the connection to redis)";
+    expect_past_joins(a1, lost);
+    expect_past_joins(a2, lost);
+    expect_past_joins(b, lost);
+    expect_stderr(&srv, "the room is local only now");
+    expect_stderr(&srv2, "the room is local only now");
+    cl_send(a1, "still here\n");
+    snprintf(want, sizeof want, "%s: still here", na1);
+    expect_line(a2, want);
+    const char *sorted[] = {na1, na2, nb};
+    qsort(sorted, 2, sizeof sorted[0], by_bytes);
+    snprintf(want, sizeof want, "* online: %s %s", sorted[0], sorted[1]);
+    cl_send(a1, "/who\n");
+    expect_line(a1, want);
+    snprintf(want, sizeof want, "* online: %s", nb);
+    cl_send(b, "/who\n");
+    expect_line(b, want); /* and it heard nothing of a1's line */
+    char na3[MAX_NICK_TEST + 1];
+    cl_enter(&srv, na3); /* still serving */
+
+    /* Back: each instance says so and registers again. */
+    assert_int_equal(redis_server_start_on(&redis, port), 0);
+    static const char back[] = "* the room is shared again (redis is back)";
+    expect_past_joins(a1, back);
+    expect_past_joins(b, back);
+    expect_stderr(&srv, "the room is shared again");
+    const char *every[] = {na1, na2, na3, nb};
+    qsort(every, 4, sizeof every[0], by_bytes);
+    snprintf(want, sizeof want, "* online: %s %s %s %s", every[0], every[1], every[2],
+             every[3]);
+    for (int64_t end = moor_now() + SAFETY_MS;;) { /* until both have registered again */
+        cl_send(b, "/who\n");
+        char *s;
+        while ((s = cl_line(b)) && strncmp(s, "* online: ", 10) != 0)
+            assert_true(is_joined(s));
+        assert_non_null(s);
+        if (strcmp(s, want) == 0)
+            break;
+        assert_true(moor_now() < end);
+        sleep_ms(50);
+    }
+    cl_send(a1, "together again\n");
+    snprintf(want, sizeof want, "%s: together again", na1);
+    expect_past_joins(b, want);
+    server_stop_of(&srv, SIGTERM);
+    server_stop_of(&srv2, SIGTERM);
+}
+/* No Redis when the instances start: each serves its own clients and says so, then joins
+ * the room once Redis is there. */
+static void test_chat_redis_late(void **state)
+{
+    (void)state;
+    if (!redis_server_path()) {
+        print_message("no redis-server: install redis-server or set MOOR_REDIS_SERVER; "
+                      "skipped\n");
+        skip();
+    }
+    redis.port = redis_server_free_port();
+    assert_true(redis.port > 0);
+    redis_pair_start_on(1);
+    expect_stderr(&srv, "the room is local only for now");
+    expect_stderr(&srv2, "the room is local only for now");
+    char na[MAX_NICK_TEST + 1], nb[MAX_NICK_TEST + 1], want[128];
+    cl *a = cl_enter(&srv, na);
+    cl *b = cl_enter(&srv2, nb);
+    assert_string_equal(na, "guest1"); /* each counts alone */
+    assert_string_equal(nb, "guest1");
+    cl_send(a, "/who\n");
+    expect_line(a, "* online: guest1");
+    if (redis_server_start_on(&redis, redis.port) < 0) /* taken meanwhile, say */
+        skip();
+    /* Both named their first client guest1, alone: when they meet, the one that registers
+     * second renames its own (and says so), then says the room is one again. */
+    static const char back[] = "* the room is shared again (redis is back)";
+    int renamed = 0;
+    cl *ab[] = {a, b};
+    char *names[] = {na, nb};
+    for (int i = 0; i < 2; i++) {
+        char *got;
+        while ((got = cl_line(ab[i])) && strcmp(got, back) != 0) {
+            char old[64], now[64];
+            if (sscanf(got, "* %63s is now %63s (another instance had that name", old,
+                       now) == 2 && strcmp(old, names[i]) == 0) {
+                strcpy(names[i], now);
+                renamed++;
+            } else if (!is_joined(got)) {
+                fail_msg("unexpected \"%s\"", got);
+            }
+        }
+        assert_non_null(got);
+    }
+    assert_int_equal(renamed, 1);
+    assert_string_not_equal(na, nb);
+    /* Both are in now (each heard the other join, or not, as they registered). */
+    const char *both[] = {na, nb};
+    qsort(both, 2, sizeof both[0], by_bytes);
+    snprintf(want, sizeof want, "* online: %s %s", both[0], both[1]);
+    for (int64_t end = moor_now() + SAFETY_MS;;) {
+        cl_send(a, "/who\n");
+        char *got;
+        while ((got = cl_line(a)) && strncmp(got, "* online: ", 10) != 0)
+            assert_true(is_joined(got));
+        assert_non_null(got);
+        if (strcmp(got, want) == 0)
+            break;
+        assert_true(moor_now() < end);
+        sleep_ms(50);
+    }
+    cl_send(b, "hello\n");
+    snprintf(want, sizeof want, "%s: hello", nb);
+    expect_past_joins(a, want);
+    server_stop_of(&srv, SIGTERM);
+    server_stop_of(&srv2, SIGTERM);
+}
+#endif /* MOOR_CHAT_REDIS */
+
+/* The protocol's core on four executors. */
+static void test_chat_four_threads(void **state)
+{
+    threads = 4;
+    test_chat_welcome_and_joined(state);
+    test_chat_messages(state);
+    test_chat_nick(state);
+    test_chat_who_sorted(state);
+    test_chat_per_sender_order(state);
+    threads = 2;
+}
+
+static int on_two_threads(void **state)
+{
+    (void)state;
+    threads = 2;
+    return 0;
 }
 
 int main(void)
@@ -968,5 +1653,36 @@ int main(void)
         CHAT_TEST(test_chat_sigint),
         CHAT_TEST(test_chat_rlimit_and_usage),
     };
-    return RUN_TESTS(tests);
+    int failed = RUN_TESTS(tests);
+    /* The protocol again, the room spread over two executors. */
+    const struct CMUnitTest threaded[] = {
+        CHAT_TEST(test_chat_welcome_and_joined),
+        CHAT_TEST(test_chat_messages),
+        CHAT_TEST(test_chat_nick),
+        CHAT_TEST(test_chat_who_sorted),
+        CHAT_TEST(test_chat_quit_and_left),
+        CHAT_TEST(test_chat_unknown_command),
+        CHAT_TEST(test_chat_line_limit),
+        CHAT_TEST(test_chat_per_sender_order),
+        CHAT_TEST(test_chat_slow_reader_dropped),
+        CHAT_TEST(test_chat_flooder_beside_quiet),
+        CHAT_TEST(test_chat_garbage_and_resets),
+        CHAT_TEST(test_chat_many_clients),
+        CHAT_TEST(test_chat_sigterm),
+        CHAT_TEST(test_chat_sigint),
+        CHAT_TEST(test_chat_four_threads),
+    };
+    failed |= cmocka_run_group_tests_name("chat --threads 2", threaded, on_two_threads, NULL);
+#ifdef MOOR_CHAT_REDIS
+    const struct CMUnitTest redis_cases[] = {
+        CHAT_TEST(test_chat_redis_lines),
+        CHAT_TEST(test_chat_redis_nick),
+        CHAT_TEST(test_chat_redis_garbage_on_channel),
+        CHAT_TEST(test_chat_redis_late),
+        CHAT_TEST(test_chat_redis_instance_killed),
+        CHAT_TEST(test_chat_redis_server_killed),
+    };
+    failed |= cmocka_run_group_tests_name("chat --redis", redis_cases, NULL, NULL);
+#endif
+    return failed;
 }

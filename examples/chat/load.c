@@ -1,11 +1,12 @@
 /* moor-chat-load: many chat clients against a moor-chat, one fiber per client.
  *
- *   moor-chat-load [-h HOST] [-p PORT] [-c CLIENTS] [-t TALKERS] [-m LINES] [-r RATE]
- *                  [-w WINDOW] [-k CONNECTING] [-d DRAIN_MS]
+ *   moor-chat-load [-h HOST] [-p PORT[,PORT...]] [-c CLIENTS] [-t TALKERS] [-m LINES]
+ *                  [-r RATE] [-w WINDOW] [-k CONNECTING] [-d DRAIN_MS]
  *
  * Defaults: 127.0.0.1:7777, 100 clients, all of them talking, 1,000 lines each, at full speed
  * (-r 0); -r R sends R lines per second per talker. The first TALKERS clients talk, the others
- * only listen; every client reads everything.
+ * only listen; every client reads everything. With several ports (moor-chat instances that
+ * share one room through Redis), client i connects to the (i mod n)th.
  *
  * Flow control: a talker keeps at most WINDOW (64) of its lines on their way, a line being on
  * its way until every other client has it (-w 0: no limit). Without it, talkers at full speed
@@ -60,16 +61,19 @@ typedef struct client {
     moor_fiber *reader;
 } client;
 
+#define MAX_PORTS 16
+
 static struct {
     const char *host;
-    int port;
+    int port[MAX_PORTS];
+    int nports;
     int clients, talkers;
     long lines;        /* per talker */
     double rate;       /* lines/s per talker; 0: as fast as the socket takes them */
     int connecting;    /* handshakes in flight at most */
     int drain_ms;
     int window;        /* lines per talker on their way at most; 0: no limit */
-} opt = {"127.0.0.1", 7777, 100, -1, 1000, 0, 256, 10000, 64};
+} opt = {"127.0.0.1", {7777}, 1, 100, -1, 1000, 0, 256, 10000, 64};
 
 /* The window of each talker: how many clients have each line still on its way (a ring of
  * `window` counts), and the first line not yet everywhere. */
@@ -234,7 +238,7 @@ static intptr_t client_run(void *arg)
 {
     client *c = arg;
     moor_sem_acquire(&connect_slots, -1);
-    c->fd = moor_tcp_connect(opt.host, opt.port, moor_deadline_in(60000));
+    c->fd = moor_tcp_connect(opt.host, opt.port[c->id % opt.nports], moor_deadline_in(60000));
     if (c->fd < 0)
         die(c->id, "connect", c->fd);
     moor_reader r;
@@ -305,8 +309,9 @@ static intptr_t talk(void *arg)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: moor-chat-load [-h HOST] [-p PORT] [-c CLIENTS] [-t TALKERS] "
-                    "[-m LINES] [-r RATE] [-w WINDOW] [-k CONNECTING] [-d DRAIN_MS]\n");
+    fprintf(stderr, "usage: moor-chat-load [-h HOST] [-p PORT[,PORT...]] [-c CLIENTS] "
+                    "[-t TALKERS] [-m LINES] [-r RATE] [-w WINDOW] [-k CONNECTING] "
+                    "[-d DRAIN_MS]\n");
     exit(2);
 }
 
@@ -325,7 +330,17 @@ static void parse(int argc, char **argv)
     while ((o = getopt(argc, argv, "h:p:c:t:m:r:w:k:d:")) != -1) {
         switch (o) {
         case 'h': opt.host = optarg; break;
-        case 'p': opt.port = (int)arg_long(optarg, 1, 65535); break;
+        case 'p': {
+            opt.nports = 0;
+            for (char *tok = strtok(optarg, ","); tok; tok = strtok(NULL, ",")) {
+                if (opt.nports == MAX_PORTS)
+                    usage();
+                opt.port[opt.nports++] = (int)arg_long(tok, 1, 65535);
+            }
+            if (opt.nports == 0)
+                usage();
+            break;
+        }
         case 'c': opt.clients = (int)arg_long(optarg, 1, 1000000); break;
         case 't': opt.talkers = (int)arg_long(optarg, 0, 1000000); break;
         case 'm': opt.lines = arg_long(optarg, 0, UINT32_MAX); break;

@@ -101,50 +101,61 @@ __attribute__((unused)) static void redis_server_stop(redis_server *s)
     s->pid = 0;
 }
 
-/* Start a redis-server on a free loopback port and wait (up to some 10 s) until it answers.
- * Returns 0, -ENOENT (no redis-server binary), or -ETIMEDOUT / -errno. */
-__attribute__((unused)) static int redis_server_start(redis_server *s)
+/* Start a redis-server on 127.0.0.1:port and wait (up to some 10 s) until it answers:
+ * 0, -ENOENT (no redis-server binary), -EADDRINUSE (it died: the port is taken, say), or
+ * -ETIMEDOUT / -errno. (A test that kills the server starts it again where it was.) */
+__attribute__((unused)) static int redis_server_start_on(redis_server *s, int port)
 {
     const char *bin = redis_server_path();
     s->pid = 0;
     if (!bin)
         return -ENOENT;
+    char port_s[16];
+    snprintf(port_s, sizeof port_s, "%d", port);
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0)
+        return -errno;
+    if (pid == 0) {
+        int null = open("/dev/null", O_RDWR);
+        if (null >= 0) {
+            dup2(null, STDIN_FILENO);
+            dup2(null, STDOUT_FILENO);
+        }
+        execl(bin, bin, "--port", port_s, "--bind", "127.0.0.1", "--save", "",
+              "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+              (char *)NULL);
+        _exit(127);
+    }
+    s->pid = pid;
+    s->port = port;
+    for (int waited = 0; waited < 10000; waited += 10) {
+        if (redis_server_answers(port))
+            return 0;
+        int status;
+        if (waitpid(pid, &status, WNOHANG) == pid) { /* died: port taken, say */
+            s->pid = 0;
+            return -EADDRINUSE;
+        }
+        redis_server_sleep_ms(10);
+    }
+    redis_server_stop(s);
+    return -ETIMEDOUT;
+}
+
+/* Start a redis-server on a free loopback port and wait (up to some 10 s) until it answers.
+ * Returns 0, -ENOENT (no redis-server binary), or -ETIMEDOUT / -errno. */
+__attribute__((unused)) static int redis_server_start(redis_server *s)
+{
+    int rc = -ETIMEDOUT;
     for (int attempt = 0; attempt < 5; attempt++) {
         int port = redis_server_free_port();
         if (port < 0)
             return port;
-        char port_s[16];
-        snprintf(port_s, sizeof port_s, "%d", port);
-        fflush(NULL);
-        pid_t pid = fork();
-        if (pid < 0)
-            return -errno;
-        if (pid == 0) {
-            int null = open("/dev/null", O_RDWR);
-            if (null >= 0) {
-                dup2(null, STDIN_FILENO);
-                dup2(null, STDOUT_FILENO);
-            }
-            execl(bin, bin, "--port", port_s, "--bind", "127.0.0.1", "--save", "",
-                  "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
-                  (char *)NULL);
-            _exit(127);
-        }
-        s->pid = pid;
-        s->port = port;
-        for (int waited = 0; waited < 10000; waited += 10) {
-            if (redis_server_answers(port))
-                return 0;
-            int status;
-            if (waitpid(pid, &status, WNOHANG) == pid) { /* died: port taken, say */
-                s->pid = 0;
-                break;
-            }
-            redis_server_sleep_ms(10);
-        }
-        redis_server_stop(s);
+        if ((rc = redis_server_start_on(s, port)) != -EADDRINUSE)
+            return rc;
     }
-    return -ETIMEDOUT;
+    return rc;
 }
 
 #endif /* MOOR_REDIS_SERVER_H */
