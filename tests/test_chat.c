@@ -860,8 +860,10 @@ static void test_chat_flooder_beside_quiet(void **state)
     /* A starved line would wait for the whole flood, and the flood only ends after every
      * quiet line is through: the test would hang at the poll's SAFETY_MS, not get here. The
      * count of flood lines ahead depends on scheduling: one to two windows on an idle
-     * machine, up to eleven seen on a loaded 2-core one (CI with -j2). */
-    assert_true(behind_max <= 16 * WINDOW);
+     * machine, up to eleven seen on a loaded 2-core one (CI with -j2), and past sixteen twice
+     * with two other builds running beside it (load 5). The bound is for unfairness short of
+     * starvation: a reader served once per many turns of the flooder. */
+    assert_true(behind_max <= 32 * WINDOW);
     server_stop();
 }
 
