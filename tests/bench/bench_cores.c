@@ -29,6 +29,12 @@
  *                                   register loop does not: where the two CPUs are SMT
  *                                   siblings (a VM's vCPUs may be, whatever it reports), this
  *                                   one stays low too, and cores_scaling_ratio cannot exceed it
+ *   spawn_per_s_2_processes         the third, for spawn: spawn_per_s_2's work in two processes
+ *                                   at once, each with its own executor (nothing shared, not
+ *                                   even an address space)
+ *   process_scaling_ratio_spawn     spawn_per_s_2_processes over spawn_per_s_1: what this
+ *                                   machine allows that work with nothing shared; where it is
+ *                                   as low as cores_scaling_ratio_spawn, the limit is not moor's
  *
  * Each figure is the median of REPS repetitions after a warm-up round; a round measures every
  * figure once, so a noisy stretch of the machine hits them all alike. The two-executor figures
@@ -46,6 +52,8 @@
 #include <time.h>
 
 #include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #define BENCH_NAME "bench_cores"
 #include "bench.h"
@@ -67,12 +75,13 @@ static void bench_print_targets(const struct bench_ratio *ratios, size_t nratios
 #define RAW_XTHREAD_N 30000u
 
 enum { F_YIELD_1, F_YIELD_2, F_SPAWN_1, F_SPAWN_2, F_CHAN, F_XCHAN_LOCAL, F_XCHAN, F_SPIN_1,
-       F_SPIN_2, F_RAW_XTHREAD, F_JUMP_1, F_JUMP_2, NFIG };
+       F_SPIN_2, F_RAW_XTHREAD, F_JUMP_1, F_JUMP_2, F_SPAWN_2P, NFIG };
 
 static const char *const table_keys[NFIG] = {
     "yield_1_executor", "yield_2_executors", "spawn_join_1_executor", "spawn_join_2_executors",
     "chan_round_trip",  "xchan_local_round_trip", "xchan_round_trip", "spin_1_thread",
     "spin_2_threads",   "raw_thread_round_trip", "raw_jump_1_thread", "raw_jump_2_threads",
+    "spawn_join_2_processes",
 };
 
 static moor_executor *executor_begin(void)
@@ -241,6 +250,48 @@ static uint64_t bench_shares(int executors, int spawn, int spin_only, uint64_t n
     return ps_per_op(t0, t1, ops);
 }
 
+/* spawn_per_s_2_processes: bench_shares(2, 1, 0, n)'s work in two forked processes, each
+ * with its own executor, started together through a barrier in shared memory. */
+static uint64_t bench_spawn_processes(uint64_t n)
+{
+    struct {
+        pthread_barrier_t start;
+        uint64_t t0[2], t1[2];
+    } *sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sh == MAP_FAILED)
+        die("mmap of the processes' shared page failed");
+    pthread_barrierattr_t attr;
+    pthread_barrierattr_init(&attr);
+    pthread_barrierattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+    if (pthread_barrier_init(&sh->start, &attr, 2) != 0)
+        die("pthread_barrier_init");
+    pthread_barrierattr_destroy(&attr);
+    pid_t pid[2];
+    for (int i = 0; i < 2; i++) {
+        pid[i] = fork();
+        if (pid[i] < 0)
+            die("fork");
+        if (pid[i] == 0) {
+            struct share s = {.start = &sh->start, .warm = n / 16, .n = n, .spawn = 1};
+            share_main(&s);
+            sh->t0[i] = s.t0;
+            sh->t1[i] = s.t1;
+            _exit(0);
+        }
+    }
+    for (int i = 0; i < 2; i++) {
+        int status;
+        if (waitpid(pid[i], &status, 0) != pid[i] || !WIFEXITED(status) ||
+            WEXITSTATUS(status) != 0)
+            die("a spawning process failed");
+    }
+    uint64_t t0 = sh->t0[0] < sh->t0[1] ? sh->t0[0] : sh->t0[1];
+    uint64_t t1 = sh->t1[0] > sh->t1[1] ? sh->t1[0] : sh->t1[1];
+    pthread_barrier_destroy(&sh->start);
+    munmap(sh, sizeof *sh);
+    return ps_per_op(t0, t1, 2 * n);
+}
+
 /* ---- ping-pong: moor_chan, moor_xchan on one executor, moor_xchan across two ------------ */
 
 struct pingpong {
@@ -407,6 +458,7 @@ static void round_fn(uint64_t *r, void *ctx)
     r[F_YIELD_2] = bench_shares(2, 0, 0, iters[F_YIELD_2]);
     r[F_SPAWN_1] = bench_shares(1, 1, 0, iters[F_SPAWN_1]);
     r[F_SPAWN_2] = bench_shares(2, 1, 0, iters[F_SPAWN_2]);
+    r[F_SPAWN_2P] = bench_spawn_processes(iters[F_SPAWN_2P]);
     r[F_CHAN] = bench_pingpong(0, iters[F_CHAN]);
     r[F_XCHAN_LOCAL] = bench_pingpong(1, iters[F_XCHAN_LOCAL]);
     r[F_XCHAN] = bench_pingpong(2, iters[F_XCHAN]);
@@ -423,7 +475,7 @@ int main(int argc, char **argv)
     const char *scale_arg;
     double scale = bench_scale_arg(argc, argv, &scale_arg);
     iters[F_YIELD_1] = iters[F_YIELD_2] = scaled(YIELD_N, scale);
-    iters[F_SPAWN_1] = iters[F_SPAWN_2] = scaled(SPAWN_N, scale);
+    iters[F_SPAWN_1] = iters[F_SPAWN_2] = iters[F_SPAWN_2P] = scaled(SPAWN_N, scale);
     iters[F_CHAN] = scaled(CHAN_N, scale);
     iters[F_XCHAN_LOCAL] = scaled(XCHAN_LOCAL_N, scale);
     iters[F_XCHAN] = scaled(XCHAN_N, scale);
@@ -453,6 +505,9 @@ int main(int argc, char **argv)
            fmt_ratio(b, sizeof b, st[F_SPIN_1].median, st[F_SPIN_2].median));
     printf("raw_jump_scaling_ratio: %s x\n",
            fmt_ratio(b, sizeof b, st[F_JUMP_1].median, st[F_JUMP_2].median));
+    printf("spawn_per_s_2_processes: %llu /s\n", per_s(st[F_SPAWN_2P].median));
+    printf("process_scaling_ratio_spawn: %s x\n",
+           fmt_ratio(b, sizeof b, st[F_SPAWN_1].median, st[F_SPAWN_2P].median));
     static const char *const trip_keys[] = {"chan_round_trip_ns", "xchan_local_round_trip_ns",
                                             "xchan_round_trip_ns"};
     static const struct bench_ratio trip_ratios[] = {
