@@ -169,9 +169,9 @@ set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set logscale y 2
-set yrange [1.0/64:64]
+set yrange [1.0/64:256]
 set grid ytics
-set ytics ("1/64" 1.0/64, "1/16" 1.0/16, "1/4" 0.25, "1/2" 0.5, "1" 1, "2" 2, "4" 4, "16" 16, "64" 64)
+set ytics ("1/64" 1.0/64, "1/16" 1.0/16, "1/4" 0.25, "1/2" 0.5, "1" 1, "2" 2, "4" 4, "16" 16, "64" 64, "256" 256)
 set xtics rotate by 40 right noenhanced
 set bmargin 13
 set lmargin 22
