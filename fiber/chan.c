@@ -7,6 +7,7 @@
 #include "alloc.h"
 #include "assert.h"
 #include "dump.h"
+#include "ring.h"
 #include "wait.h"
 
 struct moor_chan {
@@ -22,22 +23,20 @@ struct moor_chan {
 
 int moor_chan_new(moor_chan **out, size_t elem_size, size_t capacity)
 {
-    if (elem_size == 0 || (capacity && elem_size > SIZE_MAX / capacity))
-        return -EINVAL;
+    unsigned char *ring;
+    int rc = moor__ring_alloc(elem_size, capacity, &ring);
+    if (rc < 0)
+        return rc;
     moor_chan *ch = moor__alloc(sizeof *ch);
-    if (!ch)
+    if (!ch) {
+        moor__free(ring);
         return -ENOMEM;
+    }
     memset(ch, 0, sizeof *ch);
     ch->ex = moor__tls_executor;
     ch->elem_size = elem_size;
     ch->cap = capacity;
-    if (capacity) {
-        ch->ring = moor__alloc(elem_size * capacity);
-        if (!ch->ring) {
-            moor__free(ch);
-            return -ENOMEM;
-        }
-    }
+    ch->ring = ring;
     *out = ch;
     return 0;
 }
@@ -62,31 +61,9 @@ void moor_chan_free(moor_chan *ch)
 
 size_t moor_chan_len(const moor_chan *ch) { return ch->count; }
 
-/* The i-th value from the head (i <= count <= cap, head < cap: one wrap at most, no division). */
 static inline unsigned char *slot(moor_chan *ch, size_t i)
 {
-    size_t at = ch->head + i;
-    if (at >= ch->cap)
-        at -= ch->cap;
-    return ch->ring + at * ch->elem_size;
-}
-
-/* Values of the common sizes are copied inline, not through a libc call. */
-static inline void copy_elem(void *dst, const void *src, size_t size)
-{
-    switch (size) {
-    case 4:
-        memcpy(dst, src, 4);
-        break;
-    case 8:
-        memcpy(dst, src, 8);
-        break;
-    case 16:
-        memcpy(dst, src, 16);
-        break;
-    default:
-        memcpy(dst, src, size);
-    }
+    return ch->ring + moor__ring_at(ch->head, i, ch->cap) * ch->elem_size;
 }
 
 /* A counterpart finished `w`'s operation with `result`: record it and wake its fiber. */
@@ -109,13 +86,13 @@ static inline __attribute__((always_inline)) int try_send(moor_chan *ch, const v
     moor__waiter *w = moor__waitq_take(&ch->receivers, cx ? cx->claim : NULL);
     if (w) {
         (void)moor__claim(cx);
-        copy_elem(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->elem_size);
+        moor__copy_elem(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->elem_size);
         complete(w, 0);
         return 0;
     }
     if (ch->count < ch->cap) {
         (void)moor__claim(cx);
-        copy_elem(slot(ch, ch->count), elem, ch->elem_size);
+        moor__copy_elem(slot(ch, ch->count), elem, ch->elem_size);
         ch->count++;
         return 0;
     }
@@ -128,15 +105,14 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
         return -EAGAIN;
     if (ch->count) {
         (void)moor__claim(cx);
-        copy_elem(elem, slot(ch, 0), ch->elem_size);
-        if (++ch->head == ch->cap)
-            ch->head = 0;
+        moor__copy_elem(elem, slot(ch, 0), ch->elem_size);
+        ch->head = moor__ring_at(ch->head, 1, ch->cap);
         ch->count--;
         /* A slot is free: the first waiting sender moves its value in. */
         moor__waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
         if (w) {
-            copy_elem(slot(ch, ch->count), moor_container_of(w, moor_chan_future, waiter)->elem,
-                      ch->elem_size);
+            moor__copy_elem(slot(ch, ch->count),
+                            moor_container_of(w, moor_chan_future, waiter)->elem, ch->elem_size);
             ch->count++;
             complete(w, 0);
         }
@@ -145,7 +121,7 @@ static inline __attribute__((always_inline)) int try_recv(moor_chan *ch, void *e
     moor__waiter *w = moor__waitq_take(&ch->senders, cx ? cx->claim : NULL);
     if (w) {
         (void)moor__claim(cx);
-        copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem, ch->elem_size);
+        moor__copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem, ch->elem_size);
         complete(w, 0);
         return 0;
     }
@@ -345,7 +321,7 @@ static inline int inline_size(size_t size)
     return size == 4 || size == 8 || size == 16;
 }
 
-/* copy_elem for an inline_size: no memcpy call left to make. */
+/* moor__copy_elem for an inline_size: no memcpy call left to make. */
 static inline void copy_small(void *dst, const void *src, size_t size)
 {
     if (size == 4)
@@ -440,7 +416,7 @@ int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
         if (w) {
             /* A sender waits and the ring is empty (a rendezvous channel, or a drained ring
              * whose senders came after): take its value. */
-            copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem,
+            moor__copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem,
                       ch->elem_size);
             return hand_off(ex, &ch->senders, w);
         }

@@ -26,6 +26,7 @@
 #include "assert.h"
 #include "dump.h"
 #include "future.h"
+#include "ring.h"
 #include "wait.h"
 
 struct moor_xchan {
@@ -42,21 +43,19 @@ struct moor_xchan {
 
 int moor_xchan_new(moor_xchan **out, size_t elem_size, size_t capacity)
 {
-    if (elem_size == 0 || (capacity && elem_size > SIZE_MAX / capacity))
-        return -EINVAL;
+    unsigned char *ring;
+    int rc = moor__ring_alloc(elem_size, capacity, &ring);
+    if (rc < 0)
+        return rc;
     moor_xchan *ch = moor__alloc(sizeof *ch);
-    if (!ch)
+    if (!ch) {
+        moor__free(ring);
         return -ENOMEM;
+    }
     memset(ch, 0, sizeof *ch);
     ch->elem_size = elem_size;
     ch->cap = capacity;
-    if (capacity) {
-        ch->ring = moor__alloc(elem_size * capacity);
-        if (!ch->ring) {
-            moor__free(ch);
-            return -ENOMEM;
-        }
-    }
+    ch->ring = ring;
     pthread_mutex_init(&ch->lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
@@ -197,7 +196,7 @@ static moor_xchan_future *take(moor__list *q, const struct moor__claim *mine)
 
 static inline unsigned char *slot(moor_xchan *ch, size_t i)
 {
-    return ch->ring + ((ch->head + i) % ch->cap) * ch->elem_size;
+    return ch->ring + moor__ring_at(ch->head, i, ch->cap) * ch->elem_size;
 }
 
 /* Send now if it needs no waiting: to a waiting receiver, or into the ring. 0, -EAGAIN,
@@ -211,13 +210,13 @@ static int try_send(moor_xchan *ch, const void *elem, const moor_cx *cx, wakes *
     moor_xchan_future *w = take(&ch->receivers, cx ? cx->claim : NULL);
     if (w) {
         (void)moor__claim(cx);
-        memcpy(w->elem, elem, ch->elem_size);
+        moor__copy_elem(w->elem, elem, ch->elem_size);
         complete(w, 0, ws);
         return 0;
     }
     if (ch->count < ch->cap) {
         (void)moor__claim(cx);
-        memcpy(slot(ch, ch->count), elem, ch->elem_size);
+        moor__copy_elem(slot(ch, ch->count), elem, ch->elem_size);
         ch->count++;
         wake_selects(&ch->receivers, ws);
         return 0;
@@ -232,14 +231,14 @@ static int try_recv(moor_xchan *ch, void *elem, const moor_cx *cx, wakes *ws)
     const struct moor__claim *mine = cx ? cx->claim : NULL;
     if (ch->count) {
         (void)moor__claim(cx);
-        memcpy(elem, slot(ch, 0), ch->elem_size);
-        ch->head = (ch->head + 1) % ch->cap;
+        moor__copy_elem(elem, slot(ch, 0), ch->elem_size);
+        ch->head = moor__ring_at(ch->head, 1, ch->cap);
         ch->count--;
         /* A slot is free: the first waiting sender moves its value in, or the selects that
          * wait to send are told. */
         moor_xchan_future *w = take(&ch->senders, mine);
         if (w) {
-            memcpy(slot(ch, ch->count), w->elem, ch->elem_size);
+            moor__copy_elem(slot(ch, ch->count), w->elem, ch->elem_size);
             ch->count++;
             complete(w, 0, ws);
         } else {
@@ -250,7 +249,7 @@ static int try_recv(moor_xchan *ch, void *elem, const moor_cx *cx, wakes *ws)
     moor_xchan_future *w = take(&ch->senders, mine);
     if (w) {
         (void)moor__claim(cx);
-        memcpy(elem, w->elem, ch->elem_size);
+        moor__copy_elem(elem, w->elem, ch->elem_size);
         complete(w, 0, ws);
         return 0;
     }
