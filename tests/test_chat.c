@@ -1144,6 +1144,23 @@ static void expect_past_joins_at(cl *c, const char *want, const char *file, int 
     }
 }
 
+/* Ask /who until it lists exactly `want` (news of joins may come between), within SAFETY_MS:
+ * instances register with Redis in their own time. */
+static void expect_who_eventually(cl *c, const char *want)
+{
+    for (int64_t end = moor_now() + SAFETY_MS;;) {
+        cl_send(c, "/who\n");
+        char *got;
+        while ((got = cl_line(c)) && strncmp(got, "* online: ", 10) != 0)
+            assert_true(is_joined(got));
+        assert_non_null(got);
+        if (strcmp(got, want) == 0)
+            return;
+        assert_true(moor_now() < end);
+        sleep_ms(50);
+    }
+}
+
 /* A client of server s, its nick (from its welcome) in nick. */
 static cl *cl_enter(const server *s, char *nick)
 {
@@ -1524,17 +1541,7 @@ static void test_chat_redis_server_killed(void **state)
     qsort(every, 4, sizeof every[0], by_bytes);
     snprintf(want, sizeof want, "* online: %s %s %s %s", every[0], every[1], every[2],
              every[3]);
-    for (int64_t end = moor_now() + SAFETY_MS;;) { /* until both have registered again */
-        cl_send(b, "/who\n");
-        char *s;
-        while ((s = cl_line(b)) && strncmp(s, "* online: ", 10) != 0)
-            assert_true(is_joined(s));
-        assert_non_null(s);
-        if (strcmp(s, want) == 0)
-            break;
-        assert_true(moor_now() < end);
-        sleep_ms(50);
-    }
+    expect_who_eventually(b, want); /* until both have registered again */
     cl_send(a1, "together again\n");
     snprintf(want, sizeof want, "%s: together again", na1);
     expect_past_joins(b, want);
@@ -1591,17 +1598,7 @@ static void test_chat_redis_late(void **state)
     const char *both[] = {na, nb};
     qsort(both, 2, sizeof both[0], by_bytes);
     snprintf(want, sizeof want, "* online: %s %s", both[0], both[1]);
-    for (int64_t end = moor_now() + SAFETY_MS;;) {
-        cl_send(a, "/who\n");
-        char *got;
-        while ((got = cl_line(a)) && strncmp(got, "* online: ", 10) != 0)
-            assert_true(is_joined(got));
-        assert_non_null(got);
-        if (strcmp(got, want) == 0)
-            break;
-        assert_true(moor_now() < end);
-        sleep_ms(50);
-    }
+    expect_who_eventually(a, want);
     cl_send(b, "hello\n");
     snprintf(want, sizeof want, "%s: hello", nb);
     expect_past_joins(a, want);
