@@ -333,6 +333,58 @@ __attribute__((unused)) static void stream_pair(int sv[2])
     assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
 }
 
+/* ---- stderr captured: what a run prints (a deadlock's dump, say), checked by the test ------ */
+
+__attribute__((unused)) static FILE *capture_file;
+__attribute__((unused)) static int capture_saved_stderr = -1;
+
+/* From here on, stderr goes to a temporary file. */
+__attribute__((unused)) static void capture_begin(void)
+{
+    fflush(stderr);
+    capture_file = tmpfile();
+    assert_non_null(capture_file);
+    capture_saved_stderr = dup(STDERR_FILENO);
+    assert_true(capture_saved_stderr >= 0);
+    assert_true(dup2(fileno(capture_file), STDERR_FILENO) >= 0);
+}
+
+/* The text written to stderr since capture_begin (static buffer), stderr restored; the text is
+ * still shown in the test's log. */
+__attribute__((unused)) static const char *capture_end(void)
+{
+    static char text[65536];
+    fflush(stderr);
+    assert_true(dup2(capture_saved_stderr, STDERR_FILENO) >= 0);
+    close(capture_saved_stderr);
+    rewind(capture_file);
+    size_t n = fread(text, 1, sizeof text - 1, capture_file);
+    text[n] = '\0';
+    fclose(capture_file);
+    fputs(text, stderr);
+    return text;
+}
+
+/* The line of `text` that contains `needle`, copied into line (empty if none). */
+__attribute__((unused)) static const char *line_with(const char *text, const char *needle,
+                                                     char *line, size_t size)
+{
+    line[0] = '\0';
+    const char *p = strstr(text, needle);
+    if (!p)
+        return line;
+    const char *start = p;
+    while (start > text && start[-1] != '\n')
+        start--;
+    const char *end = strchr(p, '\n');
+    size_t len = end ? (size_t)(end - start) : strlen(start);
+    if (len >= size)
+        len = size - 1;
+    memcpy(line, start, len);
+    line[len] = '\0';
+    return line;
+}
+
 /* ---- children that run a function: crash paths ------------------------------------------- */
 
 #define CHILD_CHECK_FAILED 99

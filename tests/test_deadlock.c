@@ -21,55 +21,6 @@
 
 #include "fixture.h"
 
-/* ---- capturing stderr ----------------------------------------------------------------------- */
-
-static int saved_stderr = -1;
-static FILE *capture_file;
-
-static void capture_begin(void)
-{
-    fflush(stderr);
-    capture_file = tmpfile();
-    assert_non_null(capture_file);
-    saved_stderr = dup(STDERR_FILENO);
-    assert_true(saved_stderr >= 0);
-    assert_true(dup2(fileno(capture_file), STDERR_FILENO) >= 0);
-}
-
-/* The text written to stderr since capture_begin (static buffer). */
-static const char *capture_end(void)
-{
-    static char text[65536];
-    fflush(stderr);
-    assert_true(dup2(saved_stderr, STDERR_FILENO) >= 0);
-    close(saved_stderr);
-    rewind(capture_file);
-    size_t n = fread(text, 1, sizeof text - 1, capture_file);
-    text[n] = '\0';
-    fclose(capture_file);
-    fputs(text, stderr); /* still shown in the test's log */
-    return text;
-}
-
-/* The line of `text` that contains `needle`, copied into line (empty if none). */
-static const char *line_with(const char *text, const char *needle, char *line, size_t size)
-{
-    line[0] = '\0';
-    const char *p = strstr(text, needle);
-    if (!p)
-        return line;
-    const char *start = p;
-    while (start > text && start[-1] != '\n')
-        start--;
-    const char *end = strchr(p, '\n');
-    size_t len = end ? (size_t)(end - start) : strlen(start);
-    if (len >= size)
-        len = size - 1;
-    memcpy(line, start, len);
-    line[len] = '\0';
-    return line;
-}
-
 /* ---- a channel nobody else holds -------------------------------------------------------------- */
 
 static intptr_t recv_fiber(void *arg)

@@ -41,20 +41,7 @@ static const char *fiber_line(const char *text, const char *name)
     static char line[512];
     char needle[64];
     snprintf(needle, sizeof needle, "\"%s\"", name);
-    line[0] = '\0';
-    const char *p = strstr(text, needle);
-    if (!p)
-        return line;
-    const char *start = p;
-    while (start > text && start[-1] != '\n')
-        start--;
-    const char *end = strchr(p, '\n');
-    size_t len = end ? (size_t)(end - start) : strlen(start);
-    if (len >= sizeof line)
-        len = sizeof line - 1;
-    memcpy(line, start, len);
-    line[len] = '\0';
-    return line;
+    return line_with(text, needle, line, sizeof line);
 }
 
 #define expect_in(line, needle)                                                               \

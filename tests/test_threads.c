@@ -274,34 +274,7 @@ static void test_threads_run_negative_results_are_not_errors(void **state)
 
 /* ---- deadlocks -------------------------------------------------------------------------------- */
 
-/* stderr into a temporary file while a run prints its deadlock dumps, so that the test
- * checks them (and shows them in its log afterwards). */
-static FILE *capture_file;
-static int saved_stderr = -1;
-
-static void capture_begin(void)
-{
-    fflush(stderr);
-    capture_file = tmpfile();
-    assert_non_null(capture_file);
-    saved_stderr = dup(STDERR_FILENO);
-    assert_true(saved_stderr >= 0);
-    assert_true(dup2(fileno(capture_file), STDERR_FILENO) >= 0);
-}
-
-static const char *capture_end(void)
-{
-    static char text[65536];
-    fflush(stderr);
-    assert_true(dup2(saved_stderr, STDERR_FILENO) >= 0);
-    close(saved_stderr);
-    rewind(capture_file);
-    size_t n = fread(text, 1, sizeof text - 1, capture_file);
-    text[n] = '\0';
-    fclose(capture_file);
-    fputs(text, stderr);
-    return text;
-}
+/* capture_begin/capture_end (fixture.h): the deadlock dumps a run prints are checked. */
 
 typedef struct dead_run {
     int deadlock_mask;      /* the indices whose fn waits for ever */
