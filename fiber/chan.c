@@ -359,16 +359,8 @@ static inline __attribute__((always_inline)) int hand_off(moor_executor *ex, moo
     moor__waitq_take_first(q, w);
     moor_chan_future *op = moor_container_of(w, moor_chan_future, waiter);
     op->completed = 1; /* its result is 0 already: every op starts so (op_init, wait_op) */
-    moor_task *t = w->waker.task;
-    if (__builtin_expect(!t || w->waker.ex != ex, 0))
+    if (__builtin_expect(!moor__wake_registered(ex, &w->waker), 0))
         return handed_off_wake(ex, w);
-    if (t->state == MOOR__TASK_IDLE) {
-        t->state = MOOR__TASK_SCHEDULED;
-        ex->wakeups++;
-        moor__runq_push(ex, t);
-    } else if (t->state == MOOR__TASK_RUNNING) {
-        t->state = MOOR__TASK_NOTIFIED;
-    }
     moor_fiber *f = ex->current;
     if (__builtin_expect(f ? --f->budget == 0 : --ex->plain_budget == 0, 0))
         return handed_off_yield(ex);

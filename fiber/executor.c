@@ -777,7 +777,8 @@ static transfer_t fiber_entry(transfer_t t)
     } else {
         /* Registered: join_cancel clears it when a joiner gives up. No local's address is
          * taken here, so the switch below stays a tail call. */
-        moor__wake_registered(ex, &f->joiner);
+        if (!moor__wake_registered(ex, &f->joiner))
+            moor__wake(&f->joiner);
     }
     return moor__switch_last(&f->ctx, moor__fiber_next(ex));
 }

@@ -237,6 +237,19 @@ static inline void moor__task_start(moor_executor *ex, moor_task *task, moor_fut
 }
 void moor__driver_set(moor_executor *ex, const moor__driver *driver, void *self);
 
+/* A wake of t, a live task of ex (the calling thread's executor): on the run queue if it was
+ * idle, marked to go back there if it is running now. */
+static inline void moor__task_wake(moor_executor *ex, moor_task *t)
+{
+    if (t->state == MOOR__TASK_IDLE) {
+        t->state = MOOR__TASK_SCHEDULED;
+        ex->wakeups++;
+        moor__runq_push(ex, t);
+    } else if (t->state == MOOR__TASK_RUNNING) {
+        t->state = MOOR__TASK_NOTIFIED;
+    }
+}
+
 /* moor_waker_wake, with the common case (a task of this thread) inline. */
 static inline void moor__wake(const moor_waker *w)
 {
@@ -245,13 +258,7 @@ static inline void moor__wake(const moor_waker *w)
         /* A waker of an earlier life of this executor's memory: its task memory is gone. */
         if (w->gen < w->ex->gen_base || t->gen != w->gen)
             return;
-        if (t->state == MOOR__TASK_IDLE) {
-            t->state = MOOR__TASK_SCHEDULED;
-            w->ex->wakeups++;
-            moor__runq_push(w->ex, t);
-        } else if (t->state == MOOR__TASK_RUNNING) {
-            t->state = MOOR__TASK_NOTIFIED;
-        }
+        moor__task_wake(w->ex, t);
         return;
     }
     moor_waker_wake(w);
@@ -259,26 +266,21 @@ static inline void moor__wake(const moor_waker *w)
 
 /* moor__wake for the waker a wait still registered on one of ex's objects holds (a waiter in
  * a channel's queue, say): its task is alive in the generation the waker names, so only the
- * state is looked at. ex is the calling thread's executor. */
-static inline void moor__wake_registered(moor_executor *ex, const moor_waker *w)
+ * state is looked at. ex is the calling thread's executor. 0 if the waker is not simply a
+ * task of ex (none, or another executor's): the caller wakes it with moor__wake, out of its
+ * fast path. */
+static inline int moor__wake_registered(moor_executor *ex, const moor_waker *w)
 {
     moor_task *t = w->task;
-    if (__builtin_expect(!t || w->ex != ex, 0)) {
-        moor__wake(w);
-        return;
-    }
+    if (__builtin_expect(!t || w->ex != ex, 0))
+        return 0;
 #ifndef NDEBUG
     moor__assert(t->gen == w->gen, "a registered waker names task %p, which has moved on: a "
                                    "waiting future was dropped without its cancel",
                  (void *)t);
 #endif
-    if (t->state == MOOR__TASK_IDLE) {
-        t->state = MOOR__TASK_SCHEDULED;
-        ex->wakeups++;
-        moor__runq_push(ex, t);
-    } else if (t->state == MOOR__TASK_RUNNING) {
-        t->state = MOOR__TASK_NOTIFIED;
-    }
+    moor__task_wake(ex, t);
+    return 1;
 }
 
 /* The bookkeeping of a task whose poll returned PENDING: back on the queue if it was woken
