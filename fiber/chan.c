@@ -70,7 +70,7 @@ static inline unsigned char *slot(moor_chan *ch, size_t i)
 static inline void complete(moor__waiter *w, intptr_t result)
 {
     moor_chan_future *op = moor_container_of(w, moor_chan_future, waiter);
-    op->completed = 1;
+    w->state = MOOR__WAITER_DONE;
     op->base.result = result;
     moor__wake(&w->waker);
 }
@@ -163,9 +163,9 @@ static inline moor__list *queue_of(moor_chan_future *op)
 MOOR__WAIT_OP int op_ready(moor_future *fut, moor_cx *cx)
 {
     moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
-    if (op->completed)
+    if (op->waiter.state == MOOR__WAITER_DONE)
         return 1; /* result set by the counterpart */
-    if (op->waiter.queued)
+    if (op->waiter.state == MOOR__WAITER_QUEUED)
         return 0; /* a counterpart completes it, none has yet */
     int rc = op->send ? try_send(op->chan, op->elem, cx) : try_recv(op->chan, op->elem, cx);
     if (rc == -EAGAIN)
@@ -186,7 +186,7 @@ MOOR__WAIT_OP int op_unpark(moor_future *fut)
 {
     moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
     moor__waitq_remove(queue_of(op), &op->waiter);
-    return op->completed;
+    return moor__waiter_done(&op->waiter);
 }
 
 static const moor__wait_ops op_wait = {op_ready, op_park, op_unpark, -ETIMEDOUT};
@@ -233,7 +233,6 @@ static inline void op_fields(moor_chan_future *op, moor_chan *ch, void *elem, in
     op->chan = ch;
     op->elem = elem;
     op->send = send;
-    op->completed = 0;
 }
 
 /* A whole op, ready for its first poll. */
@@ -284,13 +283,13 @@ static inline __attribute__((always_inline)) int wait_op(moor_executor *ex, moor
     op.waiter.waker = (moor_waker){ex, &f->task, f->task.gen};
     op.waiter.claim = NULL;
     moor__list_push(send ? &ch->senders : &ch->receivers, &op.waiter.node);
-    op.waiter.queued = 1;
+    op.waiter.state = MOOR__WAITER_QUEUED;
     if (deadline < 0) {
         /* No deadline, the common case: moor__fiber_wait_completion's loop without the
          * deadline (so op.deadline is never looked at), written out here so that a channel
          * round trip costs no call beyond the switch. */
         moor__wait_stamp(ex, &f->task);
-        while (!op.completed) {
+        while (!moor__waiter_done(&op.waiter)) {
             if (f->cancelled) {
                 waiter_unlink(&op);
                 return -ECANCELED;
@@ -300,7 +299,7 @@ static inline __attribute__((always_inline)) int wait_op(moor_executor *ex, moor
         return (int)op.base.result;
     }
     moor__deadline_init(&op.deadline, deadline);
-    return moor__fiber_wait_completion(f, &op.completed, &op.base, &op.deadline,
+    return moor__fiber_wait_completion(f, &op.waiter, &op.base, &op.deadline,
                                        waiter_unlink, &op, 1);
 }
 
@@ -356,9 +355,7 @@ static __attribute__((noinline, cold)) int handed_off_yield(moor_executor *ex)
 static inline __attribute__((always_inline)) int hand_off(moor_executor *ex, moor__list *q,
                                                          moor__waiter *w)
 {
-    moor__waitq_take_first(q, w);
-    moor_chan_future *op = moor_container_of(w, moor_chan_future, waiter);
-    op->completed = 1; /* its result is 0 already: every op starts so (op_init, wait_op) */
+    moor__waitq_complete_first(q, w);
     if (__builtin_expect(!moor__wake_registered(ex, &w->waker), 0))
         return handed_off_wake(ex, w);
     moor_fiber *f = ex->current;

@@ -1034,7 +1034,7 @@ intptr_t moor_await(moor_future *fut)
     }
 }
 
-int moor__fiber_wait_completion(moor_fiber *f, const int *completed, moor_future *op,
+int moor__fiber_wait_completion(moor_fiber *f, const moor__waiter *w, moor_future *op,
                                 moor__deadline *dl, void (*unlink)(void *arg), void *arg,
                                 int cancellable)
 {
@@ -1051,7 +1051,7 @@ int moor__fiber_wait_completion(moor_fiber *f, const int *completed, moor_future
             break;
         }
         moor__fiber_suspend(f, op);
-        if (*completed)
+        if (moor__waiter_done(w))
             break;
         if (moor__deadline_passed(dl)) {
             unlink(arg);
@@ -1059,7 +1059,7 @@ int moor__fiber_wait_completion(moor_fiber *f, const int *completed, moor_future
         }
     }
     moor__deadline_disarm(dl);
-    if (*completed)
+    if (moor__waiter_done(w))
         return (int)*result; /* even when cancelled or late: it happened, do not lose it */
     return cancellable && f->cancelled ? -ECANCELED : -ETIMEDOUT;
 }

@@ -506,13 +506,13 @@ intptr_t moor__wait(moor_future *fut);
 intptr_t moor__wait_uncancellable(moor_future *fut);
 
 /* What a blocking call does in a fiber once it has queued a waiter that a counterpart will
- * complete: suspend until *completed is set (then return op->result), the deadline passes
+ * complete: suspend until w is done (then return op->result), the deadline passes
  * (-ETIMEDOUT) or the fiber is cancelled (-ECANCELED, unless it completed meanwhile);
  * op is the operation's future (moor_dump names the wait by it; its result is the result);
  * unlink(arg) takes the waiter out when giving up. The same as awaiting the operation's
  * future, without the generic poll around it: this is the path every channel and lock wait
  * in a fiber takes. Errors: -ENOMEM (no room for the deadline's timer). */
-int moor__fiber_wait_completion(moor_fiber *f, const int *completed, moor_future *op,
+int moor__fiber_wait_completion(moor_fiber *f, const moor__waiter *w, moor_future *op,
                                 moor__deadline *dl, void (*unlink)(void *arg), void *arg,
                                 int cancellable);
 

@@ -25,7 +25,6 @@ void moor_scope_init(moor_scope *scope)
 typedef struct empty_future {
     moor_future base;
     moor_scope *scope;
-    int completed;        /* the scope took it off its queue; result set */
     int closing;          /* moor_scope_close's wait, not moor_scope_wait's (moor_dump) */
     moor__waiter waiter;
     moor__deadline deadline;
@@ -36,7 +35,7 @@ static void complete_waiters(moor_scope *scope, intptr_t result)
     moor__waiter *w;
     while ((w = moor__waitq_take(&scope->waiters, NULL))) {
         empty_future *ef = moor_container_of(w, empty_future, waiter);
-        ef->completed = 1;
+        w->state = MOOR__WAITER_DONE;
         ef->base.result = result;
         moor__wake(&w->waker);
     }
@@ -74,7 +73,7 @@ MOOR__WAIT_OP int empty_ready(moor_future *fut, moor_cx *cx)
 {
     (void)cx;
     empty_future *ef = moor_container_of(fut, empty_future, base);
-    if (ef->completed)
+    if (moor__waiter_done(&ef->waiter))
         return 1; /* result set by the scope */
     if (ef->scope->count)
         return 0;
@@ -93,7 +92,7 @@ MOOR__WAIT_OP int empty_park(moor_future *fut, moor_cx *cx)
 MOOR__WAIT_OP int empty_unpark(moor_future *fut)
 {
     empty_future *ef = moor_container_of(fut, empty_future, base);
-    if (ef->completed)
+    if (moor__waiter_done(&ef->waiter))
         return 1;
     moor__waitq_remove(&ef->scope->waiters, &ef->waiter);
     return 0;
@@ -139,7 +138,6 @@ static int wait_empty(moor_scope *scope, int64_t deadline, int cancellable)
     empty_future ef;
     moor_future_init(&ef.base, &empty_ops, 0);
     ef.scope = scope;
-    ef.completed = 0;
     ef.closing = !cancellable;
     moor__waiter_init(&ef.waiter);
     moor__deadline_init(&ef.deadline, deadline);

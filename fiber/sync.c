@@ -18,7 +18,6 @@ struct wait_op {
     /* Take what is waited for now, if it can be had without waiting; non-zero if taken. */
     int (*take_now)(wait_op *op);
     moor_fiber *self;     /* the waiting fiber (becomes the mutex owner on hand-off) */
-    int completed;        /* a counterpart completed it (a lock or permit is now ours) */
     moor__waiter waiter;
     moor__deadline deadline;
 };
@@ -26,7 +25,9 @@ struct wait_op {
 MOOR__WAIT_OP int op_ready(moor_future *fut, moor_cx *cx)
 {
     wait_op *op = moor_container_of(fut, wait_op, base);
-    if (op->completed || (!op->waiter.queued && moor__claim_open(cx) && op->take_now(op))) {
+    /* Done: a counterpart completed it (a lock or permit is now ours). */
+    if (moor__waiter_done(&op->waiter) ||
+        (op->waiter.state == MOOR__WAITER_IDLE && moor__claim_open(cx) && op->take_now(op))) {
         (void)moor__claim(cx);
         moor__waitq_remove(op->q, &op->waiter);
         fut->result = 0;
@@ -47,7 +48,7 @@ MOOR__WAIT_OP int op_unpark(moor_future *fut)
 {
     wait_op *op = moor_container_of(fut, wait_op, base);
     moor__waitq_remove(op->q, &op->waiter);
-    if (!op->completed)
+    if (!moor__waiter_done(&op->waiter))
         return 0;
     fut->result = 0;
     return 1;
@@ -76,7 +77,7 @@ static wait_op *complete_first(moor__list *q)
     if (!w)
         return NULL;
     wait_op *op = moor_container_of(w, wait_op, waiter);
-    op->completed = 1;
+    w->state = MOOR__WAITER_DONE;
     moor__wake(&w->waker);
     return op;
 }
@@ -105,7 +106,6 @@ static int wait_on(moor__list *q, void *obj, int (*take_now)(wait_op *), int64_t
     op.obj = obj;
     op.take_now = take_now;
     op.self = moor__self();
-    op.completed = 0;
     moor__waiter_init(&op.waiter);
     moor__deadline_init(&op.deadline, deadline);
     moor_fiber *f = op.self;
@@ -114,7 +114,7 @@ static int wait_on(moor__list *q, void *obj, int (*take_now)(wait_op *), int64_t
     moor_executor *ex = f->ex;
     moor_cx cx = {{ex, &f->task, f->task.gen}, NULL, NULL};
     moor__waitq_push(q, &op.waiter, &cx);
-    return moor__fiber_wait_completion(f, &op.completed, &op.base, &op.deadline,
+    return moor__fiber_wait_completion(f, &op.waiter, &op.base, &op.deadline,
                                        waiter_unlink, &op, cancellable);
 }
 

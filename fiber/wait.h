@@ -92,7 +92,18 @@ static inline moor__waiter *moor__waiter_of(moor__node *n)
     return moor_container_of(n, moor__waiter, node);
 }
 
-static inline void moor__waiter_init(moor__waiter *w) { w->queued = 0; }
+/* Where a waiter is: not queued (before its first park, or after it gave up or its select was
+ * won elsewhere), queued, or taken off its queue by a counterpart that completed its operation
+ * (the result is set then). DONE is the completion itself: the waiting side keeps no flag of
+ * its own, and the completing side writes one word into the waiter for both. */
+enum { MOOR__WAITER_IDLE, MOOR__WAITER_QUEUED, MOOR__WAITER_DONE };
+
+static inline void moor__waiter_init(moor__waiter *w) { w->state = MOOR__WAITER_IDLE; }
+
+static inline int moor__waiter_done(const moor__waiter *w)
+{
+    return w->state == MOOR__WAITER_DONE;
+}
 
 /* Queue w at the back, to be completed for the task and select slot of cx. */
 static inline void moor__waitq_push(moor__list *q, moor__waiter *w, const moor_cx *cx)
@@ -101,14 +112,14 @@ static inline void moor__waitq_push(moor__list *q, moor__waiter *w, const moor_c
     w->claim = cx->claim;
     w->slot = cx->slot;
     moor__list_push(q, &w->node);
-    w->queued = 1;
+    w->state = MOOR__WAITER_QUEUED;
 }
 
-/* A pending poll of a waiting future: queue its waiter the first time, refresh its waker and
- * claim after. */
+/* A pending poll of a waiting future (never a done one): queue its waiter the first time,
+ * refresh its waker and claim after. */
 static inline void moor__waitq_park(moor__list *q, moor__waiter *w, const moor_cx *cx)
 {
-    if (!w->queued) {
+    if (w->state != MOOR__WAITER_QUEUED) {
         moor__waitq_push(q, w, cx);
     } else {
         w->waker = cx->waker;
@@ -117,26 +128,28 @@ static inline void moor__waitq_park(moor__list *q, moor__waiter *w, const moor_c
     }
 }
 
+/* Give up waiting: take w off q if it is there (a done waiter stays done). */
 static inline void moor__waitq_remove(moor__list *q, moor__waiter *w)
 {
-    if (!w->queued)
+    if (w->state != MOOR__WAITER_QUEUED)
         return;
     moor__list_remove(q, &w->node);
-    w->queued = 0;
+    w->state = MOOR__WAITER_IDLE;
 }
 
-/* Take w, the first waiter of q and no select's, off it: moor__waitq_take for such a waiter,
- * which has no claim to look at. */
-static inline void moor__waitq_take_first(moor__list *q, moor__waiter *w)
+/* Take w, the first waiter of q and no select's, off it as done: for a counterpart that
+ * completes w's operation and has no claim to look at. */
+static inline void moor__waitq_complete_first(moor__list *q, moor__waiter *w)
 {
     moor__list_unlink_head(q, &w->node);
-    w->queued = 0;
+    w->state = MOOR__WAITER_DONE;
 }
 
 /* The first waiter that may still be completed, taken off the queue with its select claimed
  * for its slot; waiters whose select was won elsewhere are dropped from the queue (their
  * select cancels them). Waiters of the taker's own select (`mine`, NULL for none) are passed
- * over: a select must not pair its send with its own receive. NULL if none. */
+ * over: a select must not pair its send with its own receive. NULL if none. The taker
+ * completes the operation and marks the waiter MOOR__WAITER_DONE. */
 static inline moor__waiter *moor__waitq_take(moor__list *q, const struct moor__claim *mine)
 {
     moor__node *next;

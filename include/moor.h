@@ -792,7 +792,6 @@ typedef struct moor_chan_future {
     moor_chan *chan;      /* read-only */
     void *elem;           /* private */
     int send;             /* private */
-    int completed;        /* private: a counterpart finished it; output in base.result */
     moor__waiter waiter;     /* private */
     moor__deadline deadline; /* private */
 } moor_chan_future;

@@ -235,7 +235,7 @@ typedef struct moor__waiter {
     moor_waker waker;
     struct moor__claim *claim;
     const void *slot;
-    int queued;
+    int state; /* MOOR__WAITER_IDLE, _QUEUED or _DONE (fiber/wait.h) */
 } moor__waiter;
 
 /* Private layout: a deadline (-1: none) and its place in the executor's timer heap;
