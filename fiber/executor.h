@@ -416,13 +416,13 @@ static inline void moor__fiber_resume(moor_executor *ex, moor_fiber *f)
 
 /* Called by a fiber that stops running: where to switch to. The next fiber on the run queue
  * (made running and current), or the executor's own context when the queue is empty, starts
- * with a plain future, has remote wakes waiting or the hand-off budget is spent. */
+ * with a plain future or the hand-off budget is spent. Remote wakes wait for that turn of the
+ * run loop, as I/O events do: at most MOOR__HANDOFF_BUDGET hand-offs. (Looking at them here
+ * costs a load from another thread's cache line on every switch.) */
 static inline moor__ctx *moor__fiber_next(moor_executor *ex)
 {
     moor_task *t = ex->run_head;
-    if (__builtin_expect(t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left &&
-                             !__atomic_load_n(&ex->remote_pending, __ATOMIC_RELAXED),
-                         1)) {
+    if (__builtin_expect(t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left, 1)) {
         ex->handoffs_left--; /* counted as a switch when the run loop gets its turn */
         ex->run_head = t->next; /* moor__runq_pop, with t known to be the head */
         if (!t->next)
