@@ -261,46 +261,70 @@ static void waiter_unlink(void *arg)
     moor__waitq_remove(queue_of(op), &op->waiter);
 }
 
-/* A send or receive that has to wait. In a fiber it queues its op and waits for the
- * counterpart to complete it, without a future poll in between; plain code runs the
- * executor on the op as a future. ex: the calling thread's executor (the caller checked the
- * channel is its). */
+/* Queue a fiber's op on ch, to be completed by a counterpart. In a fiber op->base is never
+ * polled: its ops name the wait (moor_dump, deadlock detection) and a counterpart writes its
+ * result; nothing reads the rest. */
+static inline __attribute__((always_inline)) void fiber_op_queue(moor_chan_future *op,
+                                                                moor_executor *ex,
+                                                                moor_fiber *f, moor_chan *ch,
+                                                                void *elem, int send)
+{
+    op->base.ops = send ? &send_ops : &recv_ops;
+    op->base.result = 0; /* what a hand-off leaves it at (hand_off) */
+    op_fields(op, ch, elem, send);
+    /* moor__waitq_push, for this fiber's task and no select (no claim: the slot is unread) */
+    op->waiter.waker = (moor_waker){ex, &f->task, f->task.gen};
+    op->waiter.claim = NULL;
+    moor__list_push(send ? &ch->senders : &ch->receivers, &op->waiter.node);
+    op->waiter.state = MOOR__WAITER_QUEUED;
+}
+
+/* A fiber's wait with no deadline, the common case: moor__fiber_wait_completion's loop
+ * without the deadline, written out here so that a channel round trip costs no call beyond
+ * the switch. f: the running fiber, of ex. */
+static inline __attribute__((always_inline)) int fiber_wait(moor_executor *ex, moor_fiber *f,
+                                                           moor_chan *ch, void *elem, int send)
+{
+    moor_chan_future op;
+    fiber_op_queue(&op, ex, f, ch, elem, send);
+    moor__wait_stamp(ex, &f->task);
+    while (!moor__waiter_done(&op.waiter)) {
+        if (f->cancelled) {
+            waiter_unlink(&op);
+            return -ECANCELED;
+        }
+        moor__fiber_suspend(f, &op.base);
+    }
+    return (int)op.base.result;
+}
+
+/* A fiber's send or receive that has to wait: queue its op and wait for the counterpart to
+ * complete it, without a future poll in between. f: the running fiber, of ex. */
+static inline __attribute__((always_inline)) int fiber_wait_op(moor_executor *ex, moor_fiber *f,
+                                                              moor_chan *ch, void *elem,
+                                                              int64_t deadline, int send)
+{
+    if (__builtin_expect(deadline < 0, 1))
+        return fiber_wait(ex, f, ch, elem, send);
+    moor_chan_future op;
+    fiber_op_queue(&op, ex, f, ch, elem, send);
+    moor__deadline_init(&op.deadline, deadline);
+    return moor__fiber_wait_completion(f, &op.waiter, &op.base, &op.deadline,
+                                       waiter_unlink, &op, 1);
+}
+
+/* A send or receive that has to wait: fiber_wait_op in a fiber; plain code runs the executor
+ * on the op as a future. ex: the calling thread's executor (the caller checked the channel
+ * is its). */
 static inline __attribute__((always_inline)) int wait_op(moor_executor *ex, moor_chan *ch,
                                                         void *elem, int64_t deadline, int send)
 {
     moor_fiber *f = ex ? ex->current : NULL;
+    if (f)
+        return fiber_wait_op(ex, f, ch, elem, deadline, send);
     moor_chan_future op;
-    if (!f) {
-        op_init(&op, ch, elem, deadline, send);
-        return (int)moor_block_on(&op.base);
-    }
-    /* In a fiber op.base is never polled: its ops name the wait (moor_dump, deadlock
-     * detection) and a counterpart writes its result; nothing reads the rest. */
-    op.base.ops = send ? &send_ops : &recv_ops;
-    op.base.result = 0; /* what a hand-off leaves it at (hand_off) */
-    op_fields(&op, ch, elem, send);
-    /* moor__waitq_push, for this fiber's task and no select (no claim: the slot is unread) */
-    op.waiter.waker = (moor_waker){ex, &f->task, f->task.gen};
-    op.waiter.claim = NULL;
-    moor__list_push(send ? &ch->senders : &ch->receivers, &op.waiter.node);
-    op.waiter.state = MOOR__WAITER_QUEUED;
-    if (deadline < 0) {
-        /* No deadline, the common case: moor__fiber_wait_completion's loop without the
-         * deadline (so op.deadline is never looked at), written out here so that a channel
-         * round trip costs no call beyond the switch. */
-        moor__wait_stamp(ex, &f->task);
-        while (!moor__waiter_done(&op.waiter)) {
-            if (f->cancelled) {
-                waiter_unlink(&op);
-                return -ECANCELED;
-            }
-            moor__fiber_suspend(f, &op.base);
-        }
-        return (int)op.base.result;
-    }
-    moor__deadline_init(&op.deadline, deadline);
-    return moor__fiber_wait_completion(f, &op.waiter, &op.base, &op.deadline,
-                                       waiter_unlink, &op, 1);
+    op_init(&op, ch, elem, deadline, send);
+    return (int)moor_block_on(&op.base);
 }
 
 /* The first waiter of q if a plain call may pair with it at once: one that is no select's
@@ -394,27 +418,48 @@ int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
     return moor_chan_send_waiting(ch, elem, deadline);
 }
 
-/* The public receive waits inline (not through a call of its own), so that a waiting fiber's
- * backtrace reads moor_chan_recv right above the caller. */
-int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
+/* A fiber's wait in moor_chan_recv when no value can be taken: out of line with nothing
+ * else, so that it needs few registers saved. A receiver that waits shows this function in a
+ * backtrace, just above its caller. */
+static __attribute__((noinline)) int moor_chan_recv_waiting(moor_executor *ex, moor_fiber *f,
+                                                           moor_chan *ch, void *elem,
+                                                           int64_t deadline)
+{
+    return fiber_wait_op(ex, f, ch, elem, deadline, 0);
+}
+
+/* moor_chan_recv's every other case: a ring with values, a select's or a large value's
+ * sender, a closed channel, plain code. */
+static __attribute__((noinline)) int recv_general(moor_chan *ch, void *elem, int64_t deadline)
 {
     owner_check(ch, "moor_chan_recv");
     moor_executor *ex = ch->ex;
-    if (!ch->count) {
-        moor__waiter *w = plain_waiter(&ch->senders);
-        if (w) {
-            /* A sender waits and the ring is empty (a rendezvous channel, or a drained ring
-             * whose senders came after): take its value. */
-            moor__copy_elem(elem, moor_container_of(w, moor_chan_future, waiter)->elem,
-                      ch->elem_size);
-            return hand_off(ex, &ch->senders, w);
-        }
-        if (!ch->senders.head && !ch->closed)
-            return wait_op(ex, ch, elem, deadline, 0); /* nothing to take: wait */
-    }
     int rc = try_recv(ch, elem, NULL);
     if (rc == -EAGAIN)
         return wait_op(ex, ch, elem, deadline, 0);
     moor__coop_spend(); /* ex may be NULL: a channel used by plain code with no executor */
     return rc;
+}
+
+int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
+{
+    moor_executor *ex = ch->ex;
+    /* The ring is empty, and the channel is the calling thread's (the owner check's first
+     * binding is recv_general's). Neither path below has a stack frame. */
+    if (__builtin_expect(!ch->count && ex == moor__tls_executor, 1)) {
+        moor__node *n = ch->senders.head;
+        if (n) {
+            moor__waiter *w = moor__waiter_of(n);
+            if (!w->claim && inline_size(ch->elem_size)) {
+                /* A plain sender waits (a rendezvous channel, or a drained ring whose senders
+                 * came after): take its value. */
+                copy_small(elem, moor_container_of(w, moor_chan_future, waiter)->elem,
+                           ch->elem_size);
+                return hand_off(ex, &ch->senders, w);
+            }
+        } else if (!ch->closed && ex && ex->current) {
+            return moor_chan_recv_waiting(ex, ex->current, ch, elem, deadline); /* nothing to take */
+        }
+    }
+    return recv_general(ch, elem, deadline);
 }
