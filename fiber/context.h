@@ -46,7 +46,9 @@ typedef struct moor__ctx {
 #endif
     void *tsan_fiber;     /* TSan's fiber for this context */
     /* What ontop_fcontext runs on top of it when it is switched to: its entry (which never
-     * returns) the first time, then moor__resume_ret, once it waits inside moor__switch. */
+     * returns) the first time, then moor__resume_ret, once it waits inside moor__switch. The
+     * entry sets that itself when it arrives (moor__ctx_started), so that a switch writes
+     * nothing into the context it goes to but the floating-point flags. */
     transfer_t (*resume)(transfer_t);
 } moor__ctx;
 
@@ -114,9 +116,14 @@ void moor__switch(moor__ctx *from, moor__ctx *to);
  * top of its stack; either way through the same ontop_fcontext call (see context.c). */
 static inline transfer_t moor__jump(moor__ctx *from, moor__ctx *to)
 {
-    transfer_t (*fn)(transfer_t) = to->resume;
-    to->resume = moor__resume_ret;
-    return ontop_fcontext(to->fctx, from, fn);
+    return ontop_fcontext(to->fctx, from, to->resume);
+}
+
+/* First thing in a fresh context's entry, with moor__switch_arrived: from now on it is
+ * resumed where it waits, inside moor__switch. */
+static inline void moor__ctx_started(moor__ctx *self)
+{
+    self->resume = moor__resume_ret;
 }
 
 /* What every switch does before its jump, in moor__switch and moor__switch_last alike: clear
@@ -148,16 +155,14 @@ static inline __attribute__((always_inline)) void moor__switch_leave(moor__ctx *
  * Through moor__switch instead, the two calls it makes would leave two entries that the
  * resumed side pops as its own, mispredicting twice (see context.c).
  *
- * moor__jump's two lines are written out here: called inline, gcc 12 copies the pair it
- * returns and makes a plain call. Without the tail call (an unoptimised build) it is still
+ * moor__jump's call is written out here: called inline, gcc 12 copies the pair it returns
+ * and makes a plain call. Without the tail call (an unoptimised build) it is still
  * correct: the pushed return address is never used. */
 static inline __attribute__((always_inline)) transfer_t moor__switch_last(moor__ctx *from,
                                                                           moor__ctx *to)
 {
     moor__switch_leave(from, to, 1);
-    transfer_t (*fn)(transfer_t) = to->resume;
-    to->resume = moor__resume_ret;
-    return ontop_fcontext(to->fctx, from, fn);
+    return ontop_fcontext(to->fctx, from, to->resume);
 }
 
 /* A fresh context's initial frame, as make_fcontext builds it (registers to restore, the

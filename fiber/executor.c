@@ -751,6 +751,7 @@ static transfer_t fiber_entry(transfer_t t)
     moor_executor *ex = moor__tls_executor;
     moor_fiber *f = ex->current;
     moor__switch_arrived(t, &f->ctx);
+    moor__ctx_started(&f->ctx);
     if (ex->zombie)
         moor__fiber_reap(ex);
     if (f->remote) {
