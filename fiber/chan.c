@@ -293,7 +293,7 @@ static inline __attribute__((always_inline)) int fiber_wait(moor_executor *ex, m
             waiter_unlink(&op);
             return -ECANCELED;
         }
-        moor__fiber_suspend(f, &op.base);
+        moor__fiber_suspend_on(ex, f, &op.base);
     }
     return (int)op.base.result;
 }
