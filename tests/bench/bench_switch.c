@@ -18,6 +18,10 @@
  *                                one out-of-line call; what that shape itself costs (bench.h)
  *   yield_asym_vs_raw_asym_ratio (information) yield_round_trip_asym_ns over it: what moor itself
  *                                adds to a switch in that shape
+ *   yield_asym_vs_raw_ratio, spawn_vs_raw_ratio  issue 17's targets: the asymmetric yield and
+ *                                the warm spawn over the raw round trip, measured in paired
+ *                                slices at the core's full throughput (bench.h), each with
+ *                                _all_slices, _full_throughput_slices and _probe_ns
  *
  * Each figure is the median of REPS repetitions, after one warm-up round that is thrown away.
  * A round runs every measurement once, so that a noisy stretch of the machine hits all of
@@ -436,12 +440,35 @@ static const char *guard_name(moor_guard_mode mode)
  * raw for a yield and 3.6 x for a spawn on this machine. */
 static const struct bench_ratio ratios[] = {
     {"yield_vs_raw_ratio", YIELD, RAW, 300, "3"},
-    {"yield_asym_vs_raw_ratio", YIELD_ASYM, RAW, 290, "2.9"},
-    {"spawn_vs_raw_ratio", SPAWN_WARM, RAW, 340, "3.4"},
     {"fp_vs_clean_ratio", YIELD_FP, YIELD, 120, "1.2"},
     {"fp_asym_vs_clean_ratio", YIELD_FP_ASYM, YIELD_ASYM, 120, "1.2"},
 };
 #define NRATIOS (sizeof ratios / sizeof ratios[0])
+
+static uint64_t pair_raw(uint64_t n, void *ctx)
+{
+    return bench_raw(ctx, n);
+}
+
+static uint64_t pair_yield_asym(uint64_t n, void *ctx)
+{
+    (void)ctx;
+    return bench_yield_shaped(n, FP_NONE, DIFFERENT_FUNCTIONS);
+}
+
+static uint64_t pair_spawn_warm(uint64_t n, void *ctx)
+{
+    (void)ctx;
+    return bench_spawn_warm(n);
+}
+
+/* The two targets in the different-functions shape, in paired slices (bench.h) of about a
+ * millisecond; ctx: the raw reference's struct raw. */
+#define NPAIRS 2
+static const struct bench_pair pairs[NPAIRS] = {
+    {"yield_asym_vs_raw_ratio", pair_yield_asym, 10000, pair_raw, 20000, 290, "2.9"},
+    {"spawn_vs_raw_ratio", pair_spawn_warm, 8000, pair_raw, 20000, 340, "3.4"},
+};
 
 /* Information: what moor adds to the raw switch in the different-functions shape. */
 static const struct bench_ratio info_ratios[] = {
@@ -491,9 +518,14 @@ int main(int argc, char **argv)
 
     struct stats st[NFIGURES];
     bench_repeat(NFIGURES, round_all, &run, st);
+    struct bench_pair_result pair[NPAIRS];
+    for (int i = 0; i < NPAIRS; i++)
+        pair[i] = bench_pair_run(&pairs[i], &run.raw);
     feclearexcept(FE_ALL_EXCEPT);
 
     bench_print_keys(figure_key, st, NFIGURES, ratios, NRATIOS);
+    for (int i = 0; i < NPAIRS; i++)
+        bench_print_pair_keys(&pairs[i], &pair[i]);
     bench_print_keys(figure_key, st, 0, info_ratios, 1);
     /* What the pin check adds to a poll (medians; 0 when lost in the noise). */
     uint64_t poll_ps = st[POLL].median, direct_ps = st[POLL_DIRECT].median;
@@ -507,6 +539,8 @@ int main(int argc, char **argv)
                                       run.yield, run.yield, run.raw_n};
     bench_print_table(scale_arg, figure_key, st, iters, NFIGURES);
     bench_print_targets(ratios, NRATIOS, st);
+    for (int i = 0; i < NPAIRS; i++)
+        bench_print_pair_target(&pairs[i], &pair[i]);
 
     munmap(run.raw.stack, RAW_STACK_SIZE); /* its context is never resumed again */
     free(run.cold_fibers);
