@@ -44,7 +44,9 @@ typedef struct moor__ctx {
     size_t stack_size;    /* usable bytes from stack_lo */
     void *asan_fake;      /* ASan's fake stack of this context while it is switched away */
 #endif
+#ifdef MOOR_TSAN_FIBERS
     void *tsan_fiber;     /* TSan's fiber for this context */
+#endif
     /* What ontop_fcontext runs on top of it when it is switched to: its entry (which never
      * returns) the first time, then moor__resume_ret, once it waits inside moor__switch. The
      * entry sets that itself when it arrives (moor__ctx_started), so that a switch writes

@@ -325,11 +325,21 @@ typedef struct moor__exit_hook {
     void *arg;
 } moor__exit_hook;
 
+/* What every switch and wait reads or writes of a fiber comes first, in its first 64 bytes
+ * (the control block is 64-byte aligned; ASan's and TSan's context fields push it past): the
+ * task, the context, the executor, the flags and the budget. */
 struct moor_fiber {
     moor_task task;        /* the executor's handle on this fiber */
-    moor_future join_fut;  /* completes with the fiber's result (moor_fiber_future) */
     moor__ctx ctx;         /* where the fiber resumes */
     moor_executor *ex;
+    uint8_t state;         /* enum moor__fiber_state */
+    uint8_t detached;      /* released as soon as it finishes */
+    uint8_t join_claimed;  /* moor_join was called */
+    uint8_t cancelled;     /* moor_cancel was called: waits return -ECANCELED */
+    uint8_t remote;        /* spawned from another thread and not started yet */
+    uint16_t budget;       /* operations completed at once left before a yield (packed with
+                              the flags) */
+    moor_future join_fut;  /* completes with the fiber's result (moor_fiber_future) */
     moor_fiber_fn fn;
     void *arg;
     intptr_t result;       /* fn's return value, once DONE */
@@ -339,13 +349,6 @@ struct moor_fiber {
     char *stack_base;      /* the mapping: guard at stack_base, this block at its top */
     size_t map_size;
     uint64_t id;
-    uint8_t state;         /* enum moor__fiber_state */
-    uint8_t detached;      /* released as soon as it finishes */
-    uint8_t join_claimed;  /* moor_join was called */
-    uint8_t cancelled;     /* moor_cancel was called: waits return -ECANCELED */
-    uint8_t remote;        /* spawned from another thread and not started yet */
-    uint16_t budget;       /* operations completed at once left before a yield (packed with
-                              the flags: the control block stays within 320 bytes) */
     moor__exit_hook exit;  /* told when fn returns (moor__fiber_on_exit) */
     size_t open_scopes;    /* scopes it opened and has not closed (moor__fiber_scopes) */
     char name[MOOR__FIBER_NAME_MAX];
