@@ -545,9 +545,17 @@ static void deadline_due(moor__deadline *dl) { moor__wake(&dl->waker); }
 
 /* Fire due timers and let the driver look for events, blocking only if may_block and no
  * timer fired: until the next timer's deadline, an event or an unpark. */
+static uint64_t clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 static void events(moor_executor *ex, int may_block)
 {
-    int64_t now = moor_now();
+    ex->looked_ns = clock_ns();
+    int64_t now = (int64_t)(ex->looked_ns / 1000000u); /* moor_now() */
     ex->now = now;
     if (moor__timer_fire(&ex->timers, now, deadline_due))
         may_block = 0;
@@ -570,8 +578,19 @@ static void events(moor_executor *ex, int may_block)
 
 /* Run tasks until done(arg) holds, or, with done == NULL, until no task is left. While
  * tasks are runnable it never blocks, but it still looks at timers and events every
- * EVENTS_EVERY runs so that a busy queue cannot starve them. */
+ * EVENTS_EVERY runs, and after a fiber spent its budget if the last look is
+ * MOOR__EVENTS_LATENCY_NS old, so that a busy queue cannot starve them. */
 #define EVENTS_EVERY 64u
+
+/* After a fiber spent its budget (coop_turn, cleared here): has the last look at timers and
+ * events been MOOR__EVENTS_LATENCY_NS ago or more? A clock read per 128 operations of a busy
+ * fiber, where a look (a system call with a reactor) per turn would cost a tenth of a channel
+ * ping-pong's time. */
+static int events_due(moor_executor *ex)
+{
+    ex->coop_turn = 0;
+    return clock_ns() - ex->looked_ns >= MOOR__EVENTS_LATENCY_NS;
+}
 
 /* Nothing is runnable and the run would park: 1 if it never could wake (a deadlock; see
  * moor__deadlocked in dump.c for what can wake a task). */
@@ -601,7 +620,7 @@ static int run(moor_executor *ex, int (*done)(const void *arg), const void *arg)
             task_run(ex, t);
             if (done && done(arg))
                 break;
-            if (++runs % EVENTS_EVERY == 0)
+            if (++runs % EVENTS_EVERY == 0 || (ex->coop_turn && events_due(ex)))
                 events(ex, 0);
             continue;
         }
@@ -1108,7 +1127,12 @@ void moor__coop_yield(moor_executor *ex)
     if (f) {
         f->budget = MOOR__COOP_BUDGET;
         f->task.state = MOOR__TASK_NOTIFIED; /* to the back of the run queue */
-        moor__fiber_suspend(f, NULL);
+        /* To the run loop, not the next fiber: it may have events to look at (events_due).
+         * The hand-offs not made are taken off the count the run loop will add. */
+        ex->coop_turn = 1;
+        ex->switches -= ex->handoffs_left;
+        ex->handoffs_left = 0;
+        moor__fiber_suspend_on(ex, f, NULL);
         return;
     }
     ex->plain_budget = MOOR__COOP_BUDGET;

@@ -119,7 +119,9 @@ struct moor_executor {
                                         something non-local, looked at first; NULL when it
                                         finishes */
     uint16_t plain_budget;           /* plain code's cooperative budget (moor__coop_spend) */
+    uint8_t coop_turn;               /* a fiber spent its budget: the run loop's turn came early */
     unsigned plain_turns;            /* turns plain code has given the executor */
+    uint64_t looked_ns;              /* CLOCK_MONOTONIC at the last look at timers and events */
 
     moor_task *free_tasks;           /* free slots for plain tasks */
     moor_task block_on_task;         /* moor_block_on's: plain code blocks on one future at a
@@ -307,8 +309,11 @@ void moor__task_finish(moor_executor *ex, moor_task *t);
 #define MOOR__HANDOFF_BUDGET 64u
 
 /* Operations a fiber may complete without waiting before the next one yields first (Tokio's
- * cooperative budget): one busy connection cannot starve the others or the timers. */
+ * cooperative budget): one busy connection cannot starve the others or the timers. A fiber
+ * that spends it yields to the run loop, which looks at timers and events if it has not for
+ * MOOR__EVENTS_LATENCY_NS: busy fibers delay an fd's readiness by about that much at most. */
 #define MOOR__COOP_BUDGET 128u
+#define MOOR__EVENTS_LATENCY_NS 100000u
 
 enum moor__fiber_state {
     MOOR__FIBER_FREE = 0, /* released to the pool (a zeroed, trimmed stack reads as this) */
@@ -500,7 +505,8 @@ static inline moor_fiber *moor__self(void)
     return ex ? ex->current : NULL;
 }
 
-/* Out of line: the budget is spent; let every other runnable task run once first. */
+/* Out of line: the budget is spent; let every other runnable task run once first, and the
+ * run loop look at timers and events if they are due (MOOR__EVENTS_LATENCY_NS). */
 void moor__coop_yield(moor_executor *ex);
 
 /* Count one operation that completed without waiting (an I/O call with data or room, a
