@@ -36,37 +36,8 @@ case " $setups " in
     command -v redis-server >/dev/null ||
         { echo "bench.sh: no redis-server: the redis setup is skipped" >&2; setups=${setups/redis/}; }
 esac
-ulimit -n "$(ulimit -Hn)" # the server raises its own limit, but the tool's child may need it
-
-tick=$(getconf CLK_TCK)
-tmp=$(mktemp -d)
-servers=() # pids of the moor-chat instances of the run
-redis=
-cleanup() {
-    [ ${#servers[@]} -gt 0 ] && kill "${servers[@]}" 2>/dev/null
-    [ -n "$redis" ] && kill "$redis" 2>/dev/null
-    rm -rf "$tmp"
-}
-trap cleanup EXIT
-
-# Start a moor-chat with the given arguments, wait for its "listening on" line; append its
-# pid to servers and its port to ports.
-start_chat() {
-    local n=${#servers[@]}
-    "$chat" -p 0 "$@" >"$tmp/listen.$n" 2>"$tmp/server.err.$n" &
-    servers+=($!)
-    local port=
-    for _ in $(seq 300); do # 15 s: with --redis it first tries to reach Redis (up to 5 s)
-        # the whole line, its newline included (a read may catch the write half done)
-        if [ -s "$tmp/listen.$n" ] && [ -z "$(tail -c 1 "$tmp/listen.$n")" ]; then
-            port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$tmp/listen.$n")
-            break
-        fi
-        sleep 0.05
-    done
-    [ -n "$port" ] || { echo "bench.sh: moor-chat did not start" >&2; cat "$tmp/server.err.$n" >&2; exit 1; }
-    ports=${ports:+$ports,}$port
-}
+# shellcheck source-path=SCRIPTDIR source=bench-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/bench-lib.sh" # the machinery, shared with chat_bench.sh
 
 # A redis-server on a free loopback port, persistence off: sets redis and redis_port.
 start_redis() {
@@ -90,8 +61,6 @@ start_redis() {
 }
 
 start_setup() {
-    servers=()
-    ports=
     case $1 in
     t1) start_chat --threads 1 ;;
     t2) start_chat --threads 2 ;;
@@ -103,24 +72,6 @@ start_setup() {
     esac
 }
 
-stop_setup() {
-    kill -TERM "${servers[@]}"
-    wait "${servers[@]}" 2>/dev/null
-    servers=()
-    if [ -n "$redis" ]; then
-        kill "$redis"
-        wait "$redis" 2>/dev/null
-        redis=
-    fi
-}
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-sum_cpu() {
-    local s=0 p
-    for p in "$@"; do s=$((s + $(cpu_ticks "$p"))); done
-    echo "$s"
-}
-
 status=0
 # run SETUP NAME REP LOAD_ARGS...: one repetition; its figures go to stdout and to
 # $tmp/SETUP-NAME.REP
@@ -128,29 +79,11 @@ run() {
     local setup=$1 name=$2 rep=$3
     shift 3
     start_setup "$setup"
-    local out=$tmp/$setup-$name.$rep before after rbefore=0 rafter=0
+    local out=$tmp/$setup-$name.$rep
     echo "# $setup $name ($rep/$reps): moor-chat-load -p $ports $*"
-    before=$(sum_cpu "${servers[@]}")
-    [ -n "$redis" ] && rbefore=$(cpu_ticks "$redis")
-    if ! "$load" -p "$ports" "$@" >"$out"; then
-        status=1
-        local n
-        for n in "${!servers[@]}"; do # what the servers said, if anything
-            kill -0 "${servers[$n]}" 2>/dev/null || echo "bench.sh: moor-chat ${servers[$n]} has died" >&2
-            [ -s "$tmp/server.err.$n" ] && sed "s/^/server $n: /" "$tmp/server.err.$n" >&2
-        done
-    fi
-    after=$(sum_cpu "${servers[@]}")
-    [ -n "$redis" ] && rafter=$(cpu_ticks "$redis")
-    local p
-    for p in "${servers[@]}"; do awk '/^VmHWM:/ {print $2}' "/proc/$p/status"; done |
-        awk '{s += $1} END {printf "server_peak_rss_mib: %.1f MiB\n", s / 1024}' >>"$out"
-    echo "server_cpu_s: $(awk -v t=$((after - before)) -v hz="$tick" \
-        'BEGIN {printf "%.2f", t / hz}') s" >>"$out"
-    [ -n "$redis" ] && echo "redis_cpu_s: $(awk -v t=$((rafter - rbefore)) -v hz="$tick" \
-        'BEGIN {printf "%.2f", t / hz}') s" >>"$out"
+    measure "$out" "$@" || status=1
     cat "$out"
-    stop_setup
+    stop_servers
 }
 
 workloads="full rate"
@@ -162,16 +95,6 @@ for rep in $(seq "$reps"); do
         [ "${BIG:-0}" = 1 ] && run "$setup" big "$rep" -c 10000 -t 100 -m 5 -r 1
     done
 done
-
-# The median of key $2 over the repetitions of run $1.
-median() {
-    cat "$tmp/$1".* | awk -v k="$2:" '$1 == k {print $2}' | sort -g |
-        awk '{v[NR] = $1} END {if (NR == 0) print "-";
-             else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2}'
-}
-
-# The sum of key $2 over the repetitions of run $1 (for lost and reordered).
-total() { cat "$tmp/$1".* | awk -v k="$2:" '$1 == k {s += $2} END {print s + 0}'; }
 
 echo
 echo "medians of $reps run(s); lost and reordered: totals; t1/t2: --threads 1/2; redis: two"

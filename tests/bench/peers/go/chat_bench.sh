@@ -20,44 +20,18 @@ chat=$1 load=$2 reps=${3:-3}
 for bin in "$chat" "$load"; do
     [ -x "$bin" ] || { echo "chat_bench.sh: $bin: not executable" >&2; exit 2; }
 done
-ulimit -n "$(ulimit -Hn)"
-
-tick=$(getconf CLK_TCK)
-tmp=$(mktemp -d)
-server=
-cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$tmp"; }
-trap cleanup EXIT
-
-start_server() {
-    "$chat" -p 0 >"$tmp/listen" 2>"$tmp/server.err" &
-    server=$!
-    for _ in $(seq 100); do
-        grep -q '^listening on ' "$tmp/listen" && break
-        sleep 0.05
-    done
-    port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$tmp/listen")
-    [ -n "$port" ] || { echo "chat_bench.sh: $chat did not start" >&2; cat "$tmp/server.err" >&2; exit 1; }
-}
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# shellcheck source-path=SCRIPTDIR source=../../../../examples/chat/bench-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../../../../examples/chat/bench-lib.sh" # shared with bench.sh
 
 status=0
-run() { # run NAME REP LOAD_ARGS...
-    local name=$1 rep=$2 out before after
+run() { # run NAME REP LOAD_ARGS...: one repetition, its figures into $tmp/NAME.REP
+    local name=$1 rep=$2
     shift 2
-    start_server
-    out=$tmp/$name.$rep
-    echo "# $name ($rep/$reps): $(basename "$chat"), moor-chat-load -p $port $*" >&2
-    before=$(cpu_ticks "$server")
-    "$load" -p "$port" "$@" >"$out" || status=1
-    after=$(cpu_ticks "$server")
-    awk '/^VmHWM:/ {printf "server_peak_rss_mib: %.1f MiB\n", $2 / 1024}' \
-        "/proc/$server/status" >>"$out"
-    awk -v t=$((after - before)) -v hz="$tick" \
-        'BEGIN {printf "server_cpu_s: %.2f s\n", t / hz}' >>"$out"
-    kill -TERM "$server"
-    wait "$server" 2>/dev/null
-    server=
+    # shellcheck disable=SC2119 # -p 0 and no other flags: the Go peer has none
+    start_chat
+    echo "# $name ($rep/$reps): $(basename "$chat"), moor-chat-load -p $ports $*" >&2
+    measure "$tmp/$name.$rep" "$@" || status=1
+    stop_servers
 }
 
 for rep in $(seq "$reps"); do
@@ -67,13 +41,10 @@ done
 
 # report RUN KEY UNIT: the median over the repetitions, then the spread (min..max).
 report() {
-    cat "$tmp/$1".* | awk -v k="$2:" '$1 == k {print $2}' | sort -g | awk -v key="$1_$2" -v u="$3" '
-        {v[NR] = $1}
-        END {
-            if (NR == 0) { printf "%s: - %s\n", key, u; exit }
-            m = NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
-            printf "%s: %s %s\n%s_spread: %s..%s %s\n", key, m, u, key, v[1], v[NR], u
-        }'
+    local v
+    v=$(values "$1" "$2")
+    echo "$1_$2: $(median "$1" "$2") $3"
+    [ -z "$v" ] || echo "$1_$2_spread: $(head -n 1 <<<"$v")..$(tail -n 1 <<<"$v") $3"
 }
 
 for name in chat_100 chat_1000; do
@@ -81,8 +52,7 @@ for name in chat_100 chat_1000; do
     report "$name" latency_p99_ms ms
     report "$name" server_cpu_s s
     report "$name" server_peak_rss_mib MiB
-    cat "$tmp/$name".* | awk -v k="$name" '
-        $1 == "lost:" {l += $2} $1 == "reordered:" {r += $2} $1 == "disconnected:" {d += $2}
-        END {printf "%s_lost_reordered_disconnected: %d %d %d\n", k, l, r, d}'
+    echo "${name}_lost_reordered_disconnected: $(total "$name" lost) $(total "$name" reordered)" \
+        "$(total "$name" disconnected)"
 done
 exit $status
