@@ -225,17 +225,17 @@ static void bench_repeat(int nfigures, bench_round_fn *round_fn, void *ctx, stru
 /* ---- targets in paired slices, and the machine's throughput ---------------------------- */
 
 /* This VM's core is at times shared (by another guest on its sibling hardware thread, as far
- * as can be told from inside), for seconds to minutes. Code that needs the core's issue
+ * as can be told from inside), for milliseconds to minutes. Code that needs the core's issue
  * bandwidth then runs up to ~1.7 x slower, while the raw jump loop, bound by the latency of
  * the control-register loads in each jump, runs ~1.15 x slower: a ratio to the raw loop
  * taken in such a stretch says more about the machine than about moor. So each target ratio
- * is measured in short slices (the raw loop, moor's figure, the raw loop again), each between
- * two runs of a probe that is bound by issue bandwidth the same way but has nothing of moor
- * in it; the slices where the probe runs at full speed give the target figure, and every
- * slice's median is printed beside it. If the whole run is slow the probe's best is slow too,
- * and the slow slices count: the figure is then the slow one, never a selection of it. */
-#define BENCH_SLICES 201
-#define BENCH_FULL_MIN 15 /* slices at full throughput needed for the target figure */
+ * is measured in slices of a few milliseconds (the raw loop, moor's figure, the raw loop
+ * again), each between two runs of a probe that is bound by issue bandwidth the same way but
+ * has nothing of moor in it; the slices where the probe runs at full speed give the target
+ * figure, and every slice's median is printed beside it. If the whole run is slow, the
+ * probe's best is slow too and the slow slices count: the figure is then the slow one. */
+#define BENCH_SLICES 151
+#define BENCH_FULL_MIN 11 /* slices at full throughput needed for the target figure */
 
 static volatile uint64_t bench_probe_sink;
 

@@ -462,12 +462,12 @@ static uint64_t pair_spawn_warm(uint64_t n, void *ctx)
     return bench_spawn_warm(n);
 }
 
-/* The two targets in the different-functions shape, in paired slices (bench.h) of about a
- * millisecond; ctx: the raw reference's struct raw. */
+/* The two targets in the different-functions shape, in paired slices (bench.h) of a few
+ * milliseconds; ctx: the raw reference's struct raw. */
 #define NPAIRS 2
 static const struct bench_pair pairs[NPAIRS] = {
-    {"yield_asym_vs_raw_ratio", pair_yield_asym, 10000, pair_raw, 20000, 290, "2.9"},
-    {"spawn_vs_raw_ratio", pair_spawn_warm, 8000, pair_raw, 20000, 340, "3.4"},
+    {"yield_asym_vs_raw_ratio", pair_yield_asym, 50000, pair_raw, 100000, 290, "2.9"},
+    {"spawn_vs_raw_ratio", pair_spawn_warm, 40000, pair_raw, 100000, 340, "3.4"},
 };
 
 /* Information: what moor adds to the raw switch in the different-functions shape. */
