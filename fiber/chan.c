@@ -70,7 +70,7 @@ static inline unsigned char *slot(moor_chan *ch, size_t i)
 static inline void complete(moor__waiter *w, intptr_t result)
 {
     moor_chan_future *op = moor_container_of(w, moor_chan_future, waiter);
-    w->state = MOOR__WAITER_DONE;
+    moor__waiter_complete(w);
     op->base.result = result;
     moor__wake(&w->waker);
 }
@@ -163,7 +163,7 @@ static inline moor__list *queue_of(moor_chan_future *op)
 MOOR__WAIT_OP int op_ready(moor_future *fut, moor_cx *cx)
 {
     moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
-    if (op->waiter.state == MOOR__WAITER_DONE)
+    if (moor__waiter_done(&op->waiter))
         return 1; /* result set by the counterpart */
     if (op->waiter.state == MOOR__WAITER_QUEUED)
         return 0; /* a counterpart completes it, none has yet */
@@ -458,7 +458,8 @@ int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
                 return hand_off(ex, &ch->senders, w);
             }
         } else if (!ch->closed && ex && ex->current) {
-            return moor_chan_recv_waiting(ex, ex->current, ch, elem, deadline); /* nothing to take */
+            /* nothing to take */
+            return moor_chan_recv_waiting(ex, ex->current, ch, elem, deadline);
         }
     }
     return recv_general(ch, elem, deadline);

@@ -504,16 +504,18 @@ static void remote_started(moor_executor *ex)
 /* ---- running -------------------------------------------------------------------------- */
 
 /* Run one task. A fiber task is resumed; it does its own bookkeeping when it stops, and
- * may hand off to further fibers before control comes back here (moor__fiber_suspend). */
-static inline void task_run(moor_executor *ex, moor_task *t)
+ * may hand off to further fibers before control comes back here (moor__fiber_suspend).
+ * Returns 1 if the hand-offs stopped because their budget was spent (see events_due). */
+static inline int task_run(moor_executor *ex, moor_task *t)
 {
     t->state = MOOR__TASK_RUNNING;
     if (t->kind == MOOR__TASK_FIBER) {
         moor__fiber_resume(ex, moor_container_of(t, moor_fiber, task));
         /* Count its hand-offs now rather than one by one (a store fewer per switch). */
+        int spent = ex->handoffs_left == 0;
         ex->switches += MOOR__HANDOFF_BUDGET - ex->handoffs_left;
         ex->handoffs_left = MOOR__HANDOFF_BUDGET;
-        return;
+        return spent;
     }
     moor_cx cx = {{ex, t, t->gen}, NULL, NULL};
     if (moor__future_poll(t->fut, &cx) == MOOR_READY) {
@@ -522,6 +524,7 @@ static inline void task_run(moor_executor *ex, moor_task *t)
         moor__wait_stamp(ex, t);
         moor__task_pending(ex, t);
     }
+    return 0;
 }
 
 /* Remote spawns that waited for memory: due for another try at `now` (the remote queue is
@@ -545,16 +548,9 @@ static void deadline_due(moor__deadline *dl) { moor__wake(&dl->waker); }
 
 /* Fire due timers and let the driver look for events, blocking only if may_block and no
  * timer fired: until the next timer's deadline, an event or an unpark. */
-static uint64_t clock_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
 static void events(moor_executor *ex, int may_block)
 {
-    ex->looked_ns = clock_ns();
+    ex->looked_ns = moor__now_ns();
     int64_t now = (int64_t)(ex->looked_ns / 1000000u); /* moor_now() */
     ex->now = now;
     if (moor__timer_fire(&ex->timers, now, deadline_due))
@@ -578,18 +574,17 @@ static void events(moor_executor *ex, int may_block)
 
 /* Run tasks until done(arg) holds, or, with done == NULL, until no task is left. While
  * tasks are runnable it never blocks, but it still looks at timers and events every
- * EVENTS_EVERY runs, and after a fiber spent its budget if the last look is
+ * EVENTS_EVERY runs, and after a run of hand-offs that spent its budget if the last look is
  * MOOR__EVENTS_LATENCY_NS old, so that a busy queue cannot starve them. */
 #define EVENTS_EVERY 64u
 
-/* After a fiber spent its budget (coop_turn, cleared here): has the last look at timers and
- * events been MOOR__EVENTS_LATENCY_NS ago or more? A clock read per 128 operations of a busy
- * fiber, where a look (a system call with a reactor) per turn would cost a tenth of a channel
- * ping-pong's time. */
-static int events_due(moor_executor *ex)
+/* After a run of fiber hand-offs that ended because their budget was spent (64 of them, or a
+ * fiber that spent its cooperative budget): has the last look at timers and events been
+ * MOOR__EVENTS_LATENCY_NS ago or more? A clock read per 64 hand-offs, where a look (a system
+ * call with a reactor) per turn would cost a tenth of a channel ping-pong's time. */
+static int events_due(const moor_executor *ex)
 {
-    ex->coop_turn = 0;
-    return clock_ns() - ex->looked_ns >= MOOR__EVENTS_LATENCY_NS;
+    return moor__now_ns() - ex->looked_ns >= MOOR__EVENTS_LATENCY_NS;
 }
 
 /* Nothing is runnable and the run would park: 1 if it never could wake (a deadlock; see
@@ -617,10 +612,10 @@ static int run(moor_executor *ex, int (*done)(const void *arg), const void *arg)
             drain_remote(ex);
         moor_task *t = moor__runq_pop(ex);
         if (t) {
-            task_run(ex, t);
+            int spent = task_run(ex, t);
             if (done && done(arg))
                 break;
-            if (++runs % EVENTS_EVERY == 0 || (ex->coop_turn && events_due(ex)))
+            if (++runs % EVENTS_EVERY == 0 || (spent && events_due(ex)))
                 events(ex, 0);
             continue;
         }
@@ -1129,7 +1124,6 @@ void moor__coop_yield(moor_executor *ex)
         f->task.state = MOOR__TASK_NOTIFIED; /* to the back of the run queue */
         /* To the run loop, not the next fiber: it may have events to look at (events_due).
          * The hand-offs not made are taken off the count the run loop will add. */
-        ex->coop_turn = 1;
         ex->switches -= ex->handoffs_left;
         ex->handoffs_left = 0;
         moor__fiber_suspend_on(ex, f, NULL);

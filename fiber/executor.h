@@ -6,6 +6,7 @@
 #define MOOR_FIBER_EXECUTOR_H
 
 #include <pthread.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "assert.h"
@@ -110,8 +111,8 @@ struct moor_executor {
     size_t ntasks;                   /* tasks started and not finished */
     size_t promises_held;            /* awaiter's halves of promises not yet dropped */
     int running;                     /* inside run/block_on */
-    int64_t now;                     /* moor_now() at the executor's last look at the clock
-                                        (each park, every 64 tasks run): wait stamps */
+    int64_t now;                     /* moor_now() at the executor's last look at timers and
+                                        events (events()): wait stamps */
     uint64_t switches;               /* fibers switched to (moor_stats), but the hand-offs of
                                         the run in progress: read moor__switches */
     uint64_t wakeups;                /* waiting tasks made runnable (moor_stats) */
@@ -119,7 +120,6 @@ struct moor_executor {
                                         something non-local, looked at first; NULL when it
                                         finishes */
     uint16_t plain_budget;           /* plain code's cooperative budget (moor__coop_spend) */
-    uint8_t coop_turn;               /* a fiber spent its budget: the run loop's turn came early */
     unsigned plain_turns;            /* turns plain code has given the executor */
     uint64_t looked_ns;              /* CLOCK_MONOTONIC at the last look at timers and events */
 
@@ -310,8 +310,10 @@ void moor__task_finish(moor_executor *ex, moor_task *t);
 
 /* Operations a fiber may complete without waiting before the next one yields first (Tokio's
  * cooperative budget): one busy connection cannot starve the others or the timers. A fiber
- * that spends it yields to the run loop, which looks at timers and events if it has not for
- * MOOR__EVENTS_LATENCY_NS: busy fibers delay an fd's readiness by about that much at most. */
+ * that spends it yields to the run loop, as 64 hand-offs do, and the run loop then looks at
+ * timers and events if it has not for MOOR__EVENTS_LATENCY_NS: busy fibers delay an fd's
+ * readiness by about that much, or by 64 of their slices between waits or yields if those
+ * are longer. */
 #define MOOR__COOP_BUDGET 128u
 #define MOOR__EVENTS_LATENCY_NS 100000u
 
@@ -351,13 +353,17 @@ struct moor_fiber {
     moor_waker joiner;     /* who waits in join_fut: zeroed at spawn and when a waiting
                               future gives up; it may still name the last joiner after */
     moor__node link;       /* in the executor's list of fibers not yet released */
-    char *stack_base;      /* the mapping: guard at stack_base, this block at its top */
+    char *stack_base;      /* the mapping: guard at stack_base, this block near its top */
     size_t map_size;
     uint64_t id;
     moor__exit_hook exit;  /* told when fn returns (moor__fiber_on_exit) */
     size_t open_scopes;    /* scopes it opened and has not closed (moor__fiber_scopes) */
     char name[MOOR__FIBER_NAME_MAX];
 };
+#if !defined(MOOR_ASAN_FIBERS) && !defined(MOOR_TSAN_FIBERS)
+_Static_assert(offsetof(struct moor_fiber, budget) + sizeof(uint16_t) <= 64,
+               "what a switch touches of a fiber grew past its control block's first 64 bytes");
+#endif
 
 /* Bytes at the top of a stack mapping taken by the control block. Keep it small: a fresh
  * fiber touches all of it, and the bytes past a 64-byte boundary cost spawn time. */

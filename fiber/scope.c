@@ -35,7 +35,7 @@ static void complete_waiters(moor_scope *scope, intptr_t result)
     moor__waiter *w;
     while ((w = moor__waitq_take(&scope->waiters, NULL))) {
         empty_future *ef = moor_container_of(w, empty_future, waiter);
-        w->state = MOOR__WAITER_DONE;
+        moor__waiter_complete(w);
         ef->base.result = result;
         moor__wake(&w->waker);
     }

@@ -8,7 +8,7 @@
  *   slab: | guard | stack 0 ... ctl | guard | stack 1 ... ctl | ... not yet carved ... |
  *
  *   base                base + guard                                   base + map_size
- *   | guard: faults      | usable: fiber stack and, at the top, its control block |
+ *   | guard: faults      | usable: fiber stack and, near the top, its control block |
  *
  * Freed stacks go back to the pool, reused last-in first-out: `hot` ones (up to hot_max per
  * size) stay resident; beyond that they go `cold` and their memory is given back with

@@ -77,7 +77,7 @@ static wait_op *complete_first(moor__list *q)
     if (!w)
         return NULL;
     wait_op *op = moor_container_of(w, wait_op, waiter);
-    w->state = MOOR__WAITER_DONE;
+    moor__waiter_complete(w);
     moor__wake(&w->waker);
     return op;
 }

@@ -5,12 +5,14 @@
 
 #include "alloc.h"
 
-int64_t moor_now(void)
+uint64_t moor__now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
+
+int64_t moor_now(void) { return (int64_t)(moor__now_ns() / 1000000u); }
 
 static inline int before(const moor__deadline *a, const moor__deadline *b)
 {

@@ -18,6 +18,9 @@ typedef struct moor__timer_heap {
 
 void moor__timer_heap_free(moor__timer_heap *h);
 
+/* The monotonic clock in nanoseconds; moor_now() is it in milliseconds. */
+uint64_t moor__now_ns(void);
+
 /* Whether dl is in a heap (index is SIZE_MAX when it is not). */
 static inline int moor__timer_queued(const moor__deadline *dl) { return dl->index != SIZE_MAX; }
 

@@ -105,6 +105,10 @@ static inline int moor__waiter_done(const moor__waiter *w)
     return w->state == MOOR__WAITER_DONE;
 }
 
+/* w, taken off its queue by a counterpart (moor__waitq_take), is done: its operation is
+ * complete (the caller sets the result and wakes it). */
+static inline void moor__waiter_complete(moor__waiter *w) { w->state = MOOR__WAITER_DONE; }
+
 /* Queue w at the back, to be completed for the task and select slot of cx. */
 static inline void moor__waitq_push(moor__list *q, moor__waiter *w, const moor_cx *cx)
 {
@@ -142,14 +146,14 @@ static inline void moor__waitq_remove(moor__list *q, moor__waiter *w)
 static inline void moor__waitq_complete_first(moor__list *q, moor__waiter *w)
 {
     moor__list_unlink_head(q, &w->node);
-    w->state = MOOR__WAITER_DONE;
+    moor__waiter_complete(w);
 }
 
 /* The first waiter that may still be completed, taken off the queue with its select claimed
  * for its slot; waiters whose select was won elsewhere are dropped from the queue (their
  * select cancels them). Waiters of the taker's own select (`mine`, NULL for none) are passed
  * over: a select must not pair its send with its own receive. NULL if none. The taker
- * completes the operation and marks the waiter MOOR__WAITER_DONE. */
+ * completes the operation and says so with moor__waiter_complete. */
 static inline moor__waiter *moor__waitq_take(moor__list *q, const struct moor__claim *mine)
 {
     moor__node *next;

@@ -309,14 +309,16 @@ MOOR_API moor_executor *moor_thread_executor(size_t i);
  *
  * Stack layout of a fiber (one mapping; grows down; never moved or resized):
  *
- *   low                                                                    high
- *   +---------------------+----------------------------------+---------------+
- *   | guard (64 KiB,      | usable stack (256 KiB default) <- | control block |
- *   | faults on touch)    |                         sp starts | (moor_fiber)  |
- *   +---------------------+----------------------------------+---------------+
+ *   low                                                                        high
+ *   +---------------------+----------------------------------+---------------+---+
+ *   | guard (64 KiB,      | usable stack (256 KiB default) <- | control block |   |
+ *   | faults on touch)    |                         sp starts | (moor_fiber)  |   |
+ *   +---------------------+----------------------------------+---------------+---+
+ *                                                                     0-960 bytes
  *
- * The control block sits at the top of the stack's own mapping, so an idle fiber that has
- * touched only the top of its stack costs one resident page. An overflow into the guard is
+ * The control block sits near the top of the stack's own mapping (0 to 960 bytes below it,
+ * by the mapping's address, so that fibers' blocks do not all share one page offset), so an
+ * idle fiber that has touched only the top of its stack costs one resident page. An overflow into the guard is
  * named on stderr ("moor: fiber 7 \"parser\" overflowed its 64 KiB stack") and aborts, also
  * when it happens inside a switch. A single frame larger than the guard would jump it unless
  * the code is built with -fstack-clash-protection, which probes every page of a large frame:

@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "moor.h"
@@ -289,6 +290,57 @@ static void test_coop_fd_seen_during_flood(void **state)
     ex_free(ex);
 }
 
+/* A fiber that keeps yielding, with work between its yields and nothing else to run, lets an
+ * fd's readiness through within 64 of its slices: every 64 hand-offs the run loop gets its
+ * turn and looks at events if it has not for MOOR__EVENTS_LATENCY_NS (a slice here is 20 us).
+ * Before that look, the run loop looked once per 64 of its turns: after up to 4,096 yields. */
+#define YIELD_WAKE_MAX 200u
+
+static void spin_us(unsigned us)
+{
+    struct timespec t0, t;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    do
+        clock_gettime(CLOCK_MONOTONIC, &t);
+    while ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) < (long)us * 1000);
+}
+
+static intptr_t yield_spinner(void *arg)
+{
+    fd_flood *f = arg;
+    while (!f->read_done && f->ops < 20000) {
+        spin_us(20);
+        moor_yield();
+        if (++f->ops == 100) {
+            f->ops_at_write = f->ops;
+            if (write(f->fds[1], "r", 1) != 1)
+                f->errors++;
+        }
+    }
+    return 0;
+}
+
+static void test_coop_fd_seen_between_yields(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    fd_flood f;
+    memset(&f, 0, sizeof f);
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, f.fds), 0);
+    moor_fiber *r, *y;
+    assert_int_equal(moor_spawn(&r, fd_reader, &f, NULL), 0);
+    assert_int_equal(moor_spawn(&y, yield_spinner, &f, NULL), 0);
+    assert_int_equal(moor_join(y, NULL), 0);
+    assert_int_equal(moor_join(r, NULL), 0);
+    print_message("the reader woke %lu yields after the write\n", f.ops_at_read - f.ops_at_write);
+    assert_int_equal(f.errors, 0);
+    assert_true(f.read_done && f.ops_at_read >= f.ops_at_write);
+    assert_true(f.ops_at_read - f.ops_at_write <= YIELD_WAKE_MAX);
+    close(f.fds[0]);
+    close(f.fds[1]);
+    ex_free(ex);
+}
+
 int main(void)
 {
     child_signals_save();
@@ -300,6 +352,7 @@ int main(void)
         TEST(test_coop_socket_always_has_room),
         TEST(test_coop_plain_code_lets_fibers_run),
         TEST(test_coop_fd_seen_during_flood),
+        TEST(test_coop_fd_seen_between_yields),
     };
     return RUN_TESTS(tests);
 }

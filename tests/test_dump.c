@@ -533,6 +533,38 @@ static void test_dump_stats_counts_hand_offs(void **state)
     moor_executor_free(ex);
 }
 
+/* 64 takes and puts back of a value: 128 operations that complete at once, one budget. */
+static intptr_t budget_spender(void *arg)
+{
+    moor_chan *ch = arg;
+    int v;
+    for (int i = 0; i < 64; i++)
+        if (moor_chan_recv(ch, &v, -1) != 0 || moor_chan_send(ch, &v, -1) != 0)
+            return -1;
+    return 0;
+}
+
+/* A fiber that spends its budget yields to the run loop (to look at events), not as a
+ * hand-off: the switch count stays exact, the hand-offs it did not make uncounted. */
+static void test_dump_stats_counts_budget_yields(void **state)
+{
+    (void)state;
+    moor_executor *ex = ex_new();
+    moor_chan *ch;
+    int v = 1;
+    assert_int_equal(moor_chan_new(&ch, sizeof v, 1), 0);
+    assert_int_equal(moor_chan_try_send(ch, &v), 0);
+    moor_fiber *f;
+    assert_int_equal(moor_spawn(&f, budget_spender, ch, NULL), 0);
+    intptr_t r = -2;
+    assert_int_equal(moor_join(f, &r), 0);
+    assert_int_equal(r, 0);
+    /* Its first resume, and the one after its budget yield. */
+    assert_int_equal(moor_stats().switches, 2);
+    moor_chan_free(ch);
+    ex_free(ex);
+}
+
 static void test_dump_stats_counts(void **state)
 {
     (void)state;
@@ -679,6 +711,7 @@ int main(void)
         TEST(test_dump_user_kind),
         TEST(test_dump_stats_counts),
         TEST(test_dump_stats_counts_hand_offs),
+        TEST(test_dump_stats_counts_budget_yields),
         TEST(test_dump_sigquit_prints_every_executor),
     };
     return RUN_TESTS(tests);

@@ -24,6 +24,8 @@ trap cleanup EXIT
 # pid to servers and its port to ports.
 start_chat() {
     local n=${#servers[@]}
+    # an earlier repetition's files would show its port until the new server truncates them
+    rm -f "$tmp/listen.$n" "$tmp/server.err.$n"
     "$chat" -p 0 "$@" >"$tmp/listen.$n" 2>"$tmp/server.err.$n" &
     servers+=($!)
     local port=
@@ -31,7 +33,7 @@ start_chat() {
         # the whole line, its newline included (a read may catch the write half done)
         if [ -s "$tmp/listen.$n" ] && [ -z "$(tail -c 1 "$tmp/listen.$n")" ]; then
             port=$(sed -n 's/^listening on .*:\([0-9]*\)$/\1/p' "$tmp/listen.$n")
-            break
+            [ -n "$port" ] && break
         fi
         kill -0 "${servers[$n]}" 2>/dev/null || break # it has exited
         sleep 0.05

@@ -293,7 +293,8 @@ static __attribute__((unused)) uint64_t median_u64(uint64_t *v, size_t n)
 
 /* A slice is at full throughput when both its probes ran within 10% of the best probes (the
  * 10th percentile: one probe alone may run fast by chance). */
-__attribute__((unused)) static struct bench_pair_result bench_pair_run(const struct bench_pair *p, void *ctx)
+__attribute__((unused)) static struct bench_pair_result bench_pair_run(const struct bench_pair *p,
+                                                                       void *ctx)
 {
     uint64_t ratio[BENCH_SLICES], probe[BENCH_SLICES], sorted[BENCH_SLICES];
     (void)p->num(p->num_n, ctx); /* warm up */
@@ -424,30 +425,38 @@ static void bench_print_targets(const struct bench_ratio *ratios, size_t nratios
     }
 }
 
+/* hundredths as "x.yz" */
+static const char *fmt_hundredths(char *buf, size_t len, uint64_t h)
+{
+    snprintf(buf, len, "%llu.%02llu", (ull)(h / 100), (ull)(h % 100));
+    return buf;
+}
+
 /* A paired target's `key: value unit` lines: the target figure (full-throughput slices, or
- * every slice if too few were), every slice's median, how many slices were at full
- * throughput, and the probe. */
-__attribute__((unused)) static void bench_print_pair_keys(const struct bench_pair *p, const struct bench_pair_result *r)
+ * every slice if too few were), every slice's median, how many slices there were and how
+ * many at full throughput, and the probe's best and median. */
+__attribute__((unused)) static void bench_print_pair_keys(const struct bench_pair *p,
+                                                          const struct bench_pair_result *r)
 {
     char b[32];
-    printf("%s: %llu.%02llu x\n", p->key, (ull)(r->full / 100), (ull)(r->full % 100));
-    printf("%s_all_slices: %llu.%02llu x\n", p->key, (ull)(r->all / 100), (ull)(r->all % 100));
-    printf("%s_full_throughput_slices: %u of %d\n", p->key, r->nfull, BENCH_SLICES);
-    printf("%s_probe_ns: %s ns best, ", p->key, fmt_ns(b, sizeof b, r->probe_best));
-    printf("%s ns median\n", fmt_ns(b, sizeof b, r->probe_median));
+    printf("%s: %s x\n", p->key, fmt_hundredths(b, sizeof b, r->full));
+    printf("%s_all_slices: %s x\n", p->key, fmt_hundredths(b, sizeof b, r->all));
+    printf("%s_slices: %d slices\n", p->key, BENCH_SLICES);
+    printf("%s_full_throughput_slices: %u slices\n", p->key, r->nfull);
+    printf("%s_probe_best_ns: %s ns\n", p->key, fmt_ns(b, sizeof b, r->probe_best));
+    printf("%s_probe_median_ns: %s ns\n", p->key, fmt_ns(b, sizeof b, r->probe_median));
 }
 
 /* A paired target against its limit, as bench_print_targets prints the others. */
-__attribute__((unused)) static void bench_print_pair_target(const struct bench_pair *p, const struct bench_pair_result *r)
+__attribute__((unused)) static void bench_print_pair_target(const struct bench_pair *p,
+                                                            const struct bench_pair_result *r)
 {
-    char b[32];
+    char b[32], all[32];
     int pass = r->full <= p->limit_hundredths;
-    snprintf(b, sizeof b, "%llu.%02llu", (ull)(r->full / 100), (ull)(r->full % 100));
-    printf("%-28s %8s x %8s x %8s   (%u of %d slices at full throughput; every slice: "
-           "%llu.%02llu x)\n",
-           p->key, b, p->limit_text,
+    printf("%-28s %8s x %8s x %8s   (%u of %d slices at full throughput; every slice: %s x)\n",
+           p->key, fmt_hundredths(b, sizeof b, r->full), p->limit_text,
            r->nfull < BENCH_FULL_MIN ? (pass ? "PASS?" : "MISS?") : pass ? "PASS" : "MISS",
-           r->nfull, BENCH_SLICES, (ull)(r->all / 100), (ull)(r->all % 100));
+           r->nfull, BENCH_SLICES, fmt_hundredths(all, sizeof all, r->all));
 }
 
 #endif

@@ -10,7 +10,8 @@
  *                             one that sends then receives and one that receives then sends
  *   chan_asym_vs_raw_ratio    issue 17's target: chan_round_trip_asym_ns over the raw round
  *                             trip, measured in paired slices at the core's full throughput
- *                             (bench.h), with _all_slices, _full_throughput_slices, _probe_ns
+ *                             (bench.h), with _all_slices, _slices, _full_throughput_slices
+ *                             and _probe_best_ns, _probe_median_ns
  *   raw_switch_round_trip_asym_ns  (information) the raw round trip in that shape: a driver
  *                             and a worker function, each switching through one out-of-line
  *                             call; what the shape itself costs (bench.h)

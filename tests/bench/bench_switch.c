@@ -21,7 +21,8 @@
  *   yield_asym_vs_raw_ratio, spawn_vs_raw_ratio  issue 17's targets: the asymmetric yield and
  *                                the warm spawn over the raw round trip, measured in paired
  *                                slices at the core's full throughput (bench.h), each with
- *                                _all_slices, _full_throughput_slices and _probe_ns
+ *                                _all_slices, _slices, _full_throughput_slices, _probe_best_ns
+ *                                and _probe_median_ns
  *
  * Each figure is the median of REPS repetitions, after one warm-up round that is thrown away.
  * A round runs every measurement once, so that a noisy stretch of the machine hits all of
