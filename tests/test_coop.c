@@ -221,81 +221,63 @@ static void test_coop_plain_code_lets_fibers_run(void **state)
     ex_free(ex);
 }
 
-/* An fd that becomes readable while a fiber floods is looked at soon: when the flood spends
- * its budget, the run loop looks at events if it has not for MOOR__EVENTS_LATENCY_NS. Counted
- * in the flood's iterations (a take and a put back of a channel that is never empty), its
- * reader wakes within FD_WAKE_MAX of the write: ~3,000 is 100 us here, where without the look
- * the run loop's 64th turn came after 64 x 64 budgets (262,144 iterations). */
-#define FD_WAKE_MAX 30000u
-
-typedef struct fd_flood {
+/* An fd that becomes readable while a busy fiber runs is looked at soon: when the fiber spends
+ * its budget, or 64 hand-offs pass, the run loop looks at events if it has not for
+ * MOOR__EVENTS_LATENCY_NS. The busy fiber writes the fd's byte after its 100th step (ops), and
+ * its reader records how many steps the busy one had made when it woke. */
+typedef struct fd_wake {
     moor_chan *ch;
     int fds[2];
-    unsigned long ops, ops_at_write, ops_at_read;
+    unsigned long ops, ops_at_read;
     int read_done, errors;
-} fd_flood;
+} fd_wake;
 
-static intptr_t fd_flooder(void *arg)
+#define FD_WAKE_AFTER 100u
+
+/* One step of a busy fiber done; the fd's byte goes out after the FD_WAKE_AFTER-th. */
+static void fd_wake_step(fd_wake *w)
 {
-    fd_flood *f = arg;
-    int v;
-    while (!f->read_done && f->ops < FLOOD_CAP) {
-        if (moor_chan_recv(f->ch, &v, -1) != 0 || moor_chan_send(f->ch, &v, -1) != 0) {
-            f->errors++;
-            break;
-        }
-        if (++f->ops == FLOOD_MIN) {
-            f->ops_at_write = f->ops;
-            if (write(f->fds[1], "r", 1) != 1)
-                f->errors++;
-        }
-    }
-    return 0;
+    if (++w->ops == FD_WAKE_AFTER && write(w->fds[1], "r", 1) != 1)
+        w->errors++;
 }
 
 static intptr_t fd_reader(void *arg)
 {
-    fd_flood *f = arg;
+    fd_wake *w = arg;
     char c;
-    if (moor_read(f->fds[0], &c, 1, -1) != 1)
-        f->errors++;
-    f->ops_at_read = f->ops;
-    f->read_done = 1;
+    if (moor_read(w->fds[0], &c, 1, -1) != 1)
+        w->errors++;
+    w->ops_at_read = w->ops;
+    w->read_done = 1;
     return 0;
 }
 
-static void test_coop_fd_seen_during_flood(void **state)
+/* Run busy(w) beside the reader; returns the busy fiber's steps between the write and the
+ * reader's wake. */
+static unsigned long fd_wake_run(moor_fiber_fn busy)
 {
-    (void)state;
     moor_executor *ex = ex_new();
-    fd_flood f;
-    memset(&f, 0, sizeof f);
+    fd_wake w;
+    memset(&w, 0, sizeof w);
     int v = 7;
-    assert_int_equal(moor_chan_new(&f.ch, sizeof v, 1), 0);
-    assert_int_equal(moor_chan_try_send(f.ch, &v), 0);
-    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, f.fds), 0);
-    moor_fiber *r, *fl;
-    assert_int_equal(moor_spawn(&r, fd_reader, &f, NULL), 0);
-    assert_int_equal(moor_spawn(&fl, fd_flooder, &f, NULL), 0);
-    assert_int_equal(moor_join(fl, NULL), 0);
+    assert_int_equal(moor_chan_new(&w.ch, sizeof v, 1), 0);
+    assert_int_equal(moor_chan_try_send(w.ch, &v), 0);
+    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, w.fds), 0);
+    moor_fiber *r, *b;
+    assert_int_equal(moor_spawn(&r, fd_reader, &w, NULL), 0);
+    assert_int_equal(moor_spawn(&b, busy, &w, NULL), 0);
+    assert_int_equal(moor_join(b, NULL), 0);
     assert_int_equal(moor_join(r, NULL), 0);
-    print_message("the reader woke %lu iterations after the write\n",
-                  f.ops_at_read - f.ops_at_write);
-    assert_int_equal(f.errors, 0);
-    assert_true(f.read_done && f.ops_at_read >= f.ops_at_write);
-    assert_true(f.ops_at_read - f.ops_at_write <= FD_WAKE_MAX);
-    moor_chan_free(f.ch);
-    close(f.fds[0]);
-    close(f.fds[1]);
+    assert_int_equal(w.errors, 0);
+    assert_true(w.read_done && w.ops_at_read >= FD_WAKE_AFTER);
+    moor_chan_free(w.ch);
+    close(w.fds[0]);
+    close(w.fds[1]);
     ex_free(ex);
+    return w.ops_at_read - FD_WAKE_AFTER;
 }
 
-/* A fiber that keeps yielding, with work between its yields and nothing else to run, lets an
- * fd's readiness through within 64 of its slices: every 64 hand-offs the run loop gets its
- * turn and looks at events if it has not for MOOR__EVENTS_LATENCY_NS (a slice here is 20 us).
- * Before that look, the run loop looked once per 64 of its turns: after up to 4,096 yields. */
-#define YIELD_WAKE_MAX 200u
-
+/* Work for `us` microseconds. */
 static void spin_us(unsigned us)
 {
     struct timespec t0, t;
@@ -305,17 +287,44 @@ static void spin_us(unsigned us)
     while ((t.tv_sec - t0.tv_sec) * 1000000000L + (t.tv_nsec - t0.tv_nsec) < (long)us * 1000);
 }
 
+/* A flood of a channel that is never empty, 2 us of work per step (a take and a put back, and
+ * a spin): the budget (128 operations, 64 steps) runs out every ~130 us, and each time the
+ * run loop gets its turn and looks at events if 100 us have passed, so the reader wakes
+ * within a few budgets. Were a budget yield a hand-off, the run loop would get its turn only
+ * after 64 of them (4,096 steps); before the look, after 64 such turns (262,144 steps). */
+static intptr_t chan_flooder(void *arg)
+{
+    fd_wake *w = arg;
+    int v;
+    while (!w->read_done && w->ops < FLOOD_CAP) {
+        if (moor_chan_recv(w->ch, &v, -1) != 0 || moor_chan_send(w->ch, &v, -1) != 0) {
+            w->errors++;
+            break;
+        }
+        spin_us(2);
+        fd_wake_step(w);
+    }
+    return 0;
+}
+
+static void test_coop_fd_seen_during_flood(void **state)
+{
+    (void)state;
+    unsigned long steps = fd_wake_run(chan_flooder);
+    print_message("the reader woke %lu steps after the write\n", steps);
+    assert_true(steps <= 1024);
+}
+
+/* A fiber that keeps yielding, with 20 us of work between its yields and nothing else to run:
+ * every 64 of its hand-offs (to itself) the run loop gets its turn and, 1.3 ms having passed,
+ * looks at events. Without the look it did once per 64 turns: after up to 4,096 yields. */
 static intptr_t yield_spinner(void *arg)
 {
-    fd_flood *f = arg;
-    while (!f->read_done && f->ops < 20000) {
+    fd_wake *w = arg;
+    while (!w->read_done && w->ops < 20000) {
         spin_us(20);
         moor_yield();
-        if (++f->ops == 100) {
-            f->ops_at_write = f->ops;
-            if (write(f->fds[1], "r", 1) != 1)
-                f->errors++;
-        }
+        fd_wake_step(w);
     }
     return 0;
 }
@@ -323,22 +332,9 @@ static intptr_t yield_spinner(void *arg)
 static void test_coop_fd_seen_between_yields(void **state)
 {
     (void)state;
-    moor_executor *ex = ex_new();
-    fd_flood f;
-    memset(&f, 0, sizeof f);
-    assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK, 0, f.fds), 0);
-    moor_fiber *r, *y;
-    assert_int_equal(moor_spawn(&r, fd_reader, &f, NULL), 0);
-    assert_int_equal(moor_spawn(&y, yield_spinner, &f, NULL), 0);
-    assert_int_equal(moor_join(y, NULL), 0);
-    assert_int_equal(moor_join(r, NULL), 0);
-    print_message("the reader woke %lu yields after the write\n", f.ops_at_read - f.ops_at_write);
-    assert_int_equal(f.errors, 0);
-    assert_true(f.read_done && f.ops_at_read >= f.ops_at_write);
-    assert_true(f.ops_at_read - f.ops_at_write <= YIELD_WAKE_MAX);
-    close(f.fds[0]);
-    close(f.fds[1]);
-    ex_free(ex);
+    unsigned long steps = fd_wake_run(yield_spinner);
+    print_message("the reader woke %lu yields after the write\n", steps);
+    assert_true(steps <= 200);
 }
 
 int main(void)
