@@ -412,8 +412,8 @@ static void bench_print_table(const char *scale_arg, const char *const *keys,
 }
 
 /* Every ratio against its target. */
-static void bench_print_targets(const struct bench_ratio *ratios, size_t nratios,
-                                const struct stats *st)
+__attribute__((unused)) static void bench_print_targets(const struct bench_ratio *ratios,
+                                                        size_t nratios, const struct stats *st)
 {
     char b[32];
     printf("\n%-28s %10s %10s %8s\n", "target", "measured", "limit", "result");
