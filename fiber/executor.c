@@ -361,13 +361,7 @@ static inline void wake_local(moor_executor *ex, moor_task *t, uint64_t gen)
      * Otherwise a changed gen: the task finished; its slot may already hold another. */
     if (gen < ex->gen_base || t->gen != gen)
         return;
-    if (t->state == MOOR__TASK_IDLE) {
-        t->state = MOOR__TASK_SCHEDULED;
-        ex->wakeups++;
-        moor__runq_push(ex, t);
-    } else if (t->state == MOOR__TASK_RUNNING) {
-        t->state = MOOR__TASK_NOTIFIED;
-    }
+    moor__task_wake(ex, t);
 }
 
 /* Queue a request for the executor's thread and unpark it. -ESRCH if the executor has been
