@@ -10,14 +10,16 @@
 #include "ring.h"
 #include "wait.h"
 
+/* What a send or receive reads first, in its first 56 bytes. */
 struct moor_chan {
     moor_executor *ex; /* the executor whose fibers use it (bound at first use if NULL) */
+    moor__list senders, receivers; /* moor_chan_future waiters */
+    size_t count;      /* values in the ring */
     size_t elem_size;
+    int closed;
+    uint8_t inline_copy; /* elem_size if a hand-off copies it inline (4, 8 or 16), else 0 */
     size_t cap;        /* ring slots; 0 = rendezvous */
     size_t head;       /* next slot to receive from */
-    size_t count;      /* values in the ring */
-    int closed;
-    moor__list senders, receivers; /* moor_chan_future waiters */
     unsigned char *ring;
 };
 
@@ -35,6 +37,7 @@ int moor_chan_new(moor_chan **out, size_t elem_size, size_t capacity)
     memset(ch, 0, sizeof *ch);
     ch->ex = moor__tls_executor;
     ch->elem_size = elem_size;
+    ch->inline_copy = elem_size == 4 || elem_size == 8 || elem_size == 16 ? (uint8_t)elem_size : 0;
     ch->cap = capacity;
     ch->ring = ring;
     *out = ch;
@@ -155,9 +158,17 @@ void moor_chan_close(moor_chan *ch)
 
 /* ---- the operation future -------------------------------------------------------------- */
 
+static const moor_future_ops send_ops, recv_ops;
+
+/* The direction is the ops': an op keeps no field of its own for it. */
+static inline int op_sends(const moor_chan_future *op)
+{
+    return op->base.ops == &send_ops;
+}
+
 static inline moor__list *queue_of(moor_chan_future *op)
 {
-    return op->send ? &op->chan->senders : &op->chan->receivers;
+    return op_sends(op) ? &op->chan->senders : &op->chan->receivers;
 }
 
 MOOR__WAIT_OP int op_ready(moor_future *fut, moor_cx *cx)
@@ -167,7 +178,7 @@ MOOR__WAIT_OP int op_ready(moor_future *fut, moor_cx *cx)
         return 1; /* result set by the counterpart */
     if (op->waiter.state == MOOR__WAITER_QUEUED)
         return 0; /* a counterpart completes it, none has yet */
-    int rc = op->send ? try_send(op->chan, op->elem, cx) : try_recv(op->chan, op->elem, cx);
+    int rc = op_sends(op) ? try_send(op->chan, op->elem, cx) : try_recv(op->chan, op->elem, cx);
     if (rc == -EAGAIN)
         return 0;
     fut->result = rc;
@@ -194,7 +205,7 @@ static const moor__wait_ops op_wait = {op_ready, op_park, op_unpark, -ETIMEDOUT}
 static moor_poll op_poll(moor_future *fut, moor_cx *cx)
 {
     moor_chan_future *op = moor_container_of(fut, moor_chan_future, base);
-    owner_check(op->chan, op->send ? "chan send future" : "chan recv future");
+    owner_check(op->chan, op_sends(op) ? "chan send future" : "chan recv future");
     return moor__wait_poll(fut, &op->deadline, cx, &op_wait);
 }
 
@@ -227,12 +238,12 @@ __attribute__((constructor)) static void chan_kinds_register(void)
     moor_future_kind_register(&recv_kind);
 }
 
-/* What every op sets of itself, the future it is aside: its channel, value and direction. */
-static inline void op_fields(moor_chan_future *op, moor_chan *ch, void *elem, int send)
+/* What every op sets of itself, the future it is aside (whose ops give the direction): its
+ * channel and value. */
+static inline void op_fields(moor_chan_future *op, moor_chan *ch, void *elem)
 {
     op->chan = ch;
     op->elem = elem;
-    op->send = send;
 }
 
 /* A whole op, ready for its first poll. */
@@ -240,7 +251,7 @@ static inline void op_init(moor_chan_future *op, moor_chan *ch, void *elem, int6
                            int send)
 {
     op->base = (moor_future){.ops = send ? &send_ops : &recv_ops}; /* moor_future_init */
-    op_fields(op, ch, elem, send);
+    op_fields(op, ch, elem);
     moor__waiter_init(&op->waiter);
     moor__deadline_init(&op->deadline, deadline);
 }
@@ -271,7 +282,7 @@ static inline __attribute__((always_inline)) void fiber_op_queue(moor_chan_futur
 {
     op->base.ops = send ? &send_ops : &recv_ops;
     op->base.result = 0; /* what a hand-off leaves it at (hand_off) */
-    op_fields(op, ch, elem, send);
+    op_fields(op, ch, elem);
     /* moor__waitq_push, for this fiber's task and no select (no claim: the slot is unread) */
     op->waiter.waker = (moor_waker){ex, &f->task, f->task.gen};
     op->waiter.claim = NULL;
@@ -279,23 +290,38 @@ static inline __attribute__((always_inline)) void fiber_op_queue(moor_chan_futur
     op->waiter.state = MOOR__WAITER_QUEUED;
 }
 
+/* The rest of fiber_wait, when the op is not done at its first wake (or the fiber was
+ * cancelled before it). f: the running fiber. */
+static __attribute__((noinline)) int fiber_wait_more(moor_chan_future *op, moor_fiber *f)
+{
+    for (;;) {
+        if (moor__waiter_done(&op->waiter))
+            return (int)op->base.result;
+        if (f->cancelled) {
+            waiter_unlink(op);
+            return -ECANCELED;
+        }
+        moor__fiber_suspend(f, &op->base);
+    }
+}
+
 /* A fiber's wait with no deadline, the common case: moor__fiber_wait_completion's loop
  * without the deadline, written out here so that a channel round trip costs no call beyond
- * the switch. f: the running fiber, of ex. */
+ * the switch, and with only its first turn inline (a wake that finds the op done). f: the
+ * running fiber, of ex. */
 static inline __attribute__((always_inline)) int fiber_wait(moor_executor *ex, moor_fiber *f,
                                                            moor_chan *ch, void *elem, int send)
 {
     moor_chan_future op;
     fiber_op_queue(&op, ex, f, ch, elem, send);
     moor__wait_stamp(ex, &f->task);
-    while (!moor__waiter_done(&op.waiter)) {
-        if (f->cancelled) {
-            waiter_unlink(&op);
-            return -ECANCELED;
-        }
+    if (__builtin_expect(!f->cancelled, 1)) {
         moor__fiber_suspend_on(ex, f, &op.base);
+        if (__builtin_expect(moor__waiter_done(&op.waiter), 1))
+            return (int)op.base.result;
+        f = moor__tls_executor->current;
     }
-    return (int)op.base.result;
+    return fiber_wait_more(&op, f);
 }
 
 /* A fiber's send or receive that has to wait: queue its op and wait for the counterpart to
@@ -338,13 +364,7 @@ static inline moor__waiter *plain_waiter(const moor__list *q)
     return w->claim ? NULL : w;
 }
 
-/* Sizes the hand-off below copies inline; others go the general way. */
-static inline int inline_size(size_t size)
-{
-    return size == 4 || size == 8 || size == 16;
-}
-
-/* moor__copy_elem for an inline_size: no memcpy call left to make. */
+/* moor__copy_elem for a channel's inline_copy size: no memcpy call left to make. */
 static inline void copy_small(void *dst, const void *src, size_t size)
 {
     if (size == 4)
@@ -408,10 +428,10 @@ int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
     /* A receiver waits (so the ring is empty and the channel open), not in a select: hand the
      * value over. This path has no frame and no call (see hand_off); everything else, the
      * owner check's first binding included, is moor_chan_send_waiting's. */
-    if (__builtin_expect(n && ex == moor__tls_executor && inline_size(ch->elem_size), 1)) {
+    if (__builtin_expect(n && ex == moor__tls_executor && ch->inline_copy, 1)) {
         moor__waiter *w = moor__waiter_of(n);
         if (!w->claim) {
-            copy_small(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->elem_size);
+            copy_small(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->inline_copy);
             return hand_off(ex, &ch->receivers, w);
         }
     }
@@ -421,9 +441,9 @@ int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
 /* A fiber's wait in moor_chan_recv when no value can be taken: out of line with nothing
  * else, so that it needs few registers saved. A receiver that waits shows this function in a
  * backtrace, just above its caller. */
-static __attribute__((noinline)) int moor_chan_recv_waiting(moor_executor *ex, moor_fiber *f,
-                                                           moor_chan *ch, void *elem,
-                                                           int64_t deadline)
+static __attribute__((noinline)) int moor_chan_recv_waiting(moor_chan *ch, void *elem,
+                                                           int64_t deadline, moor_executor *ex,
+                                                           moor_fiber *f)
 {
     return fiber_wait_op(ex, f, ch, elem, deadline, 0);
 }
@@ -450,16 +470,16 @@ int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
         moor__node *n = ch->senders.head;
         if (n) {
             moor__waiter *w = moor__waiter_of(n);
-            if (!w->claim && inline_size(ch->elem_size)) {
+            if (!w->claim && ch->inline_copy) {
                 /* A plain sender waits (a rendezvous channel, or a drained ring whose senders
                  * came after): take its value. */
                 copy_small(elem, moor_container_of(w, moor_chan_future, waiter)->elem,
-                           ch->elem_size);
+                           ch->inline_copy);
                 return hand_off(ex, &ch->senders, w);
             }
         } else if (!ch->closed && ex && ex->current) {
             /* nothing to take */
-            return moor_chan_recv_waiting(ex, ex->current, ch, elem, deadline);
+            return moor_chan_recv_waiting(ch, elem, deadline, ex, ex->current);
         }
     }
     return recv_general(ch, elem, deadline);

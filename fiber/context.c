@@ -17,9 +17,20 @@
  * suspending side pushed, and its target is the resumed side's resume address. If every
  * context waits at the same call instruction (the one in moor__switch, hence out of line),
  * that target is exactly the address the entry holds: predicted. The predictor then stays
- * in step, and the rets that unwind moor__switch, moor_yield and so on are predicted too
- * whenever the resumed fiber was suspended from the same call sites. */
-transfer_t moor__resume_ret(transfer_t t) { return t; }
+ * in step, and the rets that unwind moor_yield and so on are predicted too whenever the
+ * resumed fiber was suspended from the same call sites.
+ *
+ * moor__switch reaches ontop_fcontext by a tail call (a jmp), so a context that waits has no
+ * frame of its own there: its return address is its call of moor__switch, and the common call
+ * instruction is that one. moor__resume_ret, running on the resumed stack, records where the
+ * context that switched can be resumed and cleans its frame's floating-point flags (what
+ * would otherwise take moor__switch a frame and a second return). Under ASan and TSan moor__switch keeps its frame and makes a plain call:
+ * the sanitizers' switch must be finished by code that runs after the jump returns. */
+transfer_t moor__resume_ret(transfer_t t)
+{
+    moor__ctx_left(t);
+    return t;
+}
 
 moor__ctx_template moor__ctx_tmpl;
 
@@ -38,6 +49,10 @@ void moor__ctx_template_init(void)
     if (na != nb || na > MOOR__FRAME_MAX || memcmp(fa, fb, na) != 0)
         return; /* position-dependent: make_fcontext every time */
     memcpy(moor__ctx_tmpl.bytes, fa, na);
+#if defined(__x86_64__) || defined(__i386__)
+    if (moor__fp_frame_ok) /* checked first (executor.c): fresh fibers start with no flags */
+        moor__fp_clean_frame(moor__ctx_tmpl.bytes);
+#endif
     moor__ctx_tmpl.size = na;
 }
 
@@ -52,8 +67,12 @@ void moor__ctx_no_trampoline(transfer_t t)
 __attribute__((noinline)) void moor__switch(moor__ctx *from, moor__ctx *to)
 {
     moor__switch_leave(from, to, 0);
+#if defined(MOOR_ASAN_FIBERS) || defined(MOOR_TSAN_FIBERS)
     transfer_t t = moor__jump(from, to);
     moor__switch_arrived(t, from);
+#else
+    (void)moor__jump(from, to); /* a tail call: see the top of this file */
+#endif
 }
 
 #if defined(__x86_64__) || defined(__i386__)

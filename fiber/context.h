@@ -48,28 +48,34 @@ typedef struct moor__ctx {
     void *tsan_fiber;     /* TSan's fiber for this context */
 #endif
     /* What ontop_fcontext runs on top of it when it is switched to: its entry (which never
-     * returns) the first time, then moor__resume_ret, once it waits inside moor__switch. The
+     * returns) the first time, then moor__resume_ret, once it has switched away. The
      * entry sets that itself when it arrives (moor__ctx_started), so that a switch writes
      * nothing into the context it goes to but the floating-point flags. */
     transfer_t (*resume)(transfer_t);
 } moor__ctx;
 
-/* ontop_fcontext's function for a context that waits in moor__switch: returns at once, to
- * the resume address on top of the stack (see context.c). */
+/* ontop_fcontext's function for a context that waits in moor__switch: records where the
+ * context that switched to it resumes, and returns to the resume address on top of the stack
+ * (see context.c). */
 transfer_t moor__resume_ret(transfer_t t) __attribute__((visibility("hidden")));
 
 /* Floating-point state across switches. jump_fcontext stores the leaving side's MXCSR in
  * its saved frame and loads the arriving side's from its frame. On some CPUs loading a
  * value that differs from the current one costs ~100 ns, and any fiber that does floating
- * point sets sticky exception flags (MXCSR bits 0-5) that make the values differ. So before
- * each jump moor clears those flags in the target's saved frame: every value loaded then has
- * clean flags, and equals the current one unless the leaving side raised flags since it last
- * arrived or the two really use different rounding modes or masks.
+ * point sets sticky exception flags (MXCSR bits 0-5) that make the values differ. So moor
+ * clears those flags in every saved frame: the context that arrives clears them in the frame
+ * of the one it came from (moor__ctx_left), long before that frame is loaded again, and fresh
+ * frames are made clean. Every value loaded then has clean flags, and equals the current one
+ * unless the leaving side raised flags since it last arrived or the two really use different
+ * rounding modes or masks.
  *
  * Reading the live MXCSR (stmxcsr) would be simpler but costs ~6 ns on some CPUs, as much
- * as half a raw switch; editing the saved frame is a load and a store. The frame layout
+ * as half a raw switch; editing the saved frame is a load and a store. Clearing the frame a
+ * switch goes to, just before the jump, cost ~2% of a channel round trip more than clearing
+ * the one it came from: the jump's own MXCSR load then waits for that store. The frame layout
  * (MXCSR at offset 0 of the frame fctx points to) is Boost's on x86-64 and i386; moor checks
- * it once at startup (moor__fp_frame_check) and falls back to stmxcsr if it ever differs. */
+ * it once at startup (moor__fp_frame_check) and, if it ever differs, clears the arriving
+ * side's live flags instead (stmxcsr). */
 #if defined(__x86_64__) || defined(__i386__)
 #define MOOR__MXCSR_FLAGS 0x3fu
 extern int moor__fp_frame_ok __attribute__((visibility("hidden")));
@@ -77,11 +83,18 @@ extern int moor__fp_frame_ok __attribute__((visibility("hidden")));
 /* Returns whether the saved-frame layout is as expected; sets moor__fp_frame_ok. */
 int moor__fp_frame_check(void);
 
-static inline void moor__fp_clear_flags(const moor__ctx *to)
+/* Clear the sticky flags in a frame that is not running (one just left, or a fresh one). */
+static inline void moor__fp_clean_frame(fcontext_t frame)
+{
+    unsigned int *saved_mxcsr = (unsigned int *)frame;
+    *saved_mxcsr &= ~MOOR__MXCSR_FLAGS;
+}
+
+/* On arrival: clean the frame of the context we came from. */
+static inline void moor__fp_clean_left(fcontext_t left)
 {
     if (__builtin_expect(moor__fp_frame_ok, 1)) {
-        unsigned int *saved_mxcsr = (unsigned int *)to->fctx;
-        *saved_mxcsr &= ~MOOR__MXCSR_FLAGS;
+        moor__fp_clean_frame(left);
     } else {
         unsigned int csr = _mm_getcsr();
         if (csr & MOOR__MXCSR_FLAGS)
@@ -90,16 +103,25 @@ static inline void moor__fp_clear_flags(const moor__ctx *to)
 }
 #else
 static inline int moor__fp_frame_check(void) { return 1; }
-static inline void moor__fp_clear_flags(const moor__ctx *to) { (void)to; }
+static inline void moor__fp_clean_left(fcontext_t left) { (void)left; }
 #endif
+
+/* On arrival in a context (in moor__resume_ret, or moor__switch_arrived): remember where the
+ * context we came from can be resumed, and clean its frame's floating-point flags. */
+static inline void moor__ctx_left(transfer_t t)
+{
+    moor__ctx *from = (moor__ctx *)t.data;
+    from->fctx = t.fctx;
+    moor__fp_clean_left(t.fctx);
+}
 
 /* Called first thing on arrival in a context (after a jump returns, or at a fiber's entry):
  * remember where the context we came from can be resumed, and finish the tool hand-over. */
 static inline void moor__switch_arrived(transfer_t t, moor__ctx *self)
 {
-    moor__ctx *from = (moor__ctx *)t.data;
-    from->fctx = t.fctx;
+    moor__ctx_left(t);
 #ifdef MOOR_ASAN_FIBERS
+    moor__ctx *from = (moor__ctx *)t.data;
     const void *lo;
     size_t size;
     __sanitizer_finish_switch_fiber(self->asan_fake, &lo, &size);
@@ -111,7 +133,7 @@ static inline void moor__switch_arrived(transfer_t t, moor__ctx *self)
 }
 
 /* Leave `from` for `to`; returns when something switches back to `from`. Out of line on
- * purpose, see context.c: every context that waits, waits at the one call in here. */
+ * purpose, see context.c: every context that waits, waits at a call of it. */
 void moor__switch(moor__ctx *from, moor__ctx *to);
 
 /* Resume a context that waits in moor__switch, or start a fresh one by running its entry on
@@ -128,18 +150,18 @@ static inline void moor__ctx_started(moor__ctx *self)
     self->resume = moor__resume_ret;
 }
 
-/* What every switch does before its jump, in moor__switch and moor__switch_last alike: clear
- * the sticky floating-point flags in the target's saved frame, and tell ASan and TSan which
- * stack runs next (for_good: `from` is never resumed, ASan may forget its stack). */
+/* What every switch does before its jump, in moor__switch and moor__switch_last alike: tell
+ * ASan and TSan which stack runs next (for_good: `from` is never resumed, ASan may forget its
+ * stack). */
 static inline __attribute__((always_inline)) void moor__switch_leave(moor__ctx *from,
                                                                     moor__ctx *to, int for_good)
 {
-    moor__fp_clear_flags(to);
 #ifdef MOOR_ASAN_FIBERS
     __sanitizer_start_switch_fiber(for_good ? NULL : &from->asan_fake, to->stack_lo,
                                    to->stack_size);
 #else
     (void)from;
+    (void)to;
     (void)for_good;
 #endif
 #ifdef MOOR_TSAN_FIBERS
@@ -195,6 +217,7 @@ static inline void moor__ctx_make(moor__ctx *ctx, void *lo, size_t size,
         ctx->fctx = top - moor__ctx_tmpl.size;
     } else {
         ctx->fctx = make_fcontext((char *)lo + size, size, moor__ctx_no_trampoline);
+        moor__fp_clean_left(ctx->fctx); /* the template's were cleaned once */
     }
     ctx->resume = entry;
 #ifdef MOOR_ASAN_FIBERS

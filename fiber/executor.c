@@ -760,8 +760,6 @@ static transfer_t fiber_entry(transfer_t t)
     moor_fiber *f = ex->current;
     moor__switch_arrived(t, &f->ctx);
     moor__ctx_started(&f->ctx);
-    if (ex->zombie)
-        moor__fiber_reap(ex);
     if (f->remote) {
         f->remote = 0;
         remote_started(ex);
@@ -782,13 +780,16 @@ static transfer_t fiber_entry(transfer_t t)
     f->task.gen = 0;
     f->task.state = MOOR__TASK_FREE;
     if (f->detached) {
-        ex->zombie = f; /* not released here: we are still running on its stack */
-    } else {
-        /* Registered: join_cancel clears it when a joiner gives up. No local's address is
-         * taken here, so the switch below stays a tail call. */
-        if (!moor__wake_registered(ex, &f->joiner))
-            moor__wake(&f->joiner);
+        /* Not released here: we are still running on its stack. The run loop releases it
+         * once it is back (moor__fiber_resume), so no other switch has to look. */
+        ex->zombie = f;
+        ex->current = NULL;
+        return moor__switch_last(&f->ctx, &ex->ctx);
     }
+    /* Registered: join_cancel clears it when a joiner gives up. No local's address is taken
+     * here, so the switch below stays a tail call. */
+    if (!moor__wake_registered(ex, &f->joiner))
+        moor__wake(&f->joiner);
     return moor__switch_last(&f->ctx, moor__fiber_next(ex));
 }
 

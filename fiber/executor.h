@@ -99,8 +99,8 @@ typedef struct moor__part {
 struct moor_executor {
     moor_task *run_head, *run_tail;  /* FIFO run queue */
     moor_fiber *current;             /* the fiber running now, or NULL */
-    moor_fiber *zombie;              /* a detached fiber that finished on its own stack; the
-                                        next context to run releases it */
+    moor_fiber *zombie;              /* a detached fiber that finished on its own stack: it
+                                        switched to the run loop, which releases it */
     unsigned handoffs_left;          /* fiber-to-fiber switches before the run loop gets a turn;
                                         MOOR__HANDOFF_BUDGET less it: the hand-offs not yet
                                         counted in `switches` (moor__switches) */
@@ -487,8 +487,6 @@ static inline void moor__fiber_suspend_on(moor_executor *ex, moor_fiber *f,
     moor__ctx *to = moor__fiber_next(ex);
     if (to != &f->ctx) /* a lone yielding fiber may pick itself */
         moor__switch(&f->ctx, to);
-    if (ex->zombie)
-        moor__fiber_reap(ex);
     *ex->errno_ptr = saved_errno;
 }
 

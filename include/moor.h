@@ -793,7 +793,6 @@ typedef struct moor_chan_future {
     moor_future base;     /* public: poll, await, select this */
     moor_chan *chan;      /* read-only */
     void *elem;           /* private */
-    int send;             /* private */
     moor__waiter waiter;     /* private */
     moor__deadline deadline; /* private */
 } moor_chan_future;

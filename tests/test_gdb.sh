@@ -35,8 +35,10 @@ check_row() {
 }
 
 # check_bt FILE HEADER FRAME...: the backtrace printed under the line starting with HEADER
-# starts where the fiber switched away (moor__jump, inlined into moor__switch or called from
-# it) and its last frames are the functions FRAME..., in this order, ending at its entry.
+# starts where the fiber switched away, in moor__fiber_suspend_on (at its call of moor__switch,
+# which jumps by a tail call; under ASan and TSan, or unoptimised, moor__switch and moor__jump
+# keep their frames above it), and its last frames are the functions FRAME..., in this order,
+# ending at its entry.
 check_bt() {
     file=$1
     header=$2
@@ -56,8 +58,8 @@ check_bt() {
     got=$(printf '%s' "$got" | sed 's/moor_chan_recv_waiting moor_chan_recv /moor_chan_recv_waiting /')
     want="$* fiber_entry "
     case "$got" in
-    "moor__jump moor__switch "*"$want") ;;
-    *) bad "$file: backtrace under '$header' is '$got', wanted moor__jump moor__switch ... $want" ;;
+    "moor__fiber_suspend_on "*"$want" | "moor__jump moor__switch moor__fiber_suspend_on "*"$want") ;;
+    *) bad "$file: backtrace under '$header' is '$got', wanted moor__fiber_suspend_on ... $want" ;;
     esac
     case "$got" in
     *"$want") ;;
