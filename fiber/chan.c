@@ -402,15 +402,14 @@ static inline __attribute__((always_inline)) int hand_off(moor_executor *ex, moo
     moor__waitq_complete_first(q, w);
     if (__builtin_expect(!moor__wake_registered(ex, &w->waker), 0))
         return handed_off_wake(ex, w);
-    moor_fiber *f = ex->current;
-    if (__builtin_expect(f ? --f->budget == 0 : --ex->plain_budget == 0, 0))
+    if (__builtin_expect(--ex->coop_budget == 0, 0))
         return handed_off_yield(ex);
     return 0;
 }
 
 /* moor_chan_send's every case but a hand-off to a waiting plain receiver. A sender that
  * waits shows this function in a backtrace, just above its caller. */
-static __attribute__((noinline)) int moor_chan_send_waiting(moor_chan *ch, const void *elem,
+static MOOR__HOT __attribute__((noinline)) int moor_chan_send_waiting(moor_chan *ch, const void *elem,
                                                            int64_t deadline)
 {
     owner_check(ch, "moor_chan_send");
@@ -421,7 +420,7 @@ static __attribute__((noinline)) int moor_chan_send_waiting(moor_chan *ch, const
     return rc;
 }
 
-int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
+MOOR__HOT int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
 {
     moor_executor *ex = ch->ex;
     moor__node *n = ch->receivers.head;
@@ -441,7 +440,7 @@ int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
 /* A fiber's wait in moor_chan_recv when no value can be taken: out of line with nothing
  * else, so that it needs few registers saved. A receiver that waits shows this function in a
  * backtrace, just above its caller. */
-static __attribute__((noinline)) int moor_chan_recv_waiting(moor_chan *ch, void *elem,
+static MOOR__HOT __attribute__((noinline)) int moor_chan_recv_waiting(moor_chan *ch, void *elem,
                                                            int64_t deadline, moor_executor *ex,
                                                            moor_fiber *f)
 {
@@ -461,7 +460,7 @@ static __attribute__((noinline)) int recv_general(moor_chan *ch, void *elem, int
     return rc;
 }
 
-int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
+MOOR__HOT int moor_chan_recv(moor_chan *ch, void *elem, int64_t deadline)
 {
     moor_executor *ex = ch->ex;
     /* The ring is empty, and the channel is the calling thread's (the owner check's first

@@ -26,7 +26,7 @@
  * context that switched can be resumed and cleans its frame's floating-point flags (what
  * would otherwise take moor__switch a frame and a second return). Under ASan and TSan moor__switch keeps its frame and makes a plain call:
  * the sanitizers' switch must be finished by code that runs after the jump returns. */
-transfer_t moor__resume_ret(transfer_t t)
+MOOR__HOT transfer_t moor__resume_ret(transfer_t t)
 {
     moor__ctx_left(t);
     return t;
@@ -64,7 +64,7 @@ void moor__ctx_no_trampoline(transfer_t t)
     abort();
 }
 
-__attribute__((noinline)) void moor__switch(moor__ctx *from, moor__ctx *to)
+MOOR__HOT __attribute__((noinline)) void moor__switch(moor__ctx *from, moor__ctx *to)
 {
     moor__switch_leave(from, to, 0);
 #if defined(MOOR_ASAN_FIBERS) || defined(MOOR_TSAN_FIBERS)

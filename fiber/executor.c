@@ -167,7 +167,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     }
     moor__stack_put(&ex->pool, warm, ex->stack_map_size);
     ex->next_fiber_id = 1;
-    ex->plain_budget = MOOR__COOP_BUDGET;
+    ex->coop_budget = MOOR__COOP_BUDGET;
     ex->now = moor_now();
     ex->errno_ptr = &errno;
     /* A write to a socket or pipe whose reader has gone must fail with -EPIPE, not raise a
@@ -506,9 +506,10 @@ static inline int task_run(moor_executor *ex, moor_task *t)
     if (t->kind == MOOR__TASK_FIBER) {
         moor__fiber_resume(ex, moor_container_of(t, moor_fiber, task));
         /* Count its hand-offs now rather than one by one (a store fewer per switch). */
-        int spent = ex->handoffs_left == 0;
-        ex->switches += MOOR__HANDOFF_BUDGET - ex->handoffs_left;
+        int spent = ex->handoffs_left < 0; /* one was refused */
+        ex->switches = moor__switches(ex);
         ex->handoffs_left = MOOR__HANDOFF_BUDGET;
+        ex->coop_budget = MOOR__COOP_BUDGET; /* a turn of the run loop */
         return spent;
     }
     moor_cx cx = {{ex, t, t->gen}, NULL, NULL};
@@ -883,7 +884,6 @@ fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
     f->join_claimed = 0;
     f->cancelled = 0;
     f->remote = 0;
-    f->budget = MOOR__COOP_BUDGET;
     f->exit.fn = NULL;
     f->open_scopes = 0;
     f->name[0] = '\0'; /* empty: the default name, "fiber" (moor_fiber_name) */
@@ -1114,8 +1114,8 @@ int moor_cancelled(void)
 void moor__coop_yield(moor_executor *ex)
 {
     moor_fiber *f = ex->current;
+    ex->coop_budget = MOOR__COOP_BUDGET;
     if (f) {
-        f->budget = MOOR__COOP_BUDGET;
         f->task.state = MOOR__TASK_NOTIFIED; /* to the back of the run queue */
         /* To the run loop, not the next fiber: it may have events to look at (events_due).
          * The hand-offs not made are taken off the count the run loop will add. */
@@ -1124,12 +1124,11 @@ void moor__coop_yield(moor_executor *ex)
         moor__fiber_suspend_on(ex, f, NULL);
         return;
     }
-    ex->plain_budget = MOOR__COOP_BUDGET;
     if (!ex->running)
         executor_turn(ex);
 }
 
-void moor_yield(void)
+MOOR__HOT void moor_yield(void)
 {
     moor_executor *ex = moor__tls_executor;
     moor_fiber *f = ex ? ex->current : NULL;

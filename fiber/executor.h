@@ -101,9 +101,10 @@ struct moor_executor {
     moor_fiber *current;             /* the fiber running now, or NULL */
     moor_fiber *zombie;              /* a detached fiber that finished on its own stack: it
                                         switched to the run loop, which releases it */
-    unsigned handoffs_left;          /* fiber-to-fiber switches before the run loop gets a turn;
+    int handoffs_left;               /* fiber-to-fiber switches before the run loop gets a turn;
                                         MOOR__HANDOFF_BUDGET less it: the hand-offs not yet
-                                        counted in `switches` (moor__switches) */
+                                        counted in `switches` (moor__switches); -1 once one
+                                        was refused (moor__fiber_next) */
     moor__ctx ctx;                   /* the executor's own context: the thread's stack */
     int *errno_ptr;                  /* this thread's errno: fibers never migrate */
     uint64_t next_gen;               /* generations are never reused, so stale wakers miss */
@@ -119,7 +120,8 @@ struct moor_executor {
     moor_task *live_hint;            /* deadlock detection: a task last found waiting on
                                         something non-local, looked at first; NULL when it
                                         finishes */
-    uint16_t plain_budget;           /* plain code's cooperative budget (moor__coop_spend) */
+    unsigned coop_budget;            /* operations that complete at once left before a yield,
+                                        whoever runs (moor__coop_spend_on) */
     unsigned plain_turns;            /* turns plain code has given the executor */
     uint64_t looked_ns;              /* CLOCK_MONOTONIC at the last look at timers and events */
 
@@ -308,12 +310,12 @@ void moor__task_finish(moor_executor *ex, moor_task *t);
  * and, with a reactor, to look at events). */
 #define MOOR__HANDOFF_BUDGET 64u
 
-/* Operations a fiber may complete without waiting before the next one yields first (Tokio's
- * cooperative budget): one busy connection cannot starve the others or the timers. A fiber
- * that spends it yields to the run loop, as 64 hand-offs do, and the run loop then looks at
- * timers and events if it has not for MOOR__EVENTS_LATENCY_NS: busy fibers delay an fd's
- * readiness by about that much, or by 64 of their slices between waits or yields if those
- * are longer. */
+/* Operations that may complete without waiting between two turns of the run loop (Tokio's
+ * cooperative budget, kept by the executor rather than by each task): one busy connection
+ * cannot starve the others or the timers. The fiber that completes the last of them yields
+ * to the run loop, as 64 hand-offs do, and the run loop then looks at timers and events if
+ * it has not for MOOR__EVENTS_LATENCY_NS: busy fibers delay an fd's readiness by about that
+ * much, or by 64 of their slices between waits or yields if those are longer. */
 #define MOOR__COOP_BUDGET 128u
 #define MOOR__EVENTS_LATENCY_NS 100000u
 
@@ -334,7 +336,7 @@ typedef struct moor__exit_hook {
 
 /* What every switch and wait reads or writes of a fiber comes first, in its first 64 bytes
  * (the control block is 64-byte aligned; ASan's and TSan's context fields push it past): the
- * task, the context, the executor, the flags and the budget. */
+ * task, the context, the executor and the flags. */
 struct moor_fiber {
     moor_task task;        /* the executor's handle on this fiber */
     moor__ctx ctx;         /* where the fiber resumes */
@@ -344,8 +346,6 @@ struct moor_fiber {
     uint8_t join_claimed;  /* moor_join was called */
     uint8_t cancelled;     /* moor_cancel was called: waits return -ECANCELED */
     uint8_t remote;        /* spawned from another thread and not started yet */
-    uint16_t budget;       /* operations completed at once left before a yield (packed with
-                              the flags) */
     moor_future join_fut;  /* completes with the fiber's result (moor_fiber_future) */
     moor_fiber_fn fn;
     void *arg;
@@ -361,7 +361,7 @@ struct moor_fiber {
     char name[MOOR__FIBER_NAME_MAX];
 };
 #if !defined(MOOR_ASAN_FIBERS) && !defined(MOOR_TSAN_FIBERS)
-_Static_assert(offsetof(struct moor_fiber, budget) + sizeof(uint16_t) <= 64,
+_Static_assert(offsetof(struct moor_fiber, remote) + sizeof(uint8_t) <= 64,
                "what a switch touches of a fiber grew past its control block's first 64 bytes");
 #endif
 
@@ -453,8 +453,9 @@ static inline void moor__fiber_resume(moor_executor *ex, moor_fiber *f)
 static inline moor__ctx *moor__fiber_next(moor_executor *ex)
 {
     moor_task *t = ex->run_head;
-    if (__builtin_expect(t && t->kind == MOOR__TASK_FIBER && ex->handoffs_left, 1)) {
-        ex->handoffs_left--; /* counted as a switch when the run loop gets its turn */
+    /* The budget is taken before it is looked at (a decrement and a sign test): a refused
+     * hand-off leaves it at -1. Hand-offs are counted as switches at the run loop's turn. */
+    if (__builtin_expect(t && t->kind == MOOR__TASK_FIBER && --ex->handoffs_left >= 0, 1)) {
         ex->run_head = t->next; /* moor__runq_pop, with t known to be the head */
         if (!t->next)
             ex->run_tail = NULL;
@@ -470,7 +471,8 @@ static inline moor__ctx *moor__fiber_next(moor_executor *ex)
 /* Fibers switched to so far: those counted, and the hand-offs of the run in progress. */
 static inline uint64_t moor__switches(const moor_executor *ex)
 {
-    return ex->switches + (MOOR__HANDOFF_BUDGET - ex->handoffs_left);
+    int left = ex->handoffs_left < 0 ? 0 : ex->handoffs_left;
+    return ex->switches + (MOOR__HANDOFF_BUDGET - (unsigned)left);
 }
 
 /* The poll adapter's PENDING: the running fiber stops until its task is woken and picked
@@ -483,10 +485,15 @@ static inline void moor__fiber_suspend_on(moor_executor *ex, moor_fiber *f,
 {
     int saved_errno = *ex->errno_ptr;
     f->task.fut = waits_on;
-    moor__task_pending(ex, &f->task);
-    moor__ctx *to = moor__fiber_next(ex);
-    if (to != &f->ctx) /* a lone yielding fiber may pick itself */
-        moor__switch(&f->ctx, to);
+    if (__builtin_expect(f->task.state != MOOR__TASK_NOTIFIED, 1)) {
+        f->task.state = MOOR__TASK_IDLE; /* moor__task_pending */
+        moor__switch(&f->ctx, moor__fiber_next(ex)); /* on no queue: the next is another */
+    } else {
+        moor__task_pending(ex, &f->task); /* woken meanwhile, or a yield: back of the queue */
+        moor__ctx *to = moor__fiber_next(ex);
+        if (to != &f->ctx) /* a lone yielding fiber may pick itself */
+            moor__switch(&f->ctx, to);
+    }
     *ex->errno_ptr = saved_errno;
 }
 
@@ -514,15 +521,15 @@ static inline moor_fiber *moor__self(void)
 void moor__coop_yield(moor_executor *ex);
 
 /* Count one operation that completed without waiting (an I/O call with data or room, a
- * channel value that was there, a free lock); when the calling task's budget is spent, yield
- * before returning, which refills it. (Waits do not refill it: that would cost a store on
- * every switch, and a fiber that also waits yields at most once per 128 such operations.) In
- * plain code (no fiber) the executor's own budget is spent, and a turn of the executor is run
- * instead. Cheap: a decrement and a branch. ex: the calling thread's executor. */
+ * channel value that was there, a free lock) against the executor's budget; when it is spent,
+ * yield before returning (moor__coop_yield refills it, as each turn of the run loop does). In
+ * plain code (no fiber) a turn of the executor is run instead. The budget is the executor's,
+ * not each fiber's: waits and switches need not refill it (a store on every switch), and it
+ * bounds what completes between the run loop's turns, whoever completes it. Cheap: a
+ * decrement and a branch. ex: the calling thread's executor. */
 static inline void moor__coop_spend_on(moor_executor *ex)
 {
-    moor_fiber *f = ex->current;
-    if (__builtin_expect(f ? --f->budget == 0 : --ex->plain_budget == 0, 0))
+    if (__builtin_expect(--ex->coop_budget == 0, 0))
         moor__coop_yield(ex);
 }
 
