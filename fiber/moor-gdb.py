@@ -8,20 +8,21 @@
 # program's debug info (fiber/executor.h), so it works on a live process and on a core alike:
 # nothing is written to the inferior.
 #
-# How a suspended fiber's backtrace is found. A fiber that is not running waits inside
-# moor__switch, at its call to Boost's ontop_fcontext, which pushed the return address and
-# then saved the callee-saved registers below it on the fiber's stack; the fiber's ctx.fctx
-# points at that block (x86-64 SysV, Boost 1.74 jump_x86_64_sysv_elf_gas.S):
+# How a suspended fiber's backtrace is found. A fiber that is not running waits at its call of
+# moor__switch, which jumped on to Boost's ontop_fcontext by a tail call (under ASan or TSan,
+# or unoptimised, it called it instead, and waits inside moor__switch); ontop_fcontext saved
+# the callee-saved registers below the return address on the fiber's stack, and the fiber's
+# ctx.fctx points at that block (x86-64 SysV, Boost 1.74 jump_x86_64_sysv_elf_gas.S):
 #
 #   fctx + 0x00  MXCSR (4 bytes), x87 control word (4 bytes)
 #   fctx + 0x08  r12    fctx + 0x10  r13    fctx + 0x18  r14    fctx + 0x20  r15
 #   fctx + 0x28  rbx    fctx + 0x30  rbp
-#   fctx + 0x38  return address into moor__switch
+#   fctx + 0x38  return address (into moor__switch's caller, or into moor__switch)
 #   fctx + 0x40  the caller's stack pointer once that return is taken
 #
 # A core file's registers cannot be written, so instead of pointing the thread at the fiber
 # this script installs a frame unwinder (gdb.unwinder) that, while `moor bt` runs, says the
-# caller of the thread's innermost frame is the fiber's moor__switch frame, with those
+# caller of the thread's innermost frame is the fiber's frame where it switched, with those
 # registers. gdb's own unwinders take it from there, and gdb's own `backtrace` prints it; the
 # thread's innermost frame is then left out of what is printed.
 
@@ -165,7 +166,7 @@ class Fiber:
         return "task-state-%d?" % task
 
     def has_frames(self):
-        """Whether the fiber waits inside moor__switch with its registers saved."""
+        """Whether the fiber waits in a switch with its registers saved."""
         return self.state in ("ready", "waiting") and self.started and self.fctx != 0
 
     def stack_text(self):
@@ -381,7 +382,7 @@ class _FrameId:
 
 class FiberUnwinder(gdb.unwinder.Unwinder):
     """While `moor bt` runs: the thread's innermost real frame (matched by pc and sp) gets the
-    fiber's moor__switch frame as its caller. Claims nothing otherwise."""
+    fiber's frame where it switched as its caller. Claims nothing otherwise."""
 
     def __init__(self):
         super().__init__("moor-fiber")
