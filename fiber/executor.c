@@ -755,7 +755,7 @@ void moor__fiber_reap(moor_executor *ex)
     fiber_release(ex, f);
 }
 
-static transfer_t fiber_entry(transfer_t t)
+static MOOR__HOT transfer_t fiber_entry(transfer_t t)
 {
     moor_executor *ex = moor__tls_executor;
     moor_fiber *f = ex->current;
@@ -922,7 +922,7 @@ fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
     return 0;
 }
 
-int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
+MOOR__HOT int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
 {
     moor_executor *ex = moor__tls_executor;
     moor__assert(ex, "moor_spawn: no executor on this thread (call moor_executor_new first)");
@@ -979,7 +979,7 @@ static int fiber_is_done(const void *f)
     return ((const moor_fiber *)f)->state == MOOR__FIBER_DONE;
 }
 
-int moor_join(moor_fiber *f, intptr_t *result)
+MOOR__HOT int moor_join(moor_fiber *f, intptr_t *result)
 {
     check_handle(f, "moor_join");
     moor__assert(!f->detached, "moor_join: fiber %" PRIu64 " \"%s\" is detached", f->id, moor_fiber_name(f));
