@@ -97,7 +97,9 @@ typedef struct moor__part {
 } moor__part;
 
 struct moor_executor {
-    moor_task *run_head, *run_tail;  /* FIFO run queue */
+    moor_task *run_head, *run_tail;  /* FIFO run queue; run_tail is stale while it is empty
+                                        (run_head NULL), so that taking the last task off
+                                        writes one word */
     moor_fiber *current;             /* the fiber running now, or NULL */
     moor_fiber *zombie;              /* a detached fiber that finished on its own stack: it
                                         switched to the run loop, which releases it */
@@ -181,7 +183,7 @@ extern __thread moor_executor *moor__tls_executor
 static inline void moor__runq_push(moor_executor *ex, moor_task *t)
 {
     t->next = NULL;
-    if (ex->run_tail)
+    if (ex->run_head)
         ex->run_tail->next = t;
     else
         ex->run_head = t;
@@ -191,11 +193,8 @@ static inline void moor__runq_push(moor_executor *ex, moor_task *t)
 static inline moor_task *moor__runq_pop(moor_executor *ex)
 {
     moor_task *t = ex->run_head;
-    if (t) {
-        ex->run_head = t->next;
-        if (!ex->run_head)
-            ex->run_tail = NULL;
-    }
+    if (t)
+        ex->run_head = t->next; /* run_tail goes stale if that was the last */
     return t;
 }
 
@@ -457,8 +456,6 @@ static inline moor__ctx *moor__fiber_next(moor_executor *ex)
      * hand-off leaves it at -1. Hand-offs are counted as switches at the run loop's turn. */
     if (__builtin_expect(t && t->kind == MOOR__TASK_FIBER && --ex->handoffs_left >= 0, 1)) {
         ex->run_head = t->next; /* moor__runq_pop, with t known to be the head */
-        if (!t->next)
-            ex->run_tail = NULL;
         t->state = MOOR__TASK_RUNNING;
         moor_fiber *next = (moor_fiber *)(void *)t; /* task is the first member */
         ex->current = next;
