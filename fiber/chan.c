@@ -10,7 +10,8 @@
 #include "ring.h"
 #include "wait.h"
 
-/* What a send or receive reads first, in its first 56 bytes. */
+/* What a send or receive reads first comes first, in 64 bytes (malloc aligns the struct to
+ * 16 only, so it may span two cache lines). */
 struct moor_chan {
     moor_executor *ex; /* the executor whose fibers use it (bound at first use if NULL) */
     moor__list senders, receivers; /* moor_chan_future waiters */
@@ -319,7 +320,7 @@ static inline __attribute__((always_inline)) int fiber_wait(moor_executor *ex, m
         moor__fiber_suspend_on(ex, f, &op.base);
         if (__builtin_expect(moor__waiter_done(&op.waiter), 1))
             return (int)op.base.result;
-        f = moor__tls_executor->current;
+        f = moor__tls_executor->current; /* the same fiber: read again, not kept across */
     }
     return fiber_wait_more(&op, f);
 }
@@ -409,8 +410,8 @@ static inline __attribute__((always_inline)) int hand_off(moor_executor *ex, moo
 
 /* moor_chan_send's every case but a hand-off to a waiting plain receiver. A sender that
  * waits shows this function in a backtrace, just above its caller. */
-static MOOR__HOT __attribute__((noinline)) int moor_chan_send_waiting(moor_chan *ch, const void *elem,
-                                                           int64_t deadline)
+static MOOR__HOT __attribute__((noinline)) int
+moor_chan_send_waiting(moor_chan *ch, const void *elem, int64_t deadline)
 {
     owner_check(ch, "moor_chan_send");
     int rc = try_send(ch, elem, NULL);
@@ -430,7 +431,8 @@ MOOR__HOT int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
     if (__builtin_expect(n && ex == moor__tls_executor && ch->inline_copy, 1)) {
         moor__waiter *w = moor__waiter_of(n);
         if (!w->claim) {
-            copy_small(moor_container_of(w, moor_chan_future, waiter)->elem, elem, ch->inline_copy);
+            copy_small(moor_container_of(w, moor_chan_future, waiter)->elem, elem,
+                       ch->inline_copy);
             return hand_off(ex, &ch->receivers, w);
         }
     }
@@ -438,11 +440,12 @@ MOOR__HOT int moor_chan_send(moor_chan *ch, const void *elem, int64_t deadline)
 }
 
 /* A fiber's wait in moor_chan_recv when no value can be taken: out of line with nothing
- * else, so that it needs few registers saved. A receiver that waits shows this function in a
- * backtrace, just above its caller. */
-static MOOR__HOT __attribute__((noinline)) int moor_chan_recv_waiting(moor_chan *ch, void *elem,
-                                                           int64_t deadline, moor_executor *ex,
-                                                           moor_fiber *f)
+ * else, so that it needs few registers saved. Its first arguments are moor_chan_recv's own,
+ * in the same registers: the tail call that reaches it moves only the last two. A receiver
+ * that waits shows this function in a backtrace, just above its caller. */
+static MOOR__HOT __attribute__((noinline)) int
+moor_chan_recv_waiting(moor_chan *ch, void *elem, int64_t deadline, moor_executor *ex,
+                       moor_fiber *f)
 {
     return fiber_wait_op(ex, f, ch, elem, deadline, 0);
 }

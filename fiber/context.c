@@ -4,7 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Why switches resume through ontop_fcontext, and why moor__switch is not inline.
+/* Why switches resume through ontop_fcontext, and what that does to the return-stack
+ * predictor.
  *
  * jump_fcontext is entered with a call (which pushes a return address on the CPU's
  * return-stack predictor) but leaves with an indirect jmp into the other context: the pushed
@@ -13,19 +14,22 @@
  * ~5 ns apiece, two or more per yield round trip, more than the switch itself.
  *
  * ontop_fcontext switches the same way but then jumps to a function with the resumed
- * context's return address on top of its stack; that function's ret pops the entry the
- * suspending side pushed, and its target is the resumed side's resume address. If every
- * context waits at the same call instruction (the one in moor__switch, hence out of line),
- * that target is exactly the address the entry holds: predicted. The predictor then stays
- * in step, and the rets that unwind moor_yield and so on are predicted too whenever the
- * resumed fiber was suspended from the same call sites.
+ * context's return address on top of its stack: moor__resume_ret, whose ret pops the entry
+ * the suspending side pushed, with the resumed side's resume address as its target. The
+ * predictor stays in step: that ret is predicted when both sides switched from the same call
+ * of moor__switch, and the rets that unwind moor_yield, a channel's wait and so on are
+ * predicted whenever the two were suspended from the same call sites. Where they were not
+ * (a driver and a worker in different functions), the first ret that differs is
+ * mispredicted, once per switch, whatever the runtime (bench_switch's raw asym figure).
  *
- * moor__switch reaches ontop_fcontext by a tail call (a jmp), so a context that waits has no
- * frame of its own there: its return address is its call of moor__switch, and the common call
- * instruction is that one. moor__resume_ret, running on the resumed stack, records where the
- * context that switched can be resumed and cleans its frame's floating-point flags (what
- * would otherwise take moor__switch a frame and a second return). Under ASan and TSan moor__switch keeps its frame and makes a plain call:
- * the sanitizers' switch must be finished by code that runs after the jump returns. */
+ * moor__switch reaches ontop_fcontext by a tail call (a jmp), so a waiting context has no
+ * frame in moor__switch and its resume address is just after its call of moor__switch:
+ * moor__resume_ret, running on the resumed stack, records where the context that switched
+ * can be resumed and cleans its frame's floating-point flags, which would otherwise take
+ * moor__switch a frame and a second return. It stays out of line: inlined into its callers
+ * (each then calling ontop_fcontext itself) it measured no faster and made them larger. Under
+ * ASan and TSan moor__switch keeps its frame and makes a plain call: the sanitizers'
+ * hand-over must be finished by code that runs after the jump returns. */
 MOOR__HOT transfer_t moor__resume_ret(transfer_t t)
 {
     moor__ctx_left(t);
@@ -33,6 +37,10 @@ MOOR__HOT transfer_t moor__resume_ret(transfer_t t)
 }
 
 moor__ctx_template moor__ctx_tmpl;
+
+#ifdef MOOR_TSAN_FIBERS
+__thread sigset_t moor__tsan_sigmask;
+#endif
 
 /* Build a fresh frame on two stacks at different addresses; if the bytes are the same (no
  * pointer into the stack among them), keep them as the template. Run once, with the

@@ -1,7 +1,8 @@
 /* The one place where moor switches stacks. Every switch between the executor and a fiber
- * goes through moor__switch (or moor__switch_last, when a fiber leaves for good), so this is
- * where the tools hook in: ASan's fiber annotations, TSan's fiber API, and the clearing of
- * the floating-point sticky flags that keeps jump_fcontext's MXCSR reload cheap. */
+ * goes through moor__switch (or moor__switch_last, when a fiber leaves for good), and every
+ * arrival through moor__resume_ret or moor__switch_arrived, so this is where the tools hook
+ * in (ASan's fiber annotations, TSan's fiber API) and where the floating-point sticky flags
+ * are cleared that would make jump_fcontext's MXCSR reload slow. */
 #ifndef MOOR_FIBER_CONTEXT_H
 #define MOOR_FIBER_CONTEXT_H
 
@@ -58,13 +59,13 @@ typedef struct moor__ctx {
     /* What ontop_fcontext runs on top of it when it is switched to: its entry (which never
      * returns) the first time, then moor__resume_ret, once it has switched away. The
      * entry sets that itself when it arrives (moor__ctx_started), so that a switch writes
-     * nothing into the context it goes to but the floating-point flags. */
+     * nothing into the context it goes to. */
     transfer_t (*resume)(transfer_t);
 } moor__ctx;
 
-/* ontop_fcontext's function for a context that waits in moor__switch: records where the
- * context that switched to it resumes, and returns to the resume address on top of the stack
- * (see context.c). */
+/* ontop_fcontext's function for a context that waits at a switch: records where the context
+ * that switched to it resumes (moor__ctx_left), and returns to the resume address on top of
+ * the stack (see context.c). */
 transfer_t moor__resume_ret(transfer_t t) __attribute__((visibility("hidden")));
 
 /* Floating-point state across switches. jump_fcontext stores the leaving side's MXCSR in
@@ -82,8 +83,8 @@ transfer_t moor__resume_ret(transfer_t t) __attribute__((visibility("hidden")));
  * switch goes to, just before the jump, cost ~2% of a channel round trip more than clearing
  * the one it came from: the jump's own MXCSR load then waits for that store. The frame layout
  * (MXCSR at offset 0 of the frame fctx points to) is Boost's on x86-64 and i386; moor checks
- * it once at startup (moor__fp_frame_check) and, if it ever differs, clears the arriving
- * side's live flags instead (stmxcsr). */
+ * it once at startup (moor__fp_frame_check) and, should it ever differ, clears nothing: each
+ * context then keeps its own flags, as Boost alone would, and a reload may be slow. */
 #if defined(__x86_64__) || defined(__i386__)
 #define MOOR__MXCSR_FLAGS 0x3fu
 extern int moor__fp_frame_ok __attribute__((visibility("hidden")));
@@ -102,36 +103,63 @@ static inline void moor__fp_clean_frame(fcontext_t frame)
         *saved_mxcsr &= ~MOOR__MXCSR_FLAGS;
 }
 
-/* On arrival: clean the frame of the context we came from. */
-static inline void moor__fp_clean_left(fcontext_t left)
+/* Clean a frame not running now (the one just left, on arrival; a fresh one), if the layout
+ * is the one expected. */
+static inline void moor__fp_clean_saved(fcontext_t frame)
 {
-    if (__builtin_expect(moor__fp_frame_ok, 1)) {
-        moor__fp_clean_frame(left);
-    } else {
-        unsigned int csr = _mm_getcsr();
-        if (csr & MOOR__MXCSR_FLAGS)
-            _mm_setcsr(csr & ~MOOR__MXCSR_FLAGS);
-    }
+    if (__builtin_expect(moor__fp_frame_ok, 1))
+        moor__fp_clean_frame(frame);
 }
 #else
 static inline int moor__fp_frame_check(void) { return 1; }
-static inline void moor__fp_clean_left(fcontext_t left) { (void)left; }
+static inline void moor__fp_clean_saved(fcontext_t frame) { (void)frame; }
+#endif
+
+/* TSan and signals. TSan runs an application's signal handler late, at the next call into
+ * one of its interceptors, in the fiber that was running when the signal came; with each
+ * fiber a TSan fiber of its own, a signal that comes just before a switch waits for that
+ * fiber to run again, maybe for ever (a SIGTERM a server never saw: test_chat). So under TSan
+ * a switch blocks every signal before it leaves (the call delivers any that is pending on
+ * the leaving fiber) and the arrival puts the thread's mask back (delivering to the arriving
+ * fiber whatever came meanwhile). Two system calls per switch, only in TSan builds. */
+#ifdef MOOR_TSAN_FIBERS
+#include <pthread.h>
+#include <signal.h>
+
+extern __thread sigset_t moor__tsan_sigmask __attribute__((visibility("hidden")));
+
+static inline void moor__tsan_signals_hold(void)
+{
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &moor__tsan_sigmask);
+}
+
+static inline void moor__tsan_signals_release(void)
+{
+    pthread_sigmask(SIG_SETMASK, &moor__tsan_sigmask, NULL);
+}
 #endif
 
 /* On arrival in a context (in moor__resume_ret, or moor__switch_arrived): remember where the
- * context we came from can be resumed, and clean its frame's floating-point flags. */
+ * context we came from can be resumed, and clean its frame's floating-point flags. The stack
+ * it left is still mapped: whoever releases a finished fiber's stack runs after this. */
 static inline void moor__ctx_left(transfer_t t)
 {
     moor__ctx *from = (moor__ctx *)t.data;
     from->fctx = t.fctx;
-    moor__fp_clean_left(t.fctx);
+    moor__fp_clean_saved(t.fctx);
 }
 
-/* Called first thing on arrival in a context (after a jump returns, or at a fiber's entry):
- * remember where the context we came from can be resumed, and finish the tool hand-over. */
+/* Called first thing on arrival in a context where moor__resume_ret did not run (at a
+ * fiber's entry; after moor__jump returns in a sanitizer build): moor__ctx_left, and finish
+ * the tools' hand-over. */
 static inline void moor__switch_arrived(transfer_t t, moor__ctx *self)
 {
     moor__ctx_left(t);
+#ifdef MOOR_TSAN_FIBERS
+    moor__tsan_signals_release();
+#endif
 #ifdef MOOR_ASAN_FIBERS
     moor__ctx *from = (moor__ctx *)t.data;
     const void *lo;
@@ -144,19 +172,19 @@ static inline void moor__switch_arrived(transfer_t t, moor__ctx *self)
 #endif
 }
 
-/* Leave `from` for `to`; returns when something switches back to `from`. Out of line on
- * purpose, see context.c: every context that waits, waits at a call of it. */
+/* Leave `from` for `to`; returns when something switches back to `from`. A context that
+ * waits, waits at its call of this (see context.c). */
 void moor__switch(moor__ctx *from, moor__ctx *to);
 
-/* Resume a context that waits in moor__switch, or start a fresh one by running its entry on
- * top of its stack; either way through the same ontop_fcontext call (see context.c). */
+/* Resume a context that waits at a switch, or start a fresh one by running its entry on top
+ * of its stack; either way through ontop_fcontext (see context.c). */
 static inline transfer_t moor__jump(moor__ctx *from, moor__ctx *to)
 {
     return ontop_fcontext(to->fctx, from, to->resume);
 }
 
 /* First thing in a fresh context's entry, with moor__switch_arrived: from now on it is
- * resumed where it waits, inside moor__switch. */
+ * resumed where it waits, at a switch. */
 static inline void moor__ctx_started(moor__ctx *self)
 {
     self->resume = moor__resume_ret;
@@ -164,7 +192,7 @@ static inline void moor__ctx_started(moor__ctx *self)
 
 /* What every switch does before its jump, in moor__switch and moor__switch_last alike: tell
  * ASan and TSan which stack runs next (for_good: `from` is never resumed, ASan may forget its
- * stack). */
+ * stack); under TSan, hold signals until the arrival. */
 static inline __attribute__((always_inline)) void moor__switch_leave(moor__ctx *from,
                                                                     moor__ctx *to, int for_good)
 {
@@ -177,19 +205,21 @@ static inline __attribute__((always_inline)) void moor__switch_leave(moor__ctx *
     (void)for_good;
 #endif
 #ifdef MOOR_TSAN_FIBERS
+    moor__tsan_signals_hold();
     __tsan_switch_to_fiber(to->tsan_fiber, 0);
 #endif
 }
 
-/* Leave `from` for the last time: its stack may be reused as soon as `to` runs. To be used as
+/* Leave `from` for the last time: its stack may be reused once `to` has arrived (which writes
+ * into `from`'s context and, maybe, its saved frame: moor__ctx_left). To be used as
  * `return moor__switch_last(...)` at the end of a context's entry function, so that the
  * compiler makes the jump a tail call: the context then leaves without a call, as it came in
  * without one (ontop_fcontext jumps to the entry), and everything it did in between was
  * balanced calls and returns. The return-stack predictor holds exactly what it held when the
  * context was entered, which is what the context that entered it expects on its return: a
  * fiber spawned and joined (or run by the executor) hands back with every return predicted.
- * Through moor__switch instead, the two calls it makes would leave two entries that the
- * resumed side pops as its own, mispredicting twice (see context.c).
+ * Through a call of moor__switch instead, the call would leave an entry that the resumed
+ * side pops as its own, mispredicting (see context.c).
  *
  * moor__jump's call is written out here: called inline, gcc 12 copies the pair it returns
  * and makes a plain call. Without the tail call (an unoptimised build) it is still
@@ -229,7 +259,7 @@ static inline void moor__ctx_make(moor__ctx *ctx, void *lo, size_t size,
         ctx->fctx = top - moor__ctx_tmpl.size;
     } else {
         ctx->fctx = make_fcontext((char *)lo + size, size, moor__ctx_no_trampoline);
-        moor__fp_clean_left(ctx->fctx); /* the template's were cleaned once */
+        moor__fp_clean_saved(ctx->fctx); /* the template's were cleaned once */
     }
     ctx->resume = entry;
 #ifdef MOOR_ASAN_FIBERS

@@ -175,7 +175,7 @@ int moor_executor_new(moor_executor **out, const moor_executor_attr *attr)
     struct sigaction sa;
     if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL)
         signal(SIGPIPE, SIG_IGN);
-    ex->ctx.resume = moor__resume_ret; /* the thread's own stack: it will wait inside moor__switch */
+    ex->ctx.resume = moor__resume_ret; /* the thread's own stack: it will wait at a switch */
     ex->handoffs_left = MOOR__HANDOFF_BUDGET;
     static pthread_once_t fp_once = PTHREAD_ONCE_INIT;
     pthread_once(&fp_once, context_setup_once);
@@ -506,7 +506,9 @@ static inline int task_run(moor_executor *ex, moor_task *t)
     if (t->kind == MOOR__TASK_FIBER) {
         moor__fiber_resume(ex, moor_container_of(t, moor_fiber, task));
         /* Count its hand-offs now rather than one by one (a store fewer per switch). */
-        int spent = ex->handoffs_left < 0; /* one was refused */
+        /* Spent: a hand-off was refused (-1), or none is left (a budget yield sets 0, and the
+         * queue's head may be a plain task, which takes none). */
+        int spent = ex->handoffs_left <= 0;
         ex->switches = moor__switches(ex);
         ex->handoffs_left = MOOR__HANDOFF_BUDGET;
         ex->coop_budget = MOOR__COOP_BUDGET; /* a turn of the run loop */
@@ -922,7 +924,8 @@ fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
     return 0;
 }
 
-MOOR__HOT int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg, const moor_fiber_attr *attr)
+MOOR__HOT int moor_spawn(moor_fiber **out, moor_fiber_fn fn, void *arg,
+                         const moor_fiber_attr *attr)
 {
     moor_executor *ex = moor__tls_executor;
     moor__assert(ex, "moor_spawn: no executor on this thread (call moor_executor_new first)");

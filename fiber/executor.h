@@ -420,7 +420,8 @@ static inline moor_fiber *moor__exit_hook_fiber(moor__exit_hook *hook)
  * open fails an assertion. */
 void moor__fiber_scopes(moor_fiber *f, int delta);
 
-/* Release a detached fiber that finished (on the stack of whoever runs after it). */
+/* Release a detached fiber that finished (the run loop does, on the thread's stack: the
+ * fiber's exit switched there). */
 void moor__fiber_reap(moor_executor *ex);
 
 /* The poll adapter. To the executor a fiber is one more future: polling it is resuming the

@@ -18,11 +18,10 @@
  *    misuse, in every build type. Nothing that arrives from outside may crash.
  *  - Fairness: a call that could wait but completes at once (a read with data there, a
  *    channel value buffered, a free lock, a future ready at its first poll) spends one unit of
- *    the calling fiber's budget of 128; when it is spent, the call yields to the other
- *    runnable fibers before it returns, and the budget is full again. A fiber that waits gets
- *    a full budget when it resumes. So one busy connection cannot starve the others or the
- *    timers. Plain code spends a budget of its own and runs a turn of the executor instead.
- *    The try_ variants never yield.
+ *    the executor's budget of 128, which every turn of its run loop fills again; the call that
+ *    spends the last unit yields to the run loop and the other runnable tasks before it
+ *    returns (plain code runs a turn of the executor instead). So one busy connection cannot
+ *    starve the others or the timers. The try_ variants never yield.
  *  - Struct fields are marked public (yours to set), read-only (yours to read) or private.
  *    Types and fields named moor__ are private layouts: storage only.
  *

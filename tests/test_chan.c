@@ -132,9 +132,9 @@ static void test_chan_order_plain_code_sender(void **state)
 /* Plain code receiving: its receives take from waiting senders on moor_chan_recv's fast path
  * (a rendezvous channel) or through the ring, and wait by running the executor. One producer
  * fiber streams ORDER_N values; then PLAIN_WAITERS fibers, one value each, all wait to send
- * before plain code receives, so that far more receives than the plain cooperative budget
- * (128) are hand-offs in a row: the budget runs out inside the fast path, whose yield runs
- * the senders it has woken. Order and count are checked throughout. */
+ * before plain code receives, so that far more receives than the executor's cooperative
+ * budget (128) are hand-offs in a row: the budget runs out inside the fast path, whose yield
+ * runs the senders it has woken. Order and count are checked throughout. */
 #define PLAIN_WAITERS 300
 
 typedef struct one_send {
@@ -210,7 +210,7 @@ static void test_chan_order_plain_code_receiver(void **state)
 }
 
 /* Plain code sending to fibers that all wait to receive, one value each: every send is a
- * hand-off on moor_chan_send's fast path, far more than the plain budget in a row. Each
+ * hand-off on moor_chan_send's fast path, far more than the cooperative budget in a row. Each
  * receiver gets the value of its place in the queue. */
 typedef struct one_recv {
     moor_chan *ch;

@@ -129,6 +129,26 @@ static int server_wait(server *s)
     return -1;
 }
 
+/* A server that does not exit: print what each of its fibers waits on (moor-chat dumps them
+ * on SIGQUIT, installed before it says where it listens, to its stderr: ours, or the pipe the
+ * case reads, drained here until it has been quiet for 300 ms). */
+static void server_dump_stuck(server *s)
+{
+    if (kill(s->pid, SIGQUIT) < 0 || s->err < 0)
+        return; /* nothing, or it goes to our stderr */
+    static char buf[65536];
+    size_t len = 0;
+    struct pollfd p = {s->err, POLLIN, 0};
+    while (len < sizeof buf - 1 && poll(&p, 1, 300) == 1) {
+        ssize_t n = read(s->err, buf + len, sizeof buf - 1 - len);
+        if (n <= 0)
+            break;
+        len += (size_t)n;
+    }
+    buf[len] = '\0';
+    print_message("moor-chat's stderr, after SIGQUIT:\n%s\n", buf);
+}
+
 /* Send sig and check that the server exits 0 and printed nothing after its first line. */
 static void server_stop_of(server *s, int sig)
 {
@@ -137,8 +157,10 @@ static void server_stop_of(server *s, int sig)
     int status = server_wait(s);
     print_message("moor-chat exited %lld ms after signal %d\n", (long long)(moor_now() - t0),
                   sig);
-    if (status == -1)
+    if (status == -1) {
+        server_dump_stuck(s);
         fail_msg("moor-chat did not exit within %d ms of signal %d", SAFETY_MS, sig);
+    }
     if (WIFSIGNALED(status))
         fail_msg("moor-chat killed by signal %d", WTERMSIG(status));
     assert_int_equal(WEXITSTATUS(status), 0);

@@ -14,7 +14,6 @@
 /* White-box: the pinned-stack case checks that a buffer lies inside the fiber's own usable
  * stack, whose bounds only the fiber's control block and the pool's guard size give. */
 #include "fiber/executor.h"
-#include "fiber/executor.h"
 
 /* ---- yield ------------------------------------------------------------------------------ */
 
@@ -329,6 +328,12 @@ static void test_switch_clears_fp_flags(void **state)
         skip();
     }
     moor_executor *ex = ex_new();
+    if (!moor__fp_frame_ok) {
+        /* Boost's saved frame is not laid out as moor expects: it clears no flags there. */
+        print_message("skipped: the saved-frame layout is not the one expected\n");
+        ex_free(ex);
+        skip();
+    }
     struct fp_flags flags = {-1, -1};
     moor_fiber *f, *other;
     assert_int_equal(moor_spawn(&f, fp_flags_fn, &flags, NULL), 0);

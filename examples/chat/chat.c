@@ -862,6 +862,9 @@ int main(int argc, char **argv)
         setrlimit(RLIMIT_NOFILE, &rl);
     }
     signal(SIGPIPE, SIG_IGN); /* a write to a reset connection is an error, not a death */
+    /* Ctrl-\ (SIGQUIT) prints what every fiber waits on, and the server goes on; without it
+     * the server still runs, so a failure is not worth a word. */
+    (void)moor_dump_on_sigquit();
 
     /* The listeners, all on one port (the first one's, with -p 0): the kernel spreads the
      * connections over them. */
