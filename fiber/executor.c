@@ -17,8 +17,6 @@
 #define DEFAULT_GUARD_SIZE (64u * 1024u)
 #define DEFAULT_POOL_HOT 64u
 #define DEFAULT_BLOCKING_THREADS 4u
-/* ASan: how much of the top of a reused stack a new fiber clears of old redzones. */
-#define ASAN_UNPOISON_TOP 16384u
 
 __thread moor_executor *moor__tls_executor __attribute__((tls_model("initial-exec")));
 
@@ -867,6 +865,20 @@ fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
     int rc = moor__stack_get(&ex->pool, map_size, &base);
     if (rc < 0)
         return rc;
+#ifdef MOOR_ASAN_FIBERS
+    {
+        /* Before anything is written there. A previous fiber's frames that never returned
+         * left their redzones poisoned, and this fiber's control block and locals would look
+         * like overflows. Those are its first frames and its last switch, at the top of the
+         * stack (every deeper frame returned): clearing the top is enough, and touches 2 KiB
+         * of shadow rather than the whole stack's. (A stack of an earlier pool at these
+         * addresses left the tops of its stacks clear: moor__stack_pool_destroy.) */
+        size_t span = map_size - ex->pool.guard;
+        if (span > MOOR__ASAN_STACK_TOP)
+            span = MOOR__ASAN_STACK_TOP;
+        __asan_unpoison_memory_region(base + map_size - span, span);
+    }
+#endif
 
     /* The control block at the top (colored); the stack grows down from just below it. Every
      * field is set here (a pooled stack holds the previous fiber's values) but `result`, which
@@ -899,17 +911,6 @@ fiber_spawn(moor_executor *ex, moor_fiber **out, moor_fiber_fn fn, void *arg,
     }
 
     char *lo = base + ex->pool.guard;
-#ifdef MOOR_ASAN_FIBERS
-    {
-        /* A previous fiber's frames that never returned left their redzones poisoned, and
-         * this fiber's locals would look like overflows. Those are its first frames and its
-         * last switch, at the top of the stack (every deeper frame returned): clearing the
-         * top is enough, and touches 2 KiB of shadow rather than the whole stack's. */
-        size_t used = (size_t)((char *)f - lo);
-        size_t top = used < ASAN_UNPOISON_TOP ? used : ASAN_UNPOISON_TOP;
-        __asan_unpoison_memory_region((char *)f - top, top);
-    }
-#endif
     moor__ctx_make(&f->ctx, lo, (size_t)((char *)f - lo), fiber_entry);
 #ifdef MOOR_TSAN_FIBERS
     f->ctx.tsan_fiber = __tsan_create_fiber(0);

@@ -17,6 +17,7 @@
 #endif
 
 #include "alloc.h"
+#include "context.h" /* MOOR_ASAN_FIBERS */
 
 #ifndef MADV_GUARD_INSTALL
 #define MADV_GUARD_INSTALL 102 /* Linux 6.13; older headers lack it */
@@ -150,6 +151,17 @@ void moor__stack_pool_destroy(moor__stack_pool *pool)
         moor__free(b->hot);
         moor__free(b->cold);
     }
+#ifdef MOOR_ASAN_FIBERS
+    /* Leave no poison behind in the tops of the stacks that ran (see MOOR__ASAN_STACK_TOP). */
+    for (size_t i = 0; i < pool->nslabs; i++) {
+        const moor__stack_slab *s = &pool->slabs[i];
+        size_t span = s->map_size - pool->guard;
+        if (span > MOOR__ASAN_STACK_TOP)
+            span = MOOR__ASAN_STACK_TOP;
+        for (size_t k = 0; k < s->carved; k++)
+            __asan_unpoison_memory_region(s->base + (k + 1) * s->map_size - span, span);
+    }
+#endif
     /* Slabs side by side (kept sorted) go in one munmap: the kernel merged them into one
      * mapping, and unmapping part of a mapping splits it, which fails at vm.max_map_count. */
     for (size_t i = 0; i < pool->nslabs;) {

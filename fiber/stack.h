@@ -46,6 +46,12 @@ typedef struct moor__stack_bucket {
  * gives back its page tables too (they hold the guard markers, ~640 bytes a default stack):
  * its guards are removed and the carved range dropped, still mapped and reading zeros. A
  * stack taken from such a slab has its guard installed again. MADVISE mode only. */
+/* ASan: the bytes at the top of a stack mapping (control block, its colour's offset, the
+ * first frames) that a new fiber clears of redzones old frames left, and that destroying a
+ * pool clears before its slabs are unmapped (ASan keeps the poison of unmapped memory, and
+ * the next mapping there may be another pool's). */
+#define MOOR__ASAN_STACK_TOP (16384u + 2048u)
+
 typedef struct moor__stack_slab {
     char *base;
     size_t len;
