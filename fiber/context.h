@@ -119,20 +119,30 @@ static inline void moor__fp_clean_saved(fcontext_t frame) { (void)frame; }
  * one of its interceptors, in the fiber that was running when the signal came; with each
  * fiber a TSan fiber of its own, a signal that comes just before a switch waits for that
  * fiber to run again, maybe for ever (a SIGTERM a server never saw: test_chat). So under TSan
- * a switch blocks every signal before it leaves (the call delivers any that is pending on
- * the leaving fiber) and the arrival puts the thread's mask back (delivering to the arriving
- * fiber whatever came meanwhile). Two system calls per switch, only in TSan builds. */
+ * a switch blocks the signals that come from outside before it leaves (the call delivers any
+ * that is pending on the leaving fiber) and the arrival puts the thread's mask back
+ * (delivering to the arriving fiber whatever came meanwhile). Two system calls per switch,
+ * only in TSan builds. */
 #ifdef MOOR_TSAN_FIBERS
 #include <pthread.h>
 #include <signal.h>
 
 extern __thread sigset_t moor__tsan_sigmask __attribute__((visibility("hidden")));
 
+/* Every signal that comes from outside; not the ones a fault raises in the thread itself (a
+ * blocked SIGSEGV kills the process without its handler: moor's overflow report). */
 static inline void moor__tsan_signals_hold(void)
 {
-    sigset_t all;
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &moor__tsan_sigmask);
+    sigset_t async;
+    sigfillset(&async);
+    sigdelset(&async, SIGSEGV);
+    sigdelset(&async, SIGBUS);
+    sigdelset(&async, SIGFPE);
+    sigdelset(&async, SIGILL);
+    sigdelset(&async, SIGTRAP);
+    sigdelset(&async, SIGSYS);
+    sigdelset(&async, SIGABRT);
+    pthread_sigmask(SIG_BLOCK, &async, &moor__tsan_sigmask);
 }
 
 static inline void moor__tsan_signals_release(void)

@@ -352,15 +352,30 @@ static void segv_child(void *arg)
     fprintf(stderr, "survived a null write\n");
 }
 
+/* The child died of its null write: of SIGSEGV, once moor's handler has put the default
+ * action back; under TSan, maybe in TSan's own report of the fault instead (on the
+ * development VM it ends "nested bug in the same thread" and exits 66, with the code of
+ * a6986a7 too: TSan's handler, not moor's). */
+static void expect_segv_death(const child_report *r)
+{
+#ifdef MOOR_TEST_TSAN
+    if (WIFEXITED(r->status) && strstr(r->err, "ThreadSanitizer: SEGV on unknown address")) {
+        print_message("TSan reported the fault itself\n");
+        return;
+    }
+#endif
+    expect_child_signal(r, SIGSEGV, NULL);
+}
+
 static void test_stack_other_segfault_not_overflow(void **state)
 {
     (void)state;
     child_report r;
     child_run(segv_child, (void *)1, &r); /* in a fiber */
-    expect_child_signal(&r, SIGSEGV, NULL);
+    expect_segv_death(&r);
     assert_null(strstr(r.err, "overflowed"));
     child_run(segv_child, NULL, &r); /* in plain code */
-    expect_child_signal(&r, SIGSEGV, NULL);
+    expect_segv_death(&r);
     assert_null(strstr(r.err, "overflowed"));
 }
 
